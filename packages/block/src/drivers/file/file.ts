@@ -1,0 +1,190 @@
+import * as fs from 'node:fs';
+import type { BlockDriver, BlockStatus, ReopenState } from '../../driver';
+import { BlockError, toBlockError } from '../../errors';
+import type { IoVec } from '../../iov';
+import type { BlockNode } from '../../node';
+import { opt } from '../../options';
+import { sparse } from './sparse';
+
+/** The file protocol: a regular file (or block device) through one file descriptor. */
+interface FileState {
+  fd: number;
+  filename: string;
+  /** fd opened by a reopen, swapped in on commit. */
+}
+
+const fsRead = (fd: number, buf: Buffer, pos: number) =>
+  new Promise<number>((res, rej) => fs.read(fd, buf, 0, buf.length, pos, (e, n) => (e ? rej(e) : res(n))));
+const fsReadv = (fd: number, bufs: Buffer[], pos: number) =>
+  new Promise<number>((res, rej) => fs.readv(fd, bufs, pos, (e, n) => (e ? rej(e) : res(n))));
+const fsWrite = (fd: number, buf: Buffer, pos: number) =>
+  new Promise<number>((res, rej) => fs.write(fd, buf, 0, buf.length, pos, (e, n) => (e ? rej(e) : res(n))));
+const fsWritev = (fd: number, bufs: Buffer[], pos: number) =>
+  new Promise<number>((res, rej) => fs.writev(fd, bufs, pos, (e, n) => (e ? rej(e) : res(n))));
+const fsOpen = (path: string, flags: number) =>
+  new Promise<number>((res, rej) => fs.open(path, flags, (e, fd) => (e ? rej(e) : res(fd))));
+const fsClose = (fd: number) => new Promise<void>((res, rej) => fs.close(fd, (e) => (e ? rej(e) : res())));
+const fsStat = (fd: number) => new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
+
+/** Drops the first n bytes of a vector (after a short read or write). */
+function advance(iov: IoVec, n: number): IoVec {
+  let i = 0;
+  while (i < iov.length && n >= iov[i]!.length) n -= iov[i++]!.length;
+  const rest = iov.slice(i);
+  if (n > 0 && rest.length) rest[0] = rest[0]!.subarray(n);
+  return rest;
+}
+
+async function openFd(filename: string, readOnly: boolean): Promise<number> {
+  try {
+    return await fsOpen(filename, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+  } catch (e) {
+    const be = toBlockError(e);
+    const reason = (e as NodeJS.ErrnoException).code ?? be.errno;
+    const text = reason === 'ENOENT' ? 'No such file or directory' : reason === 'EACCES' ? 'Permission denied' : be.message;
+    throw new BlockError(`Could not open '${filename}': ${text}`, { errno: be.errno, cause: e });
+  }
+}
+
+const st = (node: BlockNode) => node.opaque as FileState;
+
+export const fileDriver: BlockDriver = {
+  name: 'file',
+  protocol: true,
+  options: {
+    filename: opt.string('Path of the image file', { required: true }),
+    aio: opt.enum(['threads', 'native', 'io_uring'], 'AIO backend (accepted for compatibility; blockrep uses threads)'),
+    'aio-max-batch': opt.int('Maximum AIO batch (accepted for compatibility)', { min: 0 }),
+    locking: opt.enum(['auto', 'on', 'off'], 'Image locking (accepted for compatibility)'),
+    'pr-manager': opt.string('Persistent reservation manager (not supported)'),
+    'drop-cache': opt.bool('Drop the page cache on reopen (accepted for compatibility)'),
+    'x-check-cache-dropped': opt.bool('Debug option (accepted for compatibility)'),
+  },
+  supportedWriteFlags: 0,
+
+  async open(node, opts) {
+    const filename = opts.filename as string;
+    if (opts['pr-manager'] !== undefined) throw new BlockError('pr-manager is not supported by blockrep');
+    let fd: number;
+    try {
+      fd = await openFd(filename, node.readOnly);
+    } catch (e) {
+      if (!node.readOnly && node.autoReadOnly && ['EACCES', 'EPERM', 'EROFS'].includes((e as BlockError).errno)) {
+        fd = await openFd(filename, true);
+        node.readOnly = true;
+      } else throw e;
+    }
+    node.opaque = { fd, filename } satisfies FileState;
+  },
+
+  async close(node) {
+    const s = st(node);
+    if (s && s.fd >= 0) {
+      const fd = s.fd;
+      s.fd = -1;
+      await fsClose(fd);
+    }
+  },
+
+  limits: () => ({ requestAlignment: 1, maxTransfer: 1 << 30, optimalTransfer: 0 }),
+
+  async getLength(node) {
+    const stat = await fsStat(st(node).fd);
+    // QEMU counts lengths in 512-byte sectors, rounding up.
+    return Math.ceil(stat.size / 512) * 512;
+  },
+
+  filename: (node) => st(node).filename,
+
+  async read(node, offset, bytes, iov) {
+    const fd = st(node).fd;
+    let pos = offset;
+    let rest = iov;
+    let left = bytes;
+    while (left > 0) {
+      const n = rest.length === 1 ? await fsRead(fd, rest[0]!, pos) : await fsReadv(fd, rest, pos);
+      if (n === 0) {
+        // Past the end of the file: zeroes.
+        for (const b of rest) b.fill(0);
+        return;
+      }
+      pos += n;
+      left -= n;
+      if (left > 0) rest = advance(rest, n);
+    }
+  },
+
+  async write(node, offset, bytes, iov) {
+    const fd = st(node).fd;
+    let pos = offset;
+    let rest = iov;
+    let left = bytes;
+    while (left > 0) {
+      const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
+      pos += n;
+      left -= n;
+      if (left > 0) rest = advance(rest, n);
+    }
+  },
+
+  async writeZeroes(node, offset, bytes, flags) {
+    await sparse.zeroRange(st(node).fd, offset, bytes, flags);
+  },
+
+  async discard(node, offset, bytes) {
+    await sparse.punchHole(st(node).fd, offset, bytes);
+  },
+
+  async flushToDisk(node) {
+    const fd = st(node).fd;
+    await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+  },
+
+  async blockStatus(node, offset, bytes): Promise<BlockStatus> {
+    const fd = st(node).fd;
+    const ext = await sparse.extent(fd, offset, bytes);
+    return {
+      bytes: ext.bytes,
+      data: ext.data,
+      zero: !ext.data,
+      allocated: true,
+      offset,
+      file: node,
+    };
+  },
+
+  async truncate(node, length, opts) {
+    const fd = st(node).fd;
+    const stat = await fsStat(fd);
+    if (opts.prealloc !== 'off' && opts.prealloc !== 'full') {
+      throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
+    }
+    if (length < stat.size && opts.prealloc !== 'off') {
+      throw new BlockError('Cannot use preallocation for shrinking files', { errno: 'ENOTSUP' });
+    }
+    await new Promise<void>((res, rej) => fs.ftruncate(fd, length, (e) => (e ? rej(e) : res())));
+    if (opts.prealloc === 'full' && length > stat.size) {
+      const chunk = Buffer.alloc(Math.min(1 << 20, length - stat.size));
+      for (let pos = stat.size; pos < length; pos += chunk.length) {
+        await fsWrite(fd, chunk.subarray(0, Math.min(chunk.length, length - pos)), pos);
+      }
+    }
+  },
+
+  async reopenPrepare(state: ReopenState) {
+    if (state.readOnly === state.node.readOnly) return;
+    state.opaque = await openFd(st(state.node).filename, state.readOnly);
+  },
+
+  reopenCommit(state: ReopenState) {
+    if (state.opaque === undefined) return;
+    const s = st(state.node);
+    const old = s.fd;
+    s.fd = state.opaque as number;
+    fs.close(old, () => {});
+  },
+
+  async reopenAbort(state: ReopenState) {
+    if (state.opaque !== undefined) await fsClose(state.opaque as number);
+  },
+};

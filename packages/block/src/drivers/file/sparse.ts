@@ -1,0 +1,92 @@
+import * as fs from 'node:fs';
+import { createRequire } from 'node:module';
+import { ReqFlags } from '../../driver';
+import { BlockError } from '../../errors';
+
+interface SparseAddon {
+  fallocate(fd: number, mode: number, offset: number, len: number): number;
+  lseek(fd: number, offset: number, whence: number): number;
+  FALLOC_FL_KEEP_SIZE: number;
+  FALLOC_FL_PUNCH_HOLE: number;
+  FALLOC_FL_ZERO_RANGE: number;
+  SEEK_DATA: number;
+  SEEK_HOLE: number;
+  ENXIO: number;
+}
+
+/** The addon built by native/build.mjs, found from src/ (tests) or dist/ (built package). */
+function loadAddon(): SparseAddon | null {
+  if (process.env.BLOCKREP_NO_SPARSE_ADDON) return null;
+  const req = createRequire(import.meta.url);
+  for (const rel of ['../../../native/build/sparse.node', '../native/build/sparse.node']) {
+    try {
+      return req(new URL(rel, import.meta.url).pathname) as SparseAddon;
+    } catch {
+      // try the next location
+    }
+  }
+  return null;
+}
+
+const addon = loadAddon();
+
+function notSupported(what: string): BlockError {
+  return new BlockError(`${what} is not supported here`, { errno: 'ENOTSUP' });
+}
+
+function check(r: number, what: string): void {
+  if (r >= 0) return;
+  const code = -r;
+  // EOPNOTSUPP (95) / ENOSYS (38): the file system cannot; the caller falls back.
+  if (code === 95 || code === 38) throw notSupported(what);
+  throw new BlockError(`${what} failed: errno ${code}`, { errno: code === 28 ? 'ENOSPC' : 'EIO' });
+}
+
+const fstatSize = (fd: number) =>
+  new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
+
+/**
+ * Sparse-file operations: hole punching and zero ranges through fallocate(2), extents through
+ * lseek(SEEK_DATA/SEEK_HOLE). Without the addon each throws ENOTSUP (the generic layer then
+ * writes zeroes) or reports conservatively (everything is data, unless the file has no blocks).
+ */
+export const sparse = {
+  available: addon !== null,
+
+  async punchHole(fd: number, offset: number, bytes: number): Promise<void> {
+    if (!addon) throw notSupported('Hole punching');
+    check(addon.fallocate(fd, addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE, offset, bytes), 'Hole punching');
+  },
+
+  async zeroRange(fd: number, offset: number, bytes: number, flags: number): Promise<void> {
+    if (!addon) throw notSupported('Zeroing');
+    const size = (await fstatSize(fd)).size;
+    if (flags & ReqFlags.MAY_UNMAP) {
+      const holeEnd = Math.min(offset + bytes, size);
+      if (holeEnd > offset) {
+        check(addon.fallocate(fd, addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE, offset, holeEnd - offset), 'Hole punching');
+      }
+      if (offset + bytes > size) {
+        await new Promise<void>((res, rej) => fs.ftruncate(fd, offset + bytes, (e) => (e ? rej(e) : res())));
+      }
+      return;
+    }
+    check(addon.fallocate(fd, addon.FALLOC_FL_ZERO_RANGE, offset, bytes), 'Zeroing');
+  },
+
+  /** Whether [offset, ...) is data or a hole, and for how many bytes (at most `bytes`). */
+  async extent(fd: number, offset: number, bytes: number): Promise<{ data: boolean; bytes: number }> {
+    if (!addon) {
+      const st = await fstatSize(fd);
+      if (offset >= st.size || st.blocks === 0) return { data: false, bytes };
+      return { data: true, bytes };
+    }
+    const d = addon.lseek(fd, offset, addon.SEEK_DATA);
+    if (d === -addon.ENXIO) return { data: false, bytes }; // only a hole up to the end of the file
+    if (d < 0) return { data: true, bytes };
+    if (d > offset) return { data: false, bytes: Math.min(bytes, d - offset) };
+    const h = addon.lseek(fd, offset, addon.SEEK_HOLE);
+    if (h < 0) return { data: true, bytes };
+    return { data: true, bytes: Math.max(1, Math.min(bytes, h - offset)) };
+  },
+};

@@ -1,0 +1,602 @@
+import type { BlockBackend } from './backend';
+import { BlockOp, opBlocked } from './blockers';
+import type { BlockDriver, OpenContext, ReopenState } from './driver';
+import { BlockError, toBlockError } from './errors';
+import * as io from './io';
+import { BlockChild, BlockNode, type BlockParent } from './node';
+import { type OptionSchema, type Options, opt, parseKeyVal, validateOptions } from './options';
+import { ChildRole, defaultChildPerm, PERM_ALL, Perm, permNames } from './perm';
+
+/** Options every node accepts, whatever its driver (QAPI's BlockdevOptions base). */
+export const COMMON_OPTIONS: OptionSchema = {
+  driver: opt.string('Block driver name', { required: true }),
+  'node-name': opt.string('The node name (letter first, then letters, digits, -, _, .; at most 31)'),
+  discard: opt.enum(['ignore', 'unmap'], 'Discard requests: ignore (default) or pass them down', { default: undefined }),
+  cache: opt.struct(
+    {
+      direct: opt.bool('Bypass the host page cache (not supported: must be off)'),
+      'no-flush': opt.bool('Ignore flush requests (unsafe)'),
+    },
+    'Cache mode options',
+  ),
+  'read-only': opt.bool('Open the node read-only'),
+  'auto-read-only': opt.bool('Fall back to read-only when read-write is not possible'),
+  'force-share': opt.bool('Share all permissions (requires read-only)'),
+  'detect-zeroes': opt.enum(['off', 'on', 'unmap'], 'Turn writes of zero buffers into zero writes'),
+};
+
+const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
+
+/** Options a nested child inherits from its parent unless it sets them itself. */
+interface Inherited {
+  readOnly: boolean;
+  autoReadOnly: boolean;
+  discard?: string;
+  noFlush?: boolean;
+}
+
+/** The changes of one graph transaction, undone in reverse if permissions do not work out. */
+export class GraphTransaction {
+  readonly undo: (() => void)[] = [];
+
+  constructor(readonly graph: BlockGraph) {}
+
+  addChild(parent: BlockParent, node: BlockNode, name: string, role: number): BlockChild {
+    if (parent.kind === 'node') this.graph.checkNoCycle(parent, node);
+    const c = new BlockChild(parent, node, name, role);
+    if (parent.kind === 'node') parent.children.push(c);
+    node.parents.push(c);
+    this.undo.push(() => {
+      if (parent.kind === 'node') remove(parent.children, c);
+      remove(node.parents, c);
+    });
+    return c;
+  }
+
+  removeChild(c: BlockChild): void {
+    const parent = c.parent;
+    const ci = parent.kind === 'node' ? parent.children.indexOf(c) : -1;
+    const pi = c.node.parents.indexOf(c);
+    if (parent.kind === 'node' && ci >= 0) parent.children.splice(ci, 1);
+    if (pi >= 0) c.node.parents.splice(pi, 1);
+    this.graph.noteMaybeOrphan(c.node);
+    this.undo.push(() => {
+      if (parent.kind === 'node' && ci >= 0) parent.children.splice(ci, 0, c);
+      if (pi >= 0) c.node.parents.splice(pi, 0, c);
+    });
+  }
+
+  /** Points an existing edge at another node (QEMU's bdrv_replace_child). */
+  setChildNode(c: BlockChild, node: BlockNode): void {
+    if (c.parent.kind === 'node') this.graph.checkNoCycle(c.parent, node);
+    const old = c.node;
+    const pi = old.parents.indexOf(c);
+    old.parents.splice(pi, 1);
+    node.parents.push(c);
+    c.node = node;
+    this.graph.noteMaybeOrphan(old);
+    this.undo.push(() => {
+      remove(node.parents, c);
+      old.parents.splice(pi, 0, c);
+      c.node = old;
+    });
+  }
+
+  setReadOnly(node: BlockNode, readOnly: boolean): void {
+    const old = node.readOnly;
+    node.readOnly = readOnly;
+    this.undo.push(() => {
+      node.readOnly = old;
+    });
+  }
+
+  setBackendPerm(blk: BlockBackend, perm: number, shared: number): void {
+    const [op, os] = [blk.perm, blk.shared];
+    blk.perm = perm;
+    blk.shared = shared;
+    if (blk.root) {
+      blk.root.perm = perm;
+      blk.root.shared = shared;
+    }
+    this.undo.push(() => {
+      blk.perm = op;
+      blk.shared = os;
+    });
+  }
+
+  /** Runs any graph mutation with an undo step. */
+  apply(doIt: () => void, undoIt: () => void): void {
+    doIt();
+    this.undo.push(undoIt);
+  }
+}
+
+function remove<T>(arr: T[], x: T): void {
+  const i = arr.indexOf(x);
+  if (i >= 0) arr.splice(i, 1);
+}
+
+/**
+ * The block graph: drivers, nodes by name, BlockBackends, and every operation that changes the
+ * graph. Each change recomputes permissions as one transaction that rolls back on conflict.
+ */
+export class BlockGraph {
+  private readonly drivers = new Map<string, BlockDriver>();
+  private readonly nodes = new Map<string, BlockNode>();
+  readonly backends = new Set<BlockBackend>();
+  private autoCounter = 0;
+  private idleWaiters: (() => void)[] = [];
+  private maybeOrphans = new Set<BlockNode>();
+
+  constructor(drivers: BlockDriver[] = []) {
+    for (const d of drivers) this.registerDriver(d);
+  }
+
+  registerDriver(d: BlockDriver): void {
+    this.drivers.set(d.name, d);
+  }
+
+  driver(name: string): BlockDriver | undefined {
+    return this.drivers.get(name);
+  }
+
+  driverNames(): string[] {
+    return [...this.drivers.keys()].sort();
+  }
+
+  /** All nodes, in the order they were opened. */
+  allNodes(): BlockNode[] {
+    return [...this.nodes.values()];
+  }
+
+  /** Nodes nobody uses as a child (roots of the graph). */
+  rootNodes(): BlockNode[] {
+    return this.allNodes().filter((n) => !n.parents.some((p) => p.parent.kind === 'node'));
+  }
+
+  getNode(name: string): BlockNode | undefined {
+    return this.nodes.get(name);
+  }
+
+  /** Finds a node by node-name, or the root of a named BlockBackend (QEMU's bdrv_lookup_bs). */
+  lookup(name: string): BlockNode {
+    const n = this.nodes.get(name) ?? this.backendByName(name)?.node;
+    if (!n) {
+      throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`, { errorClass: 'DeviceNotFound' });
+    }
+    return n;
+  }
+
+  /** Finds a node by node-name only. */
+  findNode(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new BlockError(`Cannot find node ${name}`, { errorClass: 'DeviceNotFound' });
+    return n;
+  }
+
+  backendByName(name: string): BlockBackend | undefined {
+    for (const b of this.backends) if (b.name === name) return b;
+    return undefined;
+  }
+
+  /** Reserves a backend name (names share one namespace with node names). */
+  checkBackendName(name: string): void {
+    if (!NODE_NAME_RE.test(name)) throw new BlockError(`Invalid device name '${name}'`);
+    if (this.backendByName(name)) throw new BlockError(`Device with id '${name}' already exists`);
+    if (this.nodes.has(name)) {
+      throw new BlockError(`Device name '${name}' conflicts with an existing node name`);
+    }
+  }
+
+  private assignNodeName(name: string | undefined): { name: string; auto: boolean } {
+    if (name === undefined) {
+      let n: string;
+      do n = `#block${++this.autoCounter}`;
+      while (this.nodes.has(n));
+      return { name: n, auto: true };
+    }
+    if (!NODE_NAME_RE.test(name)) throw new BlockError(`Invalid node-name: '${name}'`);
+    if (this.backendByName(name)) throw new BlockError(`node-name=${name} is conflicting with a device id`);
+    if (this.nodes.has(name)) {
+      throw new BlockError(`Duplicate nodes with node-name='${name}'`);
+    }
+    if (name.length >= 32) throw new BlockError('Node name too long');
+    return { name, auto: false };
+  }
+
+  /**
+   * Opens a node from QEMU-style options (an object, or dotted key=value text). The node is
+   * owned by the caller until closed with `close()` / `blockdevDel()`.
+   */
+  async open(input: Options | string): Promise<BlockNode> {
+    const options = typeof input === 'string' ? parseKeyVal(input) : input;
+    const node = await this.openNode(options, { readOnly: false, autoReadOnly: false });
+    node.monitorOwned = true;
+    node.extraRefs--;
+    return node;
+  }
+
+  /** blockdev-add: like open(), but the root node must be named. */
+  async blockdevAdd(options: Options): Promise<BlockNode> {
+    if (typeof options['node-name'] !== 'string') {
+      throw new BlockError("'node-name' must be specified for the root node");
+    }
+    return this.open(options);
+  }
+
+  /** blockdev-del: closes a node added by blockdev-add, if nothing uses it. */
+  async blockdevDel(name: string): Promise<void> {
+    const node = this.nodes.get(name);
+    if (!node) throw new BlockError(`Failed to find node with node-name='${name}'`);
+    if (node.hasBackend()) throw new BlockError(`Node ${name} is in use`);
+    const blocked = opBlocked(node, BlockOp.DRIVE_DEL);
+    if (blocked) throw blocked;
+    if (!node.monitorOwned) throw new BlockError(`Node ${name} is not owned by the monitor`);
+    if (node.refcnt > 1) throw new BlockError(`Block device ${name} is in use`);
+    node.monitorOwned = false;
+    await this.closeNode(node);
+  }
+
+  /** Releases the caller's ownership of a node opened with open(); closes it when unused. */
+  async close(node: BlockNode): Promise<void> {
+    node.monitorOwned = false;
+    this.noteMaybeOrphan(node);
+    await this.collectGarbage();
+  }
+
+  /** Opens a node; it comes back with one extra reference the caller must drop. */
+  private async openNode(input: Options, inherit: Inherited): Promise<BlockNode> {
+    if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+      throw new BlockError('Block node options must be an object');
+    }
+    const driverName = input.driver;
+    if (driverName === undefined) throw new BlockError("Parameter 'driver' is missing");
+    if (typeof driverName !== 'string') {
+      throw new BlockError("Invalid parameter type for 'driver', expected: string");
+    }
+    const drv = this.drivers.get(driverName);
+    if (!drv) throw new BlockError(`Parameter 'driver' does not accept value '${driverName}'`);
+    const schema = { ...COMMON_OPTIONS, ...drv.options };
+    const opts = validateOptions(schema, input, {
+      unknownKey: (path) =>
+        new BlockError(
+          drv.protocol
+            ? `Block protocol '${drv.name}' doesn't support the option '${path}'`
+            : `Block format '${drv.name}' does not support the option '${path}'`,
+        ),
+    });
+    const cache = (opts.cache ?? {}) as { direct?: boolean; 'no-flush'?: boolean };
+    if (cache.direct) throw new BlockError('cache.direct=on is not supported by blockrep');
+    const readOnly = (opts['read-only'] as boolean | undefined) ?? inherit.readOnly;
+    const forceShare = (opts['force-share'] as boolean | undefined) ?? false;
+    if (forceShare && !readOnly) throw new BlockError('force-share=on can only be used with read-only images');
+    const { name, auto } = this.assignNodeName(opts['node-name'] as string | undefined);
+    const discard = (opts.discard as string | undefined) ?? inherit.discard ?? 'ignore';
+    const node = new BlockNode(this, drv, name, auto, opts, {
+      readOnly,
+      autoReadOnly: (opts['auto-read-only'] as boolean | undefined) ?? inherit.autoReadOnly,
+      discardUnmap: discard === 'unmap',
+      detectZeroes: (opts['detect-zeroes'] as 'off' | 'on' | 'unmap' | undefined) ?? 'off',
+      noFlush: cache['no-flush'] ?? inherit.noFlush ?? false,
+      forceShare,
+    });
+    if (node.detectZeroes === 'unmap' && !node.discardUnmap) {
+      throw new BlockError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+    }
+    // Registered from the start so that permission refreshes see the edges to its children.
+    node.extraRefs = 1;
+    this.nodes.set(name, node);
+    const ctx: OpenContext = {
+      graph: this,
+      openChild: (childName, ref, role, o) => this.openChild(node, childName, ref, role, o?.optional ?? false),
+    };
+    try {
+      const driverOpts: Options = {};
+      for (const k of Object.keys(drv.options)) if (opts[k] !== undefined) driverOpts[k] = opts[k];
+      await drv.open(node, driverOpts, ctx);
+      node.limits = { ...node.limits, ...drv.limits?.(node) };
+      node.length = await drv.getLength(node);
+    } catch (e) {
+      // Undo a half-done open: drop the children it attached (closing the ones it created).
+      this.update((tx) => {
+        for (const c of [...node.children]) tx.removeChild(c);
+      });
+      node.closed = true;
+      this.nodes.delete(name);
+      await drv.close?.(node).catch(() => {});
+      await this.collectGarbage();
+      throw toBlockError(e);
+    }
+    return node;
+  }
+
+  private async openChild(
+    parent: BlockNode,
+    name: string,
+    ref: unknown,
+    role: number,
+    optional: boolean,
+  ): Promise<BlockChild | null> {
+    if (ref === undefined || ref === null) {
+      if (optional) return null;
+      throw new BlockError(`A block device must be specified for "${name}"`);
+    }
+    let child: BlockNode;
+    let created = false;
+    if (typeof ref === 'string') {
+      child = this.lookup(ref);
+      child.extraRefs++;
+    } else {
+      const inherit: Inherited = {
+        readOnly: role & ChildRole.COW ? true : parent.readOnly,
+        autoReadOnly: parent.autoReadOnly,
+        discard: parent.discardUnmap ? 'unmap' : 'ignore',
+        noFlush: parent.noFlush,
+      };
+      child = await this.openNode(ref as Options, inherit);
+      created = true;
+    }
+    try {
+      return this.update((tx) => tx.addChild(parent, child, name, role));
+    } finally {
+      child.extraRefs--;
+      if (created) this.noteMaybeOrphan(child);
+    }
+  }
+
+  /** Attaches node as a child of parent (transactional; throws on a permission conflict). */
+  attachChild(parent: BlockNode, node: BlockNode, name: string, role: number): BlockChild {
+    if (parent.child(name)) throw new BlockError(`Node '${parent.nodeName}' already has a child '${name}'`);
+    return this.update((tx) => tx.addChild(parent, node, name, role));
+  }
+
+  /** Detaches a child edge; a child nothing else uses is closed. */
+  async detachChild(c: BlockChild): Promise<void> {
+    this.update((tx) => tx.removeChild(c));
+    await this.collectGarbage();
+  }
+
+  /** Makes every parent of `from` (but those in `except`) use `to` instead (bdrv_replace_node). */
+  async replaceNode(from: BlockNode, to: BlockNode, except: BlockChild[] = []): Promise<void> {
+    this.update((tx) => {
+      for (const c of [...from.parents]) if (!except.includes(c)) tx.setChildNode(c, to);
+    });
+    await this.collectGarbage();
+  }
+
+  checkNoCycle(parent: BlockNode, child: BlockNode): void {
+    const seen = new Set<BlockNode>();
+    const walk = (n: BlockNode): boolean => {
+      if (n === parent) return true;
+      if (seen.has(n)) return false;
+      seen.add(n);
+      return n.children.some((c) => walk(c.node));
+    };
+    if (walk(child)) {
+      throw new BlockError(`Making '${child.nodeName}' a child of '${parent.nodeName}' would create a cycle`);
+    }
+  }
+
+  /**
+   * Runs a graph change as one transaction: apply it, recompute every permission, and on any
+   * error undo the change and restore all permissions exactly as they were.
+   */
+  update<T>(fn: (tx: GraphTransaction) => T): T {
+    const saved = this.allEdges().map((c) => [c, c.perm, c.shared] as const);
+    const tx = new GraphTransaction(this);
+    try {
+      const r = fn(tx);
+      this.refreshPerms();
+      return r;
+    } catch (e) {
+      for (let i = tx.undo.length - 1; i >= 0; i--) tx.undo[i]!();
+      for (const [c, p, s] of saved) {
+        c.perm = p;
+        c.shared = s;
+      }
+      throw e;
+    }
+  }
+
+  private allEdges(): BlockChild[] {
+    const out = new Set<BlockChild>();
+    for (const n of this.nodes.values()) {
+      for (const c of n.children) out.add(c);
+      for (const c of n.parents) out.add(c);
+    }
+    for (const b of this.backends) if (b.root) out.add(b.root);
+    return [...out];
+  }
+
+  /** All nodes reachable from the graph's nodes and backends, parents before children. */
+  private topoOrder(): BlockNode[] {
+    const all = new Set<BlockNode>(this.nodes.values());
+    for (const b of this.backends) if (b.root) all.add(b.root.node);
+    for (const n of [...all]) for (const c of n.children) all.add(c.node);
+    const order: BlockNode[] = [];
+    const state = new Map<BlockNode, number>();
+    const visit = (n: BlockNode) => {
+      if (state.get(n) === 2) return;
+      state.set(n, 2);
+      for (const c of n.children) visit(c.node);
+      order.push(n);
+    };
+    for (const n of all) visit(n);
+    return order.reverse();
+  }
+
+  /** Recomputes the permissions of every edge top-down and checks each node's parents agree. */
+  refreshPerms(): void {
+    for (const node of this.topoOrder()) {
+      const [perm, shared] = node.cumulativePerm();
+      this.checkNodePerms(node, perm);
+      for (const c of node.children) {
+        let [p, s] = node.driver.childPerm
+          ? node.driver.childPerm(node, c, perm, shared)
+          : defaultChildPerm(c.role, perm, shared, node.readOnly);
+        if (node.forceShare) s = PERM_ALL;
+        c.perm = p;
+        c.shared = s;
+      }
+    }
+  }
+
+  private checkNodePerms(node: BlockNode, cumulative: number): void {
+    if (node.closed) return;
+    if (cumulative & (Perm.WRITE | Perm.WRITE_UNCHANGED) && node.readOnly) {
+      const user = node.parents.find((p) => p.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED))!;
+      throw new BlockError(`Block node is read-only (node '${node.nodeName}' is used for writing by ${user.parentDesc()})`, {
+        errno: 'EPERM',
+      });
+    }
+    if (cumulative & Perm.RESIZE && !node.driver.truncate && !node.driver.isFilter) {
+      throw new BlockError("Cannot get 'resize' permission without 'resize' support", { errno: 'EPERM' });
+    }
+    const ps = node.parents;
+    for (const a of ps) {
+      for (const b of ps) {
+        if (a === b) continue;
+        const conflict = a.perm & ~b.shared;
+        if (conflict) {
+          throw new BlockError(
+            `Permission conflict on node '${node.nodeName}': permissions '${permNames(conflict)}' are both required by ${a.parentDesc()} (uses node '${node.nodeName}' as '${a.name}' child) and unshared by ${b.parentDesc()} (uses node '${node.nodeName}' as '${b.name}' child).`,
+            { errno: 'EPERM' },
+          );
+        }
+      }
+    }
+  }
+
+  noteMaybeOrphan(node: BlockNode): void {
+    this.maybeOrphans.add(node);
+  }
+
+  /** Closes nodes nothing references any more (children are released in turn). */
+  async collectGarbage(): Promise<void> {
+    while (this.maybeOrphans.size) {
+      const batch = [...this.maybeOrphans];
+      this.maybeOrphans.clear();
+      for (const n of batch) if (!n.closed && n.refcnt === 0) await this.closeNode(n);
+    }
+  }
+
+  /** Closes one node: drain, flush if writable, driver close, release children. */
+  private async closeNode(node: BlockNode): Promise<void> {
+    if (node.closed) return;
+    await this.drainBegin(node);
+    try {
+      if (!node.readOnly) await io.flush(node).catch(() => {});
+      await node.driver.close?.(node);
+    } finally {
+      node.closed = true;
+      this.nodes.delete(node.nodeName);
+      this.drainEnd(node);
+    }
+    this.update((tx) => {
+      for (const c of [...node.children]) tx.removeChild(c);
+    });
+    await this.collectGarbage();
+  }
+
+  /** Closes every node and detaches every backend (daemon shutdown). */
+  async closeAll(): Promise<void> {
+    for (const b of [...this.backends]) await b.detach();
+    for (const n of this.allNodes()) n.monitorOwned = false;
+    for (const n of this.allNodes()) this.noteMaybeOrphan(n);
+    await this.collectGarbage();
+  }
+
+  // ---- drain ----
+
+  notifyIdle(): void {
+    const w = this.idleWaiters;
+    if (!w.length) return;
+    this.idleWaiters = [];
+    for (const f of w) f();
+  }
+
+  private idle(): Promise<void> {
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  /** The node and everything above it, with the backends at the top. */
+  private ancestry(node: BlockNode): { nodes: Set<BlockNode>; backends: Set<BlockBackend> } {
+    const nodes = new Set<BlockNode>();
+    const backends = new Set<BlockBackend>();
+    const walk = (n: BlockNode) => {
+      if (nodes.has(n)) return;
+      nodes.add(n);
+      for (const p of n.parents) {
+        if (p.parent.kind === 'node') walk(p.parent);
+        else backends.add(p.parent);
+      }
+    };
+    walk(node);
+    return { nodes, backends };
+  }
+
+  /**
+   * Quiesces a node: its users (backends above it) stop submitting new requests, and this
+   * resolves once no request is in flight on the node or anything above it.
+   */
+  async drainBegin(node: BlockNode): Promise<void> {
+    const { nodes, backends } = this.ancestry(node);
+    for (const n of nodes) n.quiesceCounter++;
+    for (const b of backends) b.quiesce();
+    for (;;) {
+      const busy = [...nodes].some((n) => n.inFlight > 0) || [...backends].some((b) => b.inFlight > 0);
+      if (!busy) return;
+      await this.idle();
+    }
+  }
+
+  /** Ends a drain: held requests go on once every drain of the backend has ended. */
+  drainEnd(node: BlockNode): void {
+    const { nodes, backends } = this.ancestry(node);
+    for (const n of nodes) n.quiesceCounter = Math.max(0, n.quiesceCounter - 1);
+    for (const b of backends) b.unquiesce();
+  }
+
+  /** Runs fn with the node drained. */
+  async drained<T>(node: BlockNode, fn: () => Promise<T> | T): Promise<T> {
+    await this.drainBegin(node);
+    try {
+      return await fn();
+    } finally {
+      this.drainEnd(node);
+    }
+  }
+
+  // ---- reopen ----
+
+  /**
+   * Reopens several nodes at once with new read-only flags (QEMU's reopen queue): every driver
+   * prepares, permissions are rechecked with the new flags, then all commit or all abort.
+   */
+  async reopenMultiple(entries: { node: BlockNode; readOnly: boolean }[]): Promise<void> {
+    const states: ReopenState[] = entries.map((e) => ({ node: e.node, readOnly: e.readOnly }));
+    const prepared: ReopenState[] = [];
+    const drainedNodes = states.map((s) => s.node);
+    for (const n of drainedNodes) await this.drainBegin(n);
+    try {
+      for (const s of states) {
+        if (s.readOnly && !s.node.readOnly) await io.flush(s.node);
+        if (!s.readOnly && s.node.readOnly) {
+          const blocked = opBlocked(s.node, BlockOp.CHANGE);
+          if (blocked) throw blocked;
+        }
+        await s.node.driver.reopenPrepare?.(s);
+        prepared.push(s);
+      }
+      this.update((tx) => {
+        for (const s of states) tx.setReadOnly(s.node, s.readOnly);
+      });
+    } catch (e) {
+      for (const s of prepared) await s.node.driver.reopenAbort?.(s);
+      for (const n of drainedNodes) this.drainEnd(n);
+      throw toBlockError(e);
+    }
+    for (const s of states) s.node.driver.reopenCommit?.(s);
+    for (const n of drainedNodes) this.drainEnd(n);
+  }
+}

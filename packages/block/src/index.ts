@@ -1,0 +1,68 @@
+import type { BlockDriver } from './driver';
+import { fileDriver } from './drivers/file/file';
+import { nullDriver } from './drivers/null/null';
+import { rawDriver } from './drivers/raw/raw';
+import { BlockGraph } from './graph';
+
+export { BlockBackend, type BackendDevOps, type BackendOptions } from './backend';
+export { BlockOp, type BlockOpType, blockAllOps, blockOp, opBlocked, unblockAllOps, unblockOp } from './blockers';
+export { addDirtyBitmap, DirtyBitmap, findDirtyBitmap, removeDirtyBitmap } from './dirty-bitmap';
+export {
+  type BlockDriver,
+  type BlockLimits,
+  type BlockStatus,
+  type OpenChildOptions,
+  type OpenContext,
+  type ReopenState,
+  ReqFlags,
+  type TruncateOptions,
+} from './driver';
+export { BlockError, type Errno, type ErrorClass, errnoText, ioError, toBlockError } from './errors';
+export { BlockGraph, COMMON_OPTIONS, GraphTransaction } from './graph';
+export { blockStatus, blockStatusAbove, isAllocatedAbove } from './io';
+export {
+  type IoVec,
+  iovCopyFrom,
+  iovIsZero,
+  iovLength,
+  iovMemset,
+  iovSlice,
+  iovToBuffer,
+  zeroBuffer,
+} from './iov';
+export { BlockChild, BlockNode, type BlockParent } from './node';
+export {
+  coerceValue,
+  type OptionSchema,
+  type OptionSpec,
+  type Options,
+  type OptionType,
+  opt,
+  parseKeyVal,
+  parseOptionArg,
+  parseSize,
+  validateOptions,
+} from './options';
+export {
+  ChildRole,
+  cowChildPerm,
+  defaultChildPerm,
+  filterChildPerm,
+  PERM_ALL,
+  PERM_PASSTHROUGH,
+  Perm,
+  type PermPair,
+  permNames,
+  permQapiNames,
+  storageChildPerm,
+} from './perm';
+export { RangeLock } from './tracking';
+export { fileDriver, nullDriver, rawDriver };
+
+/** The drivers this package provides. */
+export const builtinDrivers: BlockDriver[] = [fileDriver, nullDriver, rawDriver];
+
+/** A graph with the built-in drivers plus any given ones. */
+export function createGraph(extra: BlockDriver[] = []): BlockGraph {
+  return new BlockGraph([...builtinDrivers, ...extra]);
+}

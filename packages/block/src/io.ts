@@ -1,0 +1,409 @@
+import { type BlockStatus, ReqFlags, type TruncateOptions } from './driver';
+import { BlockError, ioError, toBlockError } from './errors';
+import { type IoVec, iovIsZero, iovSlice, zeroBuffer } from './iov';
+import type { BlockChild, BlockNode } from './node';
+import { Perm } from './perm';
+import { beginRequest, endRequest, waitSerialising } from './tracking';
+
+/*
+ * The generic I/O path every request to a node takes (QEMU's block/io.c): checks, alignment with
+ * read-modify-write, splitting at the driver's transfer limit, request tracking, FUA emulation,
+ * length growth and dirty bitmaps. Drivers see only aligned, bounded, permitted requests.
+ */
+
+function checkOpen(node: BlockNode): void {
+  if (node.closed) throw new BlockError(`Node '${node.nodeName}' is closed`, { errno: 'ENOMEDIUM' });
+}
+
+function checkRange(offset: number, bytes: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
+    throw new BlockError(`Invalid request: offset ${offset}, length ${bytes}`, { errno: 'EINVAL' });
+  }
+}
+
+function checkWrite(child: BlockChild, flags: number): void {
+  const node = child.node;
+  if (node.readOnly) throw new BlockError(`Node '${node.nodeName}' is read-only`, { errno: 'EPERM' });
+  const ok = child.perm & Perm.WRITE || (flags & ReqFlags.WRITE_UNCHANGED && child.perm & Perm.WRITE_UNCHANGED);
+  if (!ok) {
+    throw new BlockError(
+      `Write to node '${node.nodeName}' without the 'write' permission (${child.parentDesc()} did not take it)`,
+      { errno: 'EPERM' },
+    );
+  }
+}
+
+const alignDown = (v: number, a: number) => v - (v % a);
+const alignUp = (v: number, a: number) => alignDown(v + a - 1, a);
+
+async function driverRead(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void> {
+  const drv = node.driver;
+  if (!drv.read) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot read`);
+  // Past the end of the node reads as zeroes (a backing file shorter than its overlay, say).
+  const avail = Math.max(0, Math.min(bytes, node.length - offset));
+  if (avail < bytes) {
+    for (const b of iovSlice(iov, avail, bytes - avail)) b.fill(0);
+    if (avail === 0) return;
+    iov = iovSlice(iov, 0, avail);
+    bytes = avail;
+  }
+  const max = node.limits.maxTransfer;
+  if (bytes <= max) return drv.read(node, offset, bytes, iov, flags);
+  for (let done = 0; done < bytes; done += max) {
+    const n = Math.min(max, bytes - done);
+    await drv.read(node, offset + done, n, iovSlice(iov, done, n), flags);
+  }
+}
+
+async function driverWrite(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void> {
+  const drv = node.driver;
+  if (!drv.write) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot write`);
+  const native = drv.supportedWriteFlags ?? 0;
+  const emulateFua = (flags & ReqFlags.FUA) !== 0 && (native & ReqFlags.FUA) === 0;
+  const passFlags = flags & native;
+  const max = node.limits.maxTransfer;
+  if (bytes <= max) await drv.write(node, offset, bytes, iov, passFlags);
+  else {
+    for (let done = 0; done < bytes; done += max) {
+      const n = Math.min(max, bytes - done);
+      await drv.write(node, offset + done, n, iovSlice(iov, done, n), passFlags);
+    }
+  }
+  if (emulateFua) await flush(node);
+}
+
+/** What every write-like request does when it ends (QEMU's write_req_finish). */
+function writeFinished(node: BlockNode, offset: number, bytes: number, grows: boolean): void {
+  if (grows && offset + bytes > node.length) node.length = offset + bytes;
+  for (const bm of node.dirtyBitmaps) if (bm.enabled) bm.set(offset, bytes);
+}
+
+export async function readv(child: BlockChild, offset: number, bytes: number, iov: IoVec, flags = 0): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offset, bytes);
+  if (bytes === 0) return;
+  const align = node.limits.requestAlignment;
+  const head = offset % align;
+  const tail = (offset + bytes) % align;
+  let aOff = offset;
+  let aBytes = bytes;
+  let aIov = iov;
+  if (head || tail) {
+    // Pad the request to whole blocks with scratch buffers around the caller's (no copy).
+    aOff = offset - head;
+    aBytes = alignUp(offset + bytes, align) - aOff;
+    aIov = [];
+    if (head) aIov.push(Buffer.allocUnsafe(head));
+    aIov.push(...iov);
+    if (tail) aIov.push(Buffer.allocUnsafe(align - tail));
+  }
+  const req = beginRequest(node, aOff, aBytes, false);
+  try {
+    await waitSerialising(node, req);
+    await driverRead(node, aOff, aBytes, aIov, flags);
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    endRequest(node, req);
+  }
+}
+
+export async function writev(child: BlockChild, offset: number, bytes: number, iov: IoVec, flags = 0): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offset, bytes);
+  checkWrite(child, flags);
+  if (bytes === 0) return;
+  if (node.detectZeroes !== 'off' && iovIsZero(iov)) {
+    const unmap = node.detectZeroes === 'unmap' && node.discardUnmap ? ReqFlags.MAY_UNMAP : 0;
+    return writeZeroes(child, offset, bytes, (flags & ReqFlags.FUA) | unmap);
+  }
+  const align = node.limits.requestAlignment;
+  const head = offset % align;
+  const tail = (offset + bytes) % align;
+  const rmw = head !== 0 || tail !== 0;
+  const aOff = offset - head;
+  const aEnd = rmw ? alignUp(offset + bytes, align) : offset + bytes;
+  const req = beginRequest(node, aOff, aEnd - aOff, rmw);
+  try {
+    await waitSerialising(node, req);
+    if (!rmw) {
+      await driverWrite(node, offset, bytes, iov, flags);
+    } else {
+      // Read-modify-write of the partial blocks at either end, serialised against overlapping requests.
+      const aIov: IoVec = [];
+      let headBlock: Buffer | null = null;
+      if (head) {
+        headBlock = Buffer.allocUnsafe(align);
+        await driverRead(node, aOff, align, [headBlock], 0);
+        aIov.push(headBlock.subarray(0, head));
+      }
+      aIov.push(...iov);
+      if (tail) {
+        const lastBlock = aEnd - align;
+        let tailBlock = headBlock && lastBlock === aOff ? headBlock : null;
+        if (!tailBlock) {
+          tailBlock = Buffer.allocUnsafe(align);
+          await driverRead(node, lastBlock, align, [tailBlock], 0);
+        }
+        aIov.push(tailBlock.subarray(tail));
+      }
+      await driverWrite(node, aOff, aEnd - aOff, aIov, flags);
+    }
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    writeFinished(node, offset, bytes, true);
+    endRequest(node, req);
+  }
+}
+
+export async function writeZeroes(child: BlockChild, offset: number, bytes: number, flags = 0): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offset, bytes);
+  checkWrite(child, flags);
+  if (bytes === 0) return;
+  const align = node.limits.requestAlignment;
+  const bodyStart = alignUp(offset, align);
+  const bodyEnd = Math.max(bodyStart, alignDown(offset + bytes, align));
+  if (bodyStart !== offset || bodyEnd !== offset + bytes) {
+    if (flags & (ReqFlags.NO_FALLBACK | ReqFlags.FAST_ZERO)) throw ioError('ENOTSUP', 'Unaligned zero write');
+    // Partial blocks at the ends are ordinary writes of zeroes (with read-modify-write).
+    const headEnd = Math.min(bodyStart, offset + bytes);
+    if (headEnd > offset) await writev(child, offset, headEnd - offset, [zeroBuffer(headEnd - offset)], flags);
+    if (bodyEnd > bodyStart) await writeZeroes(child, bodyStart, bodyEnd - bodyStart, flags);
+    const tailStart = Math.max(bodyEnd, headEnd);
+    if (offset + bytes > tailStart) {
+      await writev(child, tailStart, offset + bytes - tailStart, [zeroBuffer(offset + bytes - tailStart)], flags);
+    }
+    return;
+  }
+  const req = beginRequest(node, offset, bytes, false);
+  try {
+    await waitSerialising(node, req);
+    await zeroAligned(node, offset, bytes, flags);
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    writeFinished(node, offset, bytes, true);
+    endRequest(node, req);
+  }
+}
+
+async function zeroAligned(node: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
+  const drv = node.driver;
+  if (!(node.discardUnmap || flags & ReqFlags.NO_FALLBACK)) flags &= ~ReqFlags.MAY_UNMAP;
+  if (drv.writeZeroes) {
+    try {
+      const max = node.limits.maxPwriteZeroes;
+      for (let done = 0; done < bytes; done += max) {
+        await drv.writeZeroes(node, offset + done, Math.min(max, bytes - done), flags & ~ReqFlags.FUA);
+      }
+      if (flags & ReqFlags.FUA) await flush(node);
+      return;
+    } catch (e) {
+      if (toBlockError(e).errno !== 'ENOTSUP') throw e;
+    }
+  }
+  if (flags & (ReqFlags.NO_FALLBACK | ReqFlags.FAST_ZERO)) {
+    throw ioError('ENOTSUP', `Driver '${drv.name}' cannot write zeroes without writing data`);
+  }
+  const chunk = Math.min(node.limits.maxTransfer, 1 << 20);
+  const buf = zeroBuffer(chunk);
+  for (let done = 0; done < bytes; done += chunk) {
+    const n = Math.min(chunk, bytes - done);
+    await driverWrite(node, offset + done, n, [buf.subarray(0, n)], flags & ReqFlags.FUA);
+  }
+}
+
+export async function discard(child: BlockChild, offset: number, bytes: number): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offset, bytes);
+  checkWrite(child, 0);
+  // discard=ignore (the default) drops discards; they are advisory anyway.
+  if (bytes === 0 || !node.discardUnmap || !node.driver.discard) return;
+  const align = Math.max(node.limits.pdiscardAlignment, node.limits.requestAlignment);
+  const start = alignUp(offset, align);
+  const end = alignDown(offset + bytes, align);
+  if (end <= start) return;
+  const req = beginRequest(node, start, end - start, false);
+  try {
+    await waitSerialising(node, req);
+    const max = node.limits.maxPdiscard;
+    for (let pos = start; pos < end; pos += max) {
+      try {
+        await node.driver.discard(node, pos, Math.min(max, end - pos));
+      } catch (e) {
+        if (toBlockError(e).errno !== 'ENOTSUP') throw e;
+      }
+    }
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    writeFinished(node, start, end - start, false);
+    endRequest(node, req);
+  }
+}
+
+/** Flushes the node's driver, then every child it may have written to. */
+export async function flush(node: BlockNode): Promise<void> {
+  checkOpen(node);
+  const req = beginRequest(node, 0, 0, false);
+  try {
+    const drv = node.driver;
+    if (drv.flushToOs) await drv.flushToOs(node);
+    if (drv.flushToDisk && !node.noFlush) await drv.flushToDisk(node);
+    for (const c of node.children) {
+      if (c.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED)) await flush(c.node);
+    }
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    endRequest(node, req);
+  }
+}
+
+export async function truncate(child: BlockChild, length: number, opts: Partial<TruncateOptions> = {}): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  if (!Number.isSafeInteger(length) || length < 0) {
+    throw new BlockError('Image size cannot be negative', { errno: 'EINVAL' });
+  }
+  if (node.readOnly) throw new BlockError('Image is read-only', { errno: 'EACCES' });
+  if (!(child.perm & Perm.RESIZE)) {
+    throw new BlockError(`Resize of node '${node.nodeName}' without the 'resize' permission`, { errno: 'EPERM' });
+  }
+  const drv = node.driver;
+  const full: TruncateOptions = { exact: opts.exact ?? false, prealloc: opts.prealloc ?? 'off' };
+  const req = beginRequest(node, Math.min(length, node.length), Math.abs(length - node.length), true);
+  try {
+    await waitSerialising(node, req);
+    if (drv.truncate) await drv.truncate(node, length, full);
+    else if (drv.isFilter && node.filtered) await truncate(node.filtered, length, full);
+    else throw new BlockError('Image format driver does not support resize', { errno: 'ENOTSUP' });
+    node.length = await drv.getLength(node);
+    for (const bm of node.dirtyBitmaps) bm.truncate(node.length);
+    for (const p of node.parents) if (p.parent.kind === 'backend') p.parent.resized();
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    endRequest(node, req);
+  }
+}
+
+export async function makeEmpty(child: BlockChild): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkWrite(child, 0);
+  if (!node.driver.makeEmpty) {
+    throw new BlockError(`Driver '${node.driver.name}' does not support emptying images`, { errno: 'ENOTSUP' });
+  }
+  const req = beginRequest(node, 0, node.length, true);
+  try {
+    await waitSerialising(node, req);
+    await node.driver.makeEmpty(node);
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    endRequest(node, req);
+  }
+}
+
+/**
+ * The status of [offset, offset+bytes) of one node: whether this node provides the data
+ * (`allocated`) and whether it is data or zeroes. `bytes` of the answer may be shorter.
+ */
+export async function blockStatus(node: BlockNode, offset: number, bytes: number): Promise<BlockStatus> {
+  checkOpen(node);
+  checkRange(offset, bytes);
+  const len = node.length;
+  if (offset >= len || bytes === 0) return { bytes: 0, data: false, zero: false, allocated: false, eof: true };
+  bytes = Math.min(bytes, len - offset);
+  const drv = node.driver;
+  let st: BlockStatus;
+  if (!drv.blockStatus) {
+    const f = node.filtered;
+    if (f) {
+      st = await blockStatus(f.node, offset, bytes);
+      return { ...st, bytes: Math.min(st.bytes, bytes) };
+    }
+    st = { bytes, data: true, zero: false, allocated: true, offset, file: node };
+  } else {
+    st = await drv.blockStatus(node, offset, bytes);
+    st.bytes = Math.min(Math.max(st.bytes, 0), bytes);
+    if (st.recurse && st.file && st.offset !== undefined && st.file !== node) {
+      const inner = await blockStatus(st.file, st.offset, st.bytes);
+      if (inner.eof) st = { ...st, zero: true, data: false };
+      else {
+        st = {
+          ...st,
+          bytes: Math.min(st.bytes, inner.bytes),
+          zero: st.zero || inner.zero,
+          data: inner.data,
+          offset: inner.offset ?? st.offset,
+          file: inner.file ?? st.file,
+        };
+      }
+    }
+  }
+  if (st.data || st.zero) st.allocated = true;
+  else if (!st.allocated && drv.supportsBacking) {
+    const b = node.backing;
+    if (!b || offset >= b.node.length) st.zero = true;
+  }
+  if (offset + st.bytes >= len) st.eof = true;
+  delete st.recurse;
+  return st;
+}
+
+/**
+ * Whether [offset, offset+bytes) is allocated in top or any node of its chain above base
+ * (base itself excluded unless includeBase). Returns the answer and for how many bytes it holds.
+ */
+export async function isAllocatedAbove(
+  top: BlockNode,
+  base: BlockNode | null,
+  includeBase: boolean,
+  offset: number,
+  bytes: number,
+): Promise<{ allocated: boolean; bytes: number; depth: number }> {
+  let n = bytes;
+  let depth = 0;
+  for (let p: BlockNode | null = top; p; p = p.filteredOrCow?.node ?? null) {
+    if (p === base && !includeBase) break;
+    if (offset < p.length) {
+      const st = await blockStatus(p, offset, n);
+      if (st.allocated) return { allocated: true, bytes: Math.max(1, Math.min(st.bytes, n)), depth };
+      if (st.bytes > 0) n = Math.min(n, st.bytes);
+    }
+    if (p === base) break;
+    depth++;
+  }
+  return { allocated: false, bytes: n, depth };
+}
+
+/**
+ * The content status of the image seen at top (data/zero/hole) for NBD base:allocation and
+ * `map`: the first layer above base that provides the extent decides.
+ */
+export async function blockStatusAbove(
+  top: BlockNode,
+  base: BlockNode | null,
+  offset: number,
+  bytes: number,
+): Promise<BlockStatus & { depth: number }> {
+  let n = Math.min(bytes, Math.max(0, top.length - offset));
+  if (n === 0) return { bytes: 0, data: false, zero: false, allocated: false, eof: true, depth: 0 };
+  let depth = 0;
+  for (let p: BlockNode | null = top; p && p !== base; p = p.filteredOrCow?.node ?? null) {
+    if (offset >= p.length) return { bytes: n, data: false, zero: true, allocated: false, depth };
+    const st = await blockStatus(p, offset, n);
+    if (st.allocated || st.zero) return { ...st, bytes: Math.min(st.bytes, n), depth };
+    n = Math.min(n, st.bytes);
+    depth++;
+  }
+  return { bytes: n, data: false, zero: base === null, allocated: false, depth };
+}
