@@ -20,7 +20,17 @@ mkdirSync(join(here, 'build'), { recursive: true });
 const out = join(here, 'build', 'sparse.node');
 const r = spawnSync(
   process.env.CC || 'cc',
-  ['-shared', '-fPIC', '-O2', '-Wall', '-DNODE_GYP_MODULE_NAME=sparse', `-I${include}`, '-o', out, join(here, 'sparse.c')],
+  [
+    '-shared',
+    '-fPIC',
+    '-O2',
+    '-Wall',
+    '-DNODE_GYP_MODULE_NAME=sparse',
+    `-I${include}`,
+    '-o',
+    out,
+    join(here, 'sparse.c'),
+  ],
   { stdio: 'inherit' },
 );
 if (r.status !== 0) console.warn('sparse addon: compile failed; the file driver will use its fallbacks');

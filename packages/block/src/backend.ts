@@ -1,8 +1,8 @@
 import type { BlockStatus, TruncateOptions } from './driver';
 import { BlockError } from './errors';
 import type { BlockGraph } from './graph';
-import { type IoVec, iovLength } from './iov';
 import * as io from './io';
+import { type IoVec, iovLength } from './iov';
 import type { BlockChild, BlockNode } from './node';
 import { PERM_ALL } from './perm';
 
@@ -79,7 +79,8 @@ export class BlockBackend {
 
   /** Attaches the backend to a node, taking its permissions (throws, changing nothing, on conflict). */
   attach(node: BlockNode): void {
-    if (this.root) throw new BlockError(`${this.describe()} is already attached to node '${this.root.node.nodeName}'`);
+    if (this.root)
+      throw new BlockError(`${this.describe()} is already attached to node '${this.root.node.nodeName}'`);
     this.root = this.graph.update((tx) => {
       const c = tx.addChild(this, node, 'root', 0);
       c.perm = this.perm;

@@ -27,7 +27,10 @@ const ALL_OPS = Object.values(BlockOp);
 /** Blocks one operation on the node for the given reason (several reasons may stack). */
 export function blockOp(node: BlockNode, op: BlockOpType, reason: Error): void {
   let set = node.opBlockers.get(op);
-  if (!set) node.opBlockers.set(op, (set = new Set()));
+  if (!set) {
+    set = new Set();
+    node.opBlockers.set(op, set);
+  }
   set.add(reason);
 }
 

@@ -26,7 +26,12 @@ export class DirtyBitmap {
     readonly granularity: number,
     readonly name?: string,
   ) {
-    if (!Number.isInteger(granularity) || granularity < 512 || granularity > 2 ** 31 || granularity & (granularity - 1)) {
+    if (
+      !Number.isInteger(granularity) ||
+      granularity < 512 ||
+      granularity > 2 ** 31 ||
+      granularity & (granularity - 1)
+    ) {
       throw new BlockError('Granularity must be power of 2 between 512 and 2147483648');
     }
     this.nbits = Math.ceil(length / granularity);
@@ -96,7 +101,7 @@ export class DirtyBitmap {
   /** ORs another bitmap of the same granularity into this one. */
   merge(other: DirtyBitmap): void {
     if (other.granularity !== this.granularity) {
-      throw new BlockError('Bitmaps are incompatible and can\'t be merged');
+      throw new BlockError("Bitmaps are incompatible and can't be merged");
     }
     const n = Math.min(this.words.length, other.words.length);
     for (let i = 0; i < n; i++) {
@@ -151,7 +156,11 @@ export class DirtyBitmap {
   }
 
   /** The dirty extents [offset, length] within [offset, offset+bytes), merged and clipped. */
-  *dirtyExtents(offset = 0, bytes = this.length - offset, maxExtent = Number.MAX_SAFE_INTEGER): Generator<[number, number]> {
+  *dirtyExtents(
+    offset = 0,
+    bytes = this.length - offset,
+    maxExtent = Number.MAX_SAFE_INTEGER,
+  ): Generator<[number, number]> {
     const end = Math.min(this.length, offset + bytes);
     let pos = offset;
     while (pos < end) {
@@ -174,7 +183,10 @@ export class DirtyBitmap {
 }
 
 /** Creates a bitmap on a node; writes through the node mark it dirty from then on. */
-export function addDirtyBitmap(node: BlockNode, opts: { name?: string; granularity?: number } = {}): DirtyBitmap {
+export function addDirtyBitmap(
+  node: BlockNode,
+  opts: { name?: string; granularity?: number } = {},
+): DirtyBitmap {
   if (opts.name !== undefined) {
     if (opts.name === '') throw new BlockError('Bitmap name cannot be empty');
     if (opts.name.length > 1023) throw new BlockError('Bitmap name too long');

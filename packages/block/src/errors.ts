@@ -1,5 +1,10 @@
 /** QMP error classes QEMU uses (qapi/error.json). */
-export type ErrorClass = 'GenericError' | 'CommandNotFound' | 'DeviceNotFound' | 'DeviceNotActive' | 'KVMMissingCap';
+export type ErrorClass =
+  | 'GenericError'
+  | 'CommandNotFound'
+  | 'DeviceNotFound'
+  | 'DeviceNotActive'
+  | 'KVMMissingCap';
 
 /** POSIX-style error codes the block layer reports (and NBD maps onto its own). */
 export type Errno =

@@ -11,7 +11,9 @@ import { ChildRole, defaultChildPerm, PERM_ALL, Perm, permNames } from './perm';
 export const COMMON_OPTIONS: OptionSchema = {
   driver: opt.string('Block driver name', { required: true }),
   'node-name': opt.string('The node name (letter first, then letters, digits, -, _, .; at most 31)'),
-  discard: opt.enum(['ignore', 'unmap'], 'Discard requests: ignore (default) or pass them down', { default: undefined }),
+  discard: opt.enum(['ignore', 'unmap'], 'Discard requests: ignore (default) or pass them down', {
+    default: undefined,
+  }),
   cache: opt.struct(
     {
       direct: opt.bool('Bypass the host page cache (not supported: must be off)'),
@@ -162,7 +164,9 @@ export class BlockGraph {
   lookup(name: string): BlockNode {
     const n = this.nodes.get(name) ?? this.backendByName(name)?.node;
     if (!n) {
-      throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`, { errorClass: 'DeviceNotFound' });
+      throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`, {
+        errorClass: 'DeviceNotFound',
+      });
     }
     return n;
   }
@@ -269,7 +273,8 @@ export class BlockGraph {
     if (cache.direct) throw new BlockError('cache.direct=on is not supported by blockrep');
     const readOnly = (opts['read-only'] as boolean | undefined) ?? inherit.readOnly;
     const forceShare = (opts['force-share'] as boolean | undefined) ?? false;
-    if (forceShare && !readOnly) throw new BlockError('force-share=on can only be used with read-only images');
+    if (forceShare && !readOnly)
+      throw new BlockError('force-share=on can only be used with read-only images');
     const { name, auto } = this.assignNodeName(opts['node-name'] as string | undefined);
     const discard = (opts.discard as string | undefined) ?? inherit.discard ?? 'ignore';
     const node = new BlockNode(this, drv, name, auto, opts, {
@@ -281,14 +286,17 @@ export class BlockGraph {
       forceShare,
     });
     if (node.detectZeroes === 'unmap' && !node.discardUnmap) {
-      throw new BlockError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+      throw new BlockError(
+        'setting detect-zeroes to unmap is not allowed without setting discard operation to unmap',
+      );
     }
     // Registered from the start so that permission refreshes see the edges to its children.
     node.extraRefs = 1;
     this.nodes.set(name, node);
     const ctx: OpenContext = {
       graph: this,
-      openChild: (childName, ref, role, o) => this.openChild(node, childName, ref, role, o?.optional ?? false),
+      openChild: (childName, ref, role, o) =>
+        this.openChild(node, childName, ref, role, o?.optional ?? false),
     };
     try {
       const driverOpts: Options = {};
@@ -445,9 +453,12 @@ export class BlockGraph {
     if (node.closed) return;
     if (cumulative & (Perm.WRITE | Perm.WRITE_UNCHANGED) && node.readOnly) {
       const user = node.parents.find((p) => p.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED))!;
-      throw new BlockError(`Block node is read-only (node '${node.nodeName}' is used for writing by ${user.parentDesc()})`, {
-        errno: 'EPERM',
-      });
+      throw new BlockError(
+        `Block node is read-only (node '${node.nodeName}' is used for writing by ${user.parentDesc()})`,
+        {
+          errno: 'EPERM',
+        },
+      );
     }
     if (cumulative & Perm.RESIZE && !node.driver.truncate && !node.driver.isFilter) {
       throw new BlockError("Cannot get 'resize' permission without 'resize' support", { errno: 'EPERM' });

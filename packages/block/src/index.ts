@@ -4,8 +4,16 @@ import { nullDriver } from './drivers/null/null';
 import { rawDriver } from './drivers/raw/raw';
 import { BlockGraph } from './graph';
 
-export { BlockBackend, type BackendDevOps, type BackendOptions } from './backend';
-export { BlockOp, type BlockOpType, blockAllOps, blockOp, opBlocked, unblockAllOps, unblockOp } from './blockers';
+export { type BackendDevOps, type BackendOptions, BlockBackend } from './backend';
+export {
+  BlockOp,
+  type BlockOpType,
+  blockAllOps,
+  blockOp,
+  opBlocked,
+  unblockAllOps,
+  unblockOp,
+} from './blockers';
 export { addDirtyBitmap, DirtyBitmap, findDirtyBitmap, removeDirtyBitmap } from './dirty-bitmap';
 export {
   type BlockDriver,

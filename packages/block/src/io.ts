@@ -24,7 +24,8 @@ function checkRange(offset: number, bytes: number): void {
 function checkWrite(child: BlockChild, flags: number): void {
   const node = child.node;
   if (node.readOnly) throw new BlockError(`Node '${node.nodeName}' is read-only`, { errno: 'EPERM' });
-  const ok = child.perm & Perm.WRITE || (flags & ReqFlags.WRITE_UNCHANGED && child.perm & Perm.WRITE_UNCHANGED);
+  const ok =
+    child.perm & Perm.WRITE || (flags & ReqFlags.WRITE_UNCHANGED && child.perm & Perm.WRITE_UNCHANGED);
   if (!ok) {
     throw new BlockError(
       `Write to node '${node.nodeName}' without the 'write' permission (${child.parentDesc()} did not take it)`,
@@ -36,7 +37,13 @@ function checkWrite(child: BlockChild, flags: number): void {
 const alignDown = (v: number, a: number) => v - (v % a);
 const alignUp = (v: number, a: number) => alignDown(v + a - 1, a);
 
-async function driverRead(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void> {
+async function driverRead(
+  node: BlockNode,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  flags: number,
+): Promise<void> {
   const drv = node.driver;
   if (!drv.read) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot read`);
   // Past the end of the node reads as zeroes (a backing file shorter than its overlay, say).
@@ -55,7 +62,13 @@ async function driverRead(node: BlockNode, offset: number, bytes: number, iov: I
   }
 }
 
-async function driverWrite(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void> {
+async function driverWrite(
+  node: BlockNode,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  flags: number,
+): Promise<void> {
   const drv = node.driver;
   if (!drv.write) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot write`);
   const native = drv.supportedWriteFlags ?? 0;
@@ -78,7 +91,13 @@ function writeFinished(node: BlockNode, offset: number, bytes: number, grows: bo
   for (const bm of node.dirtyBitmaps) if (bm.enabled) bm.set(offset, bytes);
 }
 
-export async function readv(child: BlockChild, offset: number, bytes: number, iov: IoVec, flags = 0): Promise<void> {
+export async function readv(
+  child: BlockChild,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  flags = 0,
+): Promise<void> {
   const node = child.node;
   checkOpen(node);
   checkRange(offset, bytes);
@@ -109,7 +128,13 @@ export async function readv(child: BlockChild, offset: number, bytes: number, io
   }
 }
 
-export async function writev(child: BlockChild, offset: number, bytes: number, iov: IoVec, flags = 0): Promise<void> {
+export async function writev(
+  child: BlockChild,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  flags = 0,
+): Promise<void> {
   const node = child.node;
   checkOpen(node);
   checkRange(offset, bytes);
@@ -159,7 +184,12 @@ export async function writev(child: BlockChild, offset: number, bytes: number, i
   }
 }
 
-export async function writeZeroes(child: BlockChild, offset: number, bytes: number, flags = 0): Promise<void> {
+export async function writeZeroes(
+  child: BlockChild,
+  offset: number,
+  bytes: number,
+  flags = 0,
+): Promise<void> {
   const node = child.node;
   checkOpen(node);
   checkRange(offset, bytes);
@@ -172,11 +202,18 @@ export async function writeZeroes(child: BlockChild, offset: number, bytes: numb
     if (flags & (ReqFlags.NO_FALLBACK | ReqFlags.FAST_ZERO)) throw ioError('ENOTSUP', 'Unaligned zero write');
     // Partial blocks at the ends are ordinary writes of zeroes (with read-modify-write).
     const headEnd = Math.min(bodyStart, offset + bytes);
-    if (headEnd > offset) await writev(child, offset, headEnd - offset, [zeroBuffer(headEnd - offset)], flags);
+    if (headEnd > offset)
+      await writev(child, offset, headEnd - offset, [zeroBuffer(headEnd - offset)], flags);
     if (bodyEnd > bodyStart) await writeZeroes(child, bodyStart, bodyEnd - bodyStart, flags);
     const tailStart = Math.max(bodyEnd, headEnd);
     if (offset + bytes > tailStart) {
-      await writev(child, tailStart, offset + bytes - tailStart, [zeroBuffer(offset + bytes - tailStart)], flags);
+      await writev(
+        child,
+        tailStart,
+        offset + bytes - tailStart,
+        [zeroBuffer(offset + bytes - tailStart)],
+        flags,
+      );
     }
     return;
   }
@@ -266,7 +303,11 @@ export async function flush(node: BlockNode): Promise<void> {
   }
 }
 
-export async function truncate(child: BlockChild, length: number, opts: Partial<TruncateOptions> = {}): Promise<void> {
+export async function truncate(
+  child: BlockChild,
+  length: number,
+  opts: Partial<TruncateOptions> = {},
+): Promise<void> {
   const node = child.node;
   checkOpen(node);
   if (!Number.isSafeInteger(length) || length < 0) {
@@ -274,7 +315,9 @@ export async function truncate(child: BlockChild, length: number, opts: Partial<
   }
   if (node.readOnly) throw new BlockError('Image is read-only', { errno: 'EACCES' });
   if (!(child.perm & Perm.RESIZE)) {
-    throw new BlockError(`Resize of node '${node.nodeName}' without the 'resize' permission`, { errno: 'EPERM' });
+    throw new BlockError(`Resize of node '${node.nodeName}' without the 'resize' permission`, {
+      errno: 'EPERM',
+    });
   }
   const drv = node.driver;
   const full: TruncateOptions = { exact: opts.exact ?? false, prealloc: opts.prealloc ?? 'off' };
@@ -299,7 +342,9 @@ export async function makeEmpty(child: BlockChild): Promise<void> {
   checkOpen(node);
   checkWrite(child, 0);
   if (!node.driver.makeEmpty) {
-    throw new BlockError(`Driver '${node.driver.name}' does not support emptying images`, { errno: 'ENOTSUP' });
+    throw new BlockError(`Driver '${node.driver.name}' does not support emptying images`, {
+      errno: 'ENOTSUP',
+    });
   }
   const req = beginRequest(node, 0, node.length, true);
   try {
@@ -320,7 +365,8 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
   checkOpen(node);
   checkRange(offset, bytes);
   const len = node.length;
-  if (offset >= len || bytes === 0) return { bytes: 0, data: false, zero: false, allocated: false, eof: true };
+  if (offset >= len || bytes === 0)
+    return { bytes: 0, data: false, zero: false, allocated: false, eof: true };
   bytes = Math.min(bytes, len - offset);
   const drv = node.driver;
   let st: BlockStatus;

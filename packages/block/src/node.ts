@@ -2,8 +2,8 @@ import type { BlockBackend } from './backend';
 import type { DirtyBitmap } from './dirty-bitmap';
 import type { BlockDriver, BlockLimits, BlockStatus } from './driver';
 import type { BlockGraph } from './graph';
-import { iovLength, type IoVec } from './iov';
 import * as io from './io';
+import { type IoVec, iovLength } from './iov';
 import type { Options } from './options';
 import { ChildRole, PERM_ALL } from './perm';
 import type { TrackedRequest } from './tracking';
@@ -118,7 +118,14 @@ export class BlockNode {
     readonly autoNamed: boolean,
     /** The options the node was opened with (validated, children as given). */
     public options: Options,
-    common: { readOnly: boolean; autoReadOnly: boolean; discardUnmap: boolean; detectZeroes: 'off' | 'on' | 'unmap'; noFlush: boolean; forceShare: boolean },
+    common: {
+      readOnly: boolean;
+      autoReadOnly: boolean;
+      discardUnmap: boolean;
+      detectZeroes: 'off' | 'on' | 'unmap';
+      noFlush: boolean;
+      forceShare: boolean;
+    },
   ) {
     this.readOnly = common.readOnly;
     this.autoReadOnly = common.autoReadOnly;

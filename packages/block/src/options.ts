@@ -31,14 +31,30 @@ export type Options = Record<string, unknown>;
 
 /** Builders that keep schemas short and readable. */
 export const opt = {
-  string: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'string' }, doc, ...extra }),
-  bool: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'bool' }, doc, ...extra }),
+  string: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'string' },
+    doc,
+    ...extra,
+  }),
+  bool: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'bool' },
+    doc,
+    ...extra,
+  }),
   int: (doc: string, extra: Partial<OptionSpec> & { min?: number; max?: number } = {}): OptionSpec => {
     const { min, max, ...rest } = extra;
     return { type: { kind: 'int', min, max }, doc, ...rest };
   },
-  size: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'size' }, doc, ...extra }),
-  number: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'number' }, doc, ...extra }),
+  size: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'size' },
+    doc,
+    ...extra,
+  }),
+  number: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'number' },
+    doc,
+    ...extra,
+  }),
   enum: (values: readonly string[], doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
     type: { kind: 'enum', values },
     doc,
@@ -48,7 +64,11 @@ export const opt = {
     const { nullable, ...rest } = extra;
     return { type: { kind: 'child', nullable }, doc, ...rest };
   },
-  children: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'children' }, doc, ...extra }),
+  children: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'children' },
+    doc,
+    ...extra,
+  }),
   struct: (fields: OptionSchema, doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
     type: { kind: 'struct', fields },
     doc,
@@ -59,7 +79,11 @@ export const opt = {
     doc,
     ...extra,
   }),
-  any: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({ type: { kind: 'any' }, doc, ...extra }),
+  any: (doc: string, extra: Partial<OptionSpec> = {}): OptionSpec => ({
+    type: { kind: 'any' },
+    doc,
+    ...extra,
+  }),
 };
 
 export interface ValidateHooks {
@@ -71,7 +95,15 @@ function optErr(msg: string): BlockError {
   return new BlockError(msg, { errno: 'EINVAL' });
 }
 
-const SIZE_SUFFIX: Record<string, number> = { b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
+const SIZE_SUFFIX: Record<string, number> = {
+  b: 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  p: 2 ** 50,
+  e: 2 ** 60,
+};
 
 /** Parses "64M", "1.5G", "4096" as QEMU's size parser does (binary suffixes). */
 export function parseSize(text: string): number | undefined {
@@ -95,7 +127,14 @@ function parseIntText(text: string): number | undefined {
   return Number.isSafeInteger(v) ? (neg ? -v : v) : undefined;
 }
 
-const BOOL_TEXT: Record<string, boolean> = { on: true, yes: true, true: true, off: false, no: false, false: false };
+const BOOL_TEXT: Record<string, boolean> = {
+  on: true,
+  yes: true,
+  true: true,
+  off: false,
+  no: false,
+  false: false,
+};
 
 function typeName(t: OptionType): string {
   switch (t.kind) {
@@ -271,7 +310,9 @@ export function parseKeyVal(text: string, impliedKey?: string): Options {
       }
     } else {
       if (!(first && impliedKey)) {
-        throw optErr(key ? `Expected '=' after parameter '${key}'` : `Invalid parameter '' at offset ${keyStart}`);
+        throw optErr(
+          key ? `Expected '=' after parameter '${key}'` : `Invalid parameter '' at offset ${keyStart}`,
+        );
       }
       // An implied value may contain ",," escapes like any other value.
       i = keyStart;
@@ -344,7 +385,8 @@ export function parseOptionArg(text: string, impliedKey?: string): Options {
     } catch (e) {
       throw optErr(`JSON parse error: ${(e as Error).message}`);
     }
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw optErr('JSON options must be an object');
+    if (typeof v !== 'object' || v === null || Array.isArray(v))
+      throw optErr('JSON options must be an object');
     return v as Options;
   }
   return parseKeyVal(text, impliedKey);

@@ -28,7 +28,9 @@ export function permNames(mask: number): string {
 
 /** The QAPI names (query-named-block-nodes, x-debug-query-block-graph). */
 export function permQapiNames(mask: number): string[] {
-  return NAMES.filter(([bit]) => mask & bit).map(([, n]) => n.replace(' ', '-').replace('change-children', 'graph-mod'));
+  return NAMES.filter(([bit]) => mask & bit).map(([, n]) =>
+    n.replace(' ', '-').replace('change-children', 'graph-mod'),
+  );
 }
 
 /** The role a child plays for its parent (QEMU's BdrvChildRole). */

@@ -30,7 +30,12 @@ export class TrackedRequest {
 }
 
 /** Registers a request on the node; pair with endRequest in a finally. */
-export function beginRequest(node: BlockNode, offset: number, bytes: number, serialising: boolean): TrackedRequest {
+export function beginRequest(
+  node: BlockNode,
+  offset: number,
+  bytes: number,
+  serialising: boolean,
+): TrackedRequest {
   const req = new TrackedRequest(offset, bytes, serialising);
   node.tracked.add(req);
   node.inFlight++;

@@ -1,7 +1,7 @@
 import { writeFileSync } from 'node:fs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { BlockBackend, BlockError, ChildRole, createGraph, Perm, PERM_ALL } from '../src/index';
+import { BlockBackend, BlockError, ChildRole, createGraph, PERM_ALL, Perm } from '../src/index';
 import { expectBlockError, testGraph } from './helpers';
 
 function rawFile(size = 1 << 20): string {
@@ -26,9 +26,15 @@ describe('node names', () => {
     await g.open({ driver: 'null-co', 'node-name': 'n0' });
     await expectBlockError(g.open({ driver: 'null-co', 'node-name': '0abc' }), /^Invalid node-name: '0abc'$/);
     await expectBlockError(g.open({ driver: 'null-co', 'node-name': 'a b' }), /Invalid node-name/);
-    await expectBlockError(g.open({ driver: 'null-co', 'node-name': `a${'b'.repeat(31)}` }), /^Node name too long$/);
+    await expectBlockError(
+      g.open({ driver: 'null-co', 'node-name': `a${'b'.repeat(31)}` }),
+      /^Node name too long$/,
+    );
     expect(await g.open({ driver: 'null-co', 'node-name': `a${'b'.repeat(30)}` })).toBeTruthy();
-    await expectBlockError(g.open({ driver: 'null-co', 'node-name': 'n0' }), /^Duplicate nodes with node-name='n0'$/);
+    await expectBlockError(
+      g.open({ driver: 'null-co', 'node-name': 'n0' }),
+      /^Duplicate nodes with node-name='n0'$/,
+    );
   });
 
   it('requires node-name for blockdev-add', async () => {
@@ -40,7 +46,11 @@ describe('opening from options', () => {
   it('opens nested options, references and key=value text alike', async () => {
     const f = rawFile();
     const g = createGraph();
-    const nested = await g.open({ driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: f, 'node-name': 'f1' } });
+    const nested = await g.open({
+      driver: 'raw',
+      'node-name': 'r1',
+      file: { driver: 'file', filename: f, 'node-name': 'f1' },
+    });
     expect(nested.file!.node.nodeName).toBe('f1');
     expect(nested.file!.role & ChildRole.FILTERED).toBeTruthy();
     const f2 = await g.open({ driver: 'file', filename: f, 'node-name': 'f2', 'read-only': true });
@@ -48,7 +58,9 @@ describe('opening from options', () => {
     expect(ref.file!.node).toBe(f2);
     const comma = makeTempDir().file('a,b.img');
     writeFileSync(comma, Buffer.alloc(4096));
-    const kv = await g.open(`driver=raw,node-name=r3,file.driver=file,file.filename=${comma.replace(/,/g, ',,')}`);
+    const kv = await g.open(
+      `driver=raw,node-name=r3,file.driver=file,file.filename=${comma.replace(/,/g, ',,')}`,
+    );
     expect(kv.file!.node.filename).toBe(comma);
     expect(kv.length).toBe(4096);
   });
@@ -66,9 +78,18 @@ describe('opening from options', () => {
     );
     await expectBlockError(g.open({ driver: 'nope' }), /^Parameter 'driver' does not accept value 'nope'$/);
     await expectBlockError(g.open({ driver: 'file' }), /^Parameter 'filename' is missing$/);
-    await expectBlockError(g.open({ driver: 'file', filename: '/nonexistent/x' }), /^Could not open '\/nonexistent\/x': No such file or directory$/);
-    await expectBlockError(g.open({ driver: 'raw', file: 'missing' }), /^Cannot find device='missing' nor node-name='missing'$/);
-    await expectBlockError(g.open({ driver: 'null-co', size: 'big' }), /^Parameter 'size' expects a non-negative number/);
+    await expectBlockError(
+      g.open({ driver: 'file', filename: '/nonexistent/x' }),
+      /^Could not open '\/nonexistent\/x': No such file or directory$/,
+    );
+    await expectBlockError(
+      g.open({ driver: 'raw', file: 'missing' }),
+      /^Cannot find device='missing' nor node-name='missing'$/,
+    );
+    await expectBlockError(
+      g.open({ driver: 'null-co', size: 'big' }),
+      /^Parameter 'size' expects a non-negative number/,
+    );
     // A failed open leaves nothing behind.
     expect(g.allNodes()).toHaveLength(0);
   });
@@ -91,7 +112,11 @@ describe('permissions', () => {
   it('a conflicting backend is refused with both users named, and nothing changes', async () => {
     const g = createGraph();
     const n = await g.open({ driver: 'null-co', 'node-name': 'disk' });
-    const a = new BlockBackend(g, { name: 'a', perm: Perm.CONSISTENT_READ | Perm.WRITE, shared: Perm.CONSISTENT_READ });
+    const a = new BlockBackend(g, {
+      name: 'a',
+      perm: Perm.CONSISTENT_READ | Perm.WRITE,
+      shared: Perm.CONSISTENT_READ,
+    });
     a.attach(n);
     const b = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE, shared: PERM_ALL });
     const e = await expectBlockError(() => b.attach(n), /Permission conflict on node 'disk'/);
@@ -110,11 +135,17 @@ describe('permissions', () => {
     const g = testGraph();
     const f = await g.open({ driver: 'test-mem', 'node-name': 'f' });
     const fmt = await g.open({ driver: 'raw', 'node-name': 'fmt', file: 'f' });
-    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE, shared: Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED });
+    const blk = new BlockBackend(g, {
+      perm: Perm.CONSISTENT_READ | Perm.WRITE,
+      shared: Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+    });
     blk.attach(fmt);
     expect(fmt.file!.perm & Perm.WRITE).toBeTruthy();
     const other = new BlockBackend(g, { perm: Perm.WRITE });
-    await expectBlockError(() => other.attach(f), /permissions 'write' are both required by an unnamed block device .* and unshared by node 'fmt'/);
+    await expectBlockError(
+      () => other.attach(f),
+      /permissions 'write' are both required by an unnamed block device .* and unshared by node 'fmt'/,
+    );
     expect(f.parents).toHaveLength(1);
   });
 
@@ -127,7 +158,13 @@ describe('permissions', () => {
     // The overlay's user copes with changing data, so the backing file may have another writer.
     const writer = new BlockBackend(g, { perm: Perm.WRITE, shared: PERM_ALL });
     writer.attach(base);
-    const snapshot = () => [top.backing!.perm, top.backing!.shared, blk.root!.perm, blk.root!.shared, base.parents.length];
+    const snapshot = () => [
+      top.backing!.perm,
+      top.backing!.shared,
+      blk.root!.perm,
+      blk.root!.shared,
+      base.parents.length,
+    ];
     const before = snapshot();
     // No longer sharing write on top makes the backing edge unshare write: conflict two levels down.
     await expectBlockError(
@@ -142,14 +179,19 @@ describe('permissions', () => {
     const g = testGraph();
     const a = await g.open({ driver: 'test-cow', 'node-name': 'a' });
     const b = await g.open({ driver: 'test-cow', 'node-name': 'b', backing: 'a' });
-    expect(() => g.attachChild(a, b, 'backing', ChildRole.COW)).toThrow("Making 'b' a child of 'a' would create a cycle");
+    expect(() => g.attachChild(a, b, 'backing', ChildRole.COW)).toThrow(
+      "Making 'b' a child of 'a' would create a cycle",
+    );
     const ro = await g.open({ driver: 'null-co', 'node-name': 'ro', 'read-only': true });
     const w = new BlockBackend(g, { perm: Perm.WRITE });
     expect(() => w.attach(ro)).toThrow(/Block node is read-only/);
   });
 
   it('force-share requires read-only', async () => {
-    await expectBlockError(createGraph().open({ driver: 'null-co', 'force-share': true }), /force-share=on can only be used with read-only/);
+    await expectBlockError(
+      createGraph().open({ driver: 'null-co', 'force-share': true }),
+      /force-share=on can only be used with read-only/,
+    );
   });
 });
 
@@ -157,7 +199,11 @@ describe('lifetime', () => {
   it('blockdev-del refuses nodes in use and closes unused ones with their implicit children', async () => {
     const g = createGraph();
     const f = rawFile();
-    await g.blockdevAdd({ driver: 'raw', 'node-name': 'disk', file: { driver: 'file', filename: f, 'node-name': 'proto' } });
+    await g.blockdevAdd({
+      driver: 'raw',
+      'node-name': 'disk',
+      file: { driver: 'file', filename: f, 'node-name': 'proto' },
+    });
     const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ });
     blk.attach(g.findNode('disk'));
     await expectBlockError(g.blockdevDel('disk'), /^Node disk is in use$/);
@@ -186,6 +232,9 @@ describe('lifetime', () => {
     new BlockBackend(g, { name: 'dev', perm: 0 });
     expect(() => new BlockBackend(g, { name: 'dev', perm: 0 })).toThrow(BlockError);
     expect(() => new BlockBackend(g, { name: 'n', perm: 0 })).toThrow(/conflicts with an existing node name/);
-    await expectBlockError(g.open({ driver: 'null-co', 'node-name': 'dev' }), /node-name=dev is conflicting with a device id/);
+    await expectBlockError(
+      g.open({ driver: 'null-co', 'node-name': 'dev' }),
+      /node-name=dev is conflicting with a device id/,
+    );
   });
 });

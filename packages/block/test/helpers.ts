@@ -27,7 +27,9 @@ export const memDriver: BlockDriver = {
     'max-transfer': opt.int('max transfer', { default: 1 << 30 }),
   },
   async open(node, opts) {
-    node.opaque = { data: Buffer.alloc(opts.size as number), log: [], gate: null, opts } as MemState & { opts: any };
+    node.opaque = { data: Buffer.alloc(opts.size as number), log: [], gate: null, opts } as MemState & {
+      opts: any;
+    };
   },
   limits: (node) => ({
     requestAlignment: (node.opaque as any).opts.align,
@@ -91,7 +93,7 @@ export const cowDriver: BlockDriver = {
   },
   async open(node, opts, ctx) {
     await ctx.openChild('backing', opts.backing, ChildRole.COW, { optional: true });
-    node.opaque = { blocks: new Map(), size: opts.size } satisfies CowState;
+    node.opaque = { blocks: new Map(), size: opts.size as number } satisfies CowState;
   },
   getLength: (node) => (node.opaque as CowState).size,
   limits: () => ({ requestAlignment: BS }),
@@ -113,7 +115,8 @@ export const cowDriver: BlockDriver = {
   async write(node, offset, bytes, iov) {
     const s = node.opaque as CowState;
     const data = Buffer.concat(iov);
-    for (let pos = 0; pos < bytes; pos += BS) s.blocks.set((offset + pos) / BS, Buffer.from(data.subarray(pos, pos + BS)));
+    for (let pos = 0; pos < bytes; pos += BS)
+      s.blocks.set((offset + pos) / BS, Buffer.from(data.subarray(pos, pos + BS)));
   },
   async blockStatus(node, offset, bytes) {
     const s = node.opaque as CowState;
@@ -139,7 +142,10 @@ export function iovText(iov: IoVec): string {
   return Buffer.concat(iov).toString();
 }
 
-export async function expectBlockError(p: Promise<unknown> | (() => unknown), re: RegExp): Promise<BlockError> {
+export async function expectBlockError(
+  p: Promise<unknown> | (() => unknown),
+  re: RegExp,
+): Promise<BlockError> {
   try {
     if (typeof p === 'function') await p();
     else await p;

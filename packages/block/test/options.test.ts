@@ -49,7 +49,9 @@ describe('validateOptions', () => {
   };
 
   it('coerces command-line strings and fills defaults', () => {
-    expect(validateOptions(schema, { name: 'x', size: '64M', count: '3', on: 'on', cache: { direct: 'off' } })).toEqual({
+    expect(
+      validateOptions(schema, { name: 'x', size: '64M', count: '3', on: 'on', cache: { direct: 'off' } }),
+    ).toEqual({
       name: 'x',
       size: 64 << 20,
       count: 3,
@@ -61,14 +63,28 @@ describe('validateOptions', () => {
   it('names the bad parameter in QEMU words', () => {
     expect(() => validateOptions(schema, {})).toThrow("Parameter 'name' is missing");
     expect(() => validateOptions(schema, { name: 'x', foo: 1 })).toThrow("Parameter 'foo' is unexpected");
-    expect(() => validateOptions(schema, { name: 'x', count: 'abc' })).toThrow("Parameter 'count' expects integer");
+    expect(() => validateOptions(schema, { name: 'x', count: 'abc' })).toThrow(
+      "Parameter 'count' expects integer",
+    );
     expect(() => validateOptions(schema, { name: 'x', count: 'x' })).toThrow(/expects integer/);
-    expect(() => validateOptions(schema, { name: 'x', count: 11 })).toThrow("Parameter 'count' expects a value between 0 and 10");
-    expect(() => validateOptions(schema, { name: 1 })).toThrow("Invalid parameter type for 'name', expected: string");
-    expect(() => validateOptions(schema, { name: 'x', on: 'maybe' })).toThrow("Parameter 'on' expects 'on' or 'off'");
-    expect(() => validateOptions(schema, { name: 'x', mode: 'c' })).toThrow("Parameter 'mode' does not accept value 'c'");
-    expect(() => validateOptions(schema, { name: 'x', cache: { foo: 1 } })).toThrow("Parameter 'cache.foo' is unexpected");
-    expect(() => validateOptions(schema, { name: 'x', size: '12Q' })).toThrow(/Parameter 'size' expects a non-negative number/);
+    expect(() => validateOptions(schema, { name: 'x', count: 11 })).toThrow(
+      "Parameter 'count' expects a value between 0 and 10",
+    );
+    expect(() => validateOptions(schema, { name: 1 })).toThrow(
+      "Invalid parameter type for 'name', expected: string",
+    );
+    expect(() => validateOptions(schema, { name: 'x', on: 'maybe' })).toThrow(
+      "Parameter 'on' expects 'on' or 'off'",
+    );
+    expect(() => validateOptions(schema, { name: 'x', mode: 'c' })).toThrow(
+      "Parameter 'mode' does not accept value 'c'",
+    );
+    expect(() => validateOptions(schema, { name: 'x', cache: { foo: 1 } })).toThrow(
+      "Parameter 'cache.foo' is unexpected",
+    );
+    expect(() => validateOptions(schema, { name: 'x', size: '12Q' })).toThrow(
+      /Parameter 'size' expects a non-negative number/,
+    );
   });
 });
 

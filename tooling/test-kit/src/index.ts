@@ -1,13 +1,13 @@
-export { makeTempDir, withTempDir, type TempDir } from './temp';
-export { freePort } from './ports';
+export { patternBuffer, randomBuffer } from './data';
 export {
   hasPeer,
-  runPeer,
+  PeerError,
+  type PeerResult,
   qemuImg,
   qemuImgJson,
   qemuIo,
-  PeerError,
-  type PeerResult,
   type RunPeerOptions,
+  runPeer,
 } from './peers';
-export { patternBuffer, randomBuffer } from './data';
+export { freePort } from './ports';
+export { makeTempDir, type TempDir, withTempDir } from './temp';

@@ -24,7 +24,8 @@ const fsWritev = (fd: number, bufs: Buffer[], pos: number) =>
 const fsOpen = (path: string, flags: number) =>
   new Promise<number>((res, rej) => fs.open(path, flags, (e, fd) => (e ? rej(e) : res(fd))));
 const fsClose = (fd: number) => new Promise<void>((res, rej) => fs.close(fd, (e) => (e ? rej(e) : res())));
-const fsStat = (fd: number) => new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
+const fsStat = (fd: number) =>
+  new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
 
 /** Drops the first n bytes of a vector (after a short read or write). */
 function advance(iov: IoVec, n: number): IoVec {
@@ -41,7 +42,12 @@ async function openFd(filename: string, readOnly: boolean): Promise<number> {
   } catch (e) {
     const be = toBlockError(e);
     const reason = (e as NodeJS.ErrnoException).code ?? be.errno;
-    const text = reason === 'ENOENT' ? 'No such file or directory' : reason === 'EACCES' ? 'Permission denied' : be.message;
+    const text =
+      reason === 'ENOENT'
+        ? 'No such file or directory'
+        : reason === 'EACCES'
+          ? 'Permission denied'
+          : be.message;
     throw new BlockError(`Could not open '${filename}': ${text}`, { errno: be.errno, cause: e });
   }
 }
@@ -53,7 +59,10 @@ export const fileDriver: BlockDriver = {
   protocol: true,
   options: {
     filename: opt.string('Path of the image file', { required: true }),
-    aio: opt.enum(['threads', 'native', 'io_uring'], 'AIO backend (accepted for compatibility; blockrep uses threads)'),
+    aio: opt.enum(
+      ['threads', 'native', 'io_uring'],
+      'AIO backend (accepted for compatibility; blockrep uses threads)',
+    ),
     'aio-max-batch': opt.int('Maximum AIO batch (accepted for compatibility)', { min: 0 }),
     locking: opt.enum(['auto', 'on', 'off'], 'Image locking (accepted for compatibility)'),
     'pr-manager': opt.string('Persistent reservation manager (not supported)'),
@@ -69,7 +78,11 @@ export const fileDriver: BlockDriver = {
     try {
       fd = await openFd(filename, node.readOnly);
     } catch (e) {
-      if (!node.readOnly && node.autoReadOnly && ['EACCES', 'EPERM', 'EROFS'].includes((e as BlockError).errno)) {
+      if (
+        !node.readOnly &&
+        node.autoReadOnly &&
+        ['EACCES', 'EPERM', 'EROFS'].includes((e as BlockError).errno)
+      ) {
         fd = await openFd(filename, true);
         node.readOnly = true;
       } else throw e;

@@ -55,7 +55,10 @@ export const sparse = {
 
   async punchHole(fd: number, offset: number, bytes: number): Promise<void> {
     if (!addon) throw notSupported('Hole punching');
-    check(addon.fallocate(fd, addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE, offset, bytes), 'Hole punching');
+    check(
+      addon.fallocate(fd, addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE, offset, bytes),
+      'Hole punching',
+    );
   },
 
   async zeroRange(fd: number, offset: number, bytes: number, flags: number): Promise<void> {
@@ -64,7 +67,15 @@ export const sparse = {
     if (flags & ReqFlags.MAY_UNMAP) {
       const holeEnd = Math.min(offset + bytes, size);
       if (holeEnd > offset) {
-        check(addon.fallocate(fd, addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE, offset, holeEnd - offset), 'Hole punching');
+        check(
+          addon.fallocate(
+            fd,
+            addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE,
+            offset,
+            holeEnd - offset,
+          ),
+          'Hole punching',
+        );
       }
       if (offset + bytes > size) {
         await new Promise<void>((res, rej) => fs.ftruncate(fd, offset + bytes, (e) => (e ? rej(e) : res())));

@@ -47,7 +47,8 @@ export const rawDriver: BlockDriver = {
         `The sum of offset (${offset}) and size (${size}) has to be smaller or equal to the  actual size of the containing file (${real})`,
       );
     }
-    if (size !== undefined && size % 512 !== 0) throw new BlockError('Specified size is not multiple of 512!');
+    if (size !== undefined && size % 512 !== 0)
+      throw new BlockError('Specified size is not multiple of 512!');
     node.opaque = { offset, size } satisfies RawState;
   },
 
@@ -63,11 +64,20 @@ export const rawDriver: BlockDriver = {
 
   read: (node, offset, bytes, iov, flags) => file(node).readv(shift(node, offset, bytes), bytes, iov, flags),
   write: (node, offset, bytes, iov, flags) => file(node).write(shift(node, offset, bytes), iov, flags),
-  writeZeroes: (node, offset, bytes, flags) => file(node).writeZeroes(shift(node, offset, bytes), bytes, flags),
+  writeZeroes: (node, offset, bytes, flags) =>
+    file(node).writeZeroes(shift(node, offset, bytes), bytes, flags),
   discard: (node, offset, bytes) => file(node).discard(shift(node, offset, bytes), bytes),
 
   async blockStatus(node, offset, bytes) {
-    return { bytes, data: true, zero: false, allocated: true, offset: st(node).offset + offset, file: file(node).node, recurse: true };
+    return {
+      bytes,
+      data: true,
+      zero: false,
+      allocated: true,
+      offset: st(node).offset + offset,
+      file: file(node).node,
+      recurse: true,
+    };
   },
 
   async truncate(node, length, opts) {
