@@ -13,6 +13,7 @@ export function sharedConfig(extra = {}) {
       hookTimeout: 30_000,
       reporters: ['default', ['json', { outputFile: '.vitest-result.json' }]],
       pool: 'forks',
+      passWithNoTests: true,
     },
   });
 }
