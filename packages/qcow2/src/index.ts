@@ -1,1 +1,2 @@
-export {};
+export { qcow2Driver, qcow2FormatSpecific } from './driver';
+export { Qcow2Image } from './image';

@@ -1,0 +1,333 @@
+import { BlockError, type IoVec, iovMemset, iovSlice, zeroBuffer } from '@blockrep/block';
+import { inflateCluster } from './compress';
+import { writeU64 } from './header';
+import { hex, type Qcow2Image } from './image';
+
+/*
+ * L1/L2 mapping (QEMU's qcow2-cluster.c): guest offset -> cluster type and host offset, reads,
+ * allocating writes with copy-on-write of partial clusters, zero and discard. Order on disk:
+ * refcount (at allocation) -> data -> L2 (cache write-back) -> L1 (write-through when a table is
+ * new), and for frees the reverse: L2 on disk first, refcount decrement after.
+ */
+
+export const ClusterType = {
+  UNALLOCATED: 0,
+  ZERO_PLAIN: 1,
+  ZERO_ALLOC: 2,
+  NORMAL: 3,
+  COMPRESSED: 4,
+} as const;
+export type ClusterType = (typeof ClusterType)[keyof typeof ClusterType];
+
+const COPIED = 0x80000000;
+const COMPRESSED = 0x40000000;
+
+export interface Run {
+  type: ClusterType;
+  /** Host offset of the first byte (NORMAL, ZERO_ALLOC), or of the compressed data. */
+  host: number;
+  bytes: number;
+  copied: boolean;
+  /** Raw entry (compressed clusters). */
+  hi: number;
+  lo: number;
+}
+
+export function entryType(hi: number, lo: number, v3: boolean): ClusterType {
+  if (hi & COMPRESSED) return ClusterType.COMPRESSED;
+  const off = (hi & 0xffffff) * 0x100000000 + (lo - (lo & 0x1ff));
+  if (v3 && lo & 1) return off ? ClusterType.ZERO_ALLOC : ClusterType.ZERO_PLAIN;
+  return off ? ClusterType.NORMAL : ClusterType.UNALLOCATED;
+}
+
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & 0xffffff) * 0x100000000 + (lo - (lo & 0x1ff));
+}
+
+/** Host offset and byte length of a compressed cluster's data. */
+export function compressedExtent(hi: number, lo: number, clusterBits: number): { offset: number; bytes: number } {
+  const v = (BigInt(hi) << 32n) | BigInt(lo);
+  const x = BigInt(70 - clusterBits);
+  const offset = Number(v & ((1n << x) - 1n));
+  const sectors = Number((v >> x) & ((1n << (62n - x)) - 1n));
+  return { offset, bytes: (sectors + 1) * 512 - (offset % 512) };
+}
+
+/** The host clusters a compressed cluster's data touches. */
+export function compressedClusters(hi: number, lo: number, img: { clusterBits: number; cs: number }): [number, number] {
+  const { offset, bytes } = compressedExtent(hi, lo, img.clusterBits);
+  const first = Math.floor(offset / img.cs);
+  const last = Math.floor((offset + bytes - 1) / img.cs);
+  return [first * img.cs, last - first + 1];
+}
+
+/**
+ * The mapping of [offset, offset+maxBytes) up to the first change of type (or host
+ * discontinuity), never crossing an L2 table.
+ */
+export async function lookup(img: Qcow2Image, offset: number, maxBytes: number): Promise<Run> {
+  const cs = img.cs;
+  const cluster = Math.floor(offset / cs);
+  const l1i = Math.floor(cluster / img.l2Entries);
+  const l2i = cluster % img.l2Entries;
+  const inCluster = offset - cluster * cs;
+  const limit = Math.min(maxBytes, (img.l2Entries - l2i) * cs - inCluster);
+  const l2off = img.l2Offset(l1i);
+  if (!l2off) return { type: ClusterType.UNALLOCATED, host: 0, bytes: limit, copied: false, hi: 0, lo: 0 };
+  const e = await img.cache.get(l2off);
+  try {
+    const t = e.table;
+    const hi = t.readUInt32BE(l2i * 8);
+    const lo = t.readUInt32BE(l2i * 8 + 4);
+    const type = entryType(hi, lo, img.v3);
+    const copied = (hi & COPIED) !== 0;
+    const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
+    if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
+      img.corruptEvent(`Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+    }
+    if (type === ClusterType.NORMAL && host + cs > img.fileEnd) {
+      img.corruptEvent(`Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+    }
+    let n = 1;
+    if (type !== ClusterType.COMPRESSED) {
+      const need = Math.ceil((inCluster + limit) / cs);
+      const contiguous = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC;
+      while (n < need) {
+        const h2 = t.readUInt32BE((l2i + n) * 8);
+        const l2 = t.readUInt32BE((l2i + n) * 8 + 4);
+        if (entryType(h2, l2, img.v3) !== type || ((h2 & COPIED) !== 0) !== copied) break;
+        if (contiguous && entryOffset(h2, l2) !== host + n * cs) break;
+        n++;
+      }
+      if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd) n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
+    }
+    return { type, host: host ? host + inCluster : 0, bytes: Math.min(limit, n * cs - inCluster), copied, hi, lo };
+  } finally {
+    img.cache.unpin(e);
+  }
+}
+
+/** Reads guest [offset, offset+bytes) into iov. */
+export async function readRange(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<void> {
+  for (let done = 0; done < bytes; ) {
+    const r = await lookup(img, offset + done, bytes - done);
+    const dst = iovSlice(iov, done, r.bytes);
+    switch (r.type) {
+      case ClusterType.NORMAL:
+        await img.storage.readv(r.host, r.bytes, dst);
+        break;
+      case ClusterType.UNALLOCATED:
+        if (img.backing && offset + done < img.backing.length()) await img.backing.readv(offset + done, r.bytes, dst);
+        else iovMemset(dst, 0, r.bytes);
+        break;
+      case ClusterType.COMPRESSED: {
+        const data = await inflateCluster(img, r.hi, r.lo);
+        const from = (offset + done) % img.cs;
+        let pos = from;
+        for (const b of dst) {
+          data.copy(b, 0, pos, pos + b.length);
+          pos += b.length;
+        }
+        break;
+      }
+      default:
+        iovMemset(dst, 0, r.bytes);
+    }
+    done += r.bytes;
+  }
+}
+
+/** Whether the current content of a guest range is known to be zeroes without reading it. */
+function readsAsZero(img: Qcow2Image, r: Run, offset: number): boolean {
+  if (r.type === ClusterType.ZERO_PLAIN || r.type === ClusterType.ZERO_ALLOC) return true;
+  return r.type === ClusterType.UNALLOCATED && (!img.backing || offset >= img.backing.length());
+}
+
+/** Writes guest [offset, offset+bytes) from iov. */
+export async function writeRange(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<void> {
+  img.checkWritable();
+  for (let done = 0; done < bytes; ) {
+    const r = await lookup(img, offset + done, bytes - done);
+    if (r.type === ClusterType.NORMAL && r.copied) {
+      if (img.overlapsMetadata(r.host, r.bytes)) {
+        img.corruptEvent(`Preventing invalid write on metadata (overlaps with host ${hex(r.host)})`);
+      }
+      await img.storage.write(r.host, iovSlice(iov, done, r.bytes));
+      done += r.bytes;
+    } else {
+      done += await allocateAndWrite(img, offset + done, r.bytes, iovSlice(iov, done, r.bytes));
+    }
+  }
+}
+
+/**
+ * Writes guest [offset, offset+bytes) (inside one L2 table) into newly allocated clusters, with
+ * the rest of the first and last cluster copied from their old content. Returns the bytes done
+ * (fewer when the mapping changed while waiting for the lock; the caller looks up again).
+ */
+async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<number> {
+  const cs = img.cs;
+  const cStart = Math.floor(offset / cs) * cs;
+  const release = await img.allocLock.lock(cStart, Math.ceil((offset + bytes) / cs) * cs - cStart);
+  try {
+    const r = await lookup(img, offset, bytes);
+    if (r.type === ClusterType.NORMAL && r.copied) return 0;
+    bytes = r.bytes;
+    const cEnd = Math.ceil((offset + bytes) / cs) * cs;
+    const n = (cEnd - cStart) / cs;
+    const { offset: host, fresh } = await img.refcounts.allocateRun(n);
+    if (img.overlapsMetadata(host, n * cs)) img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
+    const head = offset - cStart;
+    const tail = cEnd - (offset + bytes);
+    const parts: Buffer[] = [];
+    let writeAt = host;
+    if (head) {
+      const first = await lookup(img, cStart, head);
+      if (readsAsZero(img, first, cStart) && first.bytes >= head) {
+        if (fresh) writeAt += head;
+        else parts.push(zeroBuffer(head));
+      } else {
+        const hb = Buffer.allocUnsafe(head);
+        await readRange(img, cStart, head, [hb]);
+        parts.push(hb);
+      }
+    }
+    parts.push(...iov);
+    if (tail) {
+      const last = await lookup(img, offset + bytes, tail);
+      if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail && fresh)) {
+        if (readsAsZero(img, last, offset + bytes) && last.bytes >= tail) parts.push(zeroBuffer(tail));
+        else {
+          const tb = Buffer.allocUnsafe(tail);
+          await readRange(img, offset + bytes, tail, [tb]);
+          parts.push(tb);
+        }
+      }
+    }
+    await img.storage.write(writeAt, parts);
+    await setEntries(img, cStart, n, (k) => [host + k * cs, true, false]);
+    return bytes;
+  } finally {
+    release();
+  }
+}
+
+/**
+ * Sets the L2 entries of n clusters from guestStart (inside one L2 table) to what `entry(k)`
+ * returns: [host offset or 0, COPIED, zero flag]. Old clusters no longer referenced are queued to
+ * be freed once the table is on disk.
+ */
+async function setEntries(
+  img: Qcow2Image,
+  guestStart: number,
+  n: number,
+  entry: (k: number, oldType: ClusterType, oldHost: number, oldCopied: boolean) => [number, boolean, boolean],
+): Promise<void> {
+  const cluster = guestStart / img.cs;
+  const l1i = Math.floor(cluster / img.l2Entries);
+  const l2i = cluster % img.l2Entries;
+  const e = await l2ForWrite(img, l1i);
+  try {
+    const t = e.table;
+    for (let k = 0; k < n; k++) {
+      const p = (l2i + k) * 8;
+      const hi = t.readUInt32BE(p);
+      const lo = t.readUInt32BE(p + 4);
+      const oldType = entryType(hi, lo, img.v3);
+      const oldHost = oldType === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
+      const [host, copied, zero] = entry(k, oldType, oldHost, (hi & COPIED) !== 0);
+      writeU64(t, p, host);
+      if (copied) t.writeUInt32BE((t.readUInt32BE(p) | COPIED) >>> 0, p);
+      if (zero) t.writeUInt32BE((t.readUInt32BE(p + 4) | 1) >>> 0, p + 4);
+      if (oldType === ClusterType.COMPRESSED) {
+        img.pendingFree.push(compressedClusters(hi, lo, img));
+      } else if (oldHost && oldHost !== host) {
+        img.pendingFree.push([oldHost, 1]);
+      }
+    }
+    img.cache.markDirty(e);
+  } finally {
+    img.cache.unpin(e);
+  }
+}
+
+/**
+ * The L2 table for L1 index i, pinned and owned by the active L1 alone (refcount 1): allocated
+ * (zeroed) when missing, copied when shared with a snapshot.
+ */
+async function l2ForWrite(img: Qcow2Image, l1i: number) {
+  for (;;) {
+    const off = img.l2Offset(l1i);
+    if (off && img.l1Copied(l1i)) return img.cache.get(off);
+    const pending = img.l2Allocs.get(l1i);
+    if (pending) {
+      await pending;
+      continue;
+    }
+    const p = (async () => {
+      const cs = img.cs;
+      const newOff = await img.refcounts.allocate(1);
+      let table: Buffer;
+      if (off) {
+        const old = await img.cache.get(off);
+        table = Buffer.from(old.table);
+        img.cache.unpin(old);
+      } else table = Buffer.alloc(cs);
+      await img.storage.write(newOff, table);
+      await img.syncRefcounts();
+      const entry = Buffer.alloc(8);
+      writeU64(entry, 0, newOff);
+      entry.writeUInt32BE((entry.readUInt32BE(0) | COPIED) >>> 0, 0);
+      const e = img.cache.insert(newOff, table, false);
+      img.cache.unpin(e);
+      await img.setL1(l1i, entry);
+      if (off) {
+        img.cache.drop(off);
+        await img.refcounts.free(off, 1);
+      }
+    })();
+    img.l2Allocs.set(l1i, p);
+    try {
+      await p;
+    } finally {
+      img.l2Allocs.delete(l1i);
+    }
+  }
+}
+
+/**
+ * Zeroes (v3: zero flag) or discards the whole clusters of [offset, offset+bytes). With `keep`,
+ * clusters stay allocated (preallocated zero clusters).
+ */
+export async function zeroOrDiscard(
+  img: Qcow2Image,
+  offset: number,
+  bytes: number,
+  mode: 'zero' | 'discard',
+  keep: boolean,
+): Promise<void> {
+  img.checkWritable();
+  const cs = img.cs;
+  if (mode === 'zero' && !img.v3) throw new BlockError('Zero clusters need qcow2 v3', { errno: 'ENOTSUP' });
+  const tableBytes = img.l2Entries * cs;
+  for (let pos = offset; pos < offset + bytes; ) {
+    const end = Math.min(offset + bytes, (Math.floor(pos / tableBytes) + 1) * tableBytes);
+    const release = await img.allocLock.lock(pos, end - pos);
+    try {
+      const l1i = Math.floor(pos / tableBytes);
+      // Nothing to do where no table exists and the range already reads as zeroes / is unmapped.
+      if (img.l2Offset(l1i) || (mode === 'zero' && img.backing && pos < img.backing.length())) {
+        await setEntries(img, pos, (end - pos) / cs, (_k, type, host, copied) => {
+          if (mode === 'discard') return img.v3 && img.backing ? [0, false, true] : [0, false, false];
+          if (keep && host && copied && (type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC)) {
+            return [host, true, true];
+          }
+          return [0, false, true];
+        });
+      }
+    } finally {
+      release();
+    }
+    pos = end;
+  }
+}

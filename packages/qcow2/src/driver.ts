@@ -1,0 +1,196 @@
+import { closeSync, openSync, readSync } from 'node:fs';
+import { dirname, isAbsolute, join } from 'node:path';
+import {
+  type BlockChild,
+  type BlockDriver,
+  BlockError,
+  type BlockNode,
+  type BlockStatus,
+  ChildRole,
+  opt,
+  ReqFlags,
+} from '@blockrep/block';
+import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
+import { Compat, QCOW2_MAGIC } from './header';
+import { makeImageEmpty, Qcow2Image } from './image';
+import { childStorage } from './storage';
+
+/* The qcow2 BlockDriver: option parsing, children, and the request entry points. */
+
+const img = (node: BlockNode) => node.opaque as Qcow2Image;
+
+/** The backing file named in the header, as child options (relative names resolve next to the image). */
+function headerBackingOptions(image: Qcow2Image, file: BlockChild): Record<string, unknown> | undefined {
+  const name = image.header.backingFile;
+  if (!name) return undefined;
+  const base = file.node.filename;
+  const path = isAbsolute(name) || !base ? name : join(dirname(base), name);
+  const format = image.header.backingFormat ?? probeFormat(path);
+  return { driver: format, file: { driver: 'file', filename: path } };
+}
+
+/** qcow2 or raw, by the magic (images without a backing format extension). */
+function probeFormat(path: string): string {
+  try {
+    const fd = openSync(path, 'r');
+    try {
+      const b = Buffer.alloc(4);
+      readSync(fd, b, 0, 4, 0);
+      return b.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return 'raw';
+  }
+}
+
+const alignUp = (v: number, a: number) => Math.ceil(v / a) * a;
+const alignDown = (v: number, a: number) => Math.floor(v / a) * a;
+
+export const qcow2Driver: BlockDriver = {
+  name: 'qcow2',
+  supportsBacking: true,
+  supportedWriteFlags: 0,
+  options: {
+    file: opt.child('The node holding the image', { required: true }),
+    backing: opt.child('The backing (COW) node; null for none; default: the one named in the header', {
+      nullable: true,
+    }),
+    'l2-cache-size': opt.size('Maximum bytes of L2 tables to cache (default: the whole image, at most 32 MiB)'),
+    'cache-size': opt.size('Maximum metadata cache size (used as the L2 cache size when that is not given)'),
+    'refcount-cache-size': opt.size('Accepted for compatibility (refcount blocks are always cached)'),
+    'lazy-refcounts': opt.bool('Accepted for compatibility (refcounts are always kept up to date)'),
+    'pass-discard-request': opt.bool('Accepted for compatibility (freed clusters are reused, not punched)'),
+    'cache-clean-interval': opt.int('Accepted for compatibility', { min: 0 }),
+  },
+
+  async open(node, opts, ctx) {
+    const file = (await ctx.openChild('file', opts.file, ChildRole.DATA | ChildRole.METADATA | ChildRole.PRIMARY))!;
+    const l2CacheSize = (opts['l2-cache-size'] ?? opts['cache-size']) as number | undefined;
+    let image: Qcow2Image;
+    try {
+      image = await Qcow2Image.open(childStorage(file), { readOnly: node.readOnly, l2CacheSize });
+    } catch (e) {
+      if (!node.readOnly && node.autoReadOnly && e instanceof BlockError && e.errno === 'EACCES') {
+        node.readOnly = true;
+        image = await Qcow2Image.open(childStorage(file), { readOnly: true, l2CacheSize });
+      } else throw e;
+    }
+    node.opaque = image;
+    const ref = opts.backing === undefined ? headerBackingOptions(image, file) : opts.backing;
+    const backing = await ctx.openChild('backing', ref, ChildRole.COW, { optional: true });
+    if (backing) {
+      image.backing = {
+        readv: (offset, bytes, iov) => backing.readv(offset, bytes, iov),
+        length: () => backing.getLength(),
+      };
+    }
+  },
+
+  async close(node) {
+    await img(node)?.close();
+  },
+
+  limits: (node) => {
+    const cs = img(node).cs;
+    return {
+      requestAlignment: 1,
+      maxTransfer: Math.max(cs, 4 << 20),
+      optimalTransfer: cs,
+      pdiscardAlignment: cs,
+    };
+  },
+
+  getLength: (node) => img(node).size,
+
+  read: (node, offset, bytes, iov) => readRange(img(node), offset, bytes, iov),
+
+  write: (node, offset, bytes, iov) => writeRange(img(node), offset, bytes, iov),
+
+  async writeZeroes(node, offset, bytes, flags) {
+    const image = img(node);
+    if (!image.v3) throw new BlockError('qcow2 v2 has no zero clusters', { errno: 'ENOTSUP' });
+    const cs = image.cs;
+    // Partial clusters at either end are written as data; whole clusters get the zero flag.
+    const start = alignUp(offset, cs);
+    const end = alignDown(offset + bytes, cs);
+    const dataZeroes = async (from: number, to: number) => {
+      if (flags & ReqFlags.NO_FALLBACK) throw new BlockError('Unaligned zero write', { errno: 'ENOTSUP' });
+      await writeRange(image, from, to - from, [Buffer.alloc(to - from)]);
+    };
+    if (end <= start) return dataZeroes(offset, offset + bytes);
+    if (start > offset) await dataZeroes(offset, start);
+    await zeroOrDiscard(image, start, end - start, 'zero', !(flags & ReqFlags.MAY_UNMAP));
+    if (offset + bytes > end) await dataZeroes(end, offset + bytes);
+  },
+
+  async discard(node, offset, bytes) {
+    const image = img(node);
+    const cs = image.cs;
+    const start = alignUp(offset, cs);
+    const end = Math.min(alignDown(offset + bytes, cs), alignUp(image.size, cs));
+    if (end > start) await zeroOrDiscard(image, start, end - start, 'discard', false);
+  },
+
+  flushToOs: (node) => img(node).flushMetadata(),
+
+  async blockStatus(node, offset, bytes): Promise<BlockStatus> {
+    const image = img(node);
+    const r = await lookup(image, offset, bytes);
+    switch (r.type) {
+      case ClusterType.NORMAL:
+        return { bytes: r.bytes, data: true, zero: false, allocated: true, offset: r.host, file: node.file!.node };
+      case ClusterType.COMPRESSED:
+        return { bytes: r.bytes, data: true, zero: false, allocated: true };
+      case ClusterType.ZERO_PLAIN:
+      case ClusterType.ZERO_ALLOC:
+        return { bytes: r.bytes, data: false, zero: true, allocated: true };
+      default:
+        return { bytes: r.bytes, data: false, zero: false, allocated: false };
+    }
+  },
+
+  async truncate(node, length, opts) {
+    const image = img(node);
+    if (opts.prealloc !== 'off') {
+      throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
+    }
+    if (length < image.size) throw new BlockError("qcow2 doesn't support shrinking images", { errno: 'ENOTSUP' });
+    if (length > image.size) await image.grow(length);
+  },
+
+  makeEmpty: (node) => makeImageEmpty(img(node)),
+
+  async reopenPrepare(state) {
+    const image = img(state.node);
+    if (state.readOnly && !state.node.readOnly) await image.close();
+    if (!state.readOnly && state.node.readOnly) {
+      if (image.corrupt) throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
+      state.opaque = true;
+    }
+  },
+
+  reopenCommit(state) {
+    const image = img(state.node);
+    image.readOnly = state.readOnly;
+  },
+
+  info(node) {
+    return qcow2FormatSpecific(img(node));
+  },
+};
+
+/** The "format-specific" data of `qemu-img info` for an open image. */
+export function qcow2FormatSpecific(image: Qcow2Image): Record<string, unknown> {
+  const h = image.header;
+  if (h.version === 2) return { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+  return {
+    compat: '1.1',
+    'compression-type': 'zlib',
+    'lazy-refcounts': (h.compatible & Compat.LAZY_REFCOUNTS) !== 0n,
+    'refcount-bits': 2 ** h.refcountOrder,
+    corrupt: image.corrupt,
+    'extended-l2': false,
+  };
+}

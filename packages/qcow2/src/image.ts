@@ -1,0 +1,287 @@
+import { BlockError, RangeLock } from '@blockrep/block';
+import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
+import { HeaderField, Incompat, l1EntriesFor, parseHeader, type Qcow2Header, u64Buffer, writeU64 } from './header';
+import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
+import { type Qcow2Storage, readBuf } from './storage';
+
+/*
+ * One open qcow2 image: header, L1 table, L2 cache and refcounts over a storage, with the
+ * metadata write ordering that keeps it consistent at every instant (see README "Crash safety").
+ */
+
+export interface Qcow2OpenOptions {
+  readOnly: boolean;
+  /** Bytes of L2 tables to cache (default: enough for the whole image, at most 32 MiB). */
+  l2CacheSize?: number;
+}
+
+export interface BackingReader {
+  readv(offset: number, bytes: number, iov: Buffer[]): Promise<void>;
+  length(): number;
+}
+
+export class Qcow2Image {
+  readonly cs: number;
+  readonly clusterBits: number;
+  /** L2 entries per table. */
+  readonly l2Entries: number;
+  readonly v3: boolean;
+  l1: Buffer;
+  l1Offset: number;
+  readonly cache: Qcow2L2Cache;
+  /** Serialises allocation of the same guest clusters (byte ranges of the virtual disk). */
+  readonly allocLock = new RangeLock();
+  /** L2 allocations in flight by L1 index. */
+  readonly l2Allocs = new Map<number, Promise<void>>();
+  /** Host clusters whose last on-disk reference goes away with the next L2 write-back. */
+  pendingFree: [offset: number, clusters: number][] = [];
+  corrupt: boolean;
+  backing: BackingReader | null = null;
+  /** Refcount write generation already made durable by a flush. */
+  private syncedGen = 0;
+
+  private constructor(
+    readonly storage: Qcow2Storage,
+    readonly header: Qcow2Header,
+    readonly refcounts: Qcow2Refcounts,
+    l1: Buffer,
+    public readOnly: boolean,
+    cacheTables: number,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.cs = 2 ** header.clusterBits;
+    this.l2Entries = this.cs / 8;
+    this.v3 = header.version === 3;
+    this.l1 = l1;
+    this.l1Offset = header.l1TableOffset;
+    this.corrupt = (header.incompatible & Incompat.CORRUPT) !== 0n;
+    this.cache = new Qcow2L2Cache(
+      cacheTables,
+      (off) => readBuf(storage, off, this.cs),
+      (e) => this.writeL2(e),
+    );
+  }
+
+  static async open(storage: Qcow2Storage, opts: Qcow2OpenOptions): Promise<Qcow2Image> {
+    const fileLength = await storage.length();
+    const first = await readBuf(storage, 0, Math.min(Math.max(fileLength, 0), 65536));
+    let header = parseHeader(first, fileLength);
+    if (2 ** header.clusterBits > first.length && fileLength > first.length) {
+      header = parseHeader(await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)), fileLength);
+    }
+    if (header.incompatible & Incompat.CORRUPT && !opts.readOnly) {
+      throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
+    }
+    const cs = 2 ** header.clusterBits;
+    const l1 = await readBuf(storage, header.l1TableOffset, header.l1Size * 8);
+    const refcounts = await Qcow2Refcounts.load(
+      storage,
+      {
+        clusterBits: header.clusterBits,
+        refcountOrder: header.refcountOrder,
+        tableOffset: header.refcountTableOffset,
+        tableClusters: header.refcountTableClusters,
+      },
+      fileLength,
+    );
+    const wanted = Math.ceil(header.size / ((cs * cs) / 8)) * cs;
+    const cacheBytes = opts.l2CacheSize ?? Math.min(32 << 20, Math.max(wanted, 4 * cs));
+    const img = new Qcow2Image(storage, header, refcounts, l1, opts.readOnly, Math.max(2, Math.floor(cacheBytes / cs)));
+    img.validateL1();
+    if (!opts.readOnly) {
+      // Autoclear bits name features we do not maintain: clearing them tells others so.
+      if (header.autoclear) {
+        await storage.write(HeaderField.AUTOCLEAR, Buffer.alloc(8));
+        header.autoclear = 0n;
+      }
+    }
+    return img;
+  }
+
+  private validateL1(): void {
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const off = tableEntryOffset(this.l1, i);
+      if (off && off % this.cs !== 0) {
+        this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`, false);
+      }
+    }
+  }
+
+  get size(): number {
+    return this.header.size;
+  }
+
+  get fileEnd(): number {
+    return this.refcounts.highWater * this.cs;
+  }
+
+  /**
+   * Records an inconsistency: the image is marked corrupt on disk (v3) and refuses writes from
+   * now on. Throws the error for the request that found it (unless `throwIt` is false).
+   */
+  corruptEvent(msg: string, throwIt = true): void {
+    const first = !this.corrupt;
+    this.corrupt = true;
+    if (first && this.v3 && !this.readOnly) {
+      this.header.incompatible |= Incompat.CORRUPT;
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(this.header.incompatible);
+      this.storage.write(HeaderField.INCOMPAT, b).catch(() => {});
+    }
+    const text = first
+      ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
+      : `qcow2: Image is corrupt: ${msg}`;
+    if (throwIt) throw new BlockError(text, { errno: 'EIO' });
+  }
+
+  checkWritable(): void {
+    if (this.corrupt) throw new BlockError('qcow2: Image is corrupt; writes are refused', { errno: 'EIO' });
+    if (this.readOnly) throw new BlockError('qcow2: Image is read-only', { errno: 'EPERM' });
+  }
+
+  /** Whether a host range overlaps metadata (header, L1, refcount structures, cached L2 tables). */
+  overlapsMetadata(offset: number, bytes: number): boolean {
+    if (offset < this.cs) return true;
+    const l1End = this.l1Offset + this.header.l1Size * 8;
+    if (offset < l1End && this.l1Offset < offset + bytes) return true;
+    if (this.refcounts.overlapsMetadata(offset, bytes)) return true;
+    for (let c = offset - (offset % this.cs); c < offset + bytes; c += this.cs) if (this.cache.has(c)) return true;
+    return false;
+  }
+
+  /** The host offset of the L2 table for L1 index i (0: none), validated. */
+  l2Offset(i: number): number {
+    if (i >= this.header.l1Size) return 0;
+    const off = tableEntryOffset(this.l1, i);
+    if (!off) return 0;
+    if (off % this.cs !== 0) this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`);
+    if (off + this.cs > this.fileEnd) this.corruptEvent(`L2 table offset ${hex(off)} beyond end of file (L1 index: ${hex(i)})`);
+    if (off < this.cs || this.refcounts.overlapsMetadata(off, this.cs)) {
+      this.corruptEvent(`L2 table at ${hex(off)} overlaps other metadata (L1 index: ${hex(i)})`);
+    }
+    return off;
+  }
+
+  l1Copied(i: number): boolean {
+    return i < this.header.l1Size && (this.l1.readUInt32BE(i * 8) & 0x80000000) !== 0;
+  }
+
+  /** Writes L1 entry i through to disk. */
+  async setL1(i: number, value: Buffer): Promise<void> {
+    value.copy(this.l1, i * 8);
+    await this.storage.write(this.l1Offset + i * 8, this.l1.subarray(i * 8, i * 8 + 8));
+  }
+
+  /** Makes the refcount writes done so far durable before metadata that relies on them is written. */
+  async syncRefcounts(): Promise<void> {
+    const g = this.refcounts.gen;
+    if (g === this.syncedGen) return;
+    await this.storage.flush();
+    if (g > this.syncedGen) this.syncedGen = g;
+  }
+
+  private async writeL2(e: Qcow2CacheEntry): Promise<void> {
+    await this.syncRefcounts();
+    await this.storage.write(e.offset, e.table);
+  }
+
+  /** Writes cached metadata in dependency order, then releases clusters freed by it. */
+  async flushMetadata(): Promise<void> {
+    if (this.readOnly) return;
+    const frees = this.pendingFree;
+    this.pendingFree = [];
+    await this.cache.flush();
+    if (frees.length) {
+      await this.storage.flush();
+      for (const [off, n] of frees) await this.refcounts.free(off, n);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.readOnly || this.corrupt) return;
+    await this.flushMetadata();
+    await this.refcounts.releasePool();
+    await this.storage.flush();
+  }
+
+  /** Grows the virtual size (a larger L1 table first when needed, then the size field). */
+  async grow(length: number): Promise<void> {
+    this.checkWritable();
+    const need = l1EntriesFor(length, this.clusterBits);
+    if (need > this.header.l1Size) {
+      const clusters = Math.ceil((need * 8) / this.cs);
+      const off = await this.refcounts.allocate(clusters);
+      const l1 = Buffer.alloc(clusters * this.cs);
+      this.l1.copy(l1);
+      await this.storage.write(off, l1);
+      await this.syncRefcounts();
+      await this.storage.flush();
+      const hdr = Buffer.alloc(12);
+      hdr.writeUInt32BE(need, 0);
+      writeU64(hdr, 4, off);
+      await this.storage.write(HeaderField.L1_SIZE, hdr);
+      await this.storage.flush();
+      const oldOff = this.l1Offset;
+      const oldClusters = Math.ceil((this.header.l1Size * 8) / this.cs);
+      this.l1 = l1.subarray(0, need * 8);
+      this.l1Offset = off;
+      this.header.l1Size = need;
+      this.header.l1TableOffset = off;
+      if (oldClusters) await this.refcounts.free(oldOff, oldClusters);
+    }
+    await this.storage.write(HeaderField.SIZE, u64Buffer(length));
+    await this.storage.flush();
+    this.header.size = length;
+  }
+}
+
+export function hex(v: number): string {
+  return `0x${v.toString(16)}`;
+}
+
+/**
+ * Drops every mapping so the image reads as empty (through to its backing file), in time that
+ * depends on the file's size in refcount blocks, not on the data: zero the L1 table, then
+ * rewrite each refcount block to count only the metadata left, then cut the file. Every step on
+ * its own leaves a consistent image (the data clusters are at worst leaked).
+ */
+export async function makeImageEmpty(img: Qcow2Image): Promise<void> {
+  img.checkWritable();
+  if (img.header.nbSnapshots > 0) {
+    throw new BlockError('qcow2: Cannot empty an image with internal snapshots', { errno: 'ENOTSUP' });
+  }
+  const cs = img.cs;
+  const storage = img.storage;
+  img.cache.clear();
+  img.pendingFree = [];
+  img.l1.fill(0);
+  await storage.write(img.l1Offset, img.l1);
+  await storage.flush();
+  const rc = img.refcounts;
+  const counts = new Map<number, number>();
+  const use = (off: number, bytes: number) => {
+    for (let c = Math.floor(off / cs); c * cs < off + bytes; c++) counts.set(c, (counts.get(c) ?? 0) + 1);
+  };
+  use(0, cs);
+  if (img.header.l1Size) use(img.l1Offset, img.header.l1Size * 8);
+  use(rc.tableOffset, rc.tableClusters * cs);
+  const blocks: [number, number][] = [];
+  for (let i = 0; i < rc.tableEntries; i++) {
+    const off = tableEntryOffset(rc.table, i);
+    if (off) {
+      use(off, cs);
+      blocks.push([i, off]);
+    }
+  }
+  for (const [i, off] of blocks) {
+    const b = Buffer.alloc(cs);
+    for (const [c, n] of counts) {
+      if (Math.floor(c / rc.perBlock) === i) refSet(b, c % rc.perBlock, rc.bits, n);
+    }
+    await storage.write(off, b);
+  }
+  await storage.flush();
+  const end = (Math.max(...counts.keys()) + 1) * cs;
+  if ((await storage.length()) > end) await storage.truncate(end);
+  rc.reset(rc.table, end);
+}
