@@ -16,6 +16,8 @@ export const ReqFlags = {
   WRITE_UNCHANGED: 0x8,
   /** Fail with ENOTSUP unless zeroing is fast (NBD's FAST_ZERO). */
   FAST_ZERO: 0x10,
+  /** Serialise this request against every overlapping one (copy-before-write, copy-on-read). */
+  SERIALISING: 0x20,
 } as const;
 
 /** The allocation status of an extent (QEMU's BDRV_BLOCK_* flags, as fields). */

@@ -71,7 +71,7 @@ async function driverWrite(
 ): Promise<void> {
   const drv = node.driver;
   if (!drv.write) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot write`);
-  const native = drv.supportedWriteFlags ?? 0;
+  const native = (drv.supportedWriteFlags ?? 0) & ~ReqFlags.SERIALISING;
   const emulateFua = (flags & ReqFlags.FUA) !== 0 && (native & ReqFlags.FUA) === 0;
   const passFlags = flags & native;
   const max = node.limits.maxTransfer;
@@ -86,8 +86,13 @@ async function driverWrite(
 }
 
 /** What every write-like request does when it ends (QEMU's write_req_finish). */
-function writeFinished(node: BlockNode, offset: number, bytes: number, grows: boolean): void {
-  if (grows && offset + bytes > node.length) node.length = offset + bytes;
+function writeFinished(node: BlockNode, offset: number, bytes: number): void {
+  if (offset + bytes > node.length) node.length = offset + bytes;
+  markDirty(node, offset, bytes);
+}
+
+/** A write that failed may still have changed data: its range counts as dirty anyway. */
+function markDirty(node: BlockNode, offset: number, bytes: number): void {
   for (const bm of node.dirtyBitmaps) if (bm.enabled) bm.set(offset, bytes);
 }
 
@@ -117,10 +122,10 @@ export async function readv(
     aIov.push(...iov);
     if (tail) aIov.push(Buffer.allocUnsafe(align - tail));
   }
-  const req = beginRequest(node, aOff, aBytes, false);
+  const req = beginRequest(node, aOff, aBytes, (flags & ReqFlags.SERIALISING) !== 0);
   try {
     await waitSerialising(node, req);
-    await driverRead(node, aOff, aBytes, aIov, flags);
+    await driverRead(node, aOff, aBytes, aIov, flags & ~ReqFlags.SERIALISING);
   } catch (e) {
     throw toBlockError(e);
   } finally {
@@ -150,7 +155,7 @@ export async function writev(
   const rmw = head !== 0 || tail !== 0;
   const aOff = offset - head;
   const aEnd = rmw ? alignUp(offset + bytes, align) : offset + bytes;
-  const req = beginRequest(node, aOff, aEnd - aOff, rmw);
+  const req = beginRequest(node, aOff, aEnd - aOff, rmw || (flags & ReqFlags.SERIALISING) !== 0);
   try {
     await waitSerialising(node, req);
     if (!rmw) {
@@ -176,10 +181,11 @@ export async function writev(
       }
       await driverWrite(node, aOff, aEnd - aOff, aIov, flags);
     }
+    writeFinished(node, offset, bytes);
   } catch (e) {
+    markDirty(node, offset, bytes);
     throw toBlockError(e);
   } finally {
-    writeFinished(node, offset, bytes, true);
     endRequest(node, req);
   }
 }
@@ -221,10 +227,11 @@ export async function writeZeroes(
   try {
     await waitSerialising(node, req);
     await zeroAligned(node, offset, bytes, flags);
+    writeFinished(node, offset, bytes);
   } catch (e) {
+    markDirty(node, offset, bytes);
     throw toBlockError(e);
   } finally {
-    writeFinished(node, offset, bytes, true);
     endRequest(node, req);
   }
 }
@@ -280,7 +287,7 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
   } catch (e) {
     throw toBlockError(e);
   } finally {
-    writeFinished(node, start, end - start, false);
+    markDirty(node, start, end - start);
     endRequest(node, req);
   }
 }

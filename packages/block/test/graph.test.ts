@@ -195,6 +195,37 @@ describe('permissions', () => {
   });
 });
 
+describe('replacing nodes', () => {
+  it('moves every parent to the new node, or none on conflict', async () => {
+    const g = testGraph();
+    const a = await g.open({ driver: 'test-mem', 'node-name': 'a' });
+    const b = await g.open({ driver: 'test-mem', 'node-name': 'b' });
+    const top = await g.open({ driver: 'raw', 'node-name': 'top', file: 'a' });
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE, shared: PERM_ALL });
+    blk.attach(a);
+    await g.replaceNode(a, b);
+    expect(top.file!.node).toBe(b);
+    expect(blk.node).toBe(b);
+    expect(a.parents).toHaveLength(0);
+    // A user of c that shares nothing makes moving b's parents onto c fail as a whole.
+    const c = await g.open({ driver: 'test-mem', 'node-name': 'c' });
+    const excl = new BlockBackend(g, {
+      perm: Perm.CONSISTENT_READ | Perm.WRITE,
+      shared: Perm.CONSISTENT_READ,
+    });
+    excl.attach(c);
+    await expectBlockError(g.replaceNode(b, c), /Permission conflict on node 'c'/);
+    expect(top.file!.node).toBe(b);
+    expect(blk.node).toBe(b);
+    expect(c.parents).toHaveLength(1);
+    // except keeps chosen parents where they are.
+    await excl.detach();
+    await g.replaceNode(b, c, [blk.root!]);
+    expect(top.file!.node).toBe(c);
+    expect(blk.node).toBe(b);
+  });
+});
+
 describe('lifetime', () => {
   it('blockdev-del refuses nodes in use and closes unused ones with their implicit children', async () => {
     const g = createGraph();

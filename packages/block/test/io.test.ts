@@ -213,7 +213,51 @@ describe('tracking, drain and serialisation', () => {
   });
 });
 
+describe('serialising on demand', () => {
+  it('a SERIALISING request waits for earlier overlapping ones and later ones wait for it', async () => {
+    const { blk, s } = await memBackend();
+    let open!: () => void;
+    s.gate = new Promise((r) => (open = r));
+    const first = blk.write(0, Buffer.alloc(4096, 1));
+    const ser = blk.write(2048, Buffer.alloc(4096, 2), ReqFlags.SERIALISING);
+    const after = blk.read(4096, 10);
+    const apart = blk.read(65536, 10);
+    await new Promise((r) => setTimeout(r, 10));
+    // Only the first write and the non-overlapping read got to the driver.
+    expect(s.log).toEqual([
+      ['write', 0, 4096],
+      ['read', 65536, 10],
+    ]);
+    s.gate = null;
+    open();
+    await Promise.all([first, ser, after, apart]);
+    expect(s.log.map((l) => l[0])).toEqual(['write', 'read', 'write', 'read']);
+    expect(s.data[2048]).toBe(2);
+  });
+});
+
 describe('length, truncate, makeEmpty', () => {
+  it('a failed write does not grow the node but still marks bitmaps dirty', async () => {
+    const g = testGraph();
+    const n = await g.open({ driver: 'test-mem', size: 4096 });
+    const { addDirtyBitmap } = await import('../src/index');
+    const bm = addDirtyBitmap(n, { granularity: 512 });
+    n.driver = {
+      ...n.driver,
+      write: async () => {
+        throw Object.assign(new Error('disk on fire'), { code: 'EIO' });
+      },
+    };
+    const blk = new BlockBackend(g, { perm: RW, allowBeyondEof: true });
+    blk.attach(n);
+    await expectBlockError(blk.write(4096, Buffer.alloc(512)), /disk on fire/);
+    expect(n.length).toBe(4096);
+    expect(bm.count()).toBe(0); // beyond the bitmap's length: nothing to mark
+    const e = await expectBlockError(blk.write(0, Buffer.alloc(512)), /disk on fire/);
+    expect(e.errno).toBe('EIO');
+    expect(bm.count()).toBe(512);
+  });
+
   it('grows the length on writes past the end of a protocol node and truncates with RESIZE', async () => {
     const f = makeTempDir().file('d.img');
     writeFileSync(f, Buffer.alloc(4096));
