@@ -1,5 +1,6 @@
 import { BlockError, RangeLock } from '@blockrep/block';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
+import { checkStorage } from './check';
 import { HeaderField, Incompat, l1EntriesFor, parseHeader, type Qcow2Header, u64Buffer, writeU64 } from './header';
 import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
 import { type Qcow2Storage, readBuf } from './storage';
@@ -71,6 +72,15 @@ export class Qcow2Image {
     }
     if (header.incompatible & Incompat.CORRUPT && !opts.readOnly) {
       throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
+    }
+    if (header.incompatible & Incompat.DIRTY && !opts.readOnly) {
+      // Refcounts may be stale (lazy refcounts): recount them, then the image is clean again.
+      await checkStorage(storage, { repair: 'all' });
+      header.incompatible &= ~Incompat.DIRTY;
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(header.incompatible);
+      await storage.write(HeaderField.INCOMPAT, b);
+      await storage.flush();
     }
     const cs = 2 ** header.clusterBits;
     const l1 = await readBuf(storage, header.l1TableOffset, header.l1Size * 8);

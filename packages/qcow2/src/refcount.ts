@@ -324,7 +324,7 @@ export class Qcow2Refcounts {
     }
     const order = [...needed].sort((a, b) => a - b);
     const newBlocks = new Map<number, Buffer>();
-    order.forEach((bi) => newBlocks.set(bi, Buffer.alloc(cs)));
+    for (const bi of order) newBlocks.set(bi, Buffer.alloc(cs));
     const used = order.length + tableClusters;
     const touched = new Set<number>();
     for (let c = hw; c < hw + used; c++) {
@@ -344,7 +344,7 @@ export class Qcow2Refcounts {
     } else {
       const table = Buffer.alloc(tableClusters * cs);
       this.table.copy(table);
-      order.forEach((bi, k) => writeU64(table, bi * 8, (hw + k) * cs));
+      for (const [k, bi] of order.entries()) writeU64(table, bi * 8, (hw + k) * cs);
       const tableOffset = (hw + order.length) * cs;
       await this.storage.write(tableOffset, table);
       await this.storage.flush();
