@@ -1,0 +1,180 @@
+import { BlockBackend, BlockError, type BlockNode, PERM_ALL } from '@blockrep/block';
+import { Job, type JobOptions } from './job';
+import type { JobManager } from './manager';
+import { RateLimit } from './rate-limit';
+
+export interface BlockJobOptions extends JobOptions {
+  /** Bytes per second (0: unlimited). */
+  speed?: number;
+}
+
+/** query-block-jobs' BlockJobInfo. */
+export interface BlockJobInfo {
+  type: string;
+  device: string;
+  len: number;
+  offset: number;
+  busy: boolean;
+  paused: boolean;
+  speed: number;
+  'io-status': 'ok' | 'failed' | 'nospace';
+  ready: boolean;
+  status: string;
+  'auto-finalize': boolean;
+  'auto-dismiss': boolean;
+  error?: string;
+}
+
+export interface BlockJobNodeUse {
+  /** Permissions the job takes on the node (Perm flags). */
+  perm: number;
+  /** Permissions it lets others take (default: all). */
+  shared?: number;
+  /** Requests go on while the node is drained (the job drains its own nodes). */
+  allowDrainedIo?: boolean;
+  allowBeyondEof?: boolean;
+}
+
+/**
+ * A job that works on block nodes. It holds a BlockBackend on each node it uses, pauses while any
+ * of them is drained, limits its rate by `speed`, and reports BLOCK_JOB_* events.
+ */
+export abstract class BlockJob extends Job {
+  speed = 0;
+  /** The backends the job holds, the first one being its main node's. */
+  readonly backends: BlockBackend[] = [];
+  protected readonly limit = new RateLimit();
+
+  constructor(manager: JobManager, opts: BlockJobOptions = {}) {
+    super(manager, opts);
+    if (opts.speed !== undefined) this.setSpeedValue(opts.speed);
+  }
+
+  /** How permission errors name the job, e.g. "backup job 'job0'". */
+  describe(): string {
+    return `${this.type} job '${this.id ?? ''}'`;
+  }
+
+  /**
+   * Takes a node into the job's use: a BlockBackend with the given permissions (throws on a
+   * permission conflict, taking nothing).
+   */
+  useNode(node: BlockNode, use: BlockJobNodeUse): BlockBackend {
+    const blk = new BlockBackend(node.graph, {
+      perm: use.perm,
+      shared: use.shared ?? PERM_ALL,
+      description: this.describe(),
+      allowDrainedIo: use.allowDrainedIo,
+      allowBeyondEof: use.allowBeyondEof,
+    });
+    blk.dev = {
+      drainedBegin: () => this.pause(),
+      drainedEnd: () => this.resume(),
+    };
+    try {
+      blk.attach(node);
+    } catch (e) {
+      node.graph.backends.delete(blk);
+      throw e;
+    }
+    this.backends.push(blk);
+    return blk;
+  }
+
+  /** Releases every node the job holds (called from clean). */
+  protected async releaseNodes(): Promise<void> {
+    for (const blk of this.backends.splice(0).reverse()) {
+      blk.dev = {};
+      await blk.detach();
+    }
+  }
+
+  protected override async clean(): Promise<void> {
+    await this.releaseNodes();
+  }
+
+  private setSpeedValue(speed: number): void {
+    if (!Number.isSafeInteger(speed) || speed < 0) throw new BlockError("Invalid parameter 'speed'");
+    this.limit.setSpeed(speed);
+    this.speed = speed;
+  }
+
+  /** block-job-set-speed. */
+  setSpeed(speed: number): void {
+    this.applyVerb('set-speed');
+    const old = this.speed;
+    this.setSpeedValue(speed);
+    // A job sleeping for the old rate wakes up to recompute its delay when the limit went up.
+    if (speed && speed <= old) return;
+    this.enter();
+  }
+
+  /** Accounts bytes the job has just processed against the rate limit. */
+  protected rateLimitAccount(bytes: number): void {
+    this.limit.account(bytes);
+  }
+
+  /** Sleeps as long as the rate limit asks (and at least at a pause point). */
+  protected async rateLimitSleep(): Promise<void> {
+    for (;;) {
+      const ms = this.limit.delay();
+      await this.sleep(ms);
+      if (ms === 0 || this.isCancelled) return;
+    }
+  }
+
+  private eventBase(): Record<string, unknown> {
+    return {
+      type: this.type,
+      device: this.id,
+      len: this.progressTotal,
+      offset: this.progressCurrent,
+      speed: this.speed,
+    };
+  }
+
+  protected override eventReady(): void {
+    if (!this.internal) this.manager.emitEvent('BLOCK_JOB_READY', this.eventBase());
+  }
+
+  protected override eventPending(): void {
+    if (!this.internal) this.manager.emitEvent('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+  }
+
+  protected override eventCompleted(): void {
+    if (this.internal) return;
+    const data = this.eventBase();
+    if (this.err) data.error = this.err.message;
+    this.manager.emitEvent('BLOCK_JOB_COMPLETED', data);
+  }
+
+  protected override eventCancelled(): void {
+    if (!this.internal) this.manager.emitEvent('BLOCK_JOB_CANCELLED', this.eventBase());
+  }
+
+  /** BLOCK_JOB_ERROR: an I/O error and what the job does about it. */
+  protected reportIoError(operation: 'read' | 'write', action: 'ignore' | 'report' | 'stop'): void {
+    if (this.internal) return;
+    this.manager.emitEvent('BLOCK_JOB_ERROR', { device: this.id, operation, action });
+  }
+
+  /** query-block-jobs' view of the job. */
+  blockInfo(): BlockJobInfo {
+    const i: BlockJobInfo = {
+      type: this.type,
+      device: this.id ?? '',
+      len: this.progressTotal,
+      offset: this.progressCurrent,
+      busy: this.busy,
+      paused: this.pauseCount > 0,
+      speed: this.speed,
+      'io-status': 'ok',
+      ready: this.isReady,
+      status: this.status,
+      'auto-finalize': this.autoFinalize,
+      'auto-dismiss': this.autoDismiss,
+    };
+    if (this.err) i.error = this.err.message;
+    return i;
+  }
+}

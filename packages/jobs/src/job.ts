@@ -1,0 +1,461 @@
+import { BlockError } from '@blockrep/block';
+import type { JobManager } from './manager';
+import {
+  isCompletedStatus,
+  isReadyStatus,
+  type JobStatus,
+  type JobType,
+  type JobVerb,
+  transitionAllowed,
+  verbAllowed,
+} from './states';
+
+export interface JobOptions {
+  /** The job's id (required unless internal; letter first, then letters, digits, '-', '.', '_'). */
+  id?: string;
+  /** Hidden from query-jobs and emits no events; has no id. */
+  internal?: boolean;
+  /** Finalize as soon as the job's work is done (default true); else wait in 'pending'. */
+  autoFinalize?: boolean;
+  /** Disappear once concluded (default true); else wait in 'concluded' for job-dismiss. */
+  autoDismiss?: boolean;
+}
+
+/** query-jobs' JobInfo. */
+export interface JobInfo {
+  id: string;
+  type: string;
+  status: JobStatus;
+  'current-progress': number;
+  'total-progress': number;
+  error?: string;
+}
+
+const ID_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
+
+function jobError(msg: string): BlockError {
+  return new BlockError(msg, { errno: 'EPERM' });
+}
+
+/**
+ * A long-running operation with QEMU's job life cycle. A subclass writes `run()`, calling
+ * `pausePoint()` / `sleep()` between units of work and returning early once `isCancelled`;
+ * optional hooks (prepare, commit, abort, clean, complete, cancelRequest) shape the ending.
+ *
+ * JavaScript has no coroutines to re-enter, so a job waiting in `sleep()` / `pausePoint()` /
+ * `yieldUntilEntered()` awaits a promise that `enter()` resolves.
+ */
+export abstract class Job {
+  abstract readonly type: JobType | string;
+  readonly id: string | undefined;
+  readonly autoFinalize: boolean;
+  readonly autoDismiss: boolean;
+  status: JobStatus = 'undefined';
+  /** Pause requests outstanding (users' and internal ones, e.g. drains); 1 until start. */
+  pauseCount = 1;
+  paused = true;
+  /** Running (not waiting in a pause point, sleep or yield). */
+  busy = false;
+  userPaused = false;
+  /** A cancel was requested (QEMU's job_cancel_requested). */
+  cancelled = false;
+  /** The cancel is a real one, not a READY job's soft cancel (QEMU's job_is_cancelled). */
+  forceCancel = false;
+  /** run() has returned; the ending is scheduled. */
+  deferred = false;
+  started = false;
+  /** The job's error, once it failed or was cancelled. */
+  err: Error | null = null;
+  progressCurrent = 0;
+  progressTotal = 0;
+
+  private wake: (() => void) | null = null;
+  private sleepTimer: NodeJS.Timeout | null = null;
+  private finalizing = false;
+  private readonly doneWaiters: (() => void)[] = [];
+
+  constructor(
+    readonly manager: JobManager,
+    opts: JobOptions = {},
+  ) {
+    if (opts.id !== undefined) {
+      if (opts.internal) throw jobError('Cannot specify job ID for internal job');
+      if (!ID_RE.test(opts.id)) throw jobError(`Invalid job ID '${opts.id}'`);
+      if (manager.find(opts.id)) throw jobError(`Job ID '${opts.id}' already in use`);
+    } else if (!opts.internal) {
+      throw jobError('An explicit job ID is required');
+    }
+    this.id = opts.id;
+    this.autoFinalize = opts.autoFinalize ?? true;
+    this.autoDismiss = opts.autoDismiss ?? true;
+    manager.register(this);
+    this.transition('created');
+  }
+
+  get internal(): boolean {
+    return this.id === undefined;
+  }
+
+  /** The job's work. Throwing fails the job with that error. */
+  protected abstract run(): Promise<void>;
+
+  // ---- hooks for subclasses (all optional) ----
+
+  /** Last step that may still fail the job (QEMU's .prepare), before commit/abort. */
+  protected prepare(): Promise<void> | void {}
+  /** The job succeeded: make its result visible. */
+  protected commit(): Promise<void> | void {}
+  /** The job failed or was cancelled: undo. */
+  protected abort(): Promise<void> | void {}
+  /** Either way: release resources. */
+  protected clean(): Promise<void> | void {}
+  /** job-complete on a READY job; absent means "cannot be completed". */
+  protected complete?(): void;
+  /** Decides whether a cancel is a hard one (default: always, as for jobs without .cancel). */
+  protected cancelRequest(_force: boolean): boolean {
+    return true;
+  }
+  /** Called when the job is about to pause / has resumed in a pause point. */
+  protected onPause(): void {}
+  protected onResume(): void {}
+  /** A user resume (also from a cancel of a user-paused job). */
+  protected onUserResume(): void {}
+  /** Event hooks (block jobs emit BLOCK_JOB_* from these). */
+  protected eventReady(): void {}
+  protected eventPending(): void {}
+  protected eventCompleted(): void {}
+  protected eventCancelled(): void {}
+
+  // ---- state ----
+
+  /** Moves to a new state; a move QEMU's table forbids is a bug and throws. */
+  protected transition(to: JobStatus): void {
+    const from = this.status;
+    if (!transitionAllowed(from, to)) {
+      throw new Error(`BUG: job '${this.id ?? '<internal>'}' cannot go from '${from}' to '${to}'`);
+    }
+    this.status = to;
+    if (!this.internal && from !== to) {
+      this.manager.emitEvent('JOB_STATUS_CHANGE', { id: this.id, status: to });
+    }
+    if (to === 'null' || to === 'concluded') {
+      for (const w of this.doneWaiters.splice(0)) w();
+    }
+  }
+
+  /** Throws QEMU's error unless the verb is allowed in the current state. */
+  applyVerb(verb: JobVerb): void {
+    if (!verbAllowed(verb, this.status)) {
+      throw jobError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+    }
+  }
+
+  get isCancelled(): boolean {
+    return this.forceCancel;
+  }
+
+  get isReady(): boolean {
+    return isReadyStatus(this.status);
+  }
+
+  get isCompleted(): boolean {
+    return isCompletedStatus(this.status);
+  }
+
+  get shouldPause(): boolean {
+    return this.pauseCount > 0;
+  }
+
+  // ---- progress ----
+
+  progressUpdate(done: number): void {
+    this.progressCurrent += done;
+  }
+
+  progressSetRemaining(remaining: number): void {
+    this.progressTotal = this.progressCurrent + remaining;
+  }
+
+  progressIncreaseRemaining(delta: number): void {
+    this.progressTotal += delta;
+  }
+
+  // ---- running ----
+
+  /** Starts the job: it leaves 'created' and runs (after a first pause point). */
+  start(): void {
+    if (this.started || !this.paused) throw new Error('BUG: job started twice');
+    this.started = true;
+    this.pauseCount--;
+    this.busy = true;
+    this.paused = false;
+    this.transition('running');
+    void this.entry();
+  }
+
+  private async entry(): Promise<void> {
+    let err: Error | null = null;
+    try {
+      await this.pausePointInner();
+      await this.run();
+    } catch (e) {
+      err = e instanceof Error ? e : new Error(String(e));
+    }
+    if (err && !this.err) this.err = err;
+    this.deferred = true;
+    this.busy = true;
+    // The ending runs from the event loop, as QEMU's job_exit runs from a bottom half.
+    setImmediate(() => {
+      this.busy = false;
+      if (!this.isCompleted) void this.completed();
+    });
+  }
+
+  /** Re-enters a job waiting in sleep/yield/pause (QEMU's job_enter). */
+  enter(): void {
+    if (!this.started || this.deferred || this.busy) return;
+    this.clearTimer();
+    this.busy = true;
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  private clearTimer(): void {
+    if (this.sleepTimer) {
+      clearTimeout(this.sleepTimer);
+      this.sleepTimer = null;
+    }
+  }
+
+  private doYield(ms?: number): Promise<void> {
+    this.busy = false;
+    return new Promise<void>((resolve) => {
+      this.wake = resolve;
+      if (ms !== undefined) {
+        this.sleepTimer = setTimeout(() => {
+          this.sleepTimer = null;
+          this.enter();
+        }, ms);
+      }
+    });
+  }
+
+  private async pausePointInner(): Promise<void> {
+    if (!this.shouldPause || this.isCancelled) return;
+    this.onPause();
+    if (this.shouldPause && !this.isCancelled) {
+      const status = this.status;
+      this.transition(status === 'ready' ? 'standby' : 'paused');
+      this.paused = true;
+      await this.doYield();
+      this.paused = false;
+      this.transition(status);
+    }
+    this.onResume();
+  }
+
+  /** Where the run loop lets itself be paused: waits here while a pause is requested. */
+  protected pausePoint(): Promise<void> {
+    return this.pausePointInner();
+  }
+
+  /** Sleeps for ms, woken early by a cancel; pauses at the end if a pause was requested. */
+  protected async sleep(ms: number): Promise<void> {
+    if (this.isCancelled) return;
+    if (!this.shouldPause) await this.doYield(Math.max(0, ms));
+    await this.pausePointInner();
+  }
+
+  /** Waits until something enters the job (a complete, a cancel, a resume). */
+  protected async yieldUntilEntered(): Promise<void> {
+    if (this.isCancelled) return;
+    if (!this.shouldPause) await this.doYield();
+    await this.pausePointInner();
+  }
+
+  /** Enters READY (the job's work is in sync and it waits for job-complete). */
+  protected transitionToReady(): void {
+    this.transition('ready');
+    this.eventReady();
+  }
+
+  // ---- pausing ----
+
+  /** An internal pause (drains, replication); nests with other pauses. */
+  pause(): void {
+    this.pauseCount++;
+    if (!this.paused) this.enter();
+  }
+
+  resume(): void {
+    if (this.pauseCount <= 0) throw new Error('BUG: resume without pause');
+    this.pauseCount--;
+    if (this.pauseCount) return;
+    // A sleeping job wakes up from its timer; only kick one that waits for nothing else.
+    if (!this.sleepTimer) this.enter();
+  }
+
+  userPause(): void {
+    this.applyVerb('pause');
+    if (this.userPaused) throw jobError('Job is already paused');
+    this.userPaused = true;
+    this.pause();
+  }
+
+  userResume(): void {
+    if (!this.userPaused || this.pauseCount <= 0) throw jobError("Can't resume a job that was not paused");
+    this.applyVerb('resume');
+    this.onUserResume();
+    this.userPaused = false;
+    this.resume();
+  }
+
+  // ---- ending ----
+
+  /** job-complete: asks a READY job to finish. */
+  userComplete(): void {
+    this.applyVerb('complete');
+    if (this.cancelled || !this.complete) {
+      throw jobError(`The active block job '${this.id}' cannot be completed`);
+    }
+    this.complete();
+  }
+
+  /** job-cancel / block-job-cancel. */
+  async userCancel(force: boolean): Promise<void> {
+    this.applyVerb('cancel');
+    await this.cancel(force);
+  }
+
+  /** Cancels (internal callers skip the verb check, as QEMU's job_cancel). */
+  async cancel(force: boolean): Promise<void> {
+    if (this.status === 'concluded') {
+      this.doDismiss();
+      return;
+    }
+    this.cancelAsync(force);
+    if (!this.started) {
+      await this.completed();
+    } else if (this.deferred) {
+      // A soft cancel of a job that is already done is ignored.
+      if (this.isCancelled && !this.finalizing) await this.txnAbort();
+    } else {
+      this.enter();
+    }
+  }
+
+  private cancelAsync(force: boolean): void {
+    force = this.cancelRequest(force);
+    if (this.userPaused) {
+      this.onUserResume();
+      this.userPaused = false;
+      this.pauseCount--;
+    }
+    if (force || !this.deferred) {
+      this.cancelled = true;
+      this.forceCancel ||= force;
+    }
+  }
+
+  /** job-finalize: a job waiting in 'pending' runs its prepare and commit/abort. */
+  async userFinalize(): Promise<void> {
+    this.applyVerb('finalize');
+    await this.doFinalize();
+  }
+
+  /** job-dismiss: a concluded job disappears. */
+  userDismiss(): void {
+    this.applyVerb('dismiss');
+    this.doDismiss();
+  }
+
+  /** Drops a job that could not be set up after creation (QEMU's job_early_fail). */
+  earlyFail(): void {
+    if (this.status !== 'created' || this.started) throw new Error('BUG: early fail of a started job');
+    this.doDismiss();
+  }
+
+  private updateRc(): void {
+    if (!this.err && this.isCancelled) {
+      this.err = new BlockError('Operation canceled', { errno: 'ECANCELED' });
+    }
+    if (this.err) this.transition('aborting');
+  }
+
+  private async completed(): Promise<void> {
+    this.updateRc();
+    if (this.err) await this.txnAbort();
+    else await this.txnSuccess();
+  }
+
+  private async txnSuccess(): Promise<void> {
+    this.transition('waiting');
+    this.transition('pending');
+    if (!this.autoFinalize) this.eventPending();
+    if (this.autoFinalize) await this.doFinalize();
+  }
+
+  private async txnAbort(): Promise<void> {
+    await this.finalizeSingle();
+  }
+
+  private async doFinalize(): Promise<void> {
+    if (!this.err) {
+      try {
+        await this.prepare();
+      } catch (e) {
+        this.err = e instanceof Error ? e : new Error(String(e));
+      }
+      this.updateRc();
+    }
+    await this.finalizeSingle();
+  }
+
+  private async finalizeSingle(): Promise<void> {
+    if (this.finalizing) return;
+    this.finalizing = true;
+    this.updateRc();
+    const failed = this.err !== null;
+    try {
+      if (!failed) await this.commit();
+      else await this.abort();
+    } finally {
+      await this.clean();
+    }
+    if (this.started) {
+      if (this.isCancelled) this.eventCancelled();
+      else this.eventCompleted();
+    }
+    this.transition('concluded');
+    if (this.autoDismiss || !this.started) this.doDismiss();
+  }
+
+  private doDismiss(): void {
+    this.busy = false;
+    this.paused = false;
+    this.deferred = true;
+    this.clearTimer();
+    this.transition('null');
+    this.manager.unregister(this);
+  }
+
+  /** Resolves once the job has concluded (or is gone). */
+  whenConcluded(): Promise<void> {
+    if (this.status === 'concluded' || this.status === 'null') return Promise.resolve();
+    return new Promise((r) => this.doneWaiters.push(r));
+  }
+
+  /** query-jobs' view of the job. */
+  info(): JobInfo {
+    const i: JobInfo = {
+      id: this.id ?? '',
+      type: this.type,
+      status: this.status,
+      'current-progress': this.progressCurrent,
+      'total-progress': this.progressTotal,
+    };
+    if (this.err) i.error = this.err.message;
+    return i;
+  }
+}

@@ -1,0 +1,145 @@
+import { BlockBackend, createGraph, Perm } from '@blockrep/block';
+import { describe, expect, it } from 'vitest';
+import { JobManager, RateLimit } from '../src/index';
+import { recordEvents, TestBlockJob, tick, waitStatus } from './helpers';
+
+describe('BlockJob', () => {
+  it('holds its nodes through backends and releases them when it ends', async () => {
+    const graph = createGraph();
+    const node = await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'n0', size: 1 << 20 });
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 2 } });
+    const blk = job.useNode(node, { perm: Perm.CONSISTENT_READ | Perm.WRITE, shared: Perm.CONSISTENT_READ });
+    expect(node.hasBackend()).toBe(true);
+    expect(blk.getLength()).toBe(1 << 20);
+    // Another writer conflicts with the job, and the error names the job.
+    const other = new BlockBackend(graph, { perm: Perm.WRITE, description: 'test writer' });
+    expect(() => other.attach(node)).toThrow(/backup job 'j'/);
+    await other.detach();
+    job.start();
+    await job.whenConcluded();
+    expect(job.backends).toEqual([]);
+    expect(node.hasBackend()).toBe(false);
+    expect(graph.getNode('n0')).toBe(node);
+    await graph.closeAll();
+  });
+
+  it('a permission conflict leaves nothing attached', async () => {
+    const graph = createGraph();
+    const node = await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'n0' });
+    const holder = new BlockBackend(graph, { perm: Perm.CONSISTENT_READ, shared: Perm.CONSISTENT_READ });
+    holder.attach(node);
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j' });
+    expect(() => job.useNode(node, { perm: Perm.WRITE })).toThrow(/Permission conflict/);
+    expect(job.backends).toEqual([]);
+    expect(graph.backends.size).toBe(1);
+    job.earlyFail();
+    await holder.detach();
+    await graph.closeAll();
+  });
+
+  it('pauses while its node is drained and resumes after', async () => {
+    const graph = createGraph();
+    const node = await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'n0' });
+    const m = new JobManager();
+    const ev = recordEvents(m);
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1000, stepMs: 1 } });
+    job.useNode(node, { perm: Perm.CONSISTENT_READ });
+    job.start();
+    await tick(5);
+    let progressInDrain = -1;
+    await graph.drained(node, async () => {
+      await waitStatus(job, 'paused');
+      const p = job.progressCurrent;
+      await tick(20);
+      progressInDrain = job.progressCurrent - p;
+      expect(job.blockInfo().paused).toBe(true);
+    });
+    expect(progressInDrain).toBe(0);
+    await waitStatus(job, 'running');
+    expect(ev.map((e) => e.data.status)).toContain('paused');
+    await job.userCancel(true);
+    await job.whenConcluded();
+    await graph.closeAll();
+  });
+
+  it('set-speed: verb check, QEMU error for a negative speed, rate shown in info', async () => {
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1 }, autoFinalize: false, speed: 4096 });
+    expect(job.blockInfo().speed).toBe(4096);
+    expect(() => job.setSpeed(-1)).toThrow("Invalid parameter 'speed'");
+    job.setSpeed(1 << 20);
+    expect(job.blockInfo()).toMatchObject({
+      type: 'backup',
+      device: 'j',
+      speed: 1 << 20,
+      status: 'created',
+      'auto-finalize': false,
+      'auto-dismiss': true,
+      ready: false,
+    });
+    job.start();
+    await waitStatus(job, 'pending');
+    expect(() => job.setSpeed(1)).toThrow("Job 'j' in state 'pending' cannot accept command verb 'set-speed'");
+    await job.userFinalize();
+  });
+
+  it('BLOCK_JOB_ERROR carries device, operation and action', () => {
+    const m = new JobManager();
+    const ev = recordEvents(m);
+    const job = new TestBlockJob(m, { id: 'j' });
+    job.ioError();
+    expect(ev.at(-1)).toEqual({ event: 'BLOCK_JOB_ERROR', data: { device: 'j', operation: 'write', action: 'report' } });
+    job.earlyFail();
+  });
+});
+
+describe('RateLimit', () => {
+  it('delays by whole slices once the quota of a slice is used', () => {
+    let now = 1000;
+    const rl = new RateLimit(1000, 100, () => now); // 100 bytes per 100 ms slice
+    expect(rl.delay()).toBe(0);
+    rl.account(50);
+    expect(rl.delay()).toBe(0);
+    rl.account(250); // 300 bytes: three slices' worth
+    expect(rl.delay()).toBe(300);
+    now += 150;
+    expect(rl.delay()).toBe(150);
+    now += 200; // past the pushed-out slice end: a new slice begins
+    expect(rl.delay()).toBe(0);
+  });
+
+  it('speed 0 is unlimited', () => {
+    const rl = new RateLimit(0);
+    rl.account(1e12);
+    expect(rl.delay()).toBe(0);
+  });
+
+  it('limits a running job', async () => {
+    const m = new JobManager();
+    const job = new RateLimitedJob(m, 'r', 20_000); // 2000 bytes per 100 ms slice
+    const t0 = Date.now();
+    job.start();
+    await job.whenConcluded();
+    // 10 chunks of 1000 bytes = 10000 bytes at 20000 B/s: at least ~400 ms.
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(350);
+    expect(job.progressCurrent).toBe(10_000);
+  });
+});
+
+class RateLimitedJob extends TestBlockJob {
+  constructor(m: JobManager, id: string, speed: number) {
+    super(m, { id, speed });
+  }
+  protected override async run(): Promise<void> {
+    this.progressSetRemaining(10_000);
+    for (let i = 0; i < 10 && !this.isCancelled; i++) {
+      await this.rateLimitSleep();
+      this.progressUpdate(1000);
+      this.rateLimitAccount(1000);
+    }
+  }
+}
+
+

@@ -1,0 +1,136 @@
+import { BlockJob, Job, type JobEvent, JobManager, type JobOptions, type JobStatus } from '../src/index';
+
+export interface StepPlan {
+  /** Units of work (each one a sleep of stepMs, then progress +1). */
+  steps?: number;
+  stepMs?: number;
+  /** Enter READY after the steps and wait for job-complete. */
+  ready?: boolean;
+  /** run() throws this after the steps. */
+  fail?: string;
+  /** prepare() throws this. */
+  failPrepare?: string;
+  /** The job has a complete() hook (default: when ready). */
+  completable?: boolean;
+  /** A READY job treats a soft cancel as "finish now" (mirror). */
+  softCancel?: boolean;
+}
+
+/** A block job driven by a plan: a loop of sleeps, with hooks that log what ran. */
+export class TestBlockJob extends BlockJob {
+  readonly type: string = 'backup';
+  readonly log: string[] = [];
+  readonly plan: StepPlan;
+  private completeRequested = false;
+
+  constructor(manager: JobManager, opts: JobOptions & { plan?: StepPlan; speed?: number } = { id: 'job0' }) {
+    super(manager, opts);
+    this.plan = opts.plan ?? {};
+    if (this.plan.completable === false) (this as any).complete = undefined;
+  }
+
+  protected async run(): Promise<void> {
+    const p = this.plan;
+    const steps = p.steps ?? 3;
+    this.progressSetRemaining(steps);
+    for (let i = 0; i < steps; i++) {
+      if (this.isCancelled) return;
+      await this.sleep(p.stepMs ?? 5);
+      if (this.isCancelled) return;
+      this.progressUpdate(1);
+    }
+    if (p.fail) throw new Error(p.fail);
+    if (p.ready) {
+      this.transitionToReady();
+      while (!this.completeRequested && !this.cancelled) await this.yieldUntilEntered();
+    }
+  }
+
+  protected override cancelRequest(force: boolean): boolean {
+    if (this.plan.softCancel) return force || !this.isReady;
+    return true;
+  }
+
+  protected override complete(): void {
+    this.log.push('complete');
+    this.completeRequested = true;
+    this.enter();
+  }
+
+  protected override async prepare(): Promise<void> {
+    this.log.push('prepare');
+    if (this.plan.failPrepare) throw new Error(this.plan.failPrepare);
+  }
+  protected override async commit(): Promise<void> {
+    this.log.push('commit');
+  }
+  protected override async abort(): Promise<void> {
+    this.log.push('abort');
+  }
+  protected override async clean(): Promise<void> {
+    await super.clean();
+    this.log.push('clean');
+  }
+
+  /** Exposes the protected helpers the tests drive. */
+  io(bytes: number): void {
+    this.rateLimitAccount(bytes);
+  }
+  ioError(): void {
+    this.reportIoError('write', 'report');
+  }
+}
+
+/** A plain (non-block) job: sleeps `steps` times. */
+export class TestJob extends Job {
+  readonly type: string = 'create';
+
+  constructor(
+    manager: JobManager,
+    opts: JobOptions = { id: 'job0' },
+    readonly steps = 3,
+  ) {
+    super(manager, opts);
+  }
+
+  protected async run(): Promise<void> {
+    this.progressSetRemaining(this.steps);
+    for (let i = 0; i < this.steps && !this.isCancelled; i++) {
+      await this.sleep(5);
+      this.progressUpdate(1);
+    }
+  }
+}
+
+/** Every event the manager emits, in order. */
+export function recordEvents(m: JobManager): JobEvent[] {
+  const out: JobEvent[] = [];
+  m.on('event', (e: JobEvent) => out.push(e));
+  return out;
+}
+
+/** The statuses of JOB_STATUS_CHANGE events and the names of the others, in order. */
+export function timeline(events: JobEvent[]): string[] {
+  return events.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? (e.data.status as string) : e.event));
+}
+
+/** Resolves when the job reaches a status (rejects after timeoutMs). */
+export function waitStatus(job: Job, status: JobStatus, timeoutMs = 5000): Promise<void> {
+  if (job.status === status) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      job.manager.off('event', onEvent);
+      reject(new Error(`job stayed in ${job.status}, expected ${status}`));
+    }, timeoutMs);
+    const onEvent = () => {
+      if (job.status === status) {
+        clearTimeout(timer);
+        job.manager.off('event', onEvent);
+        resolve();
+      }
+    };
+    job.manager.on('event', onEvent);
+  });
+}
+
+export const tick = (ms = 0) => new Promise((r) => setTimeout(r, ms));
