@@ -1,4 +1,4 @@
-import { BlockJob, Job, type JobEvent, JobManager, type JobOptions, type JobStatus } from '../src/index';
+import { BlockJob, Job, type JobEvent, type JobManager, type JobOptions, type JobStatus } from '../src/index';
 
 export interface StepPlan {
   /** Units of work (each one a sleep of stepMs, then progress +1). */
