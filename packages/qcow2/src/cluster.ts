@@ -172,7 +172,10 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
   try {
     const r = await lookup(img, offset, bytes);
     if (r.type === ClusterType.NORMAL && r.copied) return 0;
-    bytes = r.bytes;
+    if (r.bytes < bytes) {
+      bytes = r.bytes;
+      iov = iovSlice(iov, 0, bytes);
+    }
     const cEnd = Math.ceil((offset + bytes) / cs) * cs;
     const n = (cEnd - cStart) / cs;
     const { offset: host, fresh } = await img.refcounts.allocateRun(n);

@@ -55,3 +55,63 @@ export function firstDiff(a: Buffer, b: Buffer): number {
   }
   return -1;
 }
+
+/** A small seeded PRNG (mulberry32) so failures reproduce. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export interface Workload {
+  blk: import('@blockrep/block').BlockBackend;
+  expected: Buffer;
+  rand: () => number;
+  /** Zero/discard requests too (discard only where the result reads as zeroes: no backing). */
+  zeroes?: boolean;
+  /** Discards (the node must be opened with discard=unmap); whole clusters of `cs` read as zeroes after. */
+  discard?: boolean;
+  cs?: number;
+}
+
+/**
+ * Issues `rounds` batches of concurrent, non-overlapping writes (random offsets and sizes, some
+ * unaligned), optionally write-zeroes and discards, keeping `expected` in step.
+ */
+export async function randomWorkload(w: Workload, rounds: number, perRound = 16, maxLen = 200_000): Promise<void> {
+  const size = w.expected.length;
+  for (let r = 0; r < rounds; r++) {
+    const taken: [number, number][] = [];
+    const ops: Promise<void>[] = [];
+    for (let i = 0; i < perRound; i++) {
+      const len = 1 + Math.floor(w.rand() * maxLen);
+      const off = Math.floor(w.rand() * (size - len));
+      if (taken.some(([a, b]) => off < b && a < off + len)) continue;
+      taken.push([off, off + len]);
+      const kind = w.rand();
+      if (w.zeroes && kind < 0.15) {
+        w.expected.fill(0, off, off + len);
+        ops.push(w.blk.writeZeroes(off, len, kind < 0.07 ? 0x2 : 0));
+      } else if (w.discard && kind < 0.25) {
+        // Discarded data reads back as zeroes here (no backing file, qcow2 never exposes stale data).
+        const cs = w.cs ?? 65536;
+        const a = Math.ceil(off / cs) * cs;
+        const b = Math.floor((off + len) / cs) * cs;
+        if (b > a) w.expected.fill(0, a, b);
+        ops.push(w.blk.discard(off, len));
+      } else {
+        const data = Buffer.alloc(len, Math.floor(w.rand() * 255) + 1);
+        data.writeUInt32LE(r * 1000 + i, 0);
+        data.copy(w.expected, off);
+        ops.push(w.blk.write(off, data));
+      }
+    }
+    await Promise.all(ops);
+    if (r % 3 === 2) await w.blk.flush();
+  }
+}
