@@ -1,0 +1,866 @@
+import type * as net from 'node:net';
+import * as tls from 'node:tls';
+import { ReqFlags, toBlockError } from '@blockrep/block';
+import { ByteQueue } from '../byte-queue';
+import {
+  CmdFlag,
+  Cmd,
+  CONTEXT_BASE_ALLOCATION,
+  CONTEXT_DIRTY_BITMAP_PREFIX,
+  errnoToNbd,
+  FLAG_C_FIXED_NEWSTYLE,
+  FLAG_C_NO_ZEROES,
+  FLAG_FIXED_NEWSTYLE,
+  FLAG_NO_ZEROES,
+  IHAVEOPT,
+  Info,
+  MAX_OPTION_LENGTH,
+  MAX_STRING,
+  NBDMAGIC,
+  NbdErr,
+  Opt,
+  OPT_REPLY_MAGIC,
+  Rep,
+  REPLY_FLAG_DONE,
+  ReplyType,
+  REQUEST_MAGIC,
+  REQUEST_SIZE,
+  SIMPLE_REPLY_MAGIC,
+  STATE_DIRTY,
+  STATE_HOLE,
+  STATE_ZERO,
+  STRUCTURED_REPLY_MAGIC,
+} from '../protocol';
+import type { NbdTlsCreds } from '../tls';
+import type { BlockSizeConstraints, ExportClient, NbdExport } from './export';
+import { contentStatus } from './status';
+
+/** What a connection needs from its server. */
+export interface ConnectionContext {
+  findExport(name: string): NbdExport | undefined;
+  listExports(): NbdExport[];
+  tlsCreds: NbdTlsCreds | undefined;
+  handshakeTimeoutMs: number;
+}
+
+/** A client broke the protocol: the connection is dropped (the spec's hard disconnect). */
+class ProtocolViolation extends Error {}
+
+/** Flags each command accepts (FUA is valid on all of them once SEND_FUA is advertised). */
+const ALLOWED_FLAGS: Record<number, number> = {
+  [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
+  [Cmd.WRITE]: CmdFlag.FUA,
+  [Cmd.DISC]: CmdFlag.FUA,
+  [Cmd.FLUSH]: CmdFlag.FUA,
+  [Cmd.TRIM]: CmdFlag.FUA,
+  [Cmd.CACHE]: CmdFlag.FUA,
+  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+  [Cmd.BLOCK_STATUS]: CmdFlag.FUA | CmdFlag.REQ_ONE,
+};
+
+/** Backpressure: stop reading requests while this much is in flight or waiting to be sent. */
+const MAX_IN_FLIGHT = 256;
+const MAX_IN_FLIGHT_BYTES = 64 << 20;
+const MAX_UNSENT_BYTES = 32 << 20;
+/** Reads at least this long look for holes to send as NBD_REPLY_TYPE_OFFSET_HOLE chunks. */
+const SPARSE_READ_MIN = 256 << 10;
+/** Most descriptors in one block status reply chunk. */
+const MAX_EXTENTS = 2048;
+
+const CTX_BASE = 1;
+const CTX_BITMAP = 2;
+
+interface MetaContext {
+  id: number;
+  name: string;
+}
+
+/**
+ * One client connection: the fixed newstyle handshake (async, small), then the transmission
+ * phase, parsed synchronously from the received chunks so that a write's payload is handed to
+ * the block layer as views of what the socket delivered. Replies go out as soon as each request
+ * completes (out of order), each as one socket write of header and data.
+ */
+export class NbdServerConnection implements ExportClient {
+  private socket: net.Socket;
+  private readonly queue = new ByteQueue();
+  private phase: 'handshake' | 'transmission' | 'disconnecting' | 'closed' = 'handshake';
+  private exp: NbdExport | null = null;
+  private structured = false;
+  private tlsActive = false;
+  private noZeroes = false;
+  private contexts: MetaContext[] = [];
+  private contextExport: string | null = null;
+  private blockSizeAcked = false;
+  private sizes: BlockSizeConstraints = { min: 1, preferred: 4096, max: 32 << 20 };
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  /** A WRITE whose header was parsed and whose payload is still arriving. */
+  private awaiting: { hi: number; lo: number; offset: number; length: number; flags: number } | null = null;
+  /** Payload bytes to drop (a rejected WRITE), and the reply to send once they are gone. */
+  private discardLeft = 0;
+  private afterDiscard: (() => void) | null = null;
+  private idleWaiters: (() => void)[] = [];
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private readonly onData = (chunk: Buffer) => {
+    this.queue.push(chunk);
+    if (this.phase === 'transmission') this.pump();
+  };
+  private readonly onClose = () => this.closed();
+  private readonly onDrain = () => this.maybeResume();
+
+  constructor(
+    socket: net.Socket,
+    private readonly ctx: ConnectionContext,
+    private readonly onGone: (c: NbdServerConnection) => void,
+  ) {
+    this.socket = socket;
+    socket.setNoDelay(true);
+    this.attach(socket);
+  }
+
+  private attach(s: net.Socket): void {
+    s.on('data', this.onData);
+    s.on('close', this.onClose);
+    s.on('error', () => s.destroy());
+    s.on('drain', this.onDrain);
+  }
+
+  private detachListeners(s: net.Socket): void {
+    s.off('data', this.onData);
+    s.off('close', this.onClose);
+    s.off('drain', this.onDrain);
+  }
+
+  /** Runs the handshake; the transmission phase then runs from socket events. */
+  start(): void {
+    this.handshakeTimer = setTimeout(() => {
+      if (this.phase === 'handshake') this.socket.destroy();
+    }, this.ctx.handshakeTimeoutMs);
+    this.negotiate().catch(() => {
+      if (this.phase === 'handshake') this.socket.destroy();
+    });
+  }
+
+  /** The export this client is connected to (after the handshake). */
+  get export(): NbdExport | null {
+    return this.exp;
+  }
+
+  /** Drops the connection now; resolves when requests already running have finished. */
+  abort(_reason: string): Promise<void> {
+    this.socket.destroy();
+    return this.idle();
+  }
+
+  private idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  private closed(): void {
+    if (this.phase === 'closed') return;
+    this.phase = 'closed';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.queue.fail();
+    this.queue.clear();
+    this.awaiting = null;
+    this.exp?.clients.delete(this);
+    this.onGone(this);
+  }
+
+  // ---------------------------------------------------------------- handshake
+
+  private send(b: Buffer): void {
+    if (!this.socket.destroyed) this.socket.write(b);
+  }
+
+  private optReply(opt: number, type: number, data?: Buffer): void {
+    const h = Buffer.allocUnsafe(20);
+    h.writeBigUInt64BE(OPT_REPLY_MAGIC, 0);
+    h.writeUInt32BE(opt, 8);
+    h.writeUInt32BE(type >>> 0, 12);
+    h.writeUInt32BE(data ? data.length : 0, 16);
+    this.send(data ? Buffer.concat([h, data]) : h);
+  }
+
+  private optError(opt: number, type: number, message: string): void {
+    this.optReply(opt, type, Buffer.from(message));
+  }
+
+  private async negotiate(): Promise<void> {
+    const hello = Buffer.allocUnsafe(18);
+    hello.writeBigUInt64BE(NBDMAGIC, 0);
+    hello.writeBigUInt64BE(IHAVEOPT, 8);
+    hello.writeUInt16BE(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 16);
+    this.send(hello);
+    const clientFlags = (await this.queue.read(4)).readUInt32BE(0);
+    if (clientFlags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES))
+      throw new ProtocolViolation('unknown client flags');
+    this.noZeroes = (clientFlags & FLAG_C_NO_ZEROES) !== 0;
+    const fixed = (clientFlags & FLAG_C_FIXED_NEWSTYLE) !== 0;
+    for (;;) {
+      const h = await this.queue.read(16);
+      if (h.readBigUInt64BE(0) !== IHAVEOPT) throw new ProtocolViolation('bad option magic');
+      const opt = h.readUInt32BE(8);
+      const len = h.readUInt32BE(12);
+      if (!fixed && opt !== Opt.EXPORT_NAME)
+        throw new ProtocolViolation('only NBD_OPT_EXPORT_NAME without fixed newstyle');
+      if (len > MAX_OPTION_LENGTH) {
+        if (opt === Opt.EXPORT_NAME) throw new ProtocolViolation('export name too long');
+        for (let left = len; left > 0; left -= Math.min(left, 65536))
+          await this.queue.read(Math.min(left, 65536));
+        this.optError(opt, Rep.ERR_TOO_BIG, `Option ${opt} payload of ${len} bytes is too long`);
+        continue;
+      }
+      const data = Buffer.from(await this.queue.read(len));
+      if (this.ctx.tlsCreds && !this.tlsActive && opt !== Opt.STARTTLS && opt !== Opt.ABORT) {
+        if (opt === Opt.EXPORT_NAME) throw new ProtocolViolation('TLS required');
+        this.optError(opt, Rep.ERR_TLS_REQD, 'Option not permitted before TLS');
+        continue;
+      }
+      switch (opt) {
+        case Opt.EXPORT_NAME: {
+          const exp = this.ctx.findExport(data.toString());
+          if (!exp?.acceptsClient()) throw new ProtocolViolation('no such export');
+          const flags = exp.transmissionFlags(this.structured);
+          const r = Buffer.alloc(this.noZeroes ? 10 : 134);
+          r.writeBigUInt64BE(BigInt(exp.size()), 0);
+          r.writeUInt16BE(flags, 8);
+          this.send(r);
+          this.enterTransmission(exp);
+          return;
+        }
+        case Opt.ABORT:
+          this.optReply(opt, Rep.ACK);
+          this.socket.end();
+          return;
+        case Opt.LIST:
+          if (len !== 0) {
+            this.optError(opt, Rep.ERR_INVALID, 'NBD_OPT_LIST takes no data');
+            break;
+          }
+          for (const exp of this.ctx.listExports()) {
+            const name = Buffer.from(exp.name);
+            const b = Buffer.allocUnsafe(4 + name.length);
+            b.writeUInt32BE(name.length, 0);
+            name.copy(b, 4);
+            this.optReply(
+              opt,
+              Rep.SERVER,
+              exp.description ? Buffer.concat([b, Buffer.from(exp.description)]) : b,
+            );
+          }
+          this.optReply(opt, Rep.ACK);
+          break;
+        case Opt.STARTTLS:
+          if (!this.ctx.tlsCreds) this.optError(opt, Rep.ERR_POLICY, 'TLS not configured');
+          else if (len !== 0) this.optError(opt, Rep.ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          else if (this.tlsActive) this.optError(opt, Rep.ERR_INVALID, 'TLS already active');
+          else {
+            this.optReply(opt, Rep.ACK);
+            await this.startTls(this.ctx.tlsCreds);
+          }
+          break;
+        case Opt.STRUCTURED_REPLY:
+          if (len !== 0) this.optError(opt, Rep.ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+          else if (this.structured)
+            this.optError(opt, Rep.ERR_INVALID, 'structured replies already negotiated');
+          else {
+            this.structured = true;
+            this.optReply(opt, Rep.ACK);
+          }
+          break;
+        case Opt.INFO:
+        case Opt.GO:
+          if (this.handleInfo(opt, data)) return;
+          break;
+        case Opt.LIST_META_CONTEXT:
+        case Opt.SET_META_CONTEXT:
+          this.handleMetaContext(opt, data);
+          break;
+        default:
+          this.optError(opt, Rep.ERR_UNSUP, `Unsupported option ${opt}`);
+      }
+    }
+  }
+
+  private async startTls(creds: NbdTlsCreds): Promise<void> {
+    if (this.queue.length !== 0) throw new ProtocolViolation('data sent before the TLS handshake');
+    const raw = this.socket;
+    this.detachListeners(raw);
+    const secure = new tls.TLSSocket(raw, creds.serverOptions());
+    this.socket = secure;
+    this.attach(secure);
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secure', resolve);
+      secure.once('error', reject);
+      secure.once('close', () => reject(new ProtocolViolation('closed during the TLS handshake')));
+    });
+    this.tlsActive = true;
+  }
+
+  /** NBD_OPT_INFO / NBD_OPT_GO; returns true when the client moved to transmission. */
+  private handleInfo(opt: number, data: Buffer): boolean {
+    if (data.length < 6) {
+      this.optError(opt, Rep.ERR_INVALID, 'option too short');
+      return false;
+    }
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > MAX_STRING || 4 + nameLen + 2 > data.length) {
+      this.optError(opt, Rep.ERR_INVALID, 'bad export name length');
+      return false;
+    }
+    const name = data.toString('utf8', 4, 4 + nameLen);
+    const nreq = data.readUInt16BE(4 + nameLen);
+    if (4 + nameLen + 2 + 2 * nreq !== data.length) {
+      this.optError(opt, Rep.ERR_INVALID, 'bad number of information requests');
+      return false;
+    }
+    const reqs = new Set<number>();
+    for (let i = 0; i < nreq; i++) reqs.add(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
+    const exp = this.ctx.findExport(name);
+    if (!exp) {
+      this.optError(opt, Rep.ERR_UNKNOWN, `export '${name}' not present`);
+      return false;
+    }
+    if (opt === Opt.GO && !exp.acceptsClient()) {
+      this.optError(opt, Rep.ERR_POLICY, `export '${name}' has reached its connection limit`);
+      return false;
+    }
+    const ex = Buffer.allocUnsafe(12);
+    ex.writeUInt16BE(Info.EXPORT, 0);
+    ex.writeBigUInt64BE(BigInt(exp.size()), 2);
+    ex.writeUInt16BE(exp.transmissionFlags(this.structured), 10);
+    this.optReply(opt, Rep.INFO, ex);
+    if (reqs.has(Info.NAME)) {
+      const n = Buffer.from(exp.name);
+      const b = Buffer.allocUnsafe(2 + n.length);
+      b.writeUInt16BE(Info.NAME, 0);
+      n.copy(b, 2);
+      this.optReply(opt, Rep.INFO, b);
+    }
+    if (reqs.has(Info.DESCRIPTION) && exp.description) {
+      const d = Buffer.from(exp.description);
+      const b = Buffer.allocUnsafe(2 + d.length);
+      b.writeUInt16BE(Info.DESCRIPTION, 0);
+      d.copy(b, 2);
+      this.optReply(opt, Rep.INFO, b);
+    }
+    // Block sizes go out whether asked for or not (the spec allows it; clients use them).
+    const sizes = exp.blockSizes();
+    const bs = Buffer.allocUnsafe(14);
+    bs.writeUInt16BE(Info.BLOCK_SIZE, 0);
+    bs.writeUInt32BE(sizes.min, 2);
+    bs.writeUInt32BE(sizes.preferred, 6);
+    bs.writeUInt32BE(sizes.max, 10);
+    this.optReply(opt, Rep.INFO, bs);
+    this.optReply(opt, Rep.ACK);
+    if (opt !== Opt.GO) return false;
+    this.blockSizeAcked = reqs.has(Info.BLOCK_SIZE);
+    if (this.contextExport !== name) this.contexts = [];
+    this.enterTransmission(exp);
+    return true;
+  }
+
+  private handleMetaContext(opt: number, data: Buffer): void {
+    const list = opt === Opt.LIST_META_CONTEXT;
+    if (!this.structured) {
+      this.optError(opt, Rep.ERR_INVALID, 'request structured replies first');
+      return;
+    }
+    const bad = (why: string) => this.optError(opt, Rep.ERR_INVALID, why);
+    if (data.length < 8) {
+      bad('option too short');
+      return;
+    }
+    const nameLen = data.readUInt32BE(0);
+    if (nameLen > MAX_STRING || 4 + nameLen + 4 > data.length) {
+      bad('bad export name length');
+      return;
+    }
+    const name = data.toString('utf8', 4, 4 + nameLen);
+    const nq = data.readUInt32BE(4 + nameLen);
+    const queries: string[] = [];
+    let pos = 8 + nameLen;
+    for (let i = 0; i < nq; i++) {
+      if (pos + 4 > data.length) {
+        bad('truncated query list');
+        return;
+      }
+      const ql = data.readUInt32BE(pos);
+      if (ql > MAX_STRING || pos + 4 + ql > data.length) {
+        bad('bad query length');
+        return;
+      }
+      queries.push(data.toString('utf8', pos + 4, pos + 4 + ql));
+      pos += 4 + ql;
+    }
+    if (pos !== data.length) {
+      bad('trailing data after the queries');
+      return;
+    }
+    const exp = this.ctx.findExport(name);
+    if (!exp) {
+      this.optError(opt, Rep.ERR_UNKNOWN, `export '${name}' not present`);
+      return;
+    }
+    const offered = exp.contextNames();
+    const selected: string[] = [];
+    const pick = (n: string) => {
+      if (!selected.includes(n)) selected.push(n);
+    };
+    if (list && queries.length === 0) offered.forEach(pick);
+    for (const q of queries) {
+      for (const n of offered) {
+        // A bare namespace lists everything in it; selection needs exact names.
+        const prefixMatch =
+          list && (q === 'base:' || q === 'qemu:' || q === CONTEXT_DIRTY_BITMAP_PREFIX) && n.startsWith(q);
+        if (n === q || prefixMatch) pick(n);
+      }
+    }
+    const ctxs = selected.map((n) => ({
+      id: n === CONTEXT_BASE_ALLOCATION ? CTX_BASE : CTX_BITMAP,
+      name: n,
+    }));
+    for (const c of ctxs) {
+      const nb = Buffer.from(c.name);
+      const b = Buffer.allocUnsafe(4 + nb.length);
+      b.writeUInt32BE(list ? 0 : c.id, 0);
+      nb.copy(b, 4);
+      this.optReply(opt, Rep.META_CONTEXT, b);
+    }
+    this.optReply(opt, Rep.ACK);
+    if (!list) {
+      this.contexts = ctxs;
+      this.contextExport = name;
+    }
+  }
+
+  private enterTransmission(exp: NbdExport): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.exp = exp;
+    exp.clients.add(this);
+    this.sizes = exp.blockSizes();
+    this.phase = 'transmission';
+    // Requests may already have arrived behind the last option.
+    setImmediate(() => this.pump());
+  }
+
+  // ---------------------------------------------------------------- transmission
+
+  private throttled(): boolean {
+    return (
+      this.inFlight >= MAX_IN_FLIGHT ||
+      this.inFlightBytes >= MAX_IN_FLIGHT_BYTES ||
+      this.socket.writableLength >= MAX_UNSENT_BYTES
+    );
+  }
+
+  private maybeResume(): void {
+    if (!this.paused || this.phase !== 'transmission' || this.throttled()) return;
+    this.paused = false;
+    this.socket.resume();
+    this.pump();
+  }
+
+  /** Parses and starts every complete request queued (stops when throttled). */
+  private pump(): void {
+    const q = this.queue;
+    while (this.phase === 'transmission') {
+      if (this.discardLeft > 0) {
+        this.discardLeft -= q.skip(this.discardLeft);
+        if (this.discardLeft > 0) return;
+        const reply = this.afterDiscard;
+        this.afterDiscard = null;
+        reply?.();
+        continue;
+      }
+      const w = this.awaiting;
+      if (w) {
+        if (q.length < w.length) return;
+        this.awaiting = null;
+        this.startWrite(w.hi, w.lo, w.offset, w.length, w.flags, q.takeIov(w.length));
+        continue;
+      }
+      if (this.throttled()) {
+        if (!this.paused) {
+          this.paused = true;
+          this.socket.pause();
+        }
+        return;
+      }
+      if (q.length < REQUEST_SIZE) return;
+      const h = q.take(REQUEST_SIZE);
+      if (h.readUInt32BE(0) !== REQUEST_MAGIC) {
+        this.violation();
+        return;
+      }
+      const flags = h.readUInt16BE(4);
+      const type = h.readUInt16BE(6);
+      const hi = h.readUInt32BE(8);
+      const lo = h.readUInt32BE(12);
+      // Offsets past 2^53 lose precision but stay past any export: they still fail the range check.
+      const offset = h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20);
+      const length = h.readUInt32BE(24);
+      this.request(type, flags, hi, lo, offset, length);
+    }
+  }
+
+  private violation(): void {
+    this.phase = 'closed';
+    this.socket.destroy();
+  }
+
+  /** Validates a request: 0, or the NBD error to answer it with. */
+  private check(type: number, flags: number, offset: number, length: number): number {
+    const exp = this.exp!;
+    const allowed = ALLOWED_FLAGS[type];
+    if (allowed === undefined) return NbdErr.EINVAL;
+    if (flags & ~allowed) return NbdErr.EINVAL;
+    if (flags & CmdFlag.DF && !this.structured) return NbdErr.EINVAL;
+    const writes = type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES;
+    if (writes && !exp.writable) return NbdErr.EPERM;
+    if (type === Cmd.FLUSH) return 0;
+    if ((type === Cmd.READ || type === Cmd.WRITE) && length > this.sizes.max) return NbdErr.EINVAL;
+    if (type === Cmd.BLOCK_STATUS && (!this.structured || this.contexts.length === 0 || length === 0)) {
+      return NbdErr.EINVAL;
+    }
+    let size: number;
+    try {
+      size = exp.size();
+    } catch {
+      return NbdErr.ESHUTDOWN;
+    }
+    if (offset > size || length > size - offset) {
+      return type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? NbdErr.ENOSPC : NbdErr.EINVAL;
+    }
+    const min = this.sizes.min;
+    if (this.blockSizeAcked && min > 1 && type !== Cmd.BLOCK_STATUS) {
+      if (offset % min !== 0 || (length % min !== 0 && offset + length !== size)) return NbdErr.EINVAL;
+    }
+    return 0;
+  }
+
+  private request(type: number, flags: number, hi: number, lo: number, offset: number, length: number): void {
+    if (type === Cmd.DISC) {
+      this.phase = 'disconnecting';
+      void this.idle().then(() => this.socket.end());
+      return;
+    }
+    const err = this.check(type, flags, offset, length);
+    if (type === Cmd.WRITE) {
+      if (err) {
+        // The payload must be consumed (never written) before the stream is in step again.
+        this.discardLeft = length;
+        this.afterDiscard = () => this.replyError(hi, lo, err, 'invalid write request');
+        return;
+      }
+      this.inFlightBytes += length;
+      this.awaiting = { hi, lo, offset, length, flags };
+      return;
+    }
+    if (err) {
+      this.replyError(hi, lo, err, err === NbdErr.EINVAL ? 'invalid request' : 'request refused');
+      return;
+    }
+    this.begin(length);
+    let p: Promise<void>;
+    switch (type) {
+      case Cmd.READ:
+        p = this.doRead(hi, lo, offset, length, flags);
+        break;
+      case Cmd.FLUSH:
+        p = this.simpleOp(hi, lo, () => this.exp!.backend.flush());
+        break;
+      case Cmd.TRIM:
+        p = this.simpleOp(hi, lo, async () => {
+          await this.exp!.backend.discard(offset, length);
+          if (flags & CmdFlag.FUA) await this.exp!.backend.flush();
+        });
+        break;
+      case Cmd.WRITE_ZEROES: {
+        let rf = flags & CmdFlag.NO_HOLE ? 0 : ReqFlags.MAY_UNMAP;
+        if (flags & CmdFlag.FUA) rf |= ReqFlags.FUA;
+        if (flags & CmdFlag.FAST_ZERO) rf |= ReqFlags.FAST_ZERO;
+        p = this.simpleOp(hi, lo, () => this.exp!.backend.writeZeroes(offset, length, rf));
+        break;
+      }
+      case Cmd.CACHE:
+        // Advisory: the data is read by the next READ anyway; there is no cache to fill.
+        p = this.simpleOp(hi, lo, async () => {});
+        break;
+      case Cmd.BLOCK_STATUS:
+        p = this.doBlockStatus(hi, lo, offset, length, flags);
+        break;
+      default:
+        p = Promise.resolve();
+    }
+    p.catch(() => {}).finally(() => this.end(length));
+  }
+
+  private begin(bytes: number): void {
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+  }
+
+  private end(bytes: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    if (this.inFlight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+    if (this.paused) this.maybeResume();
+  }
+
+  private startWrite(
+    hi: number,
+    lo: number,
+    offset: number,
+    length: number,
+    flags: number,
+    iov: Buffer[],
+  ): void {
+    // inFlightBytes already counts the payload since its header arrived.
+    this.inFlight++;
+    const rf = flags & CmdFlag.FUA ? ReqFlags.FUA : 0;
+    this.exp!.backend.write(offset, iov, rf).then(
+      () => {
+        this.replySimple(hi, lo, 0);
+        this.end(length);
+      },
+      (e) => {
+        this.replyFailure(hi, lo, e);
+        this.end(length);
+      },
+    );
+  }
+
+  private async simpleOp(hi: number, lo: number, op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+      this.replySimple(hi, lo, 0);
+    } catch (e) {
+      this.replyFailure(hi, lo, e);
+    }
+  }
+
+  private replySimple(hi: number, lo: number, err: number): void {
+    if (this.phase === 'closed') return;
+    const b = Buffer.allocUnsafe(16);
+    b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    b.writeUInt32BE(err, 4);
+    b.writeUInt32BE(hi, 8);
+    b.writeUInt32BE(lo, 12);
+    this.send(b);
+  }
+
+  private structuredHeader(
+    b: Buffer,
+    at: number,
+    flags: number,
+    type: number,
+    hi: number,
+    lo: number,
+    len: number,
+  ): void {
+    b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, at);
+    b.writeUInt16BE(flags, at + 4);
+    b.writeUInt16BE(type, at + 6);
+    b.writeUInt32BE(hi, at + 8);
+    b.writeUInt32BE(lo, at + 12);
+    b.writeUInt32BE(len, at + 16);
+  }
+
+  /** An error reply: a structured error chunk (with the message) when negotiated, else simple. */
+  private replyError(hi: number, lo: number, err: number, message: string): void {
+    if (this.phase === 'closed') return;
+    if (!this.structured) {
+      this.replySimple(hi, lo, err);
+      return;
+    }
+    const msg = Buffer.from(message.slice(0, 1024));
+    const b = Buffer.allocUnsafe(20 + 6 + msg.length);
+    this.structuredHeader(b, 0, REPLY_FLAG_DONE, ReplyType.ERROR, hi, lo, 6 + msg.length);
+    b.writeUInt32BE(err, 20);
+    b.writeUInt16BE(msg.length, 24);
+    msg.copy(b, 26);
+    this.send(b);
+  }
+
+  private replyFailure(hi: number, lo: number, e: unknown): void {
+    const be = toBlockError(e);
+    this.replyError(hi, lo, errnoToNbd(be.errno), be.message);
+  }
+
+  private async doRead(hi: number, lo: number, offset: number, length: number, flags: number): Promise<void> {
+    const backend = this.exp!.backend;
+    if (this.structured && length >= SPARSE_READ_MIN && !(flags & CmdFlag.DF)) {
+      if (await this.sparseRead(hi, lo, offset, length)) return;
+    }
+    const hdr = this.structured ? 28 : 16;
+    if (length === 0) {
+      if (!this.structured) {
+        this.replySimple(hi, lo, 0);
+        return;
+      }
+      const b = Buffer.allocUnsafe(20);
+      this.structuredHeader(b, 0, REPLY_FLAG_DONE, ReplyType.NONE, hi, lo, 0);
+      this.send(b);
+      return;
+    }
+    // Header and data in one buffer: one allocation, one socket write, no copy of the data.
+    const buf = Buffer.allocUnsafe(hdr + length);
+    try {
+      await backend.readv(offset, [buf.subarray(hdr)]);
+    } catch (e) {
+      this.replyFailure(hi, lo, e);
+      return;
+    }
+    if (this.phase === 'closed') return;
+    if (this.structured) {
+      this.structuredHeader(buf, 0, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, hi, lo, 8 + length);
+      buf.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
+      buf.writeUInt32BE(offset >>> 0, 24);
+    } else {
+      buf.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+      buf.writeUInt32BE(0, 4);
+      buf.writeUInt32BE(hi, 8);
+      buf.writeUInt32BE(lo, 12);
+    }
+    this.send(buf);
+  }
+
+  /**
+   * A large structured read over holes: zero extents go out as OFFSET_HOLE chunks, the rest as
+   * OFFSET_DATA. Returns false (nothing sent) when the range is all data.
+   */
+  private async sparseRead(hi: number, lo: number, offset: number, length: number): Promise<boolean> {
+    const backend = this.exp!.backend;
+    const extents: { offset: number; bytes: number; zero: boolean }[] = [];
+    try {
+      for (let pos = offset; pos < offset + length; ) {
+        const st = await contentStatus(backend, pos, offset + length - pos);
+        if (st.bytes <= 0) return false;
+        const zero = st.zero;
+        const last = extents[extents.length - 1];
+        if (last && last.zero === zero) last.bytes += st.bytes;
+        else extents.push({ offset: pos, bytes: st.bytes, zero });
+        pos += st.bytes;
+      }
+    } catch {
+      return false;
+    }
+    if (!extents.some((e) => e.zero)) return false;
+    const chunks: Buffer[] = [];
+    try {
+      await Promise.all(
+        extents.map(async (e, i) => {
+          const b = Buffer.allocUnsafe(e.zero ? 32 : 28 + e.bytes);
+          if (!e.zero) await backend.readv(e.offset, [b.subarray(28)]);
+          chunks[i] = b;
+        }),
+      );
+    } catch (e) {
+      this.replyFailure(hi, lo, e);
+      return true;
+    }
+    extents.forEach((e, i) => {
+      const b = chunks[i]!;
+      const done = i === extents.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (e.zero) {
+        this.structuredHeader(b, 0, done, ReplyType.OFFSET_HOLE, hi, lo, 12);
+        b.writeUInt32BE(e.bytes, 28);
+      } else {
+        this.structuredHeader(b, 0, done, ReplyType.OFFSET_DATA, hi, lo, 8 + e.bytes);
+      }
+      b.writeUInt32BE(Math.floor(e.offset / 0x100000000), 20);
+      b.writeUInt32BE(e.offset >>> 0, 24);
+    });
+    if (this.phase === 'closed') return true;
+    this.socket.cork();
+    for (const b of chunks) this.send(b);
+    this.socket.uncork();
+    return true;
+  }
+
+  private async doBlockStatus(
+    hi: number,
+    lo: number,
+    offset: number,
+    length: number,
+    flags: number,
+  ): Promise<void> {
+    const max = flags & CmdFlag.REQ_ONE ? 1 : MAX_EXTENTS;
+    const payloads: Buffer[] = [];
+    try {
+      for (const c of this.contexts) {
+        const ext =
+          c.id === CTX_BASE
+            ? await this.baseExtents(offset, length, max)
+            : this.bitmapExtents(offset, length, max);
+        const b = Buffer.allocUnsafe(20 + 4 + 8 * (ext.length / 2));
+        b.writeUInt32BE(c.id, 20);
+        for (let i = 0; i < ext.length; i++) b.writeUInt32BE(ext[i]!, 24 + 4 * i);
+        payloads.push(b);
+      }
+    } catch (e) {
+      this.replyFailure(hi, lo, e);
+      return;
+    }
+    payloads.forEach((b, i) => {
+      const done = i === payloads.length - 1 ? REPLY_FLAG_DONE : 0;
+      this.structuredHeader(b, 0, done, ReplyType.BLOCK_STATUS, hi, lo, b.length - 20);
+    });
+    if (this.phase === 'closed') return;
+    this.socket.cork();
+    for (const b of payloads) this.send(b);
+    this.socket.uncork();
+  }
+
+  /** base:allocation descriptors as [length, flags, length, flags, ...]. */
+  private async baseExtents(offset: number, length: number, max: number): Promise<number[]> {
+    const backend = this.exp!.backend;
+    const out: number[] = [];
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const st = await contentStatus(backend, pos, end - pos);
+      if (st.bytes <= 0) break;
+      const f = (st.data ? 0 : STATE_HOLE) | (st.zero ? STATE_ZERO : 0);
+      const n = out.length;
+      if (n > 0 && out[n - 1] === f) out[n - 2]! += st.bytes;
+      else {
+        if (n / 2 >= max) break;
+        out.push(st.bytes, f);
+      }
+      pos += st.bytes;
+    }
+    if (out.length === 0) out.push(length, 0);
+    return out;
+  }
+
+  /** qemu:dirty-bitmap descriptors: dirty extents flagged 1, clean ones 0. */
+  private bitmapExtents(offset: number, length: number, max: number): number[] {
+    const bm = this.exp!.bitmap!;
+    const out: number[] = [];
+    const end = offset + length;
+    let pos = offset;
+    const add = (bytes: number, f: number) => {
+      if (bytes <= 0 || out.length / 2 >= max) return;
+      out.push(bytes, f);
+    };
+    for (const [s, n] of bm.dirtyExtents(offset, length)) {
+      add(s - pos, 0);
+      add(n, STATE_DIRTY);
+      pos = s + n;
+      if (out.length / 2 >= max) break;
+    }
+    if (pos < end) add(end - pos, 0);
+    if (out.length === 0) out.push(length, 0);
+    return out;
+  }
+}

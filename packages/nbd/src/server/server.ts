@@ -1,0 +1,175 @@
+import { EventEmitter } from 'node:events';
+import { unlinkSync } from 'node:fs';
+import * as net from 'node:net';
+import { BlockError, type BlockGraph } from '@blockrep/block';
+import type { NbdTlsCreds } from '../tls';
+import { NbdServerConnection } from './connection';
+import { NbdExport, type NbdExportInfo, type NbdExportOptions } from './export';
+
+/** Where a server listens (QAPI's SocketAddress, the inet and unix variants). */
+export type NbdSocketAddress =
+  | { type: 'inet'; host: string; port: number | string }
+  | { type: 'unix'; path: string };
+
+export interface NbdListenOptions {
+  /** Require TLS on this listener (clients must NBD_OPT_STARTTLS first). */
+  tlsCreds?: NbdTlsCreds;
+  /** Most simultaneous connections on this listener; more are refused (0: no limit). */
+  maxConnections?: number;
+}
+
+export interface NbdServerOptions {
+  /** A client that has not finished the handshake by then is dropped (QEMU: 10 s). */
+  handshakeTimeoutMs?: number;
+}
+
+interface Listener {
+  server: net.Server;
+  address: NbdSocketAddress;
+}
+
+/** How removeExport treats connected clients (QAPI's BlockExportRemoveMode). */
+export type NbdRemoveMode = 'safe' | 'hard';
+
+/**
+ * An NBD server: listeners (TCP and Unix, each optionally TLS-only) and the exports they serve.
+ * Events: `'export-deleted' (info: NbdExportInfo)` once an export is gone for good — removed,
+ * its node closed, or the server closed (QEMU's BLOCK_EXPORT_DELETED).
+ */
+export class NbdServer extends EventEmitter {
+  private readonly sockets: Listener[] = [];
+  private readonly exportMap = new Map<string, NbdExport>();
+  private readonly connections = new Set<NbdServerConnection>();
+  private readonly handshakeTimeoutMs: number;
+
+  constructor(
+    readonly graph: BlockGraph,
+    opts: NbdServerOptions = {},
+  ) {
+    super();
+    this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
+  }
+
+  /**
+   * Starts listening; resolves with the bound address (port 0 picks a free port). A Unix socket
+   * path that exists is replaced.
+   */
+  async listen(addr: NbdSocketAddress, opts: NbdListenOptions = {}): Promise<NbdSocketAddress> {
+    if (opts.tlsCreds && opts.tlsCreds.endpoint !== 'server') {
+      throw new BlockError('Expecting TLS credentials with a server endpoint');
+    }
+    const ctx = {
+      findExport: (name: string) => this.findExport(name),
+      listExports: () => [...this.exportMap.values()].filter((e) => !e.shuttingDown),
+      tlsCreds: opts.tlsCreds,
+      handshakeTimeoutMs: this.handshakeTimeoutMs,
+    };
+    const server = net.createServer((socket) => {
+      const conn = new NbdServerConnection(socket, ctx, (c) => this.connections.delete(c));
+      this.connections.add(conn);
+      conn.start();
+    });
+    if (opts.maxConnections) server.maxConnections = opts.maxConnections;
+    server.on('error', () => {});
+    await new Promise<void>((resolve, reject) => {
+      const fail = (e: Error) => reject(new BlockError(`Failed to listen: ${e.message}`, { cause: e }));
+      server.once('error', fail);
+      if (addr.type === 'unix') {
+        try {
+          unlinkSync(addr.path);
+        } catch {
+          // nothing to replace
+        }
+        server.listen(addr.path, () => resolve());
+      } else {
+        const port = typeof addr.port === 'string' ? Number.parseInt(addr.port, 10) : addr.port;
+        if (!Number.isInteger(port) || port < 0 || port > 65535) {
+          reject(new BlockError(`Invalid port '${addr.port}'`));
+          return;
+        }
+        server.listen(port, addr.host, () => resolve());
+      }
+      server.once('listening', () => server.off('error', fail));
+    });
+    const bound = server.address();
+    const address: NbdSocketAddress =
+      addr.type === 'unix' || typeof bound !== 'object' || bound === null
+        ? addr
+        : { type: 'inet', host: addr.host, port: bound.port };
+    this.sockets.push({ server, address });
+    return address;
+  }
+
+  /** The addresses the server listens on. */
+  addresses(): NbdSocketAddress[] {
+    return this.sockets.map((l) => l.address);
+  }
+
+  private findExport(name: string): NbdExport | undefined {
+    const e = this.exportMap.get(name);
+    return e && !e.shuttingDown ? e : undefined;
+  }
+
+  /** Exports a node (nbd-server-add / block-export-add type=nbd). */
+  addExport(opts: NbdExportOptions): NbdExportInfo {
+    const name = opts.name ?? (typeof opts.node === 'string' ? opts.node : opts.node.nodeName);
+    if (this.exportMap.has(name)) throw new BlockError(`NBD server already has export named '${name}'`);
+    const id = opts.id ?? name;
+    for (const e of this.exportMap.values()) {
+      if (e.id === id) throw new BlockError(`Block export id '${id}' is already in use`);
+    }
+    const exp = new NbdExport(this.graph, { ...opts, name, id }, (x) => {
+      void this.deleteExport(x);
+    });
+    this.exportMap.set(name, exp);
+    return exp.info();
+  }
+
+  private lookupExport(idOrName: string): NbdExport {
+    for (const e of this.exportMap.values()) if (e.id === idOrName) return e;
+    const e = this.exportMap.get(idOrName);
+    if (!e) throw new BlockError(`Export '${idOrName}' is not found`);
+    return e;
+  }
+
+  /**
+   * Removes an export. 'safe' refuses while clients are connected; 'hard' drops them first.
+   * Resolves once the export is gone and 'export-deleted' has been emitted.
+   */
+  async removeExport(idOrName: string, mode: NbdRemoveMode = 'safe'): Promise<void> {
+    const exp = this.lookupExport(idOrName);
+    if (exp.shuttingDown) throw new BlockError(`Export '${exp.id}' is already shutting down`);
+    if (mode === 'safe' && exp.clients.size > 0) {
+      throw new BlockError(`export '${exp.id}' still in use (use mode='hard' to force client disconnect)`);
+    }
+    await this.deleteExport(exp);
+  }
+
+  private async deleteExport(exp: NbdExport): Promise<void> {
+    if (exp.shuttingDown) return;
+    const info = exp.info();
+    await exp.shutdown();
+    this.exportMap.delete(exp.name);
+    this.emit('export-deleted', { ...info, clients: 0, shuttingDown: true });
+  }
+
+  /** The exports (query-block-exports). */
+  exports(): NbdExportInfo[] {
+    return [...this.exportMap.values()].map((e) => e.info());
+  }
+
+  /** Number of client connections (in any phase). */
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Stops listening, drops every client and removes every export. */
+  async close(): Promise<void> {
+    const listeners = this.sockets.splice(0);
+    // close() resolves only once every connection is gone: stop accepting, then drop them.
+    const stopped = listeners.map((l) => new Promise<void>((r) => l.server.close(() => r())));
+    await Promise.all([...this.connections].map((c) => c.abort('server shutdown')));
+    await Promise.all(stopped);
+    for (const e of [...this.exportMap.values()]) await this.deleteExport(e);
+  }
+}
