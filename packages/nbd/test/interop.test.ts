@@ -107,6 +107,7 @@ describe('our server with QEMU and libnbd tools', () => {
       '--size=4M',
       '--verify=crc32c',
       '--do_verify=1',
+      '--verify_state_save=0',
       '--output-format=json',
     ]);
     const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{')));
