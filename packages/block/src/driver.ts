@@ -110,6 +110,8 @@ export interface BlockDriver {
   flushToOs?(node: BlockNode): Promise<void>;
   /** Make written data durable (fdatasync); skipped with cache.no-flush. */
   flushToDisk?(node: BlockNode): Promise<void>;
+  /** Replaces the generic flush of the node and its children (quorum votes on the result). */
+  flush?(node: BlockNode): Promise<void>;
   blockStatus?(node: BlockNode, offset: number, bytes: number): Promise<BlockStatus>;
   truncate?(node: BlockNode, length: number, opts: TruncateOptions): Promise<void>;
   /** Drop all data so the node reads as empty (through to its backing file). */
@@ -118,6 +120,11 @@ export interface BlockDriver {
   reopenPrepare?(state: ReopenState): Promise<void>;
   reopenCommit?(state: ReopenState): void;
   reopenAbort?(state: ReopenState): Promise<void> | void;
+
+  /** x-blockdev-change: attach an existing node as a new child (quorum). */
+  addChild?(node: BlockNode, child: BlockNode): void;
+  /** x-blockdev-change: detach one child (quorum). */
+  delChild?(node: BlockNode, child: BlockChild): void;
 
   /** Format-specific information for query-named-block-nodes / info. */
   info?(node: BlockNode): Record<string, unknown> | undefined;

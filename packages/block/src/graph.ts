@@ -128,6 +128,7 @@ export class BlockGraph {
   readonly backends = new Set<BlockBackend>();
   private autoCounter = 0;
   private idleWaiters: (() => void)[] = [];
+  private readonly eventListeners = new Set<(name: string, data: Record<string, unknown>) => void>();
   private maybeOrphans = new Set<BlockNode>();
 
   constructor(drivers: BlockDriver[] = []) {
@@ -514,6 +515,40 @@ export class BlockGraph {
     for (const b of [...this.backends]) await b.detach();
     for (const n of this.allNodes()) n.monitorOwned = false;
     for (const n of this.allNodes()) this.noteMaybeOrphan(n);
+    await this.collectGarbage();
+  }
+
+  // ---- events ----
+
+  /** Subscribes to the block layer's QMP events (QUORUM_FAILURE, ...); returns an unsubscribe. */
+  onEvent(listener: (name: string, data: Record<string, unknown>) => void): () => void {
+    this.eventListeners.add(listener);
+    return () => this.eventListeners.delete(listener);
+  }
+
+  emitEvent(name: string, data: Record<string, unknown>): void {
+    for (const l of this.eventListeners) l(name, data);
+  }
+
+  // ---- x-blockdev-change ----
+
+  /** Adds an existing, parentless node as a child of a driver that supports it (quorum). */
+  addDriverChild(parent: BlockNode, child: BlockNode): void {
+    if (!parent.driver.addChild) {
+      throw new BlockError(`The node ${parent.nodeName} does not support adding a child`);
+    }
+    if (child.parents.length > 0) throw new BlockError(`The node ${child.nodeName} already has a parent`);
+    parent.driver.addChild(parent, child);
+  }
+
+  /** Removes one child of a driver that supports it (quorum); the child stays if owned. */
+  async delDriverChild(parent: BlockNode, child: BlockChild): Promise<void> {
+    if (!parent.driver.delChild) {
+      throw new BlockError(`The node ${parent.nodeName} does not support removing a child`);
+    }
+    if (child.parent !== parent)
+      throw new BlockError(`${child.node.nodeName} is not a child of ${parent.nodeName}`);
+    parent.driver.delChild(parent, child);
     await this.collectGarbage();
   }
 

@@ -298,6 +298,7 @@ export async function flush(node: BlockNode): Promise<void> {
   const req = beginRequest(node, 0, 0, false);
   try {
     const drv = node.driver;
+    if (drv.flush) return await drv.flush(node);
     if (drv.flushToOs) await drv.flushToOs(node);
     if (drv.flushToDisk && !node.noFlush) await drv.flushToDisk(node);
     for (const c of node.children) {
