@@ -2,7 +2,17 @@ import { readFileSync } from 'node:fs';
 import { qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdServer } from '../src/index';
-import { Cmd, CmdFlag, NbdErr, Opt, Rep, ReplyType, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TxFlag } from '../src/protocol';
+import {
+  Cmd,
+  CmdFlag,
+  NbdErr,
+  Opt,
+  Rep,
+  ReplyType,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+  TxFlag,
+} from '../src/protocol';
 import { onCleanup, serveImage } from './helpers';
 import { RawNbd } from './raw-client';
 
@@ -132,7 +142,12 @@ describe('protocol violations and hostile clients', () => {
     await c.open('disk', { structured: true, contexts: ['base:allocation'] });
     c.request(Cmd.READ, 0, 1, 4096, 4096);
     const d = await c.chunk();
-    expect(d).toMatchObject({ magic: STRUCTURED_REPLY_MAGIC, type: ReplyType.OFFSET_DATA, flags: 1, handle: 1 });
+    expect(d).toMatchObject({
+      magic: STRUCTURED_REPLY_MAGIC,
+      type: ReplyType.OFFSET_DATA,
+      flags: 1,
+      handle: 1,
+    });
     expect(d.payload.length).toBe(8 + 4096);
     expect(d.payload.subarray(8).every((b) => b === 9)).toBe(true);
     // A large read across data and a hole: the hole comes as OFFSET_HOLE.
@@ -141,7 +156,10 @@ describe('protocol violations and hostile clients', () => {
     while (!(chunks[chunks.length - 1]!.flags & 1)) chunks.push(await c.chunk());
     const holes = chunks.filter((k) => k.type === ReplyType.OFFSET_HOLE);
     expect(holes.length).toBeGreaterThan(0);
-    const covered = chunks.reduce((n, k) => n + (k.type === ReplyType.OFFSET_HOLE ? k.payload.readUInt32BE(8) : k.payload.length - 8), 0);
+    const covered = chunks.reduce(
+      (n, k) => n + (k.type === ReplyType.OFFSET_HOLE ? k.payload.readUInt32BE(8) : k.payload.length - 8),
+      0,
+    );
     expect(covered).toBe(2 * MiB);
     // Errors are structured error chunks with a message.
     c.request(Cmd.READ, 0, 3, 4 * MiB, 512);
@@ -152,7 +170,8 @@ describe('protocol violations and hostile clients', () => {
     const bs = await c.chunk();
     expect(bs.type).toBe(ReplyType.BLOCK_STATUS);
     const desc: number[][] = [];
-    for (let p = 4; p < bs.payload.length; p += 8) desc.push([bs.payload.readUInt32BE(p), bs.payload.readUInt32BE(p + 4)]);
+    for (let p = 4; p < bs.payload.length; p += 8)
+      desc.push([bs.payload.readUInt32BE(p), bs.payload.readUInt32BE(p + 4)]);
     expect(desc[0]).toEqual([512 * 1024, 0]);
     expect(desc.reduce((n, x) => n + x[0]!, 0)).toBe(4 * MiB);
     c.request(Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 5, 0, 4 * MiB);
@@ -243,7 +262,9 @@ describe('export lifecycle', () => {
     srv.server.on('export-deleted', (i) => deleted.push(i.id));
     const { c } = await RawNbd.connect(srv.port);
     await c.open('disk');
-    expect(srv.server.exports()).toMatchObject([{ id: 'disk', name: 'disk', nodeName: 'disk', writable: true, clients: 1 }]);
+    expect(srv.server.exports()).toMatchObject([
+      { id: 'disk', name: 'disk', nodeName: 'disk', writable: true, clients: 1 },
+    ]);
     await expect(srv.server.removeExport('disk', 'safe')).rejects.toThrow(/still in use/);
     await srv.server.removeExport('disk', 'hard');
     await c.closed;

@@ -72,7 +72,7 @@ export class RawNbd {
     b.writeUInt32BE(n.length, 0);
     n.copy(b, 4);
     b.writeUInt16BE(infos.length, 4 + n.length);
-    infos.forEach((t, i) => b.writeUInt16BE(t, 6 + n.length + 2 * i));
+    for (const [i, t] of infos.entries()) b.writeUInt16BE(t, 6 + n.length + 2 * i);
     return b;
   }
 
@@ -89,7 +89,10 @@ export class RawNbd {
   }
 
   /** Fixed newstyle, optional structured replies and contexts, then GO. Returns size and flags. */
-  async open(name: string, opts: { structured?: boolean; contexts?: string[] } = {}): Promise<{ size: number; flags: number }> {
+  async open(
+    name: string,
+    opts: { structured?: boolean; contexts?: string[] } = {},
+  ): Promise<{ size: number; flags: number }> {
     this.clientFlags(3);
     if (opts.structured) {
       this.option(Opt.STRUCTURED_REPLY);
@@ -112,7 +115,14 @@ export class RawNbd {
     return { size, flags };
   }
 
-  request(type: number, flags: number, handle: number, offset: number, length: number, payload?: Buffer): void {
+  request(
+    type: number,
+    flags: number,
+    handle: number,
+    offset: number,
+    length: number,
+    payload?: Buffer,
+  ): void {
     const h = Buffer.alloc(28);
     h.writeUInt32BE(REQUEST_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
