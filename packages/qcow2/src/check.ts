@@ -168,7 +168,9 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
       if (!l2off || l2off % cs) continue;
       const copied = (l1.readUInt32BE(i * 8) & COPIED) !== 0;
       if (copied !== (stored(l2off / cs) === 1)) {
-        err(`OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l2off.toString(16)} refcount=${stored(l2off / cs)}`);
+        err(
+          `OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l2off.toString(16)} refcount=${stored(l2off / cs)}`,
+        );
       }
       const l2 = l2Seen.get(l2off);
       if (!l2) continue;
@@ -243,7 +245,10 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
 }
 
 /** The snapshot table: its size in bytes and each snapshot's L1 table. */
-async function readSnapshots(s: Qcow2Storage, h: Qcow2Header): Promise<{ tableBytes: number; l1s: { off: number; size: number }[] }> {
+async function readSnapshots(
+  s: Qcow2Storage,
+  h: Qcow2Header,
+): Promise<{ tableBytes: number; l1s: { off: number; size: number }[] }> {
   const l1s: { off: number; size: number }[] = [];
   let pos = h.snapshotsOffset;
   const fileLength = await s.length();
@@ -263,7 +268,11 @@ async function readSnapshots(s: Qcow2Storage, h: Qcow2Header): Promise<{ tableBy
 }
 
 /** Bitmaps (when the autoclear bit says the extension is valid): directory, tables and data. */
-async function countBitmaps(s: Qcow2Storage, h: Qcow2Header, inc: (off: number, bytes: number) => void): Promise<void> {
+async function countBitmaps(
+  s: Qcow2Storage,
+  h: Qcow2Header,
+  inc: (off: number, bytes: number) => void,
+): Promise<void> {
   if (!(h.autoclear & 1n)) return;
   const ext = h.extensions.find((e) => e.type === Ext.BITMAPS);
   if (!ext || ext.data.length < 24) return;

@@ -45,7 +45,11 @@ export function entryOffset(hi: number, lo: number): number {
 }
 
 /** Host offset and byte length of a compressed cluster's data. */
-export function compressedExtent(hi: number, lo: number, clusterBits: number): { offset: number; bytes: number } {
+export function compressedExtent(
+  hi: number,
+  lo: number,
+  clusterBits: number,
+): { offset: number; bytes: number } {
   const v = (BigInt(hi) << 32n) | BigInt(lo);
   const x = BigInt(70 - clusterBits);
   const offset = Number(v & ((1n << x) - 1n));
@@ -54,7 +58,11 @@ export function compressedExtent(hi: number, lo: number, clusterBits: number): {
 }
 
 /** The host clusters a compressed cluster's data touches. */
-export function compressedClusters(hi: number, lo: number, img: { clusterBits: number; cs: number }): [number, number] {
+export function compressedClusters(
+  hi: number,
+  lo: number,
+  img: { clusterBits: number; cs: number },
+): [number, number] {
   const { offset, bytes } = compressedExtent(hi, lo, img.clusterBits);
   const first = Math.floor(offset / img.cs);
   const last = Math.floor((offset + bytes - 1) / img.cs);
@@ -83,10 +91,14 @@ export async function lookup(img: Qcow2Image, offset: number, maxBytes: number):
     const copied = (hi & COPIED) !== 0;
     const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
     if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
-      img.corruptEvent(`Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+      img.corruptEvent(
+        `Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
+      );
     }
     if (type === ClusterType.NORMAL && host + cs > img.fileEnd) {
-      img.corruptEvent(`Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+      img.corruptEvent(
+        `Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
+      );
     }
     let n = 1;
     if (type !== ClusterType.COMPRESSED) {
@@ -99,9 +111,17 @@ export async function lookup(img: Qcow2Image, offset: number, maxBytes: number):
         if (contiguous && entryOffset(h2, l2) !== host + n * cs) break;
         n++;
       }
-      if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd) n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
+      if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd)
+        n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
     }
-    return { type, host: host ? host + inCluster : 0, bytes: Math.min(limit, n * cs - inCluster), copied, hi, lo };
+    return {
+      type,
+      host: host ? host + inCluster : 0,
+      bytes: Math.min(limit, n * cs - inCluster),
+      copied,
+      hi,
+      lo,
+    };
   } finally {
     img.cache.unpin(e);
   }
@@ -117,7 +137,8 @@ export async function readRange(img: Qcow2Image, offset: number, bytes: number, 
         await img.storage.readv(r.host, r.bytes, dst);
         break;
       case ClusterType.UNALLOCATED:
-        if (img.backing && offset + done < img.backing.length()) await img.backing.readv(offset + done, r.bytes, dst);
+        if (img.backing && offset + done < img.backing.length())
+          await img.backing.readv(offset + done, r.bytes, dst);
         else iovMemset(dst, 0, r.bytes);
         break;
       case ClusterType.COMPRESSED: {
@@ -179,7 +200,8 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     const cEnd = Math.ceil((offset + bytes) / cs) * cs;
     const n = (cEnd - cStart) / cs;
     const { offset: host, fresh } = await img.refcounts.allocateRun(n);
-    if (img.overlapsMetadata(host, n * cs)) img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
+    if (img.overlapsMetadata(host, n * cs))
+      img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
     const head = offset - cStart;
     const tail = cEnd - (offset + bytes);
     const parts: Buffer[] = [];

@@ -24,7 +24,10 @@ export async function inflateCluster(img: Qcow2Image, hi: number, lo: number): P
   try {
     data = await inflateRaw(src, { finishFlush: zlib.constants.Z_SYNC_FLUSH });
   } catch (e) {
-    throw new BlockError(`qcow2: Cannot decompress cluster at host offset ${offset}: ${(e as Error).message}`, { errno: 'EIO' });
+    throw new BlockError(
+      `qcow2: Cannot decompress cluster at host offset ${offset}: ${(e as Error).message}`,
+      { errno: 'EIO' },
+    );
   }
   if (data.length < img.cs) {
     throw new BlockError(`qcow2: Compressed cluster at host offset ${offset} is truncated`, { errno: 'EIO' });

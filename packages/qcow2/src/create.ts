@@ -1,7 +1,17 @@
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
 import { BlockError } from '@blockrep/block';
-import { buildHeader, Compat, l1EntriesFor, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, QCOW2_MAGIC, readU64, writeU64 } from './header';
+import {
+  buildHeader,
+  Compat,
+  l1EntriesFor,
+  MAX_CLUSTER_BITS,
+  MAX_VIRTUAL_SIZE,
+  MIN_CLUSTER_BITS,
+  QCOW2_MAGIC,
+  readU64,
+  writeU64,
+} from './header';
 import { refSet } from './refcount';
 import { FileStorage } from './storage';
 
@@ -56,14 +66,21 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
     throw createError('Refcount width must be a power of two and may not exceed 64 bits');
   }
   if (version === 2 && refcountBits !== 16) {
-    throw createError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
+    throw createError(
+      'Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)',
+    );
   }
   if (version === 2 && opts.lazyRefcounts) {
-    throw createError('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)');
+    throw createError(
+      'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
+    );
   }
-  if (opts.backingFormat && !opts.backingFile) throw createError('Backing format cannot be used without backing file');
+  if (opts.backingFormat && !opts.backingFile)
+    throw createError('Backing format cannot be used without backing file');
   if (opts.backingFile && opts.preallocation === 'metadata') {
-    throw createError('Backing file and preallocation can only be used at the same time if extended_l2 is on');
+    throw createError(
+      'Backing file and preallocation can only be used at the same time if extended_l2 is on',
+    );
   }
   let size = opts.size;
   if (size === undefined) {
@@ -75,7 +92,8 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
       throw createError(`Could not open backing file '${bpath}': ${(e as Error).message}`);
     }
   }
-  if (!Number.isSafeInteger(size) || size < 0 || size > MAX_VIRTUAL_SIZE) throw createError('Image size is out of range');
+  if (!Number.isSafeInteger(size) || size < 0 || size > MAX_VIRTUAL_SIZE)
+    throw createError('Image size is out of range');
   if (size % 512 !== 0) throw createError('Image size must be a multiple of 512 bytes');
 
   const prealloc = opts.preallocation === 'metadata';
@@ -117,7 +135,8 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
   const table = Buffer.alloc(tableClusters * cs);
   for (let i = 0; i < blocks; i++) writeU64(table, i * 8, blocksOff + i * cs);
   const refblocks = Buffer.alloc(blocks * cs);
-  for (let c = 0; c < total; c++) refSet(refblocks.subarray(Math.floor(c / perBlock) * cs), c % perBlock, refcountBits, 1);
+  for (let c = 0; c < total; c++)
+    refSet(refblocks.subarray(Math.floor(c / perBlock) * cs), c % perBlock, refcountBits, 1);
   const l1 = Buffer.alloc(l1Clusters * cs);
   const copied = 0x80000000;
   for (let i = 0; i < l2Tables; i++) {

@@ -57,7 +57,9 @@ export const qcow2Driver: BlockDriver = {
     backing: opt.child('The backing (COW) node; null for none; default: the one named in the header', {
       nullable: true,
     }),
-    'l2-cache-size': opt.size('Maximum bytes of L2 tables to cache (default: the whole image, at most 32 MiB)'),
+    'l2-cache-size': opt.size(
+      'Maximum bytes of L2 tables to cache (default: the whole image, at most 32 MiB)',
+    ),
     'cache-size': opt.size('Maximum metadata cache size (used as the L2 cache size when that is not given)'),
     'refcount-cache-size': opt.size('Accepted for compatibility (refcount blocks are always cached)'),
     'lazy-refcounts': opt.bool('Accepted for compatibility (refcounts are always kept up to date)'),
@@ -66,7 +68,11 @@ export const qcow2Driver: BlockDriver = {
   },
 
   async open(node, opts, ctx) {
-    const file = (await ctx.openChild('file', opts.file, ChildRole.DATA | ChildRole.METADATA | ChildRole.PRIMARY))!;
+    const file = (await ctx.openChild(
+      'file',
+      opts.file,
+      ChildRole.DATA | ChildRole.METADATA | ChildRole.PRIMARY,
+    ))!;
     const l2CacheSize = (opts['l2-cache-size'] ?? opts['cache-size']) as number | undefined;
     let image: Qcow2Image;
     try {
@@ -140,7 +146,14 @@ export const qcow2Driver: BlockDriver = {
     const r = await lookup(image, offset, bytes);
     switch (r.type) {
       case ClusterType.NORMAL:
-        return { bytes: r.bytes, data: true, zero: false, allocated: true, offset: r.host, file: node.file!.node };
+        return {
+          bytes: r.bytes,
+          data: true,
+          zero: false,
+          allocated: true,
+          offset: r.host,
+          file: node.file!.node,
+        };
       case ClusterType.COMPRESSED:
         return { bytes: r.bytes, data: true, zero: false, allocated: true };
       case ClusterType.ZERO_PLAIN:
@@ -156,7 +169,8 @@ export const qcow2Driver: BlockDriver = {
     if (opts.prealloc !== 'off') {
       throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
     }
-    if (length < image.size) throw new BlockError("qcow2 doesn't support shrinking images", { errno: 'ENOTSUP' });
+    if (length < image.size)
+      throw new BlockError("qcow2 doesn't support shrinking images", { errno: 'ENOTSUP' });
     if (length > image.size) await image.grow(length);
   },
 
@@ -166,7 +180,8 @@ export const qcow2Driver: BlockDriver = {
     const image = img(state.node);
     if (state.readOnly && !state.node.readOnly) await image.close();
     if (!state.readOnly && state.node.readOnly) {
-      if (image.corrupt) throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
+      if (image.corrupt)
+        throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
       state.opaque = true;
     }
   },

@@ -161,9 +161,12 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   }
   if (h.refcountOrder > 6) throw corrupt('Reference count entry width too large; may not exceed 64 bits');
   if (h.size > MAX_VIRTUAL_SIZE) throw new BlockError('Image too large', { errno: 'EINVAL' });
-  if (h.cryptMethod !== 0) throw new BlockError('Encrypted qcow2 images are not supported', { errno: 'ENOTSUP' });
+  if (h.cryptMethod !== 0)
+    throw new BlockError('Encrypted qcow2 images are not supported', { errno: 'ENOTSUP' });
   if (h.compressionType !== 0) {
-    throw new BlockError(`Unsupported compression type ${h.compressionType} (only zlib)`, { errno: 'ENOTSUP' });
+    throw new BlockError(`Unsupported compression type ${h.compressionType} (only zlib)`, {
+      errno: 'ENOTSUP',
+    });
   }
 
   parseExtensions(buf, h, cs);
@@ -171,7 +174,10 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   if (unknown) {
     const names: string[] = [];
     for (let bit = 0n; bit < 64n; bit++) {
-      if (unknown & (1n << bit)) names.push(h.featureNames.get(`0:${bit}`) ?? `Unknown incompatible feature: ${(1n << bit).toString(16)}`);
+      if (unknown & (1n << bit))
+        names.push(
+          h.featureNames.get(`0:${bit}`) ?? `Unknown incompatible feature: ${(1n << bit).toString(16)}`,
+        );
     }
     throw new BlockError(`Unsupported qcow2 feature(s): ${names.join(', ')}`, { errno: 'ENOTSUP' });
   }
@@ -187,7 +193,10 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   // Tables must be cluster aligned and inside the file, and of sane sizes.
   if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt('Active L1 table too large');
   if (h.l1Size < l1EntriesFor(h.size, clusterBits)) throw corrupt('L1 table is too small');
-  if (h.l1Size && (!isAligned(h.l1TableOffset, cs) || h.l1TableOffset === 0 || h.l1TableOffset + h.l1Size * 8 > fileLength)) {
+  if (
+    h.l1Size &&
+    (!isAligned(h.l1TableOffset, cs) || h.l1TableOffset === 0 || h.l1TableOffset + h.l1Size * 8 > fileLength)
+  ) {
     throw corrupt('Invalid L1 table offset');
   }
   if (h.refcountTableClusters * cs > MAX_REFTABLE_BYTES) throw corrupt('Reference count table too large');
@@ -293,7 +302,8 @@ export function buildHeader(o: HeaderBuildOptions): Buffer {
   if (o.version === 3 || o.backingFormat) off += 8; // end-of-extensions marker (zeroes)
   if (o.backingFile) {
     const name = Buffer.from(o.backingFile);
-    if (name.length > MAX_BACKING_NAME || off + name.length > cs) throw new BlockError('Backing file name too long');
+    if (name.length > MAX_BACKING_NAME || off + name.length > cs)
+      throw new BlockError('Backing file name too long');
     writeU64(buf, 8, off);
     buf.writeUInt32BE(name.length, 16);
     name.copy(buf, off);

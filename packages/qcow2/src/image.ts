@@ -1,7 +1,15 @@
 import { BlockError, RangeLock } from '@blockrep/block';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
-import { HeaderField, Incompat, l1EntriesFor, parseHeader, type Qcow2Header, u64Buffer, writeU64 } from './header';
+import {
+  HeaderField,
+  Incompat,
+  l1EntriesFor,
+  parseHeader,
+  type Qcow2Header,
+  u64Buffer,
+  writeU64,
+} from './header';
 import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
 import { type Qcow2Storage, readBuf } from './storage';
 
@@ -68,7 +76,10 @@ export class Qcow2Image {
     const first = await readBuf(storage, 0, Math.min(Math.max(fileLength, 0), 65536));
     let header = parseHeader(first, fileLength);
     if (2 ** header.clusterBits > first.length && fileLength > first.length) {
-      header = parseHeader(await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)), fileLength);
+      header = parseHeader(
+        await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)),
+        fileLength,
+      );
     }
     if (header.incompatible & Incompat.CORRUPT && !opts.readOnly) {
       throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
@@ -96,7 +107,14 @@ export class Qcow2Image {
     );
     const wanted = Math.ceil(header.size / ((cs * cs) / 8)) * cs;
     const cacheBytes = opts.l2CacheSize ?? Math.min(32 << 20, Math.max(wanted, 4 * cs));
-    const img = new Qcow2Image(storage, header, refcounts, l1, opts.readOnly, Math.max(2, Math.floor(cacheBytes / cs)));
+    const img = new Qcow2Image(
+      storage,
+      header,
+      refcounts,
+      l1,
+      opts.readOnly,
+      Math.max(2, Math.floor(cacheBytes / cs)),
+    );
     img.validateL1();
     if (!opts.readOnly) {
       // Autoclear bits name features we do not maintain: clearing them tells others so.
@@ -155,7 +173,8 @@ export class Qcow2Image {
     const l1End = this.l1Offset + this.header.l1Size * 8;
     if (offset < l1End && this.l1Offset < offset + bytes) return true;
     if (this.refcounts.overlapsMetadata(offset, bytes)) return true;
-    for (let c = offset - (offset % this.cs); c < offset + bytes; c += this.cs) if (this.cache.has(c)) return true;
+    for (let c = offset - (offset % this.cs); c < offset + bytes; c += this.cs)
+      if (this.cache.has(c)) return true;
     return false;
   }
 
@@ -165,7 +184,8 @@ export class Qcow2Image {
     const off = tableEntryOffset(this.l1, i);
     if (!off) return 0;
     if (off % this.cs !== 0) this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`);
-    if (off + this.cs > this.fileEnd) this.corruptEvent(`L2 table offset ${hex(off)} beyond end of file (L1 index: ${hex(i)})`);
+    if (off + this.cs > this.fileEnd)
+      this.corruptEvent(`L2 table offset ${hex(off)} beyond end of file (L1 index: ${hex(i)})`);
     if (off < this.cs || this.refcounts.overlapsMetadata(off, this.cs)) {
       this.corruptEvent(`L2 table at ${hex(off)} overlaps other metadata (L1 index: ${hex(i)})`);
     }

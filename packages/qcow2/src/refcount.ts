@@ -132,7 +132,11 @@ export class Qcow2Refcounts {
     }
   }
 
-  static async load(storage: Qcow2Storage, layout: RefcountLayout, fileLength: number): Promise<Qcow2Refcounts> {
+  static async load(
+    storage: Qcow2Storage,
+    layout: RefcountLayout,
+    fileLength: number,
+  ): Promise<Qcow2Refcounts> {
     const cs = 2 ** layout.clusterBits;
     const table = await readBuf(storage, layout.tableOffset, layout.tableClusters * cs);
     return new Qcow2Refcounts(storage, layout, table, fileLength);
@@ -335,7 +339,8 @@ export class Qcow2Refcounts {
     }
     // Refcounts first (new blocks, then existing ones), the table pointing to them last.
     await Promise.all(order.map((bi, k) => this.storage.write((hw + k) * cs, newBlocks.get(bi)!)));
-    for (const bi of touched) await this.storage.write(tableEntryOffset(this.table, bi), this.blocks.get(bi)!);
+    for (const bi of touched)
+      await this.storage.write(tableEntryOffset(this.table, bi), this.blocks.get(bi)!);
     if (!tableClusters) {
       for (const [k, bi] of order.entries()) {
         writeU64(this.table, bi * 8, (hw + k) * cs);
@@ -407,7 +412,8 @@ export class Qcow2Refcounts {
   overlapsMetadata(offset: number, bytes: number): boolean {
     const tEnd = this.tableOffset + this.tableClusters * this.cs;
     if (offset < tEnd && this.tableOffset < offset + bytes) return true;
-    for (let c = offset - (offset % this.cs); c < offset + bytes; c += this.cs) if (this.blockOffsets.has(c)) return true;
+    for (let c = offset - (offset % this.cs); c < offset + bytes; c += this.cs)
+      if (this.blockOffsets.has(c)) return true;
     return false;
   }
 }

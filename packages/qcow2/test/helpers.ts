@@ -12,8 +12,15 @@ export async function openQcow2(
   readOnly = false,
 ): Promise<{ node: BlockNode; blk: BlockBackend; close: () => Promise<void> }> {
   const g = qcowGraph();
-  const node = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: path }, 'read-only': readOnly, ...extra });
-  const blk = new BlockBackend(g, { perm: readOnly ? Perm.CONSISTENT_READ : Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE });
+  const node = await g.open({
+    driver: 'qcow2',
+    file: { driver: 'file', filename: path },
+    'read-only': readOnly,
+    ...extra,
+  });
+  const blk = new BlockBackend(g, {
+    perm: readOnly ? Perm.CONSISTENT_READ : Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE,
+  });
   blk.attach(node);
   return {
     node,
@@ -83,7 +90,12 @@ export interface Workload {
  * Issues `rounds` batches of concurrent, non-overlapping writes (random offsets and sizes, some
  * unaligned), optionally write-zeroes and discards, keeping `expected` in step.
  */
-export async function randomWorkload(w: Workload, rounds: number, perRound = 16, maxLen = 200_000): Promise<void> {
+export async function randomWorkload(
+  w: Workload,
+  rounds: number,
+  perRound = 16,
+  maxLen = 200_000,
+): Promise<void> {
   const size = w.expected.length;
   for (let r = 0; r < rounds; r++) {
     const taken: [number, number][] = [];

@@ -5,14 +5,26 @@ import { firstDiff, readAllOurs, readAllQemu } from './helpers';
 /* Images made by qemu-img / qemu-io read byte for byte as qemu-img convert reads them. */
 
 async function patterned(path: string, compat: string, clusterSize: number, size = '8M'): Promise<void> {
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `compat=${compat},cluster_size=${clusterSize}`, path, size]);
-  await qemuIo([path], [
-    'write -P 0x11 0 64k',
-    'write -P 0x22 1000 3000',
-    'write -P 0x33 3M 1M',
-    'write -P 0x44 5000k 13k',
-    `write -P 0x55 ${8 * 1024 * 1024 - 4096} 4096`,
+  await qemuImg([
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-o',
+    `compat=${compat},cluster_size=${clusterSize}`,
+    path,
+    size,
   ]);
+  await qemuIo(
+    [path],
+    [
+      'write -P 0x11 0 64k',
+      'write -P 0x22 1000 3000',
+      'write -P 0x33 3M 1M',
+      'write -P 0x44 5000k 13k',
+      `write -P 0x55 ${8 * 1024 * 1024 - 4096} 4096`,
+    ],
+  );
 }
 
 describe('reading qemu-made images', () => {
@@ -36,7 +48,12 @@ describe('reading qemu-made images', () => {
     await patterned(src, '1.1', 65536);
     // Mix compressible text with random data so some clusters stay uncompressed.
     await qemuIo([src], ['write -P 0xab 6M 200k']);
-    for (const [compat, cs] of [['1.1', 65536], ['0.10', 4096], ['1.1', 2048], ['1.1', 1 << 21]] as const) {
+    for (const [compat, cs] of [
+      ['1.1', 65536],
+      ['0.10', 4096],
+      ['1.1', 2048],
+      ['1.1', 1 << 21],
+    ] as const) {
       const f = d.file(`c-${compat}-${cs}.qcow2`);
       await qemuImg(['convert', '-c', '-O', 'qcow2', '-o', `compat=${compat},cluster_size=${cs}`, src, f]);
       const ours = await readAllOurs(f);
@@ -51,7 +68,16 @@ describe('reading qemu-made images', () => {
     const top = d.file('top.qcow2');
     await patterned(base, '1.1', 65536);
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
-    await qemuIo([top], ['write -P 0x66 0 1M', 'write -z 0 128k', 'write -z -u 256k 128k', 'write -z 3M 512k', 'write -z 100 1000']);
+    await qemuIo(
+      [top],
+      [
+        'write -P 0x66 0 1M',
+        'write -z 0 128k',
+        'write -z -u 256k 128k',
+        'write -z 3M 512k',
+        'write -z 100 1000',
+      ],
+    );
     const ours = await readAllOurs(top);
     expect(firstDiff(ours, await readAllQemu(top, d))).toBe(-1);
     expect(ours.subarray(3 << 20, (3 << 20) + (512 << 10)).every((b) => b === 0)).toBe(true);
@@ -67,7 +93,19 @@ describe('reading qemu-made images', () => {
     const top = d.file('top.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', mid]);
     await qemuIo([mid], ['write -P 0x02 1M 1M', 'write -P 0x03 100k 10k']);
-    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', 'mid.qcow2', '-F', 'qcow2', top]);
+    await qemuImg([
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-o',
+      'cluster_size=4096',
+      '-b',
+      'mid.qcow2',
+      '-F',
+      'qcow2',
+      top,
+    ]);
     await qemuIo([top], ['write -P 0x04 1536k 4k', 'write -P 0x05 7M 123']);
     const ours = await readAllOurs(top);
     expect(firstDiff(ours, await readAllQemu(top, d))).toBe(-1);

@@ -39,7 +39,14 @@ describe('images we create and write', () => {
       const expected = Buffer.alloc(size);
       const { blk, close } = await openQcow2(f, { discard: 'unmap' });
       await randomWorkload(
-        { blk, expected, rand: prng(size + (opts.clusterSize ?? 0)), zeroes: true, discard: true, cs: opts.clusterSize ?? 65536 },
+        {
+          blk,
+          expected,
+          rand: prng(size + (opts.clusterSize ?? 0)),
+          zeroes: true,
+          discard: true,
+          cs: opts.clusterSize ?? 65536,
+        },
         6,
         12,
         Math.min(300_000, size / 8),
@@ -56,7 +63,12 @@ describe('images we create and write', () => {
     const base = d.file('base.qcow2');
     await createQcow2Image(base, { size: 3 << 20, compat: '0.10', clusterSize: 4096 });
     const top = d.file('top.qcow2');
-    await createQcow2Image(top, { backingFile: 'base.qcow2', backingFormat: 'qcow2', refcountBits: 8, lazyRefcounts: true });
+    await createQcow2Image(top, {
+      backingFile: 'base.qcow2',
+      backingFormat: 'qcow2',
+      refcountBits: 8,
+      lazyRefcounts: true,
+    });
     for (const f of [base, top]) {
       const q = await qemuImgJson(['info', f]);
       const { node, close } = await openQcow2(f, {}, true);
@@ -64,7 +76,8 @@ describe('images we create and write', () => {
       expect(node.length).toBe(q['virtual-size']);
       expect(img.cs).toBe(q['cluster-size']);
       const ours = node.driver.info!(node)!;
-      for (const k of Object.keys(q['format-specific'].data)) expect([k, ours[k]]).toEqual([k, q['format-specific'].data[k]]);
+      for (const k of Object.keys(q['format-specific'].data))
+        expect([k, ours[k]]).toEqual([k, q['format-specific'].data[k]]);
       expect(img.header.backingFile).toBe(q['backing-filename']);
       expect(img.header.backingFormat).toBe(q['backing-filename-format']);
       await close();
@@ -78,11 +91,13 @@ describe('images we create and write', () => {
     await qemuIo([base], ['write -P 0x5a 0 8M']);
     const top = d.file('top.qcow2');
     await createQcow2Image(top, { backingFile: base, backingFormat: 'qcow2', clusterSize: 65536 });
-    const expected = readFileSync(await (async () => {
-      const r = d.file('b.raw');
-      await qemuImg(['convert', '-O', 'raw', base, r]);
-      return r;
-    })());
+    const expected = readFileSync(
+      await (async () => {
+        const r = d.file('b.raw');
+        await qemuImg(['convert', '-O', 'raw', base, r]);
+        return r;
+      })(),
+    );
     const { blk, node, close } = await openQcow2(top);
     expect(node.backing?.node.driver.name).toBe('qcow2');
     expect(node.backing?.node.readOnly).toBe(true);

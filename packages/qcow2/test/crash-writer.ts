@@ -1,0 +1,63 @@
+/*
+ * The process the crash test kills: writes slots of a qcow2 image through BlockBackend -> qcow2 ->
+ * file with many requests in flight and periodic flushes, logging to stdout when each write
+ * starts ("S slot gen") and is acknowledged ("A slot gen"), and when a flush begins ("B") and
+ * completes ("F"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
+ */
+import { BlockBackend, createGraph, Perm } from '@blockrep/block';
+import { qcow2Driver } from '../src/index';
+
+const [image, slotArg, slotsArg, seedArg, genBase] = process.argv.slice(2);
+const slotBytes = Number(slotArg);
+const slots = Number(slotsArg);
+let seed = Number(seedArg) >>> 0;
+const rand = () => {
+  seed = (seed * 1664525 + 1013904223) >>> 0;
+  return seed / 4294967296;
+};
+
+/** Slot content for a generation: every 512-byte sector starts with (slot, gen). */
+export function slotData(slot: number, gen: number, bytes: number): Buffer {
+  const b = Buffer.alloc(bytes, (gen * 7 + slot) & 0xff);
+  for (let off = 0; off < bytes; off += 512) {
+    b.writeUInt32LE(slot, off);
+    b.writeUInt32LE(gen, off + 4);
+  }
+  return b;
+}
+
+async function main(): Promise<void> {
+  const g = createGraph([qcow2Driver]);
+  const node = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: image } });
+  const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+  blk.attach(node);
+  const out = (line: string) => process.stdout.write(`${line}\n`);
+  const gens = new Array<number>(slots).fill(Number(genBase));
+  const busy = new Set<number>();
+  let writes = 0;
+  out('READY');
+  const worker = async () => {
+    for (;;) {
+      let slot = Math.floor(rand() * slots);
+      while (busy.has(slot)) slot = (slot + 1) % slots;
+      busy.add(slot);
+      const gen = gens[slot]! + 1;
+      gens[slot] = gen;
+      out(`S ${slot} ${gen}`);
+      await blk.write(slot * slotBytes, slotData(slot, gen, slotBytes));
+      out(`A ${slot} ${gen}`);
+      busy.delete(slot);
+      if (++writes % 24 === 0) {
+        out('B');
+        await blk.flush();
+        out('F');
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: 8 }, worker));
+}
+
+main().catch((e) => {
+  process.stderr.write(`${e?.stack ?? e}\n`);
+  process.exit(1);
+});
