@@ -365,10 +365,25 @@ export class BlockGraph {
     await this.collectGarbage();
   }
 
-  /** Makes every parent of `from` (but those in `except`) use `to` instead (bdrv_replace_node). */
+  /**
+   * Makes every parent of `from` (but those in `except`) use `to` instead (bdrv_replace_node).
+   * Edges from `to` itself or from anything below it stay where they are: moving them would make
+   * a loop (a filter inserted above `from` keeps its own child `from`, and so does a node reachable
+   * through it).
+   */
   async replaceNode(from: BlockNode, to: BlockNode, except: BlockChild[] = []): Promise<void> {
+    const below = new Set<BlockNode>();
+    const walk = (n: BlockNode) => {
+      if (below.has(n)) return;
+      below.add(n);
+      for (const c of n.children) walk(c.node);
+    };
+    walk(to);
     this.update((tx) => {
-      for (const c of [...from.parents]) if (!except.includes(c)) tx.setChildNode(c, to);
+      for (const c of [...from.parents]) {
+        if (except.includes(c) || (c.parent.kind === 'node' && below.has(c.parent))) continue;
+        tx.setChildNode(c, to);
+      }
     });
     await this.collectGarbage();
   }

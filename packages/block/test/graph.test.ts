@@ -218,6 +218,13 @@ describe('replacing nodes', () => {
     expect(top.file!.node).toBe(b);
     expect(blk.node).toBe(b);
     expect(c.parents).toHaveLength(1);
+    // A filter opened above b keeps its own edge to b when it takes b's place.
+    const f = await g.open({ driver: 'raw', 'node-name': 'filt', file: 'b' });
+    await g.replaceNode(b, f);
+    expect(f.file!.node).toBe(b);
+    expect(blk.node).toBe(f);
+    await g.replaceNode(f, b);
+    expect(blk.node).toBe(b);
     // except keeps chosen parents where they are.
     await excl.detach();
     await g.replaceNode(b, c, [blk.root!]);
