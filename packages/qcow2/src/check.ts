@@ -85,10 +85,11 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
     }
     inc(t.off, t.size * 8);
     const l1 = await readBuf(s, t.off, t.size * 8);
-    let prevHost = -1;
     for (let i = 0; i < t.size; i++) {
       const l2off = tableEntryOffset(l1, i);
       if (!l2off) continue;
+      // As qemu-img counts it: contiguity within one L2 table; compressed clusters are fragmented.
+      let prevHost = -1;
       if (l2off % cs) {
         err(`l2_offset=${l2off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         continue;
@@ -113,7 +114,7 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
           if (t.active) {
             stats.allocated++;
             stats.compressed++;
-            prevHost = -1;
+            stats.fragmented++;
           }
         } else if (type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) {
           const host = entryOffset(hi, lo);
@@ -193,9 +194,13 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
   let leaks = 0;
   let leaksFixed = 0;
   let corrFixed = 0;
+  // Like qemu-img: stored refcounts past the end of the file (and of every reference) are not looked at.
+  let span = nbClusters;
+  for (const c of ctr.refs.keys()) span = Math.max(span, c + 1);
   const clusters = new Set<number>(ctr.refs.keys());
   for (const [i, b] of blocks) {
-    for (let k = 0; k < perBlock; k++) if (refGet(b.data, k, bits) !== 0) clusters.add(i * perBlock + k);
+    const n = Math.min(perBlock, span - i * perBlock);
+    for (let k = 0; k < n; k++) if (refGet(b.data, k, bits) !== 0) clusters.add(i * perBlock + k);
   }
   for (const c of [...clusters].sort((a, b) => a - b)) {
     const want = ctr.refs.get(c) ?? 0;
