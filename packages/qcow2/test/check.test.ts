@@ -1,8 +1,8 @@
-import { closeSync, openSync, readSync, truncateSync, writeSync } from 'node:fs';
+import { truncateSync } from 'node:fs';
 import { makeTempDir, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { checkQcow2Image, createQcow2Image } from '../src/index';
-import { openQcow2 } from './helpers';
+import { openQcow2, patch, peek } from './helpers';
 
 /* check/repair reports what qemu-img check reports, and repairs leaks so that qemu-img agrees. */
 
@@ -28,26 +28,15 @@ async function expectSameAsQemu(path: string): Promise<void> {
   for (const k of FIELDS) expect([k, ours[k] ?? 0]).toEqual([k, q[k] ?? 0]);
 }
 
-export function patch(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  writeSync(fd, data, 0, data.length, offset);
-  closeSync(fd);
-}
-
-export function peek(path: string, offset: number, bytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  const b = Buffer.alloc(bytes);
-  readSync(fd, b, 0, bytes, offset);
-  closeSync(fd);
-  return b;
-}
-
 describe('check', () => {
   it('agrees with qemu-img check on clean images of every kind', async () => {
     const d = makeTempDir();
     const a = d.file('a.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', a, '16M']);
-    await qemuIo([a], ['write -P 1 0 1M', 'write -P 2 8M 100k', 'write -P 3 200k 4k', 'write -z 4M 64k', 'write -P 4 64k 4k']);
+    await qemuIo(
+      [a],
+      ['write -P 1 0 1M', 'write -P 2 8M 100k', 'write -P 3 200k 4k', 'write -z 4M 64k', 'write -P 4 64k 4k'],
+    );
     await expectSameAsQemu(a);
     await qemuImg(['snapshot', '-c', 's1', a]);
     await qemuIo([a], ['write -P 5 0 300k']);

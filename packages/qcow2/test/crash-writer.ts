@@ -4,6 +4,7 @@
  * starts ("S slot gen") and is acknowledged ("A slot gen"), and when a flush begins ("B") and
  * completes ("F"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
  */
+import { writeSync } from 'node:fs';
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
 import { qcow2Driver } from '../src/index';
 
@@ -31,7 +32,17 @@ async function main(): Promise<void> {
   const node = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: image } });
   const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
   blk.attach(node);
-  const out = (line: string) => process.stdout.write(`${line}\n`);
+  // Synchronous: every line is in the pipe before the request it announces is issued.
+  const out = (line: string) => {
+    const b = Buffer.from(`${line}\n`);
+    for (let done = 0; done < b.length; ) {
+      try {
+        done += writeSync(1, b, done);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+      }
+    }
+  };
   const gens = new Array<number>(slots).fill(Number(genBase));
   const busy = new Set<number>();
   let writes = 0;

@@ -1,10 +1,11 @@
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { makeTempDir, qemuImg, runPeer } from '@blockrep/test-kit';
+import { dirname, join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { makeTempDir } from '@blockrep/test-kit';
 import { expect, it } from 'vitest';
 import { checkQcow2Image, createQcow2Image } from '../src/index';
-import { prng } from './helpers';
+import { prng, qemu } from './helpers';
 
 /*
  * Crash safety: a writer process is SIGKILLed at random instants. After each kill qemu-img check
@@ -14,7 +15,14 @@ import { prng } from './helpers';
 
 const LONG = process.env.BLOCKREP_LONG_TESTS === '1';
 const KILLS = LONG ? 50 : 5;
-const TSX = join(import.meta.dirname, '..', 'node_modules', '.bin', 'tsx');
+
+/** tsx's loader, found through the package's .bin shim (the writer runs in plain node with it). */
+function tsxLoader(): string {
+  const shim = join(import.meta.dirname, '..', 'node_modules', '.bin', 'tsx');
+  const m = /"\$basedir\/([^"]*tsx\/dist)\/cli\.mjs"/.exec(readFileSync(shim, 'utf8'));
+  if (!m) throw new Error('cannot find tsx');
+  return pathToFileURL(join(dirname(shim), m[1]!, 'loader.mjs')).href;
+}
 
 interface Log {
   lines: string[];
@@ -22,12 +30,11 @@ interface Log {
 
 function runUntilKilled(args: string[], delayMs: number): Promise<Log> {
   return new Promise((resolve, reject) => {
-    const child = spawn(TSX, ['--conditions=source', join(import.meta.dirname, 'crash-writer.ts'), ...args], {
+    const script = join(import.meta.dirname, 'crash-writer.ts');
+    const child = spawn(process.execPath, ['--conditions=source', '--import', tsxLoader(), script, ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      // Its own process group: tsx runs the script in a grandchild, and both must die at once.
-      detached: true,
     });
-    const kill = () => process.kill(-child.pid!, 'SIGKILL');
+    const kill = () => child.kill('SIGKILL');
     let text = '';
     let err = '';
     let timer: NodeJS.Timeout | null = null;
@@ -83,12 +90,12 @@ it(
         [f, String(slotBytes), String(slots), String(k + 1), String((k + 1) * 1_000_000)],
         150 + Math.floor(rand() * 600),
       );
-      const chk = await runPeer('qemu-img', ['check', '--output=json', f], { okCodes: [0, 3] });
+      const chk = await qemu(['check', '--output=json', f], [0, 3]);
       const res = JSON.parse(chk.stdout);
       expect(res.corruptions ?? 0, chk.stdout).toBe(0);
       expect(res['check-errors']).toBe(0);
       const raw = d.file(`after-${k}.raw`);
-      await qemuImg(['convert', '-O', 'raw', f, raw]);
+      await qemu(['convert', '-O', 'raw', f, raw]);
       const data = readFileSync(raw);
       narrowPossible(log.lines, possible);
       flushes += log.lines.filter((l) => l === 'F').length;
@@ -111,7 +118,7 @@ it(
       if (k % 2 === 1) {
         const ours = await checkQcow2Image(f, { repair: 'leaks' });
         expect(ours.corruptions ?? 0).toBe(0);
-        const again = JSON.parse((await runPeer('qemu-img', ['check', '--output=json', f])).stdout);
+        const again = JSON.parse((await qemu(['check', '--output=json', f])).stdout);
         expect(again.leaks ?? 0).toBe(0);
       }
     }

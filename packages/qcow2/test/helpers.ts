@@ -1,3 +1,5 @@
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { BlockBackend, type BlockNode, createGraph, Perm } from '@blockrep/block';
 import { qcow2Driver } from '../src/index';
 
@@ -126,4 +128,39 @@ export async function randomWorkload(
     await Promise.all(ops);
     if (r % 3 === 2) await w.blk.flush();
   }
+}
+
+/** Runs qemu-img with stdin closed (no EPIPE when it exits before reading it); rejects on other exit codes. */
+export function qemu(
+  args: string[],
+  okCodes = [0],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code !== null && okCodes.includes(code)) resolve({ code, stdout, stderr });
+      else reject(new Error(`qemu-img ${args.join(' ')} exited with ${code}: ${stderr}`));
+    });
+  });
+}
+
+/** Overwrites bytes of a file in place (to corrupt images on purpose). */
+export function patch(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  writeSync(fd, data, 0, data.length, offset);
+  closeSync(fd);
+}
+
+/** Reads bytes of a file. */
+export function peek(path: string, offset: number, bytes: number): Buffer {
+  const fd = openSync(path, 'r');
+  const b = Buffer.alloc(bytes);
+  readSync(fd, b, 0, bytes, offset);
+  closeSync(fd);
+  return b;
 }

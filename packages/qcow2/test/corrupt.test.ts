@@ -1,0 +1,185 @@
+import { statSync, writeFileSync } from 'node:fs';
+import { BlockError } from '@blockrep/block';
+import { makeTempDir } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { createQcow2Image } from '../src/index';
+import { openQcow2, patch, peek, qemu } from './helpers';
+
+/* Corrupt input: a clear error or the image marked corrupt; never a crash, never a stray write. */
+
+async function openError(
+  path: string,
+  readOnly = false,
+  extra: Record<string, unknown> = {},
+): Promise<string> {
+  try {
+    const h = await openQcow2(path, extra, readOnly);
+    await h.close();
+  } catch (e) {
+    expect(e).toBeInstanceOf(BlockError);
+    return (e as Error).message;
+  }
+  throw new Error('open succeeded');
+}
+
+async function freshImage(name = 'img.qcow2', size = 8 << 20): Promise<string> {
+  const f = makeTempDir().file(name);
+  await createQcow2Image(f, { size });
+  const h = await openQcow2(f);
+  await h.blk.write(0, Buffer.alloc(128 << 10, 0x61));
+  await h.close();
+  return f;
+}
+
+const u64 = (v: number) => {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(v));
+  return b;
+};
+const u32 = (v: number) => {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(v);
+  return b;
+};
+
+describe('corrupt headers', () => {
+  it('truncated headers and foreign files', async () => {
+    const d = makeTempDir();
+    const f = await freshImage();
+    const short = d.file('short.qcow2');
+    writeFileSync(short, peek(f, 0, 40));
+    expect(await openError(short, true)).toMatch(/header is truncated|header too short/);
+    const v3short = d.file('v3short.qcow2');
+    writeFileSync(v3short, peek(f, 0, 90));
+    expect(await openError(v3short, true)).toMatch(/header is truncated|header too short/);
+    const empty = d.file('empty.qcow2');
+    writeFileSync(empty, Buffer.alloc(0));
+    expect(await openError(empty, true)).toMatch(/not in qcow2 format/);
+    const raw = d.file('raw.img');
+    writeFileSync(raw, Buffer.alloc(65536, 0x41));
+    expect(await openError(raw, true)).toMatch(/not in qcow2 format/);
+  });
+
+  it('absurd sizes and fields', async () => {
+    const cases: [number, Buffer, RegExp][] = [
+      [4, u32(4), /Unsupported qcow2 version 4/],
+      [20, u32(30), /Unsupported cluster size: 2\^30/],
+      [20, u32(8), /Unsupported cluster size: 2\^8/],
+      [24, u64(2 ** 60), /too large/],
+      [24, u64(2 ** 40), /L1 table is too small/],
+      [36, u32(0x10000000), /Active L1 table too large/],
+      [40, u64(12345), /Invalid L1 table offset/],
+      [40, u64(2 ** 40), /Invalid L1 table offset/],
+      [48, u64(2 ** 44), /Invalid reference count table offset/],
+      [56, u32(0x7fffffff), /Reference count table too large/],
+      [96, u32(7), /may not exceed 64 bits/],
+      [100, u32(0x20000), /exceeds cluster size/],
+      [16, u32(5000), /Backing file name too long/],
+      [32, u32(1), /Encrypted qcow2 images are not supported/],
+    ];
+    for (const [off, data, re] of cases) {
+      const f = await freshImage();
+      if (off === 16) patch(f, 8, u64(512));
+      patch(f, off, data);
+      expect([off, await openError(f, true)]).toEqual([off, expect.stringMatching(re)]);
+    }
+  });
+
+  it('unknown incompatible features are refused by name; the corrupt bit allows read-only use only', async () => {
+    const f = await freshImage();
+    patch(f, 72, u64(1 << 5));
+    expect(await openError(f, true)).toBe('Unsupported qcow2 feature(s): Unknown incompatible feature: 20');
+    patch(f, 72, u64(1 << 4));
+    expect(await openError(f, true)).toMatch(/Unsupported qcow2 feature\(s\): extended L2 entries/);
+    patch(f, 72, u64(2));
+    expect(await openError(f)).toMatch(/Image is corrupt; cannot be opened read\/write/);
+    const ro = await openQcow2(f, {}, true);
+    expect((await ro.blk.read(0, 1))[0]).toBe(0x61);
+    await ro.close();
+    const auto = await openQcow2(f, { 'auto-read-only': true }, true);
+    expect(auto.node.readOnly).toBe(true);
+    await auto.close();
+  });
+});
+
+describe('corrupt tables', () => {
+  it('an L1 entry past the end of the file: I/O error, image marked corrupt', async () => {
+    const f = await freshImage();
+    patch(f, 3 * 65536, u64(2 ** 40));
+    const h = await openQcow2(f);
+    await expect(h.blk.read(0, 4096)).rejects.toThrow(
+      /Marking image as corrupt: L2 table offset 0x10000000000 beyond end of file/,
+    );
+    await expect(h.blk.write(0, Buffer.alloc(512))).rejects.toThrow(/corrupt/);
+    await h.close();
+    expect(peek(f, 72, 8).readBigUInt64BE() & 2n).toBe(2n);
+    expect(await openError(f)).toMatch(/Image is corrupt/);
+    const q = await qemu(['check', '--output=json', f], [0, 2, 3]);
+    expect(JSON.parse(q.stdout).corruptions).toBeGreaterThan(0);
+  });
+
+  it('an unaligned L2 table offset is found at open and marks the image corrupt', async () => {
+    const f = await freshImage();
+    const l1 = peek(f, 3 * 65536, 8);
+    l1.writeUInt32BE(l1.readUInt32BE(4) + 4096, 4);
+    patch(f, 3 * 65536, l1);
+    const h = await openQcow2(f, {}, true);
+    await expect(h.blk.read(0, 512)).rejects.toThrow(/unaligned/);
+    await h.close();
+  });
+
+  it('L2 entries pointing past the end of the file or into metadata: no stray write', async () => {
+    const f = await freshImage();
+    const l2 = peek(f, 3 * 65536, 8).readUInt32BE(4);
+    const size = statSync(f).size;
+    // Guest cluster 0 -> far past the end; guest cluster 1 -> the refcount table (cluster 1).
+    patch(f, l2, u64(2 ** 36));
+    const entry = u64(65536);
+    entry[0] = 0x80;
+    patch(f, l2 + 8, entry);
+    const reftable = peek(f, 65536, 65536);
+    const h = await openQcow2(f);
+    await expect(h.blk.read(0, 512)).rejects.toThrow(/beyond end of file/);
+    await expect(h.blk.write(65536, Buffer.alloc(4096, 0xee))).rejects.toThrow(/corrupt/);
+    await h.close();
+    expect(peek(f, 65536, 65536).equals(reftable)).toBe(true);
+    expect(statSync(f).size).toBe(size);
+
+    const g = await freshImage('g.qcow2');
+    const l2g = peek(g, 3 * 65536, 8).readUInt32BE(4);
+    const e2 = u64(65536);
+    e2[0] = 0x80;
+    patch(g, l2g + 8, e2);
+    const before = peek(g, 65536, 65536);
+    const h2 = await openQcow2(g);
+    await expect(h2.blk.write(65536 + 100, Buffer.alloc(100, 0xee))).rejects.toThrow(
+      /Preventing invalid write on metadata/,
+    );
+    await h2.close();
+    expect(peek(g, 65536, 65536).equals(before)).toBe(true);
+  });
+
+  it('a refcount table entry pointing past the end of the file fails allocation cleanly', async () => {
+    const f = await freshImage();
+    patch(f, 65536, u64(2 ** 40));
+    const h = await openQcow2(f);
+    await expect(h.blk.write(4 << 20, Buffer.alloc(4096, 1))).rejects.toThrow(
+      /Refblock offset .* is invalid/,
+    );
+    await h.close().catch(() => {});
+  });
+
+  it('garbage compressed data is an I/O error, not a crash', async () => {
+    const f = await freshImage();
+    const l2 = peek(f, 3 * 65536, 8).readUInt32BE(4);
+    // A compressed entry (bit 62) over the L1 table: 64 KiB clusters keep the offset in bits 0-53
+    // and the extra sector count in bits 54-61 (here 1).
+    const e = Buffer.alloc(8);
+    e.writeUInt32BE((0x40000000 | (1 << 22)) >>> 0, 0);
+    e.writeUInt32BE(0x30000 + 100, 4);
+    patch(f, l2, e);
+    const h = await openQcow2(f, {}, true);
+    await expect(h.blk.read(0, 4096)).rejects.toThrow(BlockError);
+    await h.close();
+  });
+});
