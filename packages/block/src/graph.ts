@@ -130,6 +130,7 @@ export class BlockGraph {
   private idleWaiters: (() => void)[] = [];
   private readonly eventListeners = new Set<(name: string, data: Record<string, unknown>) => void>();
   private maybeOrphans = new Set<BlockNode>();
+  private readonly drains = new Map<BlockNode, { nodes: Set<BlockNode>; backends: Set<BlockBackend> }[]>();
 
   constructor(drivers: BlockDriver[] = []) {
     for (const d of drivers) this.registerDriver(d);
@@ -598,10 +599,18 @@ export class BlockGraph {
 
   /**
    * Quiesces a node: its users (backends above it) stop submitting new requests, and this
-   * resolves once no request is in flight on the node or anything above it.
+   * resolves once no request is in flight on the node or anything above it. The nodes and
+   * backends quiesced are remembered, so drainEnd releases exactly them even if the graph
+   * changed in between (a commit pivoting the node's parents onto another node).
    */
   async drainBegin(node: BlockNode): Promise<void> {
     const { nodes, backends } = this.ancestry(node);
+    let stack = this.drains.get(node);
+    if (!stack) {
+      stack = [];
+      this.drains.set(node, stack);
+    }
+    stack.push({ nodes, backends });
     for (const n of nodes) n.quiesceCounter++;
     for (const b of backends) b.quiesce();
     for (;;) {
@@ -611,11 +620,14 @@ export class BlockGraph {
     }
   }
 
-  /** Ends a drain: held requests go on once every drain of the backend has ended. */
+  /** Ends the newest drain of the node: held requests go on once no drain holds their backend. */
   drainEnd(node: BlockNode): void {
-    const { nodes, backends } = this.ancestry(node);
-    for (const n of nodes) n.quiesceCounter = Math.max(0, n.quiesceCounter - 1);
-    for (const b of backends) b.unquiesce();
+    const stack = this.drains.get(node);
+    const d = stack?.pop();
+    if (!d) return;
+    if (!stack!.length) this.drains.delete(node);
+    for (const n of d.nodes) n.quiesceCounter = Math.max(0, n.quiesceCounter - 1);
+    for (const b of d.backends) b.unquiesce();
   }
 
   /** Runs fn with the node drained. */

@@ -301,3 +301,22 @@ describe('length, truncate, makeEmpty', () => {
     expect((await cb.read(0, 4096)).every((x) => x === 0)).toBe(true);
   });
 });
+
+describe('drain across graph changes', () => {
+  it('releases the backends it held even after they moved to another node', async () => {
+    const g = testGraph();
+    const a = await g.open({ driver: 'test-mem', 'node-name': 'a' });
+    const b = await g.open({ driver: 'test-mem', 'node-name': 'b' });
+    const blk = new BlockBackend(g, { perm: RW });
+    blk.attach(a);
+    await g.drainBegin(a);
+    await g.replaceNode(a, b);
+    let done = false;
+    const held = blk.read(0, 1).then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(done).toBe(false);
+    g.drainEnd(a);
+    await held;
+    expect(done).toBe(true);
+  });
+});
