@@ -1,1 +1,22 @@
-export {};
+export { type CommandContext, type CommandDef, CommandRegistry, type EventDef } from './registry';
+export { QmpError, type QmpErrorClass } from './errors';
+export { JsonStreamer, parseQmpJson, type StreamItem, toQmpJson } from './json';
+export {
+  EMPTY_OBJECT,
+  type IntWidth,
+  opt,
+  optionMembers,
+  type QMember,
+  type QMembers,
+  type QObjectType,
+  type QType,
+  req,
+  type SchemaInfo,
+  SchemaIntrospector,
+  t,
+  typeLabel,
+  validateArgs,
+  validateValue,
+} from './schema';
+export { DEFAULT_VERSION, QmpMonitor, QmpServer, type QmpServerOptions, type QmpVersion } from './server';
+export { QmpClient, type QmpAddress, type QmpClientOptions, type QmpEvent } from './client';
