@@ -20,3 +20,11 @@ export {
 } from './schema';
 export { DEFAULT_VERSION, QmpMonitor, QmpServer, type QmpServerOptions, type QmpVersion } from './server';
 export { QmpClient, type QmpAddress, type QmpClientOptions, type QmpEvent } from './client';
+export { type BlockQmpServerOptions, createBlockQmpServer } from './block-server';
+export { registerBitmapCommands } from './commands/bitmaps';
+export { registerBlockCommands } from './commands/block';
+export { blockdevTypes, type BlockdevTypes } from './commands/blockdev-types';
+export { type BlockdevCreator, BlockdevCreators, fileCreator, registerCreateCommand } from './commands/create';
+export { registerCoreCommands } from './commands/core';
+export { registerJobCommands } from './commands/jobs';
+export { blockDeviceInfo, displayFilename, imageInfo } from './commands/node-info';

@@ -249,5 +249,6 @@ export class QmpServer extends EventEmitter {
       [...this.servers].map((l) => new Promise<void>((r) => (l.listening ? l.close(() => r()) : r()))),
     );
     this.servers.clear();
+    this.emit('close');
   }
 }

@@ -1,0 +1,121 @@
+import {
+  addDirtyBitmap,
+  type BlockGraph,
+  type BlockNode,
+  BlockError,
+  type DirtyBitmap,
+  findDirtyBitmap,
+  removeDirtyBitmap,
+} from '@blockrep/block';
+import type { CommandRegistry } from '../registry';
+import { opt, req, t } from '../schema';
+
+const BlockDirtyBitmap = t.object('BlockDirtyBitmap', {
+  node: req(t.str, 'Name of the node (or device) the bitmap is on'),
+  name: req(t.str, 'Name of the bitmap'),
+});
+
+const BlockDirtyBitmapOrStr = t.alternate(
+  'BlockDirtyBitmapOrStr',
+  [t.str, BlockDirtyBitmap],
+  'A bitmap on the target node by name, or a bitmap on any node',
+);
+
+/** QEMU's bdrv_lookup_bs for these commands: GenericError, not DeviceNotFound. */
+function lookupNode(graph: BlockGraph, name: string): BlockNode {
+  try {
+    return graph.lookup(name);
+  } catch (e) {
+    throw new BlockError((e as Error).message);
+  }
+}
+
+/** QEMU's block_dirty_bitmap_lookup. */
+function lookupBitmap(graph: BlockGraph, node: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
+  let n: BlockNode;
+  try {
+    n = graph.lookup(node);
+  } catch {
+    throw new BlockError(`Node '${node}' not found`);
+  }
+  const bitmap = findDirtyBitmap(n, name);
+  if (!bitmap) throw new BlockError(`Dirty bitmap '${name}' not found`);
+  return { node: n, bitmap };
+}
+
+/** QEMU's bdrv_dirty_bitmap_check with the default flags. */
+function checkUsable(b: DirtyBitmap): void {
+  if (b.busy) throw new BlockError(`Bitmap '${b.name}' is currently in use by another operation and cannot be used`);
+  if (b.inconsistent) throw new BlockError(`Bitmap '${b.name}' is inconsistent and cannot be used`);
+}
+
+export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): void {
+  r.registerCommand({
+    name: 'block-dirty-bitmap-add',
+    args: t.object('BlockDirtyBitmapAdd', {
+      node: req(t.str, 'Name of the node (or device)'),
+      name: req(t.str, 'Name of the new bitmap'),
+      granularity: opt(t.uint32, 'Bytes per bit: a power of 2, at least 512 (default 65536)'),
+      persistent: opt(t.bool, 'Store the bitmap in the image (not supported yet: no driver can)'),
+      disabled: opt(t.bool, 'Create the bitmap not recording (default false)'),
+    }),
+    doc: 'Creates a dirty bitmap on a node: from then on every write through the node marks it.',
+    handler(a: { node: string; name: string; granularity?: number; persistent?: boolean; disabled?: boolean }) {
+      const node = lookupNode(graph, a.node);
+      if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
+      const g = a.granularity ?? 65536;
+      if (g < 512 || (g & (g - 1)) !== 0) throw new BlockError('Granularity must be power of 2 and at least 512');
+      if (a.persistent) {
+        throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
+      }
+      const b = addDirtyBitmap(node, { name: a.name, granularity: g });
+      if (a.disabled) b.enabled = false;
+    },
+  });
+
+  r.registerCommand({
+    name: 'block-dirty-bitmap-remove',
+    args: BlockDirtyBitmap,
+    doc: 'Deletes a dirty bitmap that no operation is using.',
+    handler(a: { node: string; name: string }) {
+      const { node, bitmap } = lookupBitmap(graph, a.node, a.name);
+      if (bitmap.busy) {
+        throw new BlockError(`Bitmap '${a.name}' is currently in use by another operation and cannot be used`);
+      }
+      removeDirtyBitmap(node, bitmap);
+    },
+  });
+
+  r.registerCommand({
+    name: 'block-dirty-bitmap-clear',
+    args: BlockDirtyBitmap,
+    doc: 'Marks every bit of a dirty bitmap clean.',
+    handler(a: { node: string; name: string }) {
+      const { bitmap } = lookupBitmap(graph, a.node, a.name);
+      checkUsable(bitmap);
+      bitmap.clear();
+    },
+  });
+
+  r.registerCommand({
+    name: 'block-dirty-bitmap-merge',
+    args: t.object('BlockDirtyBitmapMerge', {
+      node: req(t.str, 'Name of the node of the target bitmap'),
+      target: req(t.str, 'The bitmap the others are merged into'),
+      bitmaps: req(t.array(BlockDirtyBitmapOrStr), 'The bitmaps to merge in'),
+    }),
+    doc: 'ORs bitmaps into a target bitmap, all or nothing.',
+    handler(a: { node: string; target: string; bitmaps: (string | { node: string; name: string })[] }) {
+      const { bitmap: target } = lookupBitmap(graph, a.node, a.target);
+      checkUsable(target);
+      const sources = a.bitmaps.map((s) =>
+        typeof s === 'string' ? lookupBitmap(graph, a.node, s).bitmap : lookupBitmap(graph, s.node, s.name).bitmap,
+      );
+      // Merge into a copy first so that a failing source leaves the target untouched.
+      const scratch = target.copy();
+      for (const s of sources) scratch.merge(s);
+      target.clear();
+      target.merge(scratch);
+    },
+  });
+}

@@ -1,0 +1,204 @@
+import { isDeepStrictEqual } from 'node:util';
+import { type BlockBackend, BlockError, type BlockGraph, type BlockNode, type Options, permQapiNames } from '@blockrep/block';
+import { BlockJob, type JobManager } from '@blockrep/jobs';
+import type { CommandRegistry } from '../registry';
+import { opt, req, t } from '../schema';
+import { blockdevTypes } from './blockdev-types';
+import { BlockDeviceInfo, blockDeviceInfo } from './node-info';
+
+const BlockInfo = t.object('BlockInfo', {
+  device: req(t.str),
+  qdev: opt(t.str),
+  type: req(t.str),
+  removable: req(t.bool),
+  locked: req(t.bool),
+  inserted: opt(BlockDeviceInfo),
+});
+
+const XDbgBlockGraphNode = t.object('XDbgBlockGraphNode', {
+  id: req(t.uint64),
+  type: req(t.enum('XDbgBlockGraphNodeType', ['block-backend', 'block-job', 'block-driver'])),
+  name: req(t.str),
+});
+
+const BlockPermission = t.enum('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod']);
+
+const XDbgBlockGraphEdge = t.object('XDbgBlockGraphEdge', {
+  parent: req(t.uint64),
+  child: req(t.uint64),
+  name: req(t.str),
+  perm: req(t.array(BlockPermission)),
+  'shared-perm': req(t.array(BlockPermission)),
+});
+
+const XDbgBlockGraph = t.object('XDbgBlockGraph', {
+  nodes: req(t.array(XDbgBlockGraphNode)),
+  edges: req(t.array(XDbgBlockGraphEdge)),
+});
+
+/** The graph commands: blockdev-add/del/reopen and the node queries. */
+export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, jobs?: JobManager): void {
+  const types = blockdevTypes(graph);
+
+  r.registerCommand({
+    name: 'blockdev-add',
+    args: types.options,
+    doc: 'Creates a block node (and any nested children) from BlockdevOptions; the root must have a node-name.',
+    async handler(args: Options) {
+      await graph.blockdevAdd(args);
+    },
+  });
+
+  r.registerCommand({
+    name: 'blockdev-del',
+    args: t.object('q_obj_blockdev-del-arg', { 'node-name': req(t.str, 'The node to delete') }),
+    doc: 'Deletes a node added with blockdev-add, if nothing uses it any more.',
+    async handler(args: { 'node-name': string }) {
+      await graph.blockdevDel(args['node-name']);
+    },
+  });
+
+  r.registerCommand({
+    name: 'blockdev-reopen',
+    args: t.object('BlockReopenQueue', {
+      options: req(t.array(types.options), 'The full new options of each node to reopen'),
+    }),
+    doc:
+      'Reopens nodes with new options, all or none. Every option must be given again; only read-only may ' +
+      'change (QEMU rejects an option left out as "cannot be reset to its default value").',
+    async handler(args: { options: Options[] }) {
+      const entries = new Map<BlockNode, boolean>();
+      for (const o of args.options) planReopen(graph, o, entries, undefined);
+      await graph.reopenMultiple([...entries].map(([node, readOnly]) => ({ node, readOnly })));
+    },
+  });
+
+  r.registerCommand({
+    name: 'query-named-block-nodes',
+    args: t.object('q_obj_query-named-block-nodes-arg', {
+      flat: opt(t.bool, 'Omit the backing chain of each image (default false)'),
+    }),
+    returns: t.array(BlockDeviceInfo),
+    doc: 'Information about every node of the graph, newest first.',
+    handler(args: { flat?: boolean }) {
+      return graph
+        .allNodes()
+        .reverse()
+        .map((n) => blockDeviceInfo(n, args.flat ?? false));
+    },
+  });
+
+  r.registerCommand({
+    name: 'query-block',
+    returns: t.array(BlockInfo),
+    doc: 'The named BlockBackends (devices); a storage daemon without devices has none.',
+    handler() {
+      const out: Record<string, unknown>[] = [];
+      for (const b of graph.backends) {
+        if (!b.name) continue;
+        const info: Record<string, unknown> = { device: b.name, locked: false, removable: false, type: 'unknown' };
+        if (b.node) info.inserted = blockDeviceInfo(b.node, false);
+        out.push(info);
+      }
+      return out;
+    },
+  });
+
+  r.registerCommand({
+    name: 'x-debug-query-block-graph',
+    returns: XDbgBlockGraph,
+    features: ['unstable'],
+    doc: 'The graph as nodes (backends, jobs, block nodes) and edges with the permissions they take and share.',
+    handler() {
+      return blockGraphDump(graph, jobs);
+    },
+  });
+}
+
+/**
+ * Adds one reopen entry (and the implicitly created children that inherit read-only from it),
+ * refusing changes of any option but read-only, as QEMU does for the options it cannot change.
+ */
+function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>, inheritedRo: boolean | undefined): void {
+  const name = o['node-name'];
+  if (typeof name !== 'string') throw new BlockError('node-name not specified');
+  const node = graph.getNode(name);
+  if (!node) throw new BlockError(`Failed to find node with node-name='${name}'`);
+  if (o.driver !== node.driver.name) throw new BlockError("Cannot change the option 'driver'");
+  for (const [key, spec] of Object.entries(node.driver.options)) {
+    const child = node.child(key);
+    const want = o[key];
+    if (child) {
+      if (want === undefined) throw new BlockError(`Option '${key}' cannot be reset to its default value`);
+      if (typeof want === 'string') {
+        if (want !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
+        continue;
+      }
+      // Nested options describe the current child (an implicit one has no name to repeat).
+      const nested = { ...(want as Options) };
+      if (nested['node-name'] === undefined && child.node.autoNamed) nested['node-name'] = child.node.nodeName;
+      if (nested['node-name'] !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
+      planReopen(graph, nested, out, (o['read-only'] as boolean | undefined) ?? false);
+      continue;
+    }
+    const have = node.options[key];
+    if (want === undefined) {
+      if (have !== undefined && !isDeepStrictEqual(have, spec.default)) {
+        throw new BlockError(`Option '${key}' cannot be reset to its default value`);
+      }
+    } else if (!isDeepStrictEqual(want, have)) {
+      throw new BlockError(`Cannot change the option '${key}'`);
+    }
+  }
+  const readOnly = (o['read-only'] as boolean | undefined) ?? inheritedRo ?? false;
+  out.set(node, readOnly);
+  // Children created with the node (not referenced by name) follow its read-only flag.
+  for (const c of node.children) {
+    if (c.node.autoNamed && c.node.options['read-only'] === undefined && !out.has(c.node)) {
+      out.set(c.node, readOnly);
+    }
+  }
+}
+
+/** x-debug-query-block-graph's answer. */
+function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, unknown> {
+  const ids = new Map<unknown, number>();
+  const nodes: Record<string, unknown>[] = [];
+  const edges: Record<string, unknown>[] = [];
+  const id = (x: unknown, type: string, name: string) => {
+    let n = ids.get(x);
+    if (n === undefined) {
+      n = ids.size + 1;
+      ids.set(x, n);
+      nodes.push({ name, type, id: n });
+    }
+    return n;
+  };
+  const jobOfBackend = new Map<BlockBackend, BlockJob>();
+  for (const j of jobs?.all() ?? []) {
+    if (j instanceof BlockJob) for (const b of j.backends) jobOfBackend.set(b, j);
+  }
+  const edge = (parent: number, c: { node: BlockNode; name: string; perm: number; shared: number }) => {
+    edges.push({
+      parent,
+      child: id(c.node, 'block-driver', c.node.nodeName),
+      name: c.name,
+      perm: permQapiNames(c.perm),
+      'shared-perm': permQapiNames(c.shared),
+    });
+  };
+  for (const b of graph.backends) {
+    if (jobOfBackend.has(b)) continue;
+    const p = id(b, 'block-backend', b.name ?? '');
+    if (b.root) edge(p, b.root);
+  }
+  for (const [b, j] of jobOfBackend) {
+    const p = id(j, 'block-job', j.id ?? '');
+    if (b.root) edge(p, b.root);
+  }
+  for (const n of graph.allNodes()) {
+    const p = id(n, 'block-driver', n.nodeName);
+    for (const c of n.children) edge(p, c);
+  }
+  return { edges, nodes };
+}

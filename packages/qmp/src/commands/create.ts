@@ -1,0 +1,126 @@
+import { open } from 'node:fs/promises';
+import { type BlockGraph, BlockError, errnoText, type Errno } from '@blockrep/block';
+import { Job, type JobManager } from '@blockrep/jobs';
+import type { CommandRegistry } from '../registry';
+import { opt, type QMembers, type QObjectType, req, t } from '../schema';
+import { blockdevTypes } from './blockdev-types';
+
+/** How blockdev-create makes an image for one driver. */
+export interface BlockdevCreator {
+  driver: string;
+  /** The driver's members of BlockdevCreateOptions (besides `driver`). */
+  options: QMembers;
+  /** Creates the image; throws a BlockError to fail the job with that message. */
+  create(options: Record<string, unknown>, ctx: { graph: BlockGraph; job: Job }): Promise<void>;
+}
+
+/** The creators blockdev-create knows; driver packages add theirs (qcow2 does). */
+export class BlockdevCreators {
+  private readonly map = new Map<string, BlockdevCreator>();
+
+  register(c: BlockdevCreator): void {
+    this.map.set(c.driver, c);
+  }
+
+  get(driver: string): BlockdevCreator | undefined {
+    return this.map.get(driver);
+  }
+
+  all(): BlockdevCreator[] {
+    return [...this.map.values()];
+  }
+}
+
+/** The blockdev-create job: one unit of progress, concluded until dismissed (as in QEMU). */
+class CreateJob extends Job {
+  readonly type = 'create';
+
+  constructor(
+    manager: JobManager,
+    id: string,
+    private readonly creator: BlockdevCreator,
+    private readonly options: Record<string, unknown>,
+    private readonly graph: BlockGraph,
+  ) {
+    super(manager, { id, autoDismiss: false });
+  }
+
+  protected async run(): Promise<void> {
+    this.progressSetRemaining(1);
+    try {
+      await this.creator.create(this.options, { graph: this.graph, job: this });
+    } finally {
+      this.progressUpdate(1);
+    }
+  }
+}
+
+const PreallocMode = t.enum('PreallocMode', ['off', 'metadata', 'falloc', 'full']);
+
+/** The `file` creator: a file of the given size (preallocated with falloc/full). */
+export const fileCreator: BlockdevCreator = {
+  driver: 'file',
+  options: {
+    filename: req(t.str, 'Path of the file to create'),
+    size: req(t.size, 'Size in bytes'),
+    preallocation: opt(PreallocMode, 'off (sparse, default), falloc or full (written out)'),
+    nocow: opt(t.bool, 'Turn off copy-on-write (btrfs; accepted and ignored)'),
+    'extent-size-hint': opt(t.size, 'Extent size hint (accepted and ignored)'),
+  },
+  async create(o) {
+    const filename = o.filename as string;
+    const size = o.size as number;
+    const prealloc = (o.preallocation as string | undefined) ?? 'off';
+    if (prealloc === 'metadata') throw new BlockError("Unsupported preallocation mode 'metadata'");
+    let fh: Awaited<ReturnType<typeof open>>;
+    try {
+      fh = await open(filename, 'w', 0o644);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code as Errno | undefined;
+      const text = code && errnoText(code) ? errnoText(code) : (e as Error).message;
+      throw new BlockError(`Could not create '${filename}': ${text}`);
+    }
+    try {
+      await fh.truncate(size);
+      if (prealloc !== 'off' && size > 0) {
+        const chunk = Buffer.alloc(Math.min(size, 1 << 20));
+        for (let pos = 0; pos < size; pos += chunk.length) {
+          await fh.write(chunk, 0, Math.min(chunk.length, size - pos), pos);
+        }
+      }
+    } catch (e) {
+      throw new BlockError(`Could not resize file: ${(e as Error).message}`);
+    } finally {
+      await fh.close();
+    }
+  },
+};
+
+/** blockdev-create: a job that creates an image with the creator registered for its driver. */
+export function registerCreateCommand(
+  r: CommandRegistry,
+  ctx: { graph: BlockGraph; jobs: JobManager; creators: BlockdevCreators },
+): void {
+  const { graph, jobs, creators } = ctx;
+  const BlockdevCreateOptions: QObjectType = t.union(
+    'BlockdevCreateOptions',
+    { driver: req(blockdevTypes(graph).driver, 'Block driver to create the image with') },
+    'driver',
+    () => Object.fromEntries(creators.all().map((c) => [c.driver, c.options])),
+    'Options for creating an image',
+  );
+  r.registerCommand({
+    name: 'blockdev-create',
+    args: t.object('q_obj_blockdev-create-arg', {
+      'job-id': req(t.str, 'Identifier of the new job'),
+      options: req(BlockdevCreateOptions, 'What to create'),
+    }),
+    doc: 'Starts a job that creates an image; the job stays concluded until job-dismiss.',
+    handler(a: { 'job-id': string; options: Record<string, unknown> }) {
+      const creator = creators.get(a.options.driver as string);
+      if (!creator) throw new BlockError('Driver does not support blockdev-create');
+      const job = new CreateJob(jobs, a['job-id'], creator, a.options, graph);
+      job.start();
+    },
+  });
+}

@@ -1,0 +1,164 @@
+import { statSync } from 'node:fs';
+import type { BlockNode } from '@blockrep/block';
+import { toQmpJson } from '../json';
+import { opt, req, t } from '../schema';
+
+/** QAPI's BlockdevCacheInfo, ImageInfo, BlockDirtyInfo and BlockDeviceInfo (the parts we fill). */
+const BlockdevCacheInfo = t.object('BlockdevCacheInfo', {
+  writeback: req(t.bool),
+  direct: req(t.bool),
+  'no-flush': req(t.bool),
+});
+
+const ImageInfoMembers = {
+  filename: req(t.str, 'The image file name'),
+  format: req(t.str, 'The driver of the node'),
+  'virtual-size': req(t.int, 'Size as seen by the guest, in bytes'),
+  'actual-size': opt(t.int, 'Bytes the image occupies on the host'),
+  'dirty-flag': opt(t.bool, 'The image was not closed cleanly'),
+  'backing-filename': opt(t.str),
+  'backing-image': opt(t.any, 'ImageInfo of the backing image (not with flat)'),
+  'format-specific': opt(t.any, 'Driver-specific information'),
+};
+export const ImageInfo = t.object('ImageInfo', ImageInfoMembers);
+
+export const BlockDirtyInfo = t.object('BlockDirtyInfo', {
+  name: opt(t.str),
+  count: req(t.int, 'Dirty bytes'),
+  granularity: req(t.uint32),
+  recording: req(t.bool),
+  busy: req(t.bool),
+  persistent: req(t.bool),
+  inconsistent: opt(t.bool),
+});
+
+export const BlockDeviceInfo = t.object('BlockDeviceInfo', {
+  file: req(t.str, 'The file name of the node'),
+  'node-name': opt(t.str),
+  ro: req(t.bool),
+  drv: req(t.str),
+  backing_file: opt(t.str),
+  backing_file_depth: req(t.int),
+  encrypted: req(t.bool),
+  detect_zeroes: req(t.enum('BlockdevDetectZeroesOptions', ['off', 'on', 'unmap'])),
+  bps: req(t.int),
+  bps_rd: req(t.int),
+  bps_wr: req(t.int),
+  iops: req(t.int),
+  iops_rd: req(t.int),
+  iops_wr: req(t.int),
+  image: req(ImageInfo),
+  cache: req(BlockdevCacheInfo),
+  write_threshold: req(t.int),
+  'dirty-bitmaps': opt(t.array(BlockDirtyInfo)),
+});
+
+/** The node at the bottom of a node's file / filtered chain (where its data is). */
+function storageLeaf(node: BlockNode): BlockNode {
+  let n = node;
+  for (;;) {
+    const next = n.file ?? n.filtered;
+    if (!next) return n;
+    n = next.node;
+  }
+}
+
+/** Options that differ from the driver's defaults, children as nested objects (json: names). */
+function explicitOptions(node: BlockNode): Record<string, unknown> {
+  const out: Record<string, unknown> = { driver: node.driver.name };
+  for (const [key, spec] of Object.entries(node.driver.options)) {
+    const child = node.child(key);
+    if (child) {
+      out[key] = explicitOptions(child.node);
+      continue;
+    }
+    const v = node.options[key];
+    if (v !== undefined && v !== spec.default && spec.type.kind !== 'child' && spec.type.kind !== 'children') {
+      out[key] = v;
+    }
+  }
+  return out;
+}
+
+/**
+ * The file name QEMU shows: the path when the node's data sits in a plain file, otherwise a
+ * `json:{...}` pseudo-filename of its options.
+ */
+export function displayFilename(node: BlockNode): string {
+  const leaf = storageLeaf(node);
+  if (leaf.driver.name === 'file') return node.filename;
+  return `json:${toQmpJson(explicitOptions(node))}`;
+}
+
+function actualSize(node: BlockNode): number | undefined {
+  const leaf = storageLeaf(node);
+  if (leaf.driver.name !== 'file') return leaf.driver.protocol ? 0 : undefined;
+  try {
+    return statSync(leaf.filename).blocks * 512;
+  } catch {
+    return undefined;
+  }
+}
+
+export function imageInfo(node: BlockNode, withBacking: boolean): Record<string, unknown> {
+  const info: Record<string, unknown> = {
+    'virtual-size': node.length,
+    filename: displayFilename(node),
+    format: node.driver.name,
+  };
+  const actual = actualSize(node);
+  if (actual !== undefined) info['actual-size'] = actual;
+  // QEMU reports dirty-flag whenever the driver answers bdrv_get_info (null-co does not).
+  if (node.driver.name !== 'null-co') info['dirty-flag'] = false;
+  const extra = node.driver.info?.(node);
+  if (extra) Object.assign(info, extra);
+  const backing = node.backing?.node;
+  if (backing) {
+    info['backing-filename'] = displayFilename(backing);
+    if (withBacking) info['backing-image'] = imageInfo(backing, true);
+  }
+  return info;
+}
+
+export function dirtyBitmapInfo(node: BlockNode): Record<string, unknown>[] {
+  return [...node.dirtyBitmaps].reverse().map((b) => {
+    const i: Record<string, unknown> = {
+      name: b.name,
+      recording: b.enabled,
+      persistent: b.persistent,
+      busy: b.busy,
+      granularity: b.granularity,
+      count: b.count(),
+    };
+    if (b.inconsistent) i.inconsistent = true;
+    return i;
+  });
+}
+
+/** BlockDeviceInfo of one node. */
+export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, unknown> {
+  let depth = 0;
+  for (let b = node.backing?.node; b; b = b.backing?.node) depth++;
+  const info: Record<string, unknown> = {
+    'iops_rd': 0,
+    detect_zeroes: node.detectZeroes,
+    image: imageInfo(node, !flat),
+    iops_wr: 0,
+    ro: node.readOnly,
+    'node-name': node.nodeName,
+    backing_file_depth: depth,
+    drv: node.driver.name,
+    iops: 0,
+    bps_wr: 0,
+    write_threshold: 0,
+    encrypted: false,
+    bps: 0,
+    bps_rd: 0,
+    cache: { 'no-flush': node.noFlush, direct: false, writeback: true },
+    file: displayFilename(node),
+  };
+  const backing = node.backing?.node;
+  if (backing) info.backing_file = displayFilename(backing);
+  if (node.dirtyBitmaps.length) info['dirty-bitmaps'] = dirtyBitmapInfo(node);
+  return info;
+}
