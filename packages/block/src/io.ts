@@ -390,7 +390,8 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
     st.bytes = Math.min(Math.max(st.bytes, 0), bytes);
     if (st.recurse && st.file && st.offset !== undefined && st.file !== node) {
       const inner = await blockStatus(st.file, st.offset, st.bytes);
-      if (inner.eof) st = { ...st, zero: true, data: false };
+      // Nothing of the file there (past its end): reads as zeroes.
+      if (inner.bytes === 0) st = { ...st, zero: true, data: false };
       else {
         st = {
           ...st,

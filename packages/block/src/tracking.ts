@@ -3,6 +3,7 @@ import type { BlockNode } from './node';
 /** One request in flight on a node (for drain and for serialising overlapping requests). */
 export class TrackedRequest {
   private waiters: (() => void)[] | null = null;
+  private finished = false;
 
   constructor(
     readonly offset: number,
@@ -16,6 +17,7 @@ export class TrackedRequest {
 
   /** Resolves when the request has finished. */
   done(): Promise<void> {
+    if (this.finished) return Promise.resolve();
     return new Promise((resolve) => {
       this.waiters ??= [];
       this.waiters.push(resolve);
@@ -23,6 +25,7 @@ export class TrackedRequest {
   }
 
   finish(): void {
+    this.finished = true;
     const w = this.waiters;
     this.waiters = null;
     if (w) for (const f of w) f();

@@ -320,3 +320,23 @@ describe('drain across graph changes', () => {
     expect(done).toBe(true);
   });
 });
+
+describe('RangeLock', () => {
+  it('a waiter for several earlier locks gets through when they end in any order', async () => {
+    const { RangeLock } = await import('../src/index');
+    const lock = new RangeLock();
+    const a = await lock.lock(0, 10);
+    const b = await lock.lock(20, 10);
+    let got = false;
+    const c = lock.lock(0, 30).then((u) => {
+      got = true;
+      return u;
+    });
+    b(); // the second one ends first, before the waiter looks at it
+    await new Promise((r) => setTimeout(r, 5));
+    expect(got).toBe(false);
+    a();
+    (await c)();
+    expect(got).toBe(true);
+  });
+});

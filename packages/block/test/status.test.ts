@@ -82,3 +82,15 @@ describe('chains', () => {
     expect(await tb.blockStatus(16384, 8192)).toMatchObject({ data: true, depth: 0, bytes: 4096 });
   });
 });
+
+describe('status at the end of a file', () => {
+  it('the last extent of a fully written raw image is data, not zero', async () => {
+    const f = makeTempDir().file('full.img');
+    const fd = openSync(f, 'w');
+    writeSync(fd, Buffer.alloc(1 << 20, 1));
+    closeSync(fd);
+    const g = createGraph();
+    const n = await g.open({ driver: 'raw', file: { driver: 'file', filename: f } });
+    expect(await blockStatus(n, 512 << 10, 512 << 10)).toMatchObject({ data: true, zero: false, eof: true });
+  });
+});

@@ -1,4 +1,16 @@
+export { BackupJob, type BackupOptions, type BackupSync, startBackup } from './backup/backup';
+export { BlockCopy, CopyError } from './backup/block-copy';
+export { CBW_CLUSTER, type CbwState, cbwDriver, cbwState } from './backup/cbw';
+export { errorAction, ON_ERROR_VALUES, type OnError } from './block-error-policy';
 export { BlockJob, type BlockJobInfo, type BlockJobNodeUse, type BlockJobOptions } from './block-job';
+export {
+  ActiveCommitJob,
+  type CommitBase,
+  CommitJob,
+  type CommitOptions,
+  chainBetween,
+  startCommit,
+} from './commit/commit';
 export { Job, type JobInfo, type JobOptions } from './job';
 export { type JobEvent, JobManager } from './manager';
 export { RateLimit } from './rate-limit';

@@ -1,0 +1,237 @@
+import {
+  BlockError,
+  type BlockGraph,
+  type BlockNode,
+  BlockOp,
+  blockAllOps,
+  blockStatus,
+  blockStatusAbove,
+  type DirtyBitmap,
+  opBlocked,
+  unblockAllOps,
+  unblockOp,
+} from '@blockrep/block';
+import { errorAction, type OnError } from '../block-error-policy';
+import { BlockJob, type BlockJobOptions } from '../block-job';
+import type { JobManager } from '../manager';
+import { CopyError } from './block-copy';
+import { cbwDriver, cbwState } from './cbw';
+
+export type BackupSync = 'none' | 'full' | 'top' | 'incremental' | 'bitmap';
+
+export interface BackupOptions extends BlockJobOptions {
+  source: BlockNode;
+  target: BlockNode;
+  sync: BackupSync;
+  /** For sync=incremental/bitmap: the bitmap whose dirty extents are copied. */
+  bitmap?: DirtyBitmap;
+  /** When the bitmap is cleared: on-success (default), never, always. */
+  bitmapMode?: 'on-success' | 'never' | 'always';
+  onSourceError?: OnError;
+  onTargetError?: OnError;
+  /** Node name of the copy-before-write filter (default: automatic). */
+  filterNodeName?: string;
+  /** Called once when the job ends, with its error or null (internal users: replication). */
+  onComplete?: (err: Error | null) => void;
+}
+
+const CHUNK = 1 << 20;
+
+/**
+ * The backup job (QEMU's blockdev-backup): a copy-before-write filter goes above the source for
+ * the job's life, so the target receives the source's point-in-time contents; sync=full/top/
+ * incremental also copy in the background, sync=none only what writes are about to overwrite.
+ */
+export class BackupJob extends BlockJob {
+  readonly type = 'backup';
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly sync: BackupSync;
+  filter: BlockNode | null = null;
+  private readonly opts: BackupOptions;
+  private readonly blocker: Error;
+  private bitmapSnapshot: DirtyBitmap | null = null;
+
+  constructor(manager: JobManager, opts: BackupOptions) {
+    super(manager, opts);
+    this.opts = opts;
+    this.source = opts.source;
+    this.target = opts.target;
+    this.sync = opts.sync;
+    this.blocker = new Error(`block device is in use by block job: ${this.type}`);
+  }
+
+  private get graph(): BlockGraph {
+    return this.source.graph;
+  }
+
+  /** Inserts the filter and takes the nodes; on failure nothing stays changed. */
+  async setup(): Promise<void> {
+    const g = this.graph;
+    if (!g.driver(cbwDriver.name)) g.registerDriver(cbwDriver);
+    const filterOpts: Record<string, unknown> = {
+      driver: cbwDriver.name,
+      file: this.source.nodeName,
+      target: this.target.nodeName,
+    };
+    if (this.opts.filterNodeName !== undefined) filterOpts['node-name'] = this.opts.filterNodeName;
+    const filter = await g.open(filterOpts);
+    try {
+      await g.replaceNode(this.source, filter);
+      this.useNode(filter, { perm: 0, allowDrainedIo: true });
+      this.useNode(this.target, { perm: 0, allowDrainedIo: true });
+    } catch (e) {
+      await g.replaceNode(filter, this.source).catch(() => {});
+      await this.releaseNodes();
+      await g.close(filter);
+      throw e;
+    }
+    this.filter = filter;
+    for (const n of [filter, this.target]) {
+      blockAllOps(n, this.blocker);
+      unblockOp(n, BlockOp.DATAPLANE, this.blocker);
+    }
+    const bcs = cbwState(filter).bcs;
+    this.progressSetRemaining(bcs.length);
+    await this.initBitmap();
+  }
+
+  /** Which clusters the background copy visits (the copy bitmap starts all set). */
+  private async initBitmap(): Promise<void> {
+    const bcs = cbwState(this.filter!).bcs;
+    if (this.sync === 'top') {
+      // Only what the source's own layer holds (any cluster an allocation touches).
+      bcs.bitmap.clear();
+      for (let off = 0; off < bcs.length; ) {
+        const st = await blockStatus(this.source, off, bcs.length - off);
+        if (st.bytes <= 0) break;
+        if (st.allocated) bcs.bitmap.set(off, st.bytes);
+        off += st.bytes;
+      }
+    } else if (this.sync === 'incremental' || this.sync === 'bitmap') {
+      const bm = this.opts.bitmap!;
+      // Writes during the job mark the user's bitmap afresh; the frozen copy is what we copy.
+      this.bitmapSnapshot = bm.copy();
+      if (this.opts.bitmapMode !== 'never') bm.clear();
+      bcs.bitmap.clear();
+      bcs.bitmap.merge(this.bitmapSnapshot);
+    }
+    if (this.sync !== 'none') {
+      this.progressSetRemaining(bcs.bitmap.count());
+      bcs.onCopied = (n) => this.progressUpdate(n);
+    }
+  }
+
+  /** replication's checkpoint: forget which clusters were copied (sync=none only). */
+  doCheckpoint(): void {
+    if (this.sync !== 'none') {
+      throw new BlockError('The backup job only supports block checkpoint in sync=none mode');
+    }
+    cbwState(this.filter!).bcs.resetAll();
+  }
+
+  protected async run(): Promise<void> {
+    if (this.sync === 'none') {
+      while (!this.isCancelled) await this.yieldUntilEntered();
+      return;
+    }
+    const bcs = cbwState(this.filter!).bcs;
+    const targetZero = this.sync === 'full';
+    for (;;) {
+      const next = bcs.bitmap.nextDirty(0);
+      if (next < 0 || this.isCancelled) return;
+      const len = Math.min(CHUNK, bcs.length - next);
+      await this.pausePoint();
+      if (this.isCancelled) return;
+      try {
+        if (targetZero && (await this.zeroInSourceAndTarget(next, len))) {
+          const unlock = await bcs.lockRange(next, len);
+          const skipped = [...bcs.bitmap.dirtyExtents(next, len)].reduce((a, [, n]) => a + n, 0);
+          bcs.bitmap.reset(next, len);
+          unlock();
+          this.progressUpdate(skipped);
+        } else {
+          this.rateLimitAccount(await bcs.copy(next, len));
+        }
+        await this.rateLimitSleep();
+      } catch (e) {
+        if (!(e instanceof CopyError)) throw e;
+        const policy = (e.isRead ? this.opts.onSourceError : this.opts.onTargetError) ?? 'report';
+        const action = errorAction(policy, e.error);
+        this.reportIoError(e.isRead ? 'read' : 'write', action);
+        if (action === 'report') throw e.error;
+        if (action === 'ignore') {
+          // Skip the extent: it stays uncopied in the target.
+          const skipped = [...bcs.bitmap.dirtyExtents(next, len)].reduce((a, [, n]) => a + n, 0);
+          bcs.bitmap.reset(next, len);
+          this.progressUpdate(skipped);
+        } else {
+          this.userPausedByError();
+          await this.pausePoint();
+        }
+      }
+    }
+  }
+
+  /** Whether an extent reads as zeroes in the source and is already zero in the target. */
+  private async zeroInSourceAndTarget(offset: number, bytes: number): Promise<boolean> {
+    const s = await blockStatusAbove(this.filter!, null, offset, bytes);
+    if (!s.zero || s.data || s.bytes < bytes) return false;
+    const t = await blockStatusAbove(this.target, null, offset, bytes);
+    return t.zero && !t.data && t.bytes >= bytes;
+  }
+
+  /** on-error=stop: the job pauses as if the user paused it; job-resume retries. */
+  private userPausedByError(): void {
+    if (this.userPaused) return;
+    this.userPaused = true;
+    this.pause();
+  }
+
+  protected override async abort(): Promise<void> {
+    // A failed incremental backup gives its bits back (bitmap-mode on-success).
+    if (this.bitmapSnapshot && this.opts.bitmapMode !== 'always')
+      this.opts.bitmap!.merge(this.bitmapSnapshot);
+  }
+
+  protected override async clean(): Promise<void> {
+    const g = this.graph;
+    if (this.filter) cbwState(this.filter).bcs.onCopied = null;
+    for (const n of [this.filter, this.target]) if (n) unblockAllOps(n, this.blocker);
+    await this.releaseNodes();
+    if (this.filter) {
+      const filter = this.filter;
+      this.filter = null;
+      await g.replaceNode(filter, this.source);
+      await g.close(filter);
+    }
+    this.opts.onComplete?.(this.err);
+  }
+}
+
+/** blockdev-backup's checks, then a started backup job (internal jobs too). */
+export async function startBackup(manager: JobManager, opts: BackupOptions): Promise<BackupJob> {
+  const { source, target } = opts;
+  if (source === target) throw new BlockError('Source and target cannot be the same');
+  const b1 = opBlocked(source, BlockOp.BACKUP_SOURCE);
+  if (b1) throw b1;
+  const b2 = opBlocked(target, BlockOp.BACKUP_TARGET);
+  if (b2) throw b2;
+  if ((opts.sync === 'incremental' || opts.sync === 'bitmap') && !opts.bitmap) {
+    throw new BlockError(`must provide a valid bitmap name for '${opts.sync}' sync mode`);
+  }
+  if (opts.bitmap && opts.sync !== 'incremental' && opts.sync !== 'bitmap') {
+    throw new BlockError(`a bitmap was given, but sync mode '${opts.sync}' does not use one`);
+  }
+  if (opts.bitmap?.busy) throw new BlockError('Bitmap is in use by another operation');
+  if (source.length !== target.length) throw new BlockError('Source and target image have different sizes');
+  const job = new BackupJob(manager, opts);
+  try {
+    await job.setup();
+  } catch (e) {
+    job.earlyFail();
+    throw e;
+  }
+  job.start();
+  return job;
+}

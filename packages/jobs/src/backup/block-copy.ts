@@ -1,0 +1,90 @@
+import { type BlockChild, DirtyBitmap, RangeLock, toBlockError } from '@blockrep/block';
+
+/** Which side of a copy failed (for the job's on-source-error / on-target-error). */
+export class CopyError extends Error {
+  constructor(
+    readonly isRead: boolean,
+    readonly error: Error,
+  ) {
+    super(error.message);
+  }
+}
+
+/**
+ * The copying state shared by a copy-before-write filter and its backup job: a bitmap of the
+ * clusters that still need copying (set = not copied yet) and a lock per cluster range, so that a
+ * cluster is copied once, before the first write that would change it, and never copied from
+ * data a guest write has already replaced.
+ */
+export class BlockCopy {
+  readonly bitmap: DirtyBitmap;
+  private readonly lock = new RangeLock();
+  /** Told of every extent copied, by the filter or the job (the job's progress). */
+  onCopied: ((bytes: number) => void) | null = null;
+
+  constructor(
+    private readonly source: BlockChild,
+    private readonly target: BlockChild,
+    readonly length: number,
+    readonly clusterSize: number,
+  ) {
+    this.bitmap = new DirtyBitmap(length, clusterSize);
+    this.bitmap.setAll();
+  }
+
+  private clusterRange(offset: number, bytes: number): [number, number] {
+    const start = offset - (offset % this.clusterSize);
+    const end = Math.min(this.length, Math.ceil((offset + bytes) / this.clusterSize) * this.clusterSize);
+    return [start, Math.max(start, end)];
+  }
+
+  /** Takes the lock on the clusters touching [offset, offset+bytes). */
+  lockRange(offset: number, bytes: number): Promise<() => void> {
+    const [s, e] = this.clusterRange(offset, bytes);
+    return this.lock.lock(s, Math.max(e - s, 1));
+  }
+
+  /**
+   * Copies every cluster of [offset, offset+bytes) that still needs it. The caller holds the lock
+   * on the range. Returns the bytes copied; on failure the clusters stay marked and it throws a
+   * CopyError saying whether the read or the write failed.
+   */
+  async copyLocked(offset: number, bytes: number): Promise<number> {
+    const [start, end] = this.clusterRange(offset, bytes);
+    let copied = 0;
+    for (const [off, len] of [...this.bitmap.dirtyExtents(start, end - start, 1 << 20)]) {
+      this.bitmap.reset(off, len);
+      let buf: Buffer;
+      try {
+        buf = await this.source.read(off, len);
+      } catch (e) {
+        this.bitmap.set(off, len);
+        throw new CopyError(true, toBlockError(e));
+      }
+      try {
+        await this.target.write(off, buf);
+      } catch (e) {
+        this.bitmap.set(off, len);
+        throw new CopyError(false, toBlockError(e));
+      }
+      copied += len;
+      this.onCopied?.(len);
+    }
+    return copied;
+  }
+
+  /** Locks, copies and unlocks (the job's background copying). */
+  async copy(offset: number, bytes: number): Promise<number> {
+    const unlock = await this.lockRange(offset, bytes);
+    try {
+      return await this.copyLocked(offset, bytes);
+    } finally {
+      unlock();
+    }
+  }
+
+  /** A checkpoint: every cluster needs copying again before it is next overwritten. */
+  resetAll(): void {
+    this.bitmap.setAll();
+  }
+}

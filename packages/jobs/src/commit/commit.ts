@@ -1,0 +1,286 @@
+import {
+  addDirtyBitmap,
+  type BlockBackend,
+  BlockError,
+  type BlockNode,
+  BlockOp,
+  blockAllOps,
+  type DirtyBitmap,
+  isAllocatedAbove,
+  opBlocked,
+  Perm,
+  removeDirtyBitmap,
+  unblockAllOps,
+  unblockOp,
+} from '@blockrep/block';
+import { errorAction, type OnError } from '../block-error-policy';
+import { BlockJob, type BlockJobOptions } from '../block-job';
+import type { JobManager } from '../manager';
+
+export interface CommitOptions extends BlockJobOptions {
+  /** The top of the committed range (for an active commit: the active layer). */
+  top: BlockNode;
+  /** The node the data is committed into (below top in its backing chain). */
+  base: BlockNode;
+  onError?: OnError;
+  /** Active commit: complete as soon as READY (replication's failover). */
+  autoComplete?: boolean;
+  /** Called once when the job ends, with its error or null. */
+  onComplete?: (err: Error | null) => void;
+}
+
+const CHUNK = 1 << 20;
+const GRANULARITY = 65536;
+
+/** The nodes of the chain from top down to (not including) base; throws if base is not below. */
+export function chainBetween(top: BlockNode, base: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) {
+    if (n === base) return out;
+    out.push(n);
+  }
+  throw new BlockError(`'${base.nodeName}' is not in the backing chain of '${top.nodeName}'`);
+}
+
+/** The node whose backing (or filtered) child is `node`, if any. */
+function overlayOf(node: BlockNode): BlockNode | null {
+  for (const p of node.parents) {
+    if (p.parent.kind === 'node' && p.parent.filteredOrCow === p) return p.parent;
+  }
+  return null;
+}
+
+/**
+ * Shared by both commit kinds: the nodes, the blockers, base reopened writable for the job, and
+ * copying one extent of top's view into base with the error policy applied.
+ */
+abstract class CommitBase extends BlockJob {
+  readonly type = 'commit';
+  readonly top: BlockNode;
+  readonly base: BlockNode;
+  protected readonly opts: CommitOptions;
+  protected topBlk!: BlockBackend;
+  protected baseBlk!: BlockBackend;
+  private readonly blocker: Error;
+  private baseWasReadOnly = false;
+  private blockedNodes: BlockNode[] = [];
+
+  constructor(manager: JobManager, opts: CommitOptions) {
+    super(manager, opts);
+    this.opts = opts;
+    this.top = opts.top;
+    this.base = opts.base;
+    this.blocker = new Error(`block device is in use by block job: ${this.type}`);
+  }
+
+  async setup(): Promise<void> {
+    const g = this.top.graph;
+    const chain = chainBetween(this.top, this.base);
+    if (this.base.readOnly) {
+      await g.reopenMultiple([{ node: this.base, readOnly: false }]);
+      this.baseWasReadOnly = true;
+    }
+    try {
+      this.topBlk = this.useNode(this.top, { perm: Perm.CONSISTENT_READ, allowDrainedIo: true });
+      this.baseBlk = this.useNode(this.base, {
+        perm: Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE,
+        allowDrainedIo: true,
+        allowBeyondEof: true,
+      });
+    } catch (e) {
+      await this.restoreBase();
+      await this.releaseNodes();
+      throw e;
+    }
+    this.blockedNodes = [...chain, this.base];
+    for (const n of this.blockedNodes) {
+      blockAllOps(n, this.blocker);
+      unblockOp(n, BlockOp.DATAPLANE, this.blocker);
+    }
+  }
+
+  private async restoreBase(): Promise<void> {
+    if (!this.baseWasReadOnly || this.base.closed) return;
+    this.baseWasReadOnly = false;
+    // Still used for writing (an active commit pivoted onto it)? Then it stays writable.
+    await this.base.graph.reopenMultiple([{ node: this.base, readOnly: true }]).catch(() => {});
+  }
+
+  /** Copies top's view of [offset, offset+bytes) into base; errors go through on-error. */
+  protected async copyExtent(offset: number, bytes: number): Promise<boolean> {
+    for (;;) {
+      let isRead = true;
+      try {
+        const buf = await this.topBlk.read(offset, bytes);
+        isRead = false;
+        await this.baseBlk.write(offset, buf);
+        this.rateLimitAccount(bytes);
+        return true;
+      } catch (e) {
+        const action = errorAction(this.opts.onError ?? 'report', e);
+        this.reportIoError(isRead ? 'read' : 'write', action);
+        if (action === 'report') throw e;
+        if (action === 'ignore') return false;
+        // stop: pause until the user resumes, then retry.
+        if (!this.userPaused) {
+          this.userPaused = true;
+          this.pause();
+        }
+        await this.pausePoint();
+        if (this.isCancelled) return false;
+      }
+    }
+  }
+
+  /** Grows base to top's length if it is shorter (QEMU resizes the base too). */
+  protected async growBase(): Promise<void> {
+    if (this.base.length < this.top.length) await this.baseBlk.truncate(this.top.length);
+  }
+
+  protected override async clean(): Promise<void> {
+    for (const n of this.blockedNodes) unblockAllOps(n, this.blocker);
+    this.blockedNodes = [];
+    await this.releaseNodes();
+    await this.restoreBase();
+    this.opts.onComplete?.(this.err);
+  }
+}
+
+/** Intermediate commit: copy what top..(above base) hold into base, then drop those layers. */
+export class CommitJob extends CommitBase {
+  protected async run(): Promise<void> {
+    await this.growBase();
+    const len = this.top.length;
+    this.progressSetRemaining(len);
+    for (let off = 0; off < len; ) {
+      await this.pausePoint();
+      if (this.isCancelled) return;
+      const n = Math.min(CHUNK, len - off);
+      const a = await isAllocatedAbove(this.top, this.base, false, off, n);
+      if (a.allocated) await this.copyExtent(off, a.bytes);
+      this.progressUpdate(a.bytes);
+      off += a.bytes;
+      await this.rateLimitSleep();
+    }
+    await this.baseBlk.flush();
+  }
+
+  /** The layers above base go out of the chain: top's overlay now backs onto base. */
+  protected override async prepare(): Promise<void> {
+    const overlay = overlayOf(this.top);
+    if (!overlay) return;
+    const edge = overlay.filteredOrCow!;
+    const g = this.top.graph;
+    g.update((tx) => tx.setChildNode(edge, this.base));
+    await g.collectGarbage();
+  }
+}
+
+/**
+ * Active commit (mirror-style): copy everything above base, then keep copying what the guest
+ * writes (a dirty bitmap on top) until converged: READY. job-complete pivots the parents of top
+ * onto base; a cancel after READY leaves the chain as it was.
+ */
+export class ActiveCommitJob extends CommitBase {
+  private dirty: DirtyBitmap | null = null;
+  private shouldComplete = false;
+
+  override async setup(): Promise<void> {
+    await super.setup();
+    this.dirty = addDirtyBitmap(this.top, { granularity: GRANULARITY });
+  }
+
+  protected override cancelRequest(force: boolean): boolean {
+    return force || !this.isReady;
+  }
+
+  protected override complete(): void {
+    this.shouldComplete = true;
+    this.enter();
+  }
+
+  protected async run(): Promise<void> {
+    const dirty = this.dirty!;
+    await this.growBase();
+    const len = this.top.length;
+    // Everything above base counts as dirty at the start.
+    for (let off = 0; off < len; ) {
+      const a = await isAllocatedAbove(this.top, this.base, false, off, len - off);
+      if (a.allocated) dirty.set(off, a.bytes);
+      off += a.bytes;
+    }
+    this.progressSetRemaining(dirty.count());
+    for (;;) {
+      if (this.cancelled) return; // a hard cancel, or a soft one after READY
+      await this.pausePoint();
+      const next = dirty.nextDirty(0);
+      if (next >= 0) {
+        const end = dirty.nextClean(next);
+        const n = Math.min(CHUNK, (end < 0 ? len : end) - next, len - next);
+        // Clear first: a write that lands while we copy marks the range again.
+        dirty.reset(next, n);
+        if (!(await this.copyExtent(next, n))) continue;
+        this.progressUpdate(n);
+        await this.rateLimitSleep();
+        continue;
+      }
+      this.progressSetRemaining(0);
+      if (!this.isReady) {
+        this.transitionToReady();
+        if (this.opts.autoComplete) this.shouldComplete = true;
+      }
+      if (this.shouldComplete) return;
+      await this.sleep(10);
+      this.progressSetRemaining(dirty.count());
+    }
+  }
+
+  /** With the guest quiesced: copy what is left, then move top's users onto base. */
+  protected override async prepare(): Promise<void> {
+    if (!this.shouldComplete) return;
+    const g = this.top.graph;
+    const dirty = this.dirty!;
+    await g.drained(this.top, async () => {
+      for (const [off, n] of [...dirty.dirtyExtents(0, this.top.length, CHUNK)]) {
+        dirty.reset(off, n);
+        await this.copyExtent(off, n);
+      }
+      await this.baseBlk.flush();
+      removeDirtyBitmap(this.top, dirty);
+      this.dirty = null;
+      await this.releaseNodes();
+      await g.replaceNode(this.top, this.base);
+    });
+  }
+
+  protected override async clean(): Promise<void> {
+    if (this.dirty) removeDirtyBitmap(this.top, this.dirty);
+    this.dirty = null;
+    await super.clean();
+  }
+}
+
+/** block-commit's checks, then a started commit job: active when top is the active layer. */
+export async function startCommit(
+  manager: JobManager,
+  opts: CommitOptions & { active: boolean },
+): Promise<CommitBase> {
+  const { top, base } = opts;
+  if (top === base) throw new BlockError('cannot commit an image into itself');
+  chainBetween(top, base);
+  const b1 = opBlocked(top, BlockOp.COMMIT_SOURCE);
+  if (b1) throw b1;
+  const b2 = opBlocked(base, BlockOp.COMMIT_TARGET);
+  if (b2) throw b2;
+  const job = opts.active ? new ActiveCommitJob(manager, opts) : new CommitJob(manager, opts);
+  try {
+    await job.setup();
+  } catch (e) {
+    job.earlyFail();
+    throw e;
+  }
+  job.start();
+  return job;
+}
+
+export type { CommitBase };

@@ -1,0 +1,217 @@
+import { readFileSync } from 'node:fs';
+import { addDirtyBitmap, type BlockError, findDirtyBitmap } from '@blockrep/block';
+import { describe, expect, it } from 'vitest';
+import { type BackupJob, startBackup } from '../src/index';
+import {
+  env,
+  qcow2Node,
+  randomData,
+  randomWrites,
+  rawNode,
+  readAll,
+  SIZE,
+  writer,
+} from './backup-commit-helpers';
+
+describe('backup', () => {
+  it('sync=none: the target (backed by the source) keeps the point-in-time image under writes', async () => {
+    const { dir, graph, manager } = env();
+    const initial = randomData(SIZE, 1);
+    await rawNode(graph, dir.file('src.raw'), 'src', initial);
+    await qcow2Node(graph, dir.file('tgt.qcow2'), 'tgt', {
+      path: dir.file('src.raw'),
+      node: 'src',
+      fmt: 'raw',
+    });
+    const guest = writer(graph, 'src');
+    const job = (await startBackup(manager, {
+      id: 'b0',
+      source: graph.findNode('src'),
+      target: graph.findNode('tgt'),
+      sync: 'none',
+    })) as BackupJob;
+    expect(guest.node!.driver.name).toBe('copy-before-write');
+    await randomWrites(guest, 300, 7);
+    expect((await readAll(graph, 'tgt')).equals(initial)).toBe(true);
+    expect((await readAll(graph, 'src')).equals(initial)).toBe(false);
+    // A checkpoint forgets what was copied: the next write copies again, keeping the new state.
+    const afterWrites = await readAll(graph, 'src');
+    job.doCheckpoint();
+    const graphBefore = graph.findNode('tgt');
+    void graphBefore;
+    await job.cancel(true);
+    await job.whenConcluded();
+    expect(guest.node!.nodeName).toBe('src');
+    expect(graph.allNodes().some((n) => n.driver.name === 'copy-before-write')).toBe(false);
+    expect((await readAll(graph, 'src')).equals(afterWrites)).toBe(true);
+  });
+
+  it('sync=full copies the point-in-time image while the guest writes', async () => {
+    const { dir, graph, manager, events } = env();
+    const initial = randomData(SIZE, 2);
+    await rawNode(graph, dir.file('src.raw'), 'src', initial);
+    await rawNode(graph, dir.file('tgt.raw'), 'tgt');
+    const guest = writer(graph, 'src');
+    const job = await startBackup(manager, {
+      id: 'full0',
+      source: graph.findNode('src'),
+      target: graph.findNode('tgt'),
+      sync: 'full',
+    });
+    await randomWrites(guest, 200, 3);
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    await guest.flush();
+    expect(readFileSync(dir.file('tgt.raw')).equals(initial)).toBe(true);
+    const statuses = events.filter((e) => e.event === 'JOB_STATUS_CHANGE').map((e) => e.data.status);
+    expect(statuses).toEqual(['created', 'running', 'waiting', 'pending', 'concluded', 'null']);
+    expect(events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data).toMatchObject({
+      type: 'backup',
+      device: 'full0',
+      len: SIZE,
+      offset: SIZE,
+    });
+  });
+
+  it('sync=top copies only what the top layer holds', async () => {
+    const { dir, graph, manager } = env();
+    await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 4));
+    await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
+      path: dir.file('base.raw'),
+      node: 'base',
+      fmt: 'raw',
+    });
+    const w = writer(graph, 'top');
+    await w.write(65536, Buffer.alloc(65536, 0xaa));
+    await w.detach();
+    await rawNode(graph, dir.file('tgt.raw'), 'tgt');
+    const job = await startBackup(manager, {
+      id: 't',
+      source: graph.findNode('top'),
+      target: graph.findNode('tgt'),
+      sync: 'top',
+    });
+    await job.whenConcluded();
+    const t = readFileSync(dir.file('tgt.raw'));
+    expect(t.subarray(65536, 131072).every((b) => b === 0xaa)).toBe(true);
+    expect(t.subarray(0, 65536).every((b) => b === 0)).toBe(true);
+    expect(t.subarray(131072).every((b) => b === 0)).toBe(true);
+  });
+
+  it('sync=incremental copies the bitmap extents and clears the bitmap on success', async () => {
+    const { dir, graph, manager } = env();
+    const src = await rawNode(graph, dir.file('src.raw'), 'src', randomData(SIZE, 5));
+    const bm = addDirtyBitmap(src, { name: 'bm0', granularity: 65536 });
+    const w = writer(graph, 'src');
+    await w.write(3 * 65536, Buffer.alloc(100, 1));
+    await rawNode(graph, dir.file('tgt.raw'), 'tgt');
+    const job = await startBackup(manager, {
+      id: 'i',
+      source: src,
+      target: graph.findNode('tgt'),
+      sync: 'incremental',
+      bitmap: bm,
+    });
+    await job.whenConcluded();
+    const t = readFileSync(dir.file('tgt.raw'));
+    const s = readFileSync(dir.file('src.raw'));
+    expect(t.subarray(3 * 65536, 4 * 65536).equals(s.subarray(3 * 65536, 4 * 65536))).toBe(true);
+    expect(t.subarray(0, 3 * 65536).every((b) => b === 0)).toBe(true);
+    expect(findDirtyBitmap(src, 'bm0')!.count()).toBe(0);
+  });
+
+  it('refuses a second job on a busy node, the same node twice, and size mismatches', async () => {
+    const { dir, graph, manager } = env();
+    await rawNode(graph, dir.file('a.raw'), 'a');
+    await rawNode(graph, dir.file('b.raw'), 'b');
+    await rawNode(graph, dir.file('c.raw'), 'c');
+    const job = await startBackup(manager, {
+      id: 'j1',
+      source: graph.findNode('a'),
+      target: graph.findNode('b'),
+      sync: 'none',
+    });
+    await expect(
+      startBackup(manager, {
+        id: 'j2',
+        source: graph.findNode('c'),
+        target: graph.findNode('b'),
+        sync: 'full',
+      }),
+    ).rejects.toThrow("Node 'b' is busy: block device is in use by block job: backup");
+    await expect(
+      startBackup(manager, {
+        id: 'j3',
+        source: graph.findNode('a'),
+        target: graph.findNode('a'),
+        sync: 'full',
+      }),
+    ).rejects.toThrow('Source and target cannot be the same');
+    await expect(graph.blockdevDel('b')).rejects.toThrow(/is busy|in use/);
+    expect(() => (job as BackupJob).doCheckpoint()).not.toThrow();
+    await job.cancel(true);
+    await job.whenConcluded();
+    const small = await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'small', size: 4096 });
+    await expect(
+      startBackup(manager, { id: 'j4', source: graph.findNode('a'), target: small, sync: 'full' }),
+    ).rejects.toThrow('Source and target image have different sizes');
+    expect(manager.query()).toEqual([]);
+  });
+});
+
+describe('backup errors (blkdebug)', () => {
+  async function failing(policy: 'report' | 'ignore' | 'stop', where: 'source' | 'target') {
+    const { dir, graph, manager, events } = env();
+    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
+    await rawNode(graph, dir.file('t.raw'), 't0');
+    const rule = { event: where === 'source' ? 'read_aio' : 'write_aio', sector: 2048, once: true };
+    await graph.blockdevAdd({
+      driver: 'blkdebug',
+      'node-name': 'dbg',
+      image: where === 'source' ? 's0' : 't0',
+      'inject-error': [rule],
+    });
+    const job = await startBackup(manager, {
+      id: 'e',
+      source: graph.findNode(where === 'source' ? 'dbg' : 's0'),
+      target: graph.findNode(where === 'source' ? 't0' : 'dbg'),
+      sync: 'full',
+      ...(where === 'source' ? { onSourceError: policy } : { onTargetError: policy }),
+    });
+    return { job, events, manager, dir };
+  }
+
+  for (const where of ['source', 'target'] as const) {
+    it(`on-${where}-error=report fails the job with the error`, async () => {
+      const { job, events } = await failing('report', where);
+      await job.whenConcluded();
+      expect((job.err as BlockError).errno).toBe('EIO');
+      expect(events.find((e) => e.event === 'BLOCK_JOB_ERROR')?.data).toEqual({
+        device: 'e',
+        operation: where === 'source' ? 'read' : 'write',
+        action: 'report',
+      });
+      expect(events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data.error).toBe(
+        `blkdebug: injected error on ${where === 'source' ? 'read' : 'write'} at offset 1048576`,
+      );
+    });
+
+    it(`on-${where}-error=ignore skips the extent and completes`, async () => {
+      const { job, events } = await failing('ignore', where);
+      await job.whenConcluded();
+      expect(job.err).toBeNull();
+      expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'ignore')).toBe(true);
+    });
+
+    it(`on-${where}-error=stop pauses the job until resumed, then retries`, async () => {
+      const { job, events, dir } = await failing('stop', where);
+      for (let i = 0; i < 100 && job.status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(job.status).toBe('paused');
+      expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'stop')).toBe(true);
+      job.userResume();
+      await job.whenConcluded();
+      expect(job.err).toBeNull();
+      expect(readFileSync(dir.file('t.raw')).equals(readFileSync(dir.file('s.raw')))).toBe(true);
+    });
+  }
+});

@@ -1,0 +1,163 @@
+import { createQcow2Image } from '@blockrep/qcow2';
+import { describe, expect, it } from 'vitest';
+import { startCommit } from '../src/index';
+import {
+  env,
+  qcow2Node,
+  randomData,
+  randomWrites,
+  rawNode,
+  readAll,
+  SIZE,
+  writer,
+} from './backup-commit-helpers';
+
+async function chain3() {
+  const e = env();
+  const { dir, graph } = e;
+  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 11));
+  await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
+    path: dir.file('base.raw'),
+    node: 'base',
+    fmt: 'raw',
+  });
+  await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
+    path: dir.file('mid.qcow2'),
+    node: 'mid',
+    fmt: 'qcow2',
+  });
+  const w = writer(graph, 'mid');
+  await w.write(0, Buffer.alloc(65536, 0x11));
+  await w.write(SIZE - 4096, Buffer.alloc(4096, 0x12));
+  await w.detach();
+  return e;
+}
+
+describe('commit', () => {
+  it('intermediate: base reads as mid did, and top now backs onto base', async () => {
+    const { graph, manager, events } = await chain3();
+    const guest = writer(graph, 'top');
+    await guest.write(8192, Buffer.alloc(4096, 0x33));
+    const before = await readAll(graph, 'top');
+    const midView = await readAll(graph, 'mid');
+    const job = await startCommit(manager, {
+      id: 'c0',
+      top: graph.findNode('mid'),
+      base: graph.findNode('base'),
+      active: false,
+    });
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    expect((await readAll(graph, 'base')).equals(midView)).toBe(true);
+    expect(graph.findNode('top').backing!.node.nodeName).toBe('base');
+    expect((await readAll(graph, 'top')).equals(before)).toBe(true);
+    expect(events.filter((e) => e.event === 'JOB_STATUS_CHANGE').map((e) => e.data.status)).toEqual([
+      'created',
+      'running',
+      'waiting',
+      'pending',
+      'concluded',
+      'null',
+    ]);
+  });
+
+  it('active: READY once converged under writes, complete pivots the users onto base', async () => {
+    const { graph, manager, events } = await chain3();
+    const guest = writer(graph, 'top');
+    await randomWrites(guest, 50, 5);
+    const job = await startCommit(manager, {
+      id: 'a0',
+      top: graph.findNode('top'),
+      base: graph.findNode('base'),
+      active: true,
+    });
+    const writing = randomWrites(guest, 200, 9);
+    for (let i = 0; i < 300 && job.status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(job.status).toBe('ready');
+    await writing;
+    await guest.write(4096, Buffer.alloc(4096, 0x77));
+    const view = await readAll(graph, 'top');
+    job.userComplete();
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    expect(guest.node!.nodeName).toBe('base');
+    expect((await readAll(graph, 'base')).equals(view)).toBe(true);
+    expect(events.map((e) => e.event)).toContain('BLOCK_JOB_READY');
+    expect(events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data).toMatchObject({
+      type: 'commit',
+      device: 'a0',
+    });
+  });
+
+  it('active: a cancel after READY leaves the chain as it was', async () => {
+    const { graph, manager, events } = await chain3();
+    const guest = writer(graph, 'top');
+    await guest.write(0, Buffer.alloc(4096, 5));
+    const job = await startCommit(manager, {
+      id: 'a1',
+      top: graph.findNode('top'),
+      base: graph.findNode('base'),
+      active: true,
+    });
+    for (let i = 0; i < 300 && job.status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+    await job.userCancel(false);
+    await job.whenConcluded();
+    expect(guest.node!.nodeName).toBe('top');
+    expect(graph.findNode('top').backing!.node.nodeName).toBe('mid');
+    expect(events.some((e) => e.event === 'BLOCK_JOB_COMPLETED')).toBe(true);
+    expect(manager.query()).toEqual([]);
+  });
+
+  it('internal auto-completing active commit reports to its callback', async () => {
+    const { graph, manager, events } = await chain3();
+    let result: Error | null | undefined;
+    const job = await startCommit(manager, {
+      internal: true,
+      top: graph.findNode('top'),
+      base: graph.findNode('mid'),
+      active: true,
+      autoComplete: true,
+      onComplete: (err) => {
+        result = err;
+      },
+    });
+    const guest = writer(graph, 'mid');
+    await job.whenConcluded();
+    expect(result).toBeNull();
+    expect(events).toEqual([]);
+    expect(manager.query()).toEqual([]);
+    await guest.detach();
+  });
+
+  it('refuses nodes outside the chain, self-commit, and busy nodes', async () => {
+    const { graph, manager, dir } = await chain3();
+    await createQcow2Image(dir.file('other.qcow2'), { size: SIZE });
+    const other = await graph.blockdevAdd({
+      driver: 'qcow2',
+      'node-name': 'other',
+      file: { driver: 'file', filename: dir.file('other.qcow2') },
+    });
+    await expect(
+      startCommit(manager, { id: 'x', top: graph.findNode('top'), base: other, active: true }),
+    ).rejects.toThrow("'other' is not in the backing chain of 'top'");
+    await expect(startCommit(manager, { id: 'y', top: other, base: other, active: true })).rejects.toThrow(
+      'cannot commit an image into itself',
+    );
+    const j = await startCommit(manager, {
+      id: 'z',
+      top: graph.findNode('top'),
+      base: graph.findNode('base'),
+      active: true,
+    });
+    await expect(
+      startCommit(manager, {
+        id: 'w',
+        top: graph.findNode('mid'),
+        base: graph.findNode('base'),
+        active: false,
+      }),
+    ).rejects.toThrow("Node 'mid' is busy: block device is in use by block job: commit");
+    await j.cancel(true);
+    await j.whenConcluded();
+  });
+});
