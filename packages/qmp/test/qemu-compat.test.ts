@@ -1,0 +1,126 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import { createGraph } from '@blockrep/block';
+import { JobManager } from '@blockrep/jobs';
+import { hasPeer, makeTempDir } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { createBlockQmpServer, QmpClient } from '../src/index';
+
+type Outcome = { return: unknown } | { error: { class: string; desc: string } };
+
+async function run(c: QmpClient, cmd: string, args?: Record<string, unknown>): Promise<Outcome> {
+  try {
+    return { return: await c.execute(cmd, args) };
+  } catch (e: any) {
+    return { error: { class: e.class, desc: e.desc } };
+  }
+}
+
+/** Keeps only what both sides report: objects reduced to their common keys, recursively. */
+function common(a: unknown, b: unknown): [unknown, unknown] {
+  if (Array.isArray(a) && Array.isArray(b)) {
+    const pairs = a.map((x, i) => common(x, b[i]));
+    return [pairs.map((p) => p[0]), b.map((_, i) => (i < pairs.length ? pairs[i]![1] : b[i]))];
+  }
+  if (a && b && typeof a === 'object' && typeof b === 'object') {
+    const oa: Record<string, unknown> = {};
+    const ob: Record<string, unknown> = {};
+    for (const k of Object.keys(a)) {
+      if (!(k in b)) continue;
+      [oa[k], ob[k]] = common((a as any)[k], (b as any)[k]);
+    }
+    return [oa, ob];
+  }
+  return [a, b];
+}
+
+async function startQsd(sock: string): Promise<ChildProcess> {
+  const p = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=c`, '--monitor', 'chardev=c'], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+  return p;
+}
+
+describe.skipIf(!hasPeer('qemu-storage-daemon'))('same QMP session against qemu-storage-daemon 7.2 and blockrep', () => {
+  it('returns and errors agree field by field', async () => {
+    const dir = makeTempDir('blockrep-qmp-compat-');
+    const img = dir.file('a.img');
+    writeFileSync(img, Buffer.alloc(1 << 20));
+
+    const qsd = await startQsd(dir.file('qsd.sock'));
+    const graph = createGraph();
+    const jobs = new JobManager();
+    const { server } = createBlockQmpServer({ graph, jobs });
+    await server.listenUnix(dir.file('ours.sock'));
+    const theirs = await QmpClient.connect({ path: dir.file('qsd.sock') });
+    const ours = await QmpClient.connect({ path: dir.file('ours.sock') });
+
+    const session: [string, Record<string, unknown>?][] = [
+      ['blockdev-add', { driver: 'file', 'node-name': 'f0', filename: img }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r0', file: 'f0' }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: 1048576 }],
+      ['query-named-block-nodes'],
+      ['query-named-block-nodes', { flat: true }],
+      ['blockdev-del', { 'node-name': 'f0' }],
+      ['blockdev-del', { 'node-name': 'nope' }],
+      ['blockdev-del', {}],
+      ['blockdev-del', { 'node-name': 5 }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n1', foo: 1 }],
+      ['blockdev-add', { driver: 'nope', 'node-name': 'n1' }],
+      ['blockdev-add', { 'node-name': 'n1' }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r1' }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file' } }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: 5 } }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: 5 }],
+      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: '/nonexist' } }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n0' }],
+      ['blockdev-add', { driver: 'null-co' }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': '1bad' }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'read-only': 'yes' }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'detect-zeroes': 'maybe' }],
+      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', cache: { direct: 1 } }],
+      ['blockdev-add', { driver: 'file', 'node-name': 'n2', filename: img, aio: 'bogus' }],
+      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: -1 }],
+      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: 1000 }],
+      ['block-dirty-bitmap-add', { node: 'nx', name: 'b0' }],
+      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
+      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
+      ['block-dirty-bitmap-merge', { node: 'n0', target: 'b0', bitmaps: [5] }],
+      ['query-named-block-nodes'],
+      ['block-dirty-bitmap-remove', { node: 'n0', name: 'b0' }],
+      ['query-jobs'],
+      ['job-pause', { id: 'x' }],
+      ['job-cancel', { id: 'x', force: true }],
+      ['no-such-command'],
+      ['query-version', { x: 1 }],
+      ['blockdev-del', { 'node-name': 'r0' }],
+      ['blockdev-del', { 'node-name': 'f0' }],
+      ['blockdev-del', { 'node-name': 'n0' }],
+      ['query-named-block-nodes'],
+      ['query-block'],
+    ];
+
+    try {
+      for (const [cmd, args] of session) {
+        const a = await run(ours, cmd, args);
+        const b = await run(theirs, cmd, args);
+        const what = `${cmd} ${JSON.stringify(args ?? {})}`;
+        expect('error' in a, `${what}: ours ${JSON.stringify(a)} vs QEMU ${JSON.stringify(b)}`).toBe('error' in b);
+        if ('error' in a && 'error' in b) {
+          expect(a.error, what).toEqual(b.error);
+        } else {
+          const [x, y] = common((a as any).return, (b as any).return);
+          expect(x, what).toEqual(y);
+          if (Array.isArray((b as any).return)) expect((a as any).return.length, what).toBe((b as any).return.length);
+        }
+      }
+    } finally {
+      await ours.close();
+      await theirs.close();
+      qsd.kill();
+      await server.close();
+      await graph.closeAll();
+    }
+  });
+});
