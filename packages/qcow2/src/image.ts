@@ -45,6 +45,8 @@ export class Qcow2Image {
   /** Host clusters whose last on-disk reference goes away with the next L2 write-back. */
   pendingFree: [offset: number, clusters: number][] = [];
   corrupt: boolean;
+  /** makeEmpty left free clusters at the end of the file: cut them off on close. */
+  trimOnClose = false;
   backing: BackingReader | null = null;
   /** Refcount write generation already made durable by a flush. */
   private syncedGen = 0;
@@ -231,6 +233,10 @@ export class Qcow2Image {
     if (this.readOnly || this.corrupt) return;
     await this.flushMetadata();
     await this.refcounts.releasePool();
+    if (this.trimOnClose) {
+      const end = (await this.refcounts.lastUsedCluster()) + 1;
+      if ((await this.storage.length()) > end * this.cs) await this.storage.truncate(end * this.cs);
+    }
     await this.storage.flush();
   }
 
@@ -311,7 +317,8 @@ export async function makeImageEmpty(img: Qcow2Image): Promise<void> {
     await storage.write(off, b);
   }
   await storage.flush();
-  const end = (Math.max(...counts.keys()) + 1) * cs;
-  if ((await storage.length()) > end) await storage.truncate(end);
-  rc.reset(rc.table, end);
+  // Cutting the file costs time in proportion to the data on many filesystems (extent freeing,
+  // discard), so the freed clusters are reused in place and the file is trimmed on close.
+  rc.reset(rc.table, await storage.length());
+  img.trimOnClose = true;
 }

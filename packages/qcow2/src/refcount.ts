@@ -378,6 +378,17 @@ export class Qcow2Refcounts {
     this.gen++;
   }
 
+  /** The highest cluster with a non-zero refcount (-1: none). */
+  async lastUsedCluster(): Promise<number> {
+    for (let i = this.tableEntries - 1; i >= 0; i--) {
+      const b = await this.block(i);
+      if (!b) continue;
+      for (let k = this.perBlock - 1; k >= 0; k--)
+        if (refGet(b, k, this.bits) !== 0) return i * this.perBlock + k;
+    }
+    return -1;
+  }
+
   /** Frees host clusters (their last reference is gone from disk). */
   free(hostOffset: number, clusters: number): Promise<void> {
     return this.mutex.run(() => this.update(Math.floor(hostOffset / this.cs), clusters, -1));
