@@ -1,5 +1,5 @@
-import type { BlockGraph } from '@blockrep/block';
-import type { JobEvent, JobManager } from '@blockrep/jobs';
+import { type BlockGraph, createGraph } from '@blockrep/block';
+import { type JobEvent, JobManager } from '@blockrep/jobs';
 import { registerBitmapCommands } from './commands/bitmaps';
 import { registerBlockCommands } from './commands/block';
 import { BlockdevCreators, fileCreator, registerCreateCommand } from './commands/create';
@@ -30,4 +30,9 @@ export function createBlockQmpServer(opts: BlockQmpServerOptions): { server: Qmp
   opts.jobs.on('event', forward);
   server.once('close', () => opts.jobs.off('event', forward));
   return { server, creators };
+}
+
+/** The registry of a server on a graph with the built-in drivers (what the reference documents). */
+export function referenceRegistry(): CommandRegistry {
+  return createBlockQmpServer({ graph: createGraph(), jobs: new JobManager() }).server.registry;
 }

@@ -20,7 +20,8 @@ export {
 } from './schema';
 export { DEFAULT_VERSION, QmpMonitor, QmpServer, type QmpServerOptions, type QmpVersion } from './server';
 export { QmpClient, type QmpAddress, type QmpClientOptions, type QmpEvent } from './client';
-export { type BlockQmpServerOptions, createBlockQmpServer } from './block-server';
+export { type BlockQmpServerOptions, createBlockQmpServer, referenceRegistry } from './block-server';
+export { renderCommandReference } from './docs';
 export { registerBitmapCommands } from './commands/bitmaps';
 export { registerBlockCommands } from './commands/block';
 export { blockdevTypes, type BlockdevTypes } from './commands/blockdev-types';
