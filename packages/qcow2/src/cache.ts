@@ -53,6 +53,15 @@ export class Qcow2L2Cache {
     }
   }
 
+  /** The cached table at `offset` without waiting (null when it must be loaded). Not pinned. */
+  peek(offset: number): Qcow2CacheEntry | null {
+    const e = this.entries.get(offset);
+    if (!e) return null;
+    this.entries.delete(offset);
+    this.entries.set(offset, e);
+    return e;
+  }
+
   /** Adds a table just created in memory (a new or copied L2 table), pinned. */
   insert(offset: number, table: Buffer, dirty: boolean): Qcow2CacheEntry {
     const e: Qcow2CacheEntry = { offset, table, pins: 1, gen: dirty ? 1 : 0, written: 0 };

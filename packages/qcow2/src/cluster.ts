@@ -74,63 +74,83 @@ export function compressedClusters(
  * discontinuity), never crossing an L2 table.
  */
 export async function lookup(img: Qcow2Image, offset: number, maxBytes: number): Promise<Run> {
-  const cs = img.cs;
-  const cluster = Math.floor(offset / cs);
-  const l1i = Math.floor(cluster / img.l2Entries);
-  const l2i = cluster % img.l2Entries;
-  const inCluster = offset - cluster * cs;
-  const limit = Math.min(maxBytes, (img.l2Entries - l2i) * cs - inCluster);
-  const l2off = img.l2Offset(l1i);
-  if (!l2off) return { type: ClusterType.UNALLOCATED, host: 0, bytes: limit, copied: false, hi: 0, lo: 0 };
+  const r = lookupCached(img, offset, maxBytes);
+  if (r) return r;
+  const l2off = img.l2Offset(Math.floor(offset / img.cs / img.l2Entries));
   const e = await img.cache.get(l2off);
   try {
-    const t = e.table;
-    const hi = t.readUInt32BE(l2i * 8);
-    const lo = t.readUInt32BE(l2i * 8 + 4);
-    const type = entryType(hi, lo, img.v3);
-    const copied = (hi & COPIED) !== 0;
-    const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
-    if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
-      img.corruptEvent(
-        `Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
-      );
-    }
-    if (type === ClusterType.NORMAL && host + cs > img.fileEnd) {
-      img.corruptEvent(
-        `Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
-      );
-    }
-    let n = 1;
-    if (type !== ClusterType.COMPRESSED) {
-      const need = Math.ceil((inCluster + limit) / cs);
-      const contiguous = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC;
-      while (n < need) {
-        const h2 = t.readUInt32BE((l2i + n) * 8);
-        const l2 = t.readUInt32BE((l2i + n) * 8 + 4);
-        if (entryType(h2, l2, img.v3) !== type || ((h2 & COPIED) !== 0) !== copied) break;
-        if (contiguous && entryOffset(h2, l2) !== host + n * cs) break;
-        n++;
-      }
-      if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd)
-        n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
-    }
-    return {
-      type,
-      host: host ? host + inCluster : 0,
-      bytes: Math.min(limit, n * cs - inCluster),
-      copied,
-      hi,
-      lo,
-    };
+    return scanTable(img, e.table, l2off, offset, maxBytes);
   } finally {
     img.cache.unpin(e);
   }
 }
 
+/** lookup() without waiting when the L2 table is cached (the hot path); null when it is not. */
+export function lookupCached(img: Qcow2Image, offset: number, maxBytes: number): Run | null {
+  const cluster = Math.floor(offset / img.cs);
+  const l1i = Math.floor(cluster / img.l2Entries);
+  const l2off = img.l2Offset(l1i);
+  if (!l2off) {
+    const limit = Math.min(
+      maxBytes,
+      (img.l2Entries - (cluster % img.l2Entries)) * img.cs - (offset - cluster * img.cs),
+    );
+    return { type: ClusterType.UNALLOCATED, host: 0, bytes: limit, copied: false, hi: 0, lo: 0 };
+  }
+  const e = img.cache.peek(l2off);
+  return e ? scanTable(img, e.table, l2off, offset, maxBytes) : null;
+}
+
+function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, maxBytes: number): Run {
+  const cs = img.cs;
+  const cluster = Math.floor(offset / cs);
+  const l2i = cluster % img.l2Entries;
+  const inCluster = offset - cluster * cs;
+  const limit = Math.min(maxBytes, (img.l2Entries - l2i) * cs - inCluster);
+  const hi = t.readUInt32BE(l2i * 8);
+  const lo = t.readUInt32BE(l2i * 8 + 4);
+  const type = entryType(hi, lo, img.v3);
+  const copied = (hi & COPIED) !== 0;
+  const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
+  if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
+    img.corruptEvent(
+      `Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
+    );
+  }
+  if (type === ClusterType.NORMAL && host + cs > img.fileEnd) {
+    img.corruptEvent(
+      `Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
+    );
+  }
+  let n = 1;
+  if (type !== ClusterType.COMPRESSED) {
+    const need = Math.ceil((inCluster + limit) / cs);
+    const contiguous = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC;
+    while (n < need) {
+      const h2 = t.readUInt32BE((l2i + n) * 8);
+      const l2 = t.readUInt32BE((l2i + n) * 8 + 4);
+      if (entryType(h2, l2, img.v3) !== type || ((h2 & COPIED) !== 0) !== copied) break;
+      if (contiguous && entryOffset(h2, l2) !== host + n * cs) break;
+      n++;
+    }
+    if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd)
+      n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
+  }
+  return {
+    type,
+    host: host ? host + inCluster : 0,
+    bytes: Math.min(limit, n * cs - inCluster),
+    copied,
+    hi,
+    lo,
+  };
+}
+
 /** Reads guest [offset, offset+bytes) into iov. */
 export async function readRange(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<void> {
   for (let done = 0; done < bytes; ) {
-    const r = await lookup(img, offset + done, bytes - done);
+    const r =
+      lookupCached(img, offset + done, bytes - done) ?? (await lookup(img, offset + done, bytes - done));
     const dst = iovSlice(iov, done, r.bytes);
     switch (r.type) {
       case ClusterType.NORMAL:
@@ -168,7 +188,8 @@ function readsAsZero(img: Qcow2Image, r: Run, offset: number): boolean {
 export async function writeRange(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<void> {
   img.checkWritable();
   for (let done = 0; done < bytes; ) {
-    const r = await lookup(img, offset + done, bytes - done);
+    const r =
+      lookupCached(img, offset + done, bytes - done) ?? (await lookup(img, offset + done, bytes - done));
     if (r.type === ClusterType.NORMAL && r.copied) {
       if (img.overlapsMetadata(r.host, r.bytes)) {
         img.corruptEvent(`Preventing invalid write on metadata (overlaps with host ${hex(r.host)})`);
