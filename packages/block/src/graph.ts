@@ -255,6 +255,9 @@ export class BlockGraph {
     if (typeof input !== 'object' || input === null || Array.isArray(input)) {
       throw new BlockError('Block node options must be an object');
     }
+    // As bdrv_open does for -drive style options: a bare filename means the file protocol.
+    if (input.driver === undefined && typeof input.filename === 'string')
+      input = { driver: 'file', ...input };
     const driverName = input.driver;
     if (driverName === undefined) throw new BlockError("Parameter 'driver' is missing");
     if (typeof driverName !== 'string') {
@@ -648,6 +651,17 @@ export class BlockGraph {
    */
   async reopenMultiple(entries: { node: BlockNode; readOnly: boolean }[]): Promise<void> {
     const states: ReopenState[] = entries.map((e) => ({ node: e.node, readOnly: e.readOnly }));
+    // Children that inherited read-only from their parent follow it (backing files do not).
+    const queued = new Set(states.map((s) => s.node));
+    for (let i = 0; i < states.length; i++) {
+      const s = states[i]!;
+      for (const c of s.node.children) {
+        if (c.role & ChildRole.COW || queued.has(c.node) || c.node.options['read-only'] !== undefined)
+          continue;
+        queued.add(c.node);
+        states.push({ node: c.node, readOnly: s.readOnly });
+      }
+    }
     const prepared: ReopenState[] = [];
     const drainedNodes = states.map((s) => s.node);
     for (const n of drainedNodes) await this.drainBegin(n);

@@ -63,6 +63,9 @@ describe('opening from options', () => {
     );
     expect(kv.file!.node.filename).toBe(comma);
     expect(kv.length).toBe(4096);
+    // A bare filename means the file protocol, as in QEMU's -drive options.
+    const bare = await g.open(`driver=raw,file.filename=${f}`);
+    expect(bare.file!.node.driver.name).toBe('file');
   });
 
   it('names unknown options, unknown drivers and missing files', async () => {

@@ -1,0 +1,8 @@
+export {
+  type ReplicationInfo,
+  ReplicationManager,
+  type ReplicationMode,
+  type ReplicationStage,
+  type ReplicationState,
+  replicationInfo,
+} from './replication';
