@@ -172,9 +172,26 @@ export class NbdServerConnection implements ExportClient {
 
   // ---------------------------------------------------------------- handshake
 
+  /**
+   * Queues bytes for the client. Replies completed in one turn of the event loop leave in one
+   * writev: the socket is corked at the first and uncorked once the turn's callbacks have run.
+   */
   private send(b: Buffer): void {
-    if (!this.socket.destroyed) this.socket.write(b);
+    const s = this.socket;
+    if (s.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      s.cork();
+      setImmediate(this.uncork);
+    }
+    s.write(b);
   }
+
+  private corked = false;
+  private readonly uncork = () => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   private optReply(opt: number, type: number, data?: Buffer): void {
     const h = Buffer.allocUnsafe(20);
@@ -289,6 +306,11 @@ export class NbdServerConnection implements ExportClient {
   private async startTls(creds: NbdTlsCreds): Promise<void> {
     if (this.queue.length !== 0) throw new ProtocolViolation('data sent before the TLS handshake');
     const raw = this.socket;
+    // The ACK must leave in clear text before the socket is handed to TLS.
+    if (this.corked) {
+      this.corked = false;
+      raw.uncork();
+    }
     this.detachListeners(raw);
     const secure = new tls.TLSSocket(raw, creds.serverOptions());
     this.socket = secure;
@@ -782,9 +804,7 @@ export class NbdServerConnection implements ExportClient {
       b.writeUInt32BE(e.offset >>> 0, 24);
     });
     if (this.phase === 'closed') return true;
-    this.socket.cork();
     for (const b of chunks) this.send(b);
-    this.socket.uncork();
     return true;
   }
 
@@ -817,9 +837,7 @@ export class NbdServerConnection implements ExportClient {
       this.structuredHeader(b, 0, done, ReplyType.BLOCK_STATUS, hi, lo, b.length - 20);
     });
     if (this.phase === 'closed') return;
-    this.socket.cork();
     for (const b of payloads) this.send(b);
-    this.socket.uncork();
   }
 
   /** base:allocation descriptors as [length, flags, length, flags, ...]. */
