@@ -165,11 +165,8 @@ export class BlockGraph {
   /** Finds a node by node-name, or the root of a named BlockBackend (QEMU's bdrv_lookup_bs). */
   lookup(name: string): BlockNode {
     const n = this.nodes.get(name) ?? this.backendByName(name)?.node;
-    if (!n) {
-      throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`, {
-        errorClass: 'DeviceNotFound',
-      });
-    }
+    // QEMU's bdrv_lookup_bs reports a GenericError.
+    if (!n) throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`);
     return n;
   }
 
