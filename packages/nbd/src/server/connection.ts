@@ -33,7 +33,6 @@ import {
 } from '../protocol';
 import type { NbdTlsCreds } from '../tls';
 import type { BlockSizeConstraints, ExportClient, NbdExport } from './export';
-import { contentStatus } from './status';
 
 /** What a connection needs from its server. */
 export interface ConnectionContext {
@@ -766,7 +765,7 @@ export class NbdServerConnection implements ExportClient {
     const extents: { offset: number; bytes: number; zero: boolean }[] = [];
     try {
       for (let pos = offset; pos < offset + length; ) {
-        const st = await contentStatus(backend, pos, offset + length - pos);
+        const st = await backend.blockStatus(pos, offset + length - pos);
         if (st.bytes <= 0) return false;
         const zero = st.zero;
         const last = extents[extents.length - 1];
@@ -846,7 +845,7 @@ export class NbdServerConnection implements ExportClient {
     const out: number[] = [];
     const end = offset + length;
     for (let pos = offset; pos < end; ) {
-      const st = await contentStatus(backend, pos, end - pos);
+      const st = await backend.blockStatus(pos, end - pos);
       if (st.bytes <= 0) break;
       const f = (st.data ? 0 : STATE_HOLE) | (st.zero ? STATE_ZERO : 0);
       const n = out.length;
