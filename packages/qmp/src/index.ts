@@ -1,6 +1,6 @@
 export { type CommandContext, type CommandDef, CommandRegistry, type EventDef } from './registry';
 export { QmpError, type QmpErrorClass } from './errors';
-export { JsonStreamer, parseQmpJson, type StreamItem, toQmpJson } from './json';
+export { JsonStreamer, parseQmpJson, qdictOrder, type StreamItem, toQmpJson } from './json';
 export {
   EMPTY_OBJECT,
   type IntWidth,

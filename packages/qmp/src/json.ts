@@ -22,6 +22,7 @@ const NUMBER_PREFIX = /^-?(?:$|(?:0|[1-9]\d*)(?:$|\.\d*$|(?:\.\d+)?[eE][+-]?\d*$
 const NUMBER_FULL = /^-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?$/;
 const WHITESPACE = new Set([' ', '\t', '\r', '\n']);
 const PUNCT = new Set(['{', '}', '[', ']', ',', ':']);
+const RESYNC = PUNCT;
 
 class JsonSyntaxError extends Error {}
 
@@ -35,7 +36,7 @@ export type StreamItem = { value: unknown } | { error: string };
  */
 export class JsonStreamer {
   private readonly decoder = new StringDecoder('utf8');
-  private mode: 'start' | 'string' | 'number' | 'keyword' = 'start';
+  private mode: 'start' | 'string' | 'number' | 'keyword' | 'recovery' = 'start';
   private text = '';
   private quote = '';
   private escape = false;
@@ -82,6 +83,14 @@ export class JsonStreamer {
 
   private char(c: string): void {
     switch (this.mode) {
+      case 'recovery':
+        // After a lexical error QEMU skips to a point where a token can start for sure: a
+        // structural character or a control character other than tab.
+        if (RESYNC.has(c) || (c < ' ' && c !== '\t')) {
+          this.mode = 'start';
+          this.char(c);
+        }
+        return;
       case 'string':
         this.text += c;
         if (this.text.length > MAX_TOKEN_BYTES) {
@@ -137,6 +146,9 @@ export class JsonStreamer {
         } else if (/[A-Za-z]/.test(c)) {
           this.mode = 'keyword';
         } else {
+          // QEMU's lexer sees bytes: the stray token is the first byte of a multi-byte character,
+          // which its output shows as U+FFFD.
+          if (c > '\x7f') this.text = '\ufffd';
           this.lexError();
         }
     }
@@ -151,6 +163,7 @@ export class JsonStreamer {
     this.text = '';
     if (kind === 'error') {
       this.fail(`JSON parse error, stray '${text}'`);
+      this.mode = 'recovery';
       return;
     }
     this.bytes += text.length;
@@ -306,7 +319,7 @@ function decodeString(tok: string): string {
       i += 10;
       continue;
     }
-    if ((cp >= 0xdc00 && cp <= 0xdfff) || cp === 0) throw bad();
+    if (cp >= 0xdc00 && cp <= 0xdfff) throw bad();
     out += String.fromCharCode(cp);
     i += 4;
   }
@@ -340,6 +353,38 @@ function number(n: number): string {
   return String(n);
 }
 
+const QDICT_BUCKETS = 512;
+
+/** The bucket hash of QEMU's QDict (gdbm's, via tdb), which decides the order keys print in. */
+function qdictHash(key: string): number {
+  const b = Buffer.from(key, 'utf8');
+  let v = Math.imul(0x238f13af, b.length) >>> 0;
+  for (let i = 0; i < b.length; i++) v = (v + ((b[i]! << ((i * 5) % 24)) >>> 0)) >>> 0;
+  return (Math.imul(1103515243, v) + 12345) >>> 0;
+}
+
+const bucketCache = new Map<string, number>();
+
+function bucket(key: string): number {
+  let b = bucketCache.get(key);
+  if (b === undefined) {
+    b = qdictHash(key) % QDICT_BUCKETS;
+    if (bucketCache.size < 10_000) bucketCache.set(key, b);
+  }
+  return b;
+}
+
+/**
+ * Keys in the order QEMU prints a dictionary: by hash bucket, and within a bucket the key added
+ * last first. With keys added in QAPI member order the output is byte for byte QEMU's.
+ */
+export function qdictOrder(keys: string[]): string[] {
+  return keys
+    .map((k, i) => ({ k, i, b: bucket(k) }))
+    .sort((x, y) => x.b - y.b || y.i - x.i)
+    .map((x) => x.k);
+}
+
 /** Serialises like QEMU's monitor: `{"a": 1, "b": [1, 2]}`, ASCII only. */
 export function toQmpJson(v: unknown): string {
   if (v === null || v === undefined) return 'null';
@@ -355,7 +400,8 @@ export function toQmpJson(v: unknown): string {
     case 'object': {
       if (Array.isArray(v)) return `[${v.map(toQmpJson).join(', ')}]`;
       const parts: string[] = [];
-      for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
+      for (const k of qdictOrder(Object.keys(v as Record<string, unknown>))) {
+        const x = (v as Record<string, unknown>)[k];
         if (x !== undefined) parts.push(`${quote(k)}: ${toQmpJson(x)}`);
       }
       return `{${parts.join(', ')}}`;

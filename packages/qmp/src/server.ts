@@ -50,7 +50,7 @@ export class QmpMonitor {
     const v = server.version;
     this.send({
       QMP: {
-        version: { qemu: { micro: v.micro, minor: v.minor, major: v.major }, package: v.package },
+        version: { qemu: { major: v.major, minor: v.minor, micro: v.micro }, package: v.package },
         capabilities: [],
       },
     });
@@ -136,8 +136,7 @@ export class QmpMonitor {
       const ret = await cmd.handler(args, { server: this.server, monitor: this });
       return reply({ return: ret ?? {} });
     } catch (e) {
-      const err = QmpError.from(e);
-      return hasId ? { id: r.id, error: err.toJSON() } : errorReply(err);
+      return reply(errorReply(QmpError.from(e)));
     }
   }
 }

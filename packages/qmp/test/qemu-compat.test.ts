@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
 import { createGraph } from '@blockrep/block';
 import { JobManager } from '@blockrep/jobs';
 import { hasPeer, makeTempDir } from '@blockrep/test-kit';
@@ -118,6 +119,94 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('same QMP session against qemu-
     } finally {
       await ours.close();
       await theirs.close();
+      qsd.kill();
+      await server.close();
+      await graph.closeAll();
+    }
+  });
+});
+
+/** Reads CRLF-terminated lines from a raw connection. */
+function lineReader(sock: Socket) {
+  const lines: string[] = [];
+  let buf = '';
+  sock.setEncoding('utf8');
+  sock.on('data', (d: string) => {
+    buf += d;
+    for (let i = buf.indexOf('\r\n'); i >= 0; i = buf.indexOf('\r\n')) {
+      lines.push(buf.slice(0, i));
+      buf = buf.slice(i + 2);
+    }
+  });
+  sock.on('error', () => {});
+  return lines;
+}
+
+describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-storage-daemon 7.2', () => {
+  it('answers the same bytes to the same raw input, malformed or not', async () => {
+    const dir = makeTempDir('blockrep-qmp-raw-');
+    const qsd = await startQsd(dir.file('qsd.sock'));
+    const graph = createGraph();
+    const { server } = createBlockQmpServer({ graph, jobs: new JobManager() });
+    await server.listenUnix(dir.file('ours.sock'));
+    const theirs = connect(dir.file('qsd.sock'));
+    const ours = connect(dir.file('ours.sock'));
+    const tl = lineReader(theirs);
+    const ol = lineReader(ours);
+    const inputs = [
+      '{"execute":"query-version"}\n',
+      '{"execute":"qmp_capabilities","foo":1}\n',
+      '{"execute":"qmp_capabilities","id":{"z":1,"a":[]}}\n',
+      '{"execute":"qmp_capabilities"}\n',
+      'garbage\n',
+      '{}\n',
+      '{"id":1}\n',
+      '[1]\n',
+      '{"a":}\n',
+      '{"a" 1}\n',
+      '{"a":1 "b":2}\n',
+      '[1 2]\n',
+      '{1:2}\n',
+      '{"a":"\\u12"}\n',
+      '{"a":-}\n',
+      '{"a":01}\n',
+      '{"a":"x\n"}\n',
+      '{"a":%d}\n',
+      '{"a":"\\ud800"}\n',
+      '\u00e9\n',
+      '{"execute":"query-block"} x\n',
+      '{"exec',
+      'ute":"query-block","id":1e400}{"execute":"query-block","id":-0.0}\n',
+      '{"execute":"query-block","id":"\\u0000\\/\\u00e9\\ud83d\\ude00\\t"}\n',
+      "{'execute':'query-block','id':'sq'}\n",
+      '{"execute":"query-block","arguments":{"a":1},"id":4}\n',
+      '{"execute":"query-block","exec-oob":"x","id":4}\n',
+      '{"arguments":{},"execute":5}\n',
+      '{"execute":"nope","id":[1,{"b":2,"a":1}]}\n',
+      '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n0","size":1048576}}\n',
+      '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"b0"}}\n',
+      '{"execute":"query-named-block-nodes"}\n',
+      '{"execute":"x-debug-query-block-graph"}\n',
+      '{"execute":"query-jobs"}\n',
+      '{"execute":"blockdev-del","arguments":{"node-name":"n0"}}\n',
+    ];
+    try {
+      await new Promise((r) => setTimeout(r, 200));
+      expect(tl.length).toBe(1);
+      expect(ol.length).toBe(1);
+      for (const input of inputs) {
+        const [t0, o0] = [tl.length, ol.length];
+        theirs.write(input);
+        ours.write(input);
+        for (let i = 0; i < 100 && (tl.length === t0 || ol.length < tl.length - t0 + o0); i++) {
+          await new Promise((r) => setTimeout(r, 10));
+        }
+        await new Promise((r) => setTimeout(r, 30));
+        expect(ol.slice(o0), JSON.stringify(input)).toEqual(tl.slice(t0));
+      }
+    } finally {
+      theirs.destroy();
+      ours.destroy();
       qsd.kill();
       await server.close();
       await graph.closeAll();

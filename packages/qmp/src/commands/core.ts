@@ -45,7 +45,7 @@ export function registerCoreCommands(r: CommandRegistry): void {
     doc: 'The version of the server.',
     handler(_args, ctx) {
       const v = ctx.server.version;
-      return { qemu: { micro: v.micro, minor: v.minor, major: v.major }, package: v.package };
+      return { qemu: { major: v.major, minor: v.minor, micro: v.micro }, package: v.package };
     },
   });
 

@@ -101,15 +101,12 @@ function actualSize(node: BlockNode): number | undefined {
 }
 
 export function imageInfo(node: BlockNode, withBacking: boolean): Record<string, unknown> {
-  const info: Record<string, unknown> = {
-    'virtual-size': node.length,
-    filename: displayFilename(node),
-    format: node.driver.name,
-  };
-  const actual = actualSize(node);
-  if (actual !== undefined) info['actual-size'] = actual;
+  const info: Record<string, unknown> = { filename: displayFilename(node), format: node.driver.name };
   // QEMU reports dirty-flag whenever the driver answers bdrv_get_info (null-co does not).
   if (node.driver.name !== 'null-co') info['dirty-flag'] = false;
+  const actual = actualSize(node);
+  if (actual !== undefined) info['actual-size'] = actual;
+  info['virtual-size'] = node.length;
   const extra = node.driver.info?.(node);
   if (extra) Object.assign(info, extra);
   const backing = node.backing?.node;
@@ -139,26 +136,29 @@ export function dirtyBitmapInfo(node: BlockNode): Record<string, unknown>[] {
 export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, unknown> {
   let depth = 0;
   for (let b = node.backing?.node; b; b = b.backing?.node) depth++;
+  // Keys in QAPI's member order: QEMU's output order follows from it (see qdictOrder).
   const info: Record<string, unknown> = {
-    'iops_rd': 0,
-    detect_zeroes: node.detectZeroes,
-    image: imageInfo(node, !flat),
-    iops_wr: 0,
-    ro: node.readOnly,
-    'node-name': node.nodeName,
-    backing_file_depth: depth,
-    drv: node.driver.name,
-    iops: 0,
-    bps_wr: 0,
-    write_threshold: 0,
-    encrypted: false,
-    bps: 0,
-    bps_rd: 0,
-    cache: { 'no-flush': node.noFlush, direct: false, writeback: true },
     file: displayFilename(node),
+    'node-name': node.nodeName,
+    ro: node.readOnly,
+    drv: node.driver.name,
   };
   const backing = node.backing?.node;
   if (backing) info.backing_file = displayFilename(backing);
+  Object.assign(info, {
+    backing_file_depth: depth,
+    encrypted: false,
+    detect_zeroes: node.detectZeroes,
+    bps: 0,
+    bps_rd: 0,
+    bps_wr: 0,
+    iops: 0,
+    iops_rd: 0,
+    iops_wr: 0,
+    image: imageInfo(node, !flat),
+    cache: { writeback: true, direct: false, 'no-flush': node.noFlush },
+    write_threshold: 0,
+  });
   if (node.dirtyBitmaps.length) info['dirty-bitmaps'] = dirtyBitmapInfo(node);
   return info;
 }
