@@ -29,3 +29,8 @@ export { type BlockdevCreator, BlockdevCreators, fileCreator, registerCreateComm
 export { registerCoreCommands } from './commands/core';
 export { registerJobCommands } from './commands/jobs';
 export { blockDeviceInfo, displayFilename, imageInfo } from './commands/node-info';
+export { type BlockrepDaemon, createBlockrepDaemon } from './daemon-server';
+export { NbdServerHolder, registerNbdCommands, SocketAddress, toNbdAddress } from './commands/nbd';
+export { registerBlockJobCommands } from './commands/block-jobs';
+export { registerReplicationCommands } from './commands/replication';
+export { qcow2Creator } from './commands/qcow2-create';

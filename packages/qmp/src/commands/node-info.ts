@@ -1,7 +1,7 @@
 import { statSync } from 'node:fs';
 import type { BlockNode } from '@blockrep/block';
 import { toQmpJson } from '../json';
-import { opt, req, t } from '../schema';
+import { opt, type QMembers, req, t } from '../schema';
 
 /** QAPI's BlockdevCacheInfo, ImageInfo, BlockDirtyInfo and BlockDeviceInfo (the parts we fill). */
 const BlockdevCacheInfo = t.object('BlockdevCacheInfo', {
@@ -10,17 +10,24 @@ const BlockdevCacheInfo = t.object('BlockdevCacheInfo', {
   'no-flush': req(t.bool),
 });
 
-const ImageInfoMembers = {
+const ImageInfoMembers: QMembers = {
   filename: req(t.str, 'The image file name'),
   format: req(t.str, 'The driver of the node'),
-  'virtual-size': req(t.int, 'Size as seen by the guest, in bytes'),
-  'actual-size': opt(t.int, 'Bytes the image occupies on the host'),
   'dirty-flag': opt(t.bool, 'The image was not closed cleanly'),
+  'actual-size': opt(t.int, 'Bytes the image occupies on the host'),
+  'virtual-size': req(t.int, 'Size as seen by the guest, in bytes'),
+  'cluster-size': opt(t.int),
+  encrypted: opt(t.bool),
+  compressed: opt(t.bool),
   'backing-filename': opt(t.str),
-  'backing-image': opt(t.any, 'ImageInfo of the backing image (not with flat)'),
-  'format-specific': opt(t.any, 'Driver-specific information'),
+  'full-backing-filename': opt(t.str),
+  'backing-filename-format': opt(t.str),
+  snapshots: opt(t.array(t.any)),
 };
+/** QAPI's ImageInfo; backing-image is an ImageInfo itself. */
 export const ImageInfo = t.object('ImageInfo', ImageInfoMembers);
+ImageInfoMembers['backing-image'] = opt(ImageInfo, 'ImageInfo of the backing image (not with flat)');
+ImageInfoMembers['format-specific'] = opt(t.any, 'Driver-specific information');
 
 export const BlockDirtyInfo = t.object('BlockDirtyInfo', {
   name: opt(t.str),
@@ -48,6 +55,20 @@ export const BlockDeviceInfo = t.object('BlockDeviceInfo', {
   iops_rd: req(t.int),
   iops_wr: req(t.int),
   image: req(ImageInfo),
+  bps_max: opt(t.int),
+  bps_rd_max: opt(t.int),
+  bps_wr_max: opt(t.int),
+  iops_max: opt(t.int),
+  iops_rd_max: opt(t.int),
+  iops_wr_max: opt(t.int),
+  bps_max_length: opt(t.int),
+  bps_rd_max_length: opt(t.int),
+  bps_wr_max_length: opt(t.int),
+  iops_max_length: opt(t.int),
+  iops_rd_max_length: opt(t.int),
+  iops_wr_max_length: opt(t.int),
+  iops_size: opt(t.int),
+  group: opt(t.str),
   cache: req(BlockdevCacheInfo),
   write_threshold: req(t.int),
   'dirty-bitmaps': opt(t.array(BlockDirtyInfo)),

@@ -1,0 +1,157 @@
+import { BlockError, type BlockGraph, type BlockNode, findDirtyBitmap } from '@blockrep/block';
+import { type JobManager, ON_ERROR_VALUES, startBackup, startCommit } from '@blockrep/jobs';
+import type { CommandRegistry } from '../registry';
+import { opt, req, t } from '../schema';
+
+const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
+const BitmapSyncMode = t.enum('BitmapSyncMode', ['on-success', 'never', 'always']);
+const BlockdevOnError = t.enum('BlockdevOnError', ON_ERROR_VALUES);
+
+interface BackupArgs {
+  'job-id'?: string;
+  device: string;
+  target: string;
+  sync: 'top' | 'full' | 'none' | 'incremental' | 'bitmap';
+  speed?: number;
+  bitmap?: string;
+  'bitmap-mode'?: 'on-success' | 'never' | 'always';
+  compress?: boolean;
+  'on-source-error'?: (typeof ON_ERROR_VALUES)[number];
+  'on-target-error'?: (typeof ON_ERROR_VALUES)[number];
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+  'filter-node-name'?: string;
+}
+
+interface CommitArgs {
+  'job-id'?: string;
+  device: string;
+  'base-node'?: string;
+  base?: string;
+  'top-node'?: string;
+  top?: string;
+  'backing-file'?: string;
+  speed?: number;
+  'on-error'?: (typeof ON_ERROR_VALUES)[number];
+  'filter-node-name'?: string;
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+}
+
+/** A node of top's chain by file name (block-commit's deprecated top/base). */
+function chainNodeByFilename(top: BlockNode, filename: string): BlockNode | null {
+  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) if (n.filename === filename) return n;
+  return null;
+}
+
+/** The bottom of a backing chain. */
+function chainBottom(top: BlockNode): BlockNode {
+  let n = top;
+  while (n.filteredOrCow) n = n.filteredOrCow.node;
+  return n;
+}
+
+/** blockdev-backup and block-commit. */
+export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, jobs: JobManager): void {
+  r.registerCommand({
+    name: 'blockdev-backup',
+    args: t.object('BlockdevBackup', {
+      'job-id': opt(t.str, 'Job id (default: the device name)'),
+      device: req(t.str, 'The source node (or device)'),
+      target: req(t.str, 'The target node'),
+      sync: req(MirrorSyncMode, 'What to copy: full, top, none (only what writes overwrite), incremental/bitmap'),
+      speed: opt(t.int, 'Bytes per second (0: unlimited)'),
+      bitmap: opt(t.str, 'The dirty bitmap for incremental/bitmap sync'),
+      'bitmap-mode': opt(BitmapSyncMode),
+      compress: opt(t.bool, 'Not supported'),
+      'on-source-error': opt(BlockdevOnError),
+      'on-target-error': opt(BlockdevOnError),
+      'auto-finalize': opt(t.bool),
+      'auto-dismiss': opt(t.bool),
+      'filter-node-name': opt(t.str, 'Name of the copy-before-write filter node'),
+      'x-perf': opt(t.any, 'Accepted for compatibility'),
+    }),
+    doc: 'Starts a backup job from a node to another, with a copy-before-write filter on the source.',
+    async handler(a: BackupArgs) {
+      if (a.compress) throw new BlockError('Compression is not supported for this drive ' + a.target);
+      const source = graph.lookup(a.device);
+      const target = graph.lookup(a.target);
+      let bitmap;
+      if (a.bitmap !== undefined) {
+        bitmap = findDirtyBitmap(source, a.bitmap);
+        if (!bitmap) throw new BlockError(`Bitmap '${a.bitmap}' could not be found`);
+      }
+      await startBackup(jobs, {
+        id: a['job-id'] ?? a.device,
+        source,
+        target,
+        sync: a.sync,
+        bitmap,
+        bitmapMode: a['bitmap-mode'],
+        speed: a.speed,
+        onSourceError: a['on-source-error'],
+        onTargetError: a['on-target-error'],
+        autoFinalize: a['auto-finalize'],
+        autoDismiss: a['auto-dismiss'],
+        filterNodeName: a['filter-node-name'],
+      });
+    },
+  });
+
+  r.registerCommand({
+    name: 'block-commit',
+    args: t.object('q_obj_block-commit-arg', {
+      'job-id': opt(t.str, 'Job id (default: the device name)'),
+      device: req(t.str, 'The device (root node) whose chain is committed'),
+      'base-node': opt(t.str, 'The node committed into (default: the bottom of the chain)'),
+      base: opt(t.str, 'The same by file name (deprecated)'),
+      'top-node': opt(t.str, 'The top of the committed range (default: the active layer)'),
+      top: opt(t.str, 'The same by file name (deprecated)'),
+      'backing-file': opt(t.str, 'Not supported: the overlay keeps its backing file name'),
+      'backing-mask-protocol': opt(t.bool),
+      speed: opt(t.int),
+      'on-error': opt(BlockdevOnError),
+      'filter-node-name': opt(t.str, 'Accepted; no filter node is inserted'),
+      'auto-finalize': opt(t.bool),
+      'auto-dismiss': opt(t.bool),
+    }),
+    doc: 'Commits the data of top..(above base) into base; committing the active layer is mirror-style and needs job-complete.',
+    async handler(a: CommitArgs) {
+      if (a.base !== undefined && a['base-node'] !== undefined) {
+        throw new BlockError("'base' and 'base-node' cannot be specified at the same time");
+      }
+      if (a.top !== undefined && a['top-node'] !== undefined) {
+        throw new BlockError("'top' and 'top-node' cannot be specified at the same time");
+      }
+      const root = graph.lookup(a.device);
+      let top = root;
+      if (a['top-node'] !== undefined) top = graph.lookup(a['top-node']);
+      else if (a.top !== undefined) {
+        const n = chainNodeByFilename(root, a.top);
+        if (!n) throw new BlockError(`Top image file ${a.top} not found`);
+        top = n;
+      }
+      let base: BlockNode;
+      if (a['base-node'] !== undefined) base = graph.lookup(a['base-node']);
+      else if (a.base !== undefined) {
+        const n = chainNodeByFilename(top, a.base);
+        if (!n) throw new BlockError(`Can't find '${a.base}' in the backing chain`);
+        base = n;
+      } else base = chainBottom(top);
+      const active = top === root;
+      if (a['backing-file'] !== undefined && active) {
+        throw new BlockError("'backing-file' specified, but 'top' is the active layer");
+      }
+      await startCommit(jobs, {
+        id: a['job-id'] ?? a.device,
+        top,
+        base,
+        active,
+        speed: a.speed,
+        onError: a['on-error'],
+        autoFinalize: a['auto-finalize'],
+        autoDismiss: a['auto-dismiss'],
+      });
+    },
+  });
+}

@@ -1,0 +1,141 @@
+import { BlockError, type BlockGraph } from '@blockrep/block';
+import type { ReplicationManager } from '@blockrep/replication';
+import type { CommandRegistry } from '../registry';
+import { opt, req, t } from '../schema';
+
+const ReplicationMode = t.enum('ReplicationMode', ['primary', 'secondary']);
+const ReplicationStage = t.enum('ReplicationStage', ['none', 'running', 'failover', 'failover-failed', 'done']);
+const ReplicationInfo = t.object('ReplicationInfo', {
+  'node-name': req(t.str),
+  mode: req(ReplicationMode),
+  stage: req(ReplicationStage),
+  error: opt(t.str, 'The recorded error, if any'),
+});
+
+/** QEMU's xen-set-replication: start with enable, stop (with or without failover) without. */
+async function setReplication(repl: ReplicationManager, enable: boolean, primary: boolean, failover?: boolean) {
+  if (failover !== undefined && enable) throw new BlockError("Parameter 'failover' is only for stopping replication");
+  if (enable) return repl.startAll(primary ? 'primary' : 'secondary');
+  // QEMU reports stop errors only when not failing over.
+  if (failover) await repl.stopAll(true).catch(() => {});
+  else await repl.stopAll(false);
+}
+
+/** x-blockdev-change and the replication commands (QEMU's names and neutral ones). */
+export function registerReplicationCommands(r: CommandRegistry, graph: BlockGraph, repl: ReplicationManager): void {
+  r.registerCommand({
+    name: 'x-blockdev-change',
+    features: ['unstable'],
+    args: t.object('q_obj_x-blockdev-change-arg', {
+      parent: req(t.str, 'The parent node (or device), e.g. a quorum'),
+      child: opt(t.str, 'The child to remove, e.g. children.1'),
+      node: opt(t.str, 'The node to add as a new child'),
+    }),
+    doc: 'Adds a child to a quorum (node) or removes one (child), as the COLO procedure does.',
+    async handler(a: { parent: string; child?: string; node?: string }) {
+      const parent = graph.lookup(a.parent);
+      if ((a.child === undefined) === (a.node === undefined)) {
+        throw new BlockError(
+          a.child !== undefined ? 'The parameters child and node are in conflict' : 'Either child or node must be specified',
+        );
+      }
+      if (a.child !== undefined) {
+        const c = parent.child(a.child);
+        if (!c) throw new BlockError(`Node '${a.parent}' does not have child '${a.child}'`);
+        await graph.delDriverChild(parent, c);
+      } else {
+        const n = graph.getNode(a.node!);
+        if (!n) throw new BlockError(`Node '${a.node}' not found`);
+        graph.addDriverChild(parent, n);
+      }
+    },
+  });
+
+  r.registerCommand({
+    name: 'xen-set-replication',
+    args: t.object('q_obj_xen-set-replication-arg', {
+      enable: req(t.bool, 'true: start replication; false: stop it'),
+      primary: req(t.bool, 'true: this is the primary side'),
+      failover: opt(t.bool, 'When stopping: fail over (secondary: commit the secondary VM view)'),
+    }),
+    doc: 'Starts or stops block replication on every replication node (QEMU name).',
+    async handler(a: { enable: boolean; primary: boolean; failover?: boolean }) {
+      await setReplication(repl, a.enable, a.primary, a.failover);
+    },
+  });
+
+  r.registerCommand({
+    name: 'query-xen-replication-status',
+    returns: t.object('ReplicationStatus', { error: req(t.bool), desc: opt(t.str) }),
+    doc: 'Whether replication has an error (the first node that has one).',
+    handler() {
+      try {
+        repl.getErrorAll();
+        return { error: false };
+      } catch (e) {
+        return { error: true, desc: (e as Error).message };
+      }
+    },
+  });
+
+  r.registerCommand({
+    name: 'xen-colo-do-checkpoint',
+    doc: 'A COLO checkpoint on every replication node (secondary: empties active and hidden disks).',
+    async handler() {
+      await repl.checkpointAll();
+    },
+  });
+
+  r.registerCommand({
+    name: 'replication-start',
+    args: t.object('q_obj_replication-start-arg', { mode: req(ReplicationMode) }),
+    doc: 'Starts replication on every replication node (xen-set-replication enable=true).',
+    async handler(a: { mode: 'primary' | 'secondary' }) {
+      await repl.startAll(a.mode);
+    },
+  });
+
+  r.registerCommand({
+    name: 'replication-stop',
+    args: t.object('q_obj_replication-stop-arg', { failover: opt(t.bool, 'Fail over (default false)') }),
+    doc: 'Stops replication (xen-set-replication enable=false); errors are reported unless failing over.',
+    async handler(a: { failover?: boolean }) {
+      await setReplication(repl, false, false, a.failover ?? false);
+    },
+  });
+
+  r.registerCommand({
+    name: 'replication-checkpoint',
+    doc: 'A checkpoint on every replication node (xen-colo-do-checkpoint).',
+    async handler() {
+      await repl.checkpointAll();
+    },
+  });
+
+  r.registerCommand({
+    name: 'query-replication',
+    returns: t.array(ReplicationInfo),
+    doc: 'Every replication node with its mode, stage and error; poll it to see a failover end.',
+    handler: () => repl.query(),
+  });
+
+  for (const name of ['REPLICATION_STAGE_CHANGE', 'REPLICATION_ERROR']) {
+    r.registerEvent({ name, data: t.object(`q_obj_${name}-arg`, ReplicationInfo.members), doc: `Replication ${name === 'REPLICATION_ERROR' ? 'recorded an error' : 'changed stage'}.` });
+  }
+  r.registerEvent({
+    name: 'QUORUM_FAILURE',
+    data: t.object('q_obj_QUORUM_FAILURE-arg', { reference: req(t.str), 'sector-num': req(t.int), 'sectors-count': req(t.int) }),
+    doc: 'A quorum request failed as a whole.',
+  });
+  r.registerEvent({
+    name: 'QUORUM_REPORT_BAD',
+    data: t.object('q_obj_QUORUM_REPORT_BAD-arg', {
+      type: req(t.enum('QuorumOpType', ['read', 'write', 'flush'])),
+      error: opt(t.str),
+      'node-name': req(t.str),
+      'sector-num': req(t.int),
+      'sectors-count': req(t.int),
+    }),
+    doc: 'A quorum child failed a request or lost a vote.',
+  });
+}
