@@ -2,6 +2,8 @@ import { spawn } from 'node:child_process';
 import { BlockBackend, BlockError, Perm } from '@blockrep/block';
 import { freePort, makeTempDir, patternBuffer, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
+import { NbdTlsCreds, registerTlsCreds, unregisterTlsCreds } from '../src/index';
+import { makeCerts } from './certs';
 import { newGraph, onCleanup, serveImage } from './helpers';
 
 /** Starts a QEMU NBD server process and waits until it accepts connections. */
@@ -189,5 +191,44 @@ describe('nbd client driver', () => {
     await again.listen({ type: 'inet', host: '127.0.0.1', port });
     const late = await opening;
     expect(late.length).toBe(1 << 20);
+    // Closed while the server is up: the final flush must not wait out the reconnect-delay.
+    await blk.detach();
+    await g.closeAll();
+  });
+
+  it('TLS: tls-creds negotiates STARTTLS with a TLS-only server; without it the error says TLS is required', async () => {
+    const srv = await serveImage({ size: '1M' });
+    const pki = srv.dir.file('pki');
+    makeCerts(pki);
+    const addr = await srv.server.listen(
+      { type: 'inet', host: '127.0.0.1', port: 0 },
+      { tlsCreds: new NbdTlsCreds({ endpoint: 'server', dir: pki }) },
+    );
+    const port = addr.type === 'inet' ? addr.port : 0;
+    registerTlsCreds(new NbdTlsCreds({ id: 'tls-test', endpoint: 'client', dir: pki }));
+    onCleanup(() => unregisterTlsCreds('tls-test'));
+    const g = newGraph();
+    await expect(
+      g.open({ driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port }, export: 'disk' }),
+    ).rejects.toThrow(/requires TLS/);
+    const node = await g.open({
+      driver: 'nbd',
+      server: { type: 'inet', host: '127.0.0.1', port },
+      export: 'disk',
+      'tls-creds': 'tls-test',
+    });
+    const blk = openBackend(g, node);
+    await blk.write(0, patternBuffer(65536, 0x3c));
+    expect((await blk.read(0, 65536)).equals(patternBuffer(65536, 0x3c))).toBe(true);
+    // The certificate names 127.0.0.1 and localhost, not this.
+    await expect(
+      g.open({
+        driver: 'nbd',
+        server: { type: 'inet', host: '127.0.0.1', port },
+        export: 'disk',
+        'tls-creds': 'tls-test',
+        'tls-hostname': 'elsewhere.example',
+      }),
+    ).rejects.toThrow(/TLS handshake failed/);
   });
 });
