@@ -19,6 +19,8 @@ export class Qcow2L2Cache {
   private readonly loading = new Map<number, Promise<Qcow2CacheEntry>>();
   /** Evicted dirty entries whose write is in flight (a lookup takes them back). */
   private readonly evicting = new Map<number, Qcow2CacheEntry>();
+  /** A failed write-back of an evicted table, reported by the next flush. */
+  private writeError: unknown = null;
 
   constructor(
     private readonly capacity: number,
@@ -87,7 +89,11 @@ export class Qcow2L2Cache {
       if (e.gen !== e.written) {
         this.evicting.set(off, e);
         this.writeEntry(e)
-          .catch(() => {})
+          .catch((err) => {
+            // Keep the table so that its entries are not lost and the next flush retries it.
+            this.writeError = err;
+            if (!this.entries.has(off)) this.entries.set(off, e);
+          })
           .finally(() => {
             if (this.evicting.get(off) === e) this.evicting.delete(off);
           });
@@ -104,7 +110,10 @@ export class Qcow2L2Cache {
   /** Writes every dirty table. */
   async flush(): Promise<void> {
     const dirty = [...this.entries.values(), ...this.evicting.values()].filter((e) => e.gen !== e.written);
+    const err = this.writeError;
+    this.writeError = null;
     await Promise.all(dirty.map((e) => this.writeEntry(e)));
+    if (err && dirty.length === 0) throw err;
   }
 
   /** Forgets a table (its cluster was freed). */

@@ -1,0 +1,85 @@
+import { blockStatusAbove, Perm, PERM_ALL } from '@blockrep/block';
+import { makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { createQcow2Image, type Qcow2Image } from '../src/index';
+import { firstDiff, openQcow2, prng, qemu, randomWorkload } from './helpers';
+
+/* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
+
+async function clean(path: string): Promise<void> {
+  const r = JSON.parse((await qemu(['check', '--output=json', path], [0, 2, 3])).stdout);
+  expect([r.corruptions ?? 0, r.leaks ?? 0, r['check-errors']]).toEqual([0, 0, 0]);
+}
+
+describe('qcow2 driver', () => {
+  it('concurrent writes into one new cluster all land (allocation of the same cluster is serialised)', async () => {
+    const d = makeTempDir();
+    const f = d.file('c.qcow2');
+    await createQcow2Image(f, { size: 4 << 20 });
+    const { blk, close } = await openQcow2(f);
+    const writes = Array.from({ length: 16 }, (_, i) =>
+      blk.write(65536 + i * 4096, Buffer.alloc(4096, i + 1)),
+    );
+    await Promise.all(writes);
+    const got = await blk.read(65536, 65536);
+    for (let i = 0; i < 16; i++) expect(got[i * 4096 + 100]).toBe(i + 1);
+    await close();
+    await clean(f);
+  });
+
+  it('keeps working with an L2 cache of two tables (eviction and write-back under load)', async () => {
+    const d = makeTempDir();
+    const f = d.file('tiny-cache.qcow2');
+    await createQcow2Image(f, { size: 8 << 20, clusterSize: 512 });
+    const expected = Buffer.alloc(8 << 20);
+    const { blk, node, close } = await openQcow2(f, { 'l2-cache-size': 1024 });
+    await randomWorkload({ blk, expected, rand: prng(5), zeroes: true }, 6, 16, 60_000);
+    expect((node.opaque as Qcow2Image).cache.size).toBeLessThanOrEqual(8);
+    expect(firstDiff(await blk.read(0, 8 << 20), expected)).toBe(-1);
+    await close();
+    await clean(f);
+    const { blk: b2, close: c2 } = await openQcow2(f, { 'l2-cache-size': 1024 }, true);
+    expect(firstDiff(await b2.read(0, 8 << 20), expected)).toBe(-1);
+    await c2();
+  });
+
+  it('block status through a chain agrees with qemu-img map', async () => {
+    const d = makeTempDir();
+    const base = d.file('base.qcow2');
+    const top = d.file('top.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', base, '4M']);
+    await qemuIo([base], ['write -P 1 0 1M', 'write -P 2 3M 512k']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    await qemuIo([top], ['write -P 3 512k 1M', 'write -z 3M 128k', 'write -P 4 2M 64k']);
+    const map: { start: number; length: number; depth: number; zero: boolean; data: boolean }[] =
+      await qemuImgJson(['map', top]);
+    const { node, close } = await openQcow2(top, {}, true);
+    for (const e of map) {
+      for (let off = e.start; off < e.start + e.length; ) {
+        const st = await blockStatusAbove(node, null, off, e.start + e.length - off);
+        expect([off, st.depth, st.data, st.zero]).toEqual([off, e.depth, e.data, e.zero]);
+        off += st.bytes;
+      }
+    }
+    await close();
+  });
+
+  it('reopens read-only and back to read-write', async () => {
+    const d = makeTempDir();
+    const f = d.file('r.qcow2');
+    await createQcow2Image(f, { size: 4 << 20 });
+    const { blk, node, close } = await openQcow2(f);
+    await blk.write(0, Buffer.alloc(70000, 9));
+    blk.setPerm(Perm.CONSISTENT_READ, PERM_ALL);
+    await node.graph.reopenMultiple([{ node, readOnly: true }]);
+    // Going read-only wrote everything out: the image is clean while still open.
+    await clean(f);
+    await expect(blk.write(0, Buffer.alloc(512))).rejects.toThrow();
+    await node.graph.reopenMultiple([{ node, readOnly: false }]);
+    blk.setPerm(Perm.CONSISTENT_READ | Perm.WRITE, PERM_ALL);
+    await blk.write(1 << 20, Buffer.alloc(512, 8));
+    expect((await blk.read(1 << 20, 1))[0]).toBe(8);
+    await close();
+    await clean(f);
+  });
+});
