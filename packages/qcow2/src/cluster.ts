@@ -320,7 +320,8 @@ async function l2ForWrite(img: Qcow2Image, l1i: number) {
         img.cache.unpin(old);
       } else table = Buffer.alloc(cs);
       await img.storage.write(newOff, table);
-      await img.syncRefcounts();
+      // The table (and its refcount) must be on disk before the L1 entry that points to it.
+      await img.storage.flush();
       const entry = Buffer.alloc(8);
       writeU64(entry, 0, newOff);
       entry.writeUInt32BE((entry.readUInt32BE(0) | COPIED) >>> 0, 0);

@@ -339,8 +339,11 @@ export class Qcow2Refcounts {
     }
     // Refcounts first (new blocks, then existing ones), the table pointing to them last.
     await Promise.all(order.map((bi, k) => this.storage.write((hw + k) * cs, newBlocks.get(bi)!)));
-    for (const bi of touched)
+    for (const bi of touched) {
       await this.storage.write(tableEntryOffset(this.table, bi), this.blocks.get(bi)!);
+    }
+    // The blocks must be on disk before a table entry points to them.
+    await this.storage.flush();
     if (!tableClusters) {
       for (const [k, bi] of order.entries()) {
         writeU64(this.table, bi * 8, (hw + k) * cs);
