@@ -1,0 +1,135 @@
+import { type Options, parseKeyVal, parseOptionArg } from '@blockrep/block';
+
+/** What a qemu-storage-daemon style command line asks for, in order. */
+export type Action =
+  | { kind: 'blockdev'; options: Options }
+  | { kind: 'object'; options: Options }
+  | { kind: 'nbd-server'; options: Options }
+  | { kind: 'export'; options: Options }
+  | { kind: 'chardev'; options: Options }
+  | { kind: 'monitor'; options: Options }
+  | { kind: 'qmp'; address: { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number } };
+
+export interface DaemonArgs {
+  actions: Action[];
+  pidfile?: string;
+  daemonize: boolean;
+  logLevel: 'debug' | 'info' | 'warn' | 'error';
+  help: boolean;
+  version: boolean;
+}
+
+export const USAGE = `Usage: blockrepd [options]
+blockrep storage daemon (the qemu-storage-daemon command line, for what blockrep covers)
+
+  -h, --help                 display this help and exit
+  -V, --version              output version information and exit
+  --blockdev [driver=]<driver>[,node-name=<N>][,<opts>...] | <json>
+                             configure a block backend (as blockdev-add)
+  --chardev socket,id=<id>,path=<path>[,server=on][,wait=off]
+  --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=off]
+                             a socket for a monitor
+  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
+                             a QMP monitor on a chardev
+  --qmp unix:<path> | tcp:<host>:<port>
+                             shorthand for --chardev + --monitor
+  --nbd-server addr.type=inet,addr.host=<h>,addr.port=<p>[,tls-creds=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>[,tls-creds=<id>][,max-connections=<n>]
+                             start the NBD server
+  --export [type=]nbd,id=<id>,node-name=<node>[,name=<export>][,writable=on|off][,description=<text>][,bitmap=<name>]
+                             export a node over NBD
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server|client[,verify-peer=on|off]
+                             TLS credentials
+  --pidfile <path>           write the process id to a file (removed on exit)
+  --daemonize                run in the background once set up
+  --log-level debug|info|warn|error
+                             what goes to stderr (JSON lines; default info)
+`;
+
+/** The options that take a value, with the implied key of their key=value syntax. */
+const WITH_VALUE: Record<string, string | undefined> = {
+  '--blockdev': 'driver',
+  '--object': 'qom-type',
+  '--nbd-server': undefined,
+  '--export': 'type',
+  '--chardev': 'backend',
+  '--monitor': 'chardev',
+  '--qmp': undefined,
+  '--pidfile': undefined,
+  '--log-level': undefined,
+};
+
+/** Parses argv the way qemu-storage-daemon does (`--opt value` or `--opt=value`). */
+export function parseDaemonArgs(argv: string[]): DaemonArgs {
+  const out: DaemonArgs = { actions: [], daemonize: false, logLevel: 'info', help: false, version: false };
+  for (let i = 0; i < argv.length; i++) {
+    let a = argv[i]!;
+    let value: string | undefined;
+    const eq = a.indexOf('=');
+    if (a.startsWith('--') && eq > 0) {
+      value = a.slice(eq + 1);
+      a = a.slice(0, eq);
+    }
+    if (a === '-h' || a === '--help') {
+      out.help = true;
+      continue;
+    }
+    if (a === '-V' || a === '--version') {
+      out.version = true;
+      continue;
+    }
+    if (a === '--daemonize') {
+      out.daemonize = true;
+      continue;
+    }
+    if (!(a in WITH_VALUE)) throw new Error(`invalid option -- '${a.replace(/^-+/, '')}'`);
+    if (value === undefined) {
+      if (i + 1 >= argv.length) throw new Error(`option '${a}' requires an argument`);
+      value = argv[++i]!;
+    }
+    const implied = WITH_VALUE[a];
+    switch (a) {
+      case '--blockdev':
+        out.actions.push({ kind: 'blockdev', options: parseOptionArg(value, implied) });
+        break;
+      case '--object':
+        out.actions.push({ kind: 'object', options: parseOptionArg(value, implied) });
+        break;
+      case '--nbd-server':
+        out.actions.push({ kind: 'nbd-server', options: parseKeyVal(value) });
+        break;
+      case '--export':
+        out.actions.push({ kind: 'export', options: parseOptionArg(value, implied) });
+        break;
+      case '--chardev':
+        out.actions.push({ kind: 'chardev', options: parseKeyVal(value, implied) });
+        break;
+      case '--monitor':
+        out.actions.push({ kind: 'monitor', options: parseKeyVal(value, implied) });
+        break;
+      case '--qmp': {
+        const m = /^unix:(.+)$/.exec(value) ?? null;
+        const t = /^tcp:(.*):(\d+)$/.exec(value);
+        if (m) out.actions.push({ kind: 'qmp', address: { type: 'unix', path: m[1]! } });
+        else if (t)
+          out.actions.push({
+            kind: 'qmp',
+            address: { type: 'tcp', host: t[1] || '127.0.0.1', port: Number(t[2]) },
+          });
+        else throw new Error(`--qmp expects unix:PATH or tcp:HOST:PORT, not '${value}'`);
+        break;
+      }
+      case '--pidfile':
+        out.pidfile = value;
+        break;
+      case '--log-level':
+        if (!['debug', 'info', 'warn', 'error'].includes(value))
+          throw new Error(`invalid log level '${value}'`);
+        out.logLevel = value as DaemonArgs['logLevel'];
+        break;
+    }
+  }
+  return out;
+}
+
+export type { Options };

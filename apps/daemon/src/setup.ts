@@ -1,0 +1,138 @@
+import { BlockError, type Options } from '@blockrep/block';
+import { NbdTlsCreds, registerTlsCreds } from '@blockrep/nbd';
+import { type BlockrepDaemon, createBlockrepDaemon, toNbdAddress } from '@blockrep/qmp';
+import type { DaemonArgs } from './args';
+import type { Logger } from './log';
+
+const BOOL: Record<string, boolean> = {
+  on: true,
+  yes: true,
+  true: true,
+  off: false,
+  no: false,
+  false: false,
+};
+
+function bool(v: unknown, name: string): boolean | undefined {
+  if (v === undefined || typeof v === 'boolean') return v;
+  if (typeof v === 'string' && v in BOOL) return BOOL[v];
+  throw new BlockError(`Parameter '${name}' expects 'on' or 'off'`);
+}
+
+function str(v: unknown, name: string, required = false): string | undefined {
+  if (v === undefined && !required) return undefined;
+  if (typeof v !== 'string') throw new BlockError(`Parameter '${name}' is missing`);
+  return v;
+}
+
+/** The listening sockets the daemon created (removed again on shutdown). */
+export interface Running {
+  daemon: BlockrepDaemon;
+  sockets: string[];
+}
+
+/** Carries out a parsed command line in order, as qemu-storage-daemon does. */
+export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => void): Promise<Running> {
+  const daemon = createBlockrepDaemon({ onQuit });
+  const sockets: string[] = [];
+  const chardevs = new Map<string, Options>();
+  for (const action of args.actions) {
+    switch (action.kind) {
+      case 'blockdev': {
+        const node = await daemon.graph.blockdevAdd(action.options);
+        log.info('blockdev added', { node: node.nodeName, driver: node.driver.name });
+        break;
+      }
+      case 'object': {
+        const o = action.options;
+        if (o['qom-type'] !== 'tls-creds-x509')
+          throw new BlockError(`Object type '${o['qom-type']}' is not supported`);
+        const id = str(o.id, 'id', true)!;
+        const endpoint = (str(o.endpoint, 'endpoint') ?? 'client') as 'server' | 'client';
+        registerTlsCreds(
+          new NbdTlsCreds({
+            id,
+            endpoint,
+            dir: str(o.dir, 'dir', true)!,
+            verifyPeer: bool(o['verify-peer'], 'verify-peer'),
+          }),
+        );
+        log.info('object added', { id, type: 'tls-creds-x509' });
+        break;
+      }
+      case 'nbd-server': {
+        const o = action.options;
+        const addr = o.addr as { type?: string; host?: string; port?: string; path?: string } | undefined;
+        if (!addr || (addr.type !== 'inet' && addr.type !== 'unix')) {
+          throw new BlockError("Parameter 'addr.type' is missing or not inet/unix");
+        }
+        const max = o['max-connections'] === undefined ? undefined : Number(o['max-connections']);
+        const bound = await daemon.nbd.start(toNbdAddress(addr as { type: 'inet' | 'unix' }), {
+          tlsCreds: str(o['tls-creds'], 'tls-creds'),
+          maxConnections: max,
+        });
+        if (bound.type === 'unix') sockets.push(bound.path);
+        log.info('NBD server listening', { address: bound });
+        break;
+      }
+      case 'export': {
+        const o = action.options;
+        if (o.type !== 'nbd') throw new BlockError(`Parameter 'type' does not accept value '${o.type}'`);
+        const bitmaps = Array.isArray(o.bitmaps)
+          ? (o.bitmaps as string[])
+          : o.bitmap
+            ? [o.bitmap as string]
+            : undefined;
+        const s = daemon.nbd.require();
+        const nodeName = str(o['node-name'], 'node-name', true)!;
+        s.addExport({
+          id: str(o.id, 'id', true),
+          node: daemon.graph.lookup(nodeName),
+          name: str(o.name, 'name') ?? nodeName,
+          description: str(o.description, 'description'),
+          writable: bool(o.writable, 'writable'),
+          bitmap: bitmaps?.[0],
+        });
+        log.info('export added', { id: o.id, node: nodeName });
+        break;
+      }
+      case 'chardev': {
+        const o = action.options;
+        if (o.backend !== 'socket') throw new BlockError(`chardev backend '${o.backend}' is not supported`);
+        chardevs.set(str(o.id, 'id', true)!, o);
+        break;
+      }
+      case 'monitor': {
+        const o = action.options;
+        const id = str(o.chardev, 'chardev', true)!;
+        const c = chardevs.get(id);
+        if (!c) throw new BlockError(`chardev "${id}" not found`);
+        if (o.mode !== undefined && o.mode !== 'control')
+          throw new BlockError('Only mode=control is supported');
+        if (bool(c.server, 'server') === false) throw new BlockError('Only server=on chardevs are supported');
+        if (typeof c.path === 'string') {
+          await daemon.qmp.listenUnix(c.path);
+          sockets.push(c.path);
+          log.info('QMP listening', { path: c.path });
+        } else {
+          const port = await daemon.qmp.listenTcp(Number(c.port), str(c.host, 'host') ?? '127.0.0.1');
+          log.info('QMP listening', { host: c.host, port });
+        }
+        break;
+      }
+      case 'qmp': {
+        const a = action.address;
+        if (a.type === 'unix') {
+          await daemon.qmp.listenUnix(a.path);
+          sockets.push(a.path);
+          log.info('QMP listening', { path: a.path });
+        } else {
+          const port = await daemon.qmp.listenTcp(a.port, a.host);
+          log.info('QMP listening', { host: a.host, port });
+        }
+        break;
+      }
+    }
+  }
+  return { daemon, sockets };
+}

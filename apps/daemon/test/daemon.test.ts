@@ -1,0 +1,139 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { QmpClient } from '@blockrep/qmp';
+import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
+import { afterEach, describe, expect, it } from 'vitest';
+
+const bin = new URL('../bin/blockrepd.mjs', import.meta.url).pathname;
+const procs: ChildProcess[] = [];
+
+afterEach(() => {
+  for (const p of procs.splice(0)) if (p.exitCode === null) p.kill('SIGKILL');
+});
+
+/** Starts blockrepd and waits until it logged "ready" (or died). */
+function start(args: string[]): Promise<{ proc: ChildProcess; log: () => string }> {
+  const proc = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  procs.push(proc);
+  let log = '';
+  return new Promise((resolve, reject) => {
+    proc.stderr!.on('data', (d: Buffer) => {
+      log += d.toString();
+      if (log.includes('"msg":"ready"')) resolve({ proc, log: () => log });
+    });
+    proc.once('exit', (code) => reject(new Error(`blockrepd exited with ${code}: ${log}`)));
+  });
+}
+
+function exited(proc: ChildProcess): Promise<number | null> {
+  return proc.exitCode !== null ? Promise.resolve(proc.exitCode) : new Promise((r) => proc.once('exit', r));
+}
+
+describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command line', () => {
+  it('serves a qcow2 image to qemu-io and nbdcopy, answers QMP, and cleans up on SIGTERM', async () => {
+    const dir = makeTempDir();
+    const img = dir.file('disk.qcow2');
+    await qemuImg(['create', '-f', 'qcow2', img, '64M']);
+    const nbdSock = dir.file('nbd.sock');
+    const qmpSock = dir.file('qmp.sock');
+    const pid = dir.file('pid');
+    // Exactly what one would pass to qemu-storage-daemon 7.2.
+    const { proc } = await start([
+      '--blockdev',
+      `driver=file,node-name=file0,filename=${img}`,
+      '--blockdev',
+      'driver=qcow2,node-name=disk0,file=file0',
+      '--nbd-server',
+      `addr.type=unix,addr.path=${nbdSock}`,
+      '--export',
+      'type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on',
+      '--chardev',
+      `socket,id=qmp0,path=${qmpSock},server=on,wait=off`,
+      '--monitor',
+      'chardev=qmp0',
+      '--pidfile',
+      pid,
+    ]);
+    expect(readFileSync(pid, 'utf8').trim()).toBe(String(proc.pid));
+    const uri = `nbd+unix:///disk0?socket=${nbdSock}`;
+    const w = await qemuIo(['-f', 'raw', uri], ['write -P 0x42 1M 2M', 'read -P 0x42 1M 2M']);
+    expect(w.stdout).not.toMatch(/fail|error/i);
+    if (hasPeer('nbdcopy')) {
+      const copy = dir.file('copy.raw');
+      await runPeer('nbdcopy', [uri, copy]);
+      const data = readFileSync(copy);
+      expect(data.length).toBe(64 << 20);
+      expect(data.subarray(1 << 20, 3 << 20).every((b) => b === 0x42)).toBe(true);
+    }
+    const qmp = await QmpClient.connect({ path: qmpSock });
+    const nodes = await qmp.execute<{ 'node-name': string; drv: string }[]>('query-named-block-nodes', {
+      flat: true,
+    });
+    expect(nodes.map((n) => [n['node-name'], n.drv])).toEqual(
+      expect.arrayContaining([
+        ['disk0', 'qcow2'],
+        ['file0', 'file'],
+      ]),
+    );
+    expect(await qmp.execute('query-block-exports')).toEqual([
+      { type: 'nbd', id: 'exp0', 'node-name': 'disk0', 'shutting-down': false },
+    ]);
+    await qmp.execute('block-export-del', { id: 'exp0' });
+    expect((await qmp.waitEvent('BLOCK_EXPORT_DELETED')).data).toEqual({ id: 'exp0' });
+    await expect(qmp.execute('blockdev-del', { 'node-name': 'file0' })).rejects.toMatchObject({
+      class: 'GenericError',
+    });
+    qmp.close?.();
+    proc.kill('SIGTERM');
+    expect(await exited(proc)).toBe(0);
+    expect(existsSync(pid)).toBe(false);
+    expect(existsSync(qmpSock)).toBe(false);
+    expect(existsSync(nbdSock)).toBe(false);
+    const check = await qemuImg(['check', img]);
+    expect(check.stdout).toContain('No errors were found on the image.');
+    const r = await qemuIo(['-f', 'qcow2', img], ['read -P 0x42 1M 2M']);
+    expect(r.stdout).not.toMatch(/fail|error|mismatch/i);
+  });
+
+  it('quits on the quit command and refuses bad command lines with a clear message', async () => {
+    const dir = makeTempDir();
+    const qmpSock = dir.file('q.sock');
+    const { proc } = await start([
+      '--blockdev',
+      'driver=null-co,node-name=n0,size=1M',
+      '--qmp',
+      `unix:${qmpSock}`,
+    ]);
+    const qmp = await QmpClient.connect({ path: qmpSock });
+    await qmp.execute('quit');
+    expect(await exited(proc)).toBe(0);
+    const bad = await runPeer(process.execPath, [bin, '--blockdev', 'driver=raw,node-name=x,file=nope'], {
+      okCodes: [1],
+    });
+    expect(bad.stderr).toContain("Cannot find device='nope' nor node-name='nope'");
+    const opt = await runPeer(process.execPath, [bin, '--frobnicate'], { okCodes: [1] });
+    expect(opt.stderr).toContain("invalid option -- 'frobnicate'");
+  });
+
+  it('--daemonize returns once serving, and the daemon keeps running', async () => {
+    const dir = makeTempDir();
+    const qmpSock = dir.file('q.sock');
+    const pid = dir.file('pid');
+    const r = await runPeer(process.execPath, [
+      bin,
+      '--daemonize',
+      '--pidfile',
+      pid,
+      '--blockdev',
+      'driver=null-co,node-name=n0',
+      '--qmp',
+      `unix:${qmpSock}`,
+    ]);
+    expect(r.code).toBe(0);
+    const qmp = await QmpClient.connect({ path: qmpSock });
+    expect((await qmp.execute<{ qemu: { major: number } }>('query-version')).qemu.major).toBe(7);
+    await qmp.execute('quit');
+    for (let i = 0; i < 100 && existsSync(pid); i++) await new Promise((res) => setTimeout(res, 20));
+    expect(existsSync(pid)).toBe(false);
+  });
+});
