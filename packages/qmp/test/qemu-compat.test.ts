@@ -145,6 +145,8 @@ function lineReader(sock: Socket) {
 describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-storage-daemon 7.2', () => {
   it('answers the same bytes to the same raw input, malformed or not', async () => {
     const dir = makeTempDir('blockrep-qmp-raw-');
+    const img = dir.file('a.img');
+    writeFileSync(img, Buffer.alloc(1 << 20));
     const qsd = await startQsd(dir.file('qsd.sock'));
     const graph = createGraph();
     const { server } = createBlockQmpServer({ graph, jobs: new JobManager() });
@@ -189,6 +191,27 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-sto
       '{"execute":"x-debug-query-block-graph"}\n',
       '{"execute":"query-jobs"}\n',
       '{"execute":"blockdev-del","arguments":{"node-name":"n0"}}\n',
+      `{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"f0","filename":"${img}"}}\n`,
+      '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r0","file":"f0"}}\n',
+      '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n1"}}\n',
+      '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n2","size":1048576}}\n',
+      '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n2","name":"b2","granularity":4096}}\n',
+      '{"execute":"x-debug-query-block-graph"}\n',
+      '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"r0","file":"f0","read-only":true}]}}\n',
+      '{"execute":"query-named-block-nodes","arguments":{"flat":true}}\n',
+      '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"r0","file":"f0"}]}}\n',
+      '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"r0"}]}}\n',
+      '{"execute":"block-dirty-bitmap-add","arguments":{"node":"r0","name":"b0","granularity":512}}\n',
+      '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n1","name":"b1","granularity":1024}}\n',
+      '{"execute":"block-dirty-bitmap-merge","arguments":{"node":"r0","target":"b0","bitmaps":[{"node":"n1","name":"b1"},"b0"]}}\n',
+      '{"execute":"block-dirty-bitmap-merge","arguments":{"node":"r0","target":"b0","bitmaps":[{"node":"n2","name":"b2"},"b0"]}}\n',
+      `{"execute":"block-dirty-bitmap-add","arguments":{"node":"r0","name":"${'x'.repeat(1100)}"}}\n`,
+      '{"execute":"query-named-block-nodes"}\n',
+      '{"execute":"blockdev-create","arguments":{"job-id":"1c","options":{"driver":"file","filename":"/x","size":1}}}\n',
+      '{"execute":"blockdev-create","arguments":{"job-id":"c","options":{"driver":"null-co"}}}\n',
+      '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n6","force-share":true}}\n',
+      '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n6","detect-zeroes":"unmap"}}\n',
+      '{"execute":"query-block"}\n',
     ];
     try {
       await new Promise((r) => setTimeout(r, 200));

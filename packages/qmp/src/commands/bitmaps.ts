@@ -49,6 +49,20 @@ function checkUsable(b: DirtyBitmap): void {
   if (b.inconsistent) throw new BlockError(`Bitmap '${b.name}' is inconsistent and cannot be used`);
 }
 
+/** ORs source into target; bitmaps of different granularities merge extent by extent. */
+function mergeInto(target: DirtyBitmap, source: DirtyBitmap): void {
+  if (source.length !== target.length) {
+    throw new BlockError(
+      `Bitmaps are of different sizes (destination size is ${target.length}, source size is ${source.length}) and can't be merged`,
+    );
+  }
+  if (source.granularity === target.granularity) {
+    target.merge(source);
+    return;
+  }
+  for (const [offset, bytes] of source.dirtyExtents()) target.set(offset, bytes);
+}
+
 export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): void {
   r.registerCommand({
     name: 'block-dirty-bitmap-add',
@@ -63,6 +77,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     handler(a: { node: string; name: string; granularity?: number; persistent?: boolean; disabled?: boolean }) {
       const node = lookupNode(graph, a.node);
       if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
+      if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
       const g = a.granularity ?? 65536;
       if (g < 512 || (g & (g - 1)) !== 0) throw new BlockError('Granularity must be power of 2 and at least 512');
       if (a.persistent) {
@@ -113,7 +128,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       );
       // Merge into a copy first so that a failing source leaves the target untouched.
       const scratch = target.copy();
-      for (const s of sources) scratch.merge(s);
+      for (const s of sources) mergeInto(scratch, s);
       target.clear();
       target.merge(scratch);
     },

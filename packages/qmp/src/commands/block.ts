@@ -4,7 +4,7 @@ import { BlockJob, type JobManager } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
 import { blockdevTypes } from './blockdev-types';
-import { BlockDeviceInfo, blockDeviceInfo } from './node-info';
+import { BlockDeviceInfo, blockDeviceInfo, nodesInCreationOrder } from './node-info';
 
 const BlockInfo = t.object('BlockInfo', {
   device: req(t.str),
@@ -21,7 +21,7 @@ const XDbgBlockGraphNode = t.object('XDbgBlockGraphNode', {
   name: req(t.str),
 });
 
-const BlockPermission = t.enum('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod']);
+const BlockPermission = t.enum('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize']);
 
 const XDbgBlockGraphEdge = t.object('XDbgBlockGraphEdge', {
   parent: req(t.uint64),
@@ -81,8 +81,7 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     returns: t.array(BlockDeviceInfo),
     doc: 'Information about every node of the graph, newest first.',
     handler(args: { flat?: boolean }) {
-      return graph
-        .allNodes()
+      return nodesInCreationOrder(graph)
         .reverse()
         .map((n) => blockDeviceInfo(n, args.flat ?? false));
     },
@@ -132,6 +131,9 @@ function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>,
       if (want === undefined) throw new BlockError(`Option '${key}' cannot be reset to its default value`);
       if (typeof want === 'string') {
         if (want !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
+        // A child referenced by name keeps its own flags (QEMU); queueing it unchanged stops the
+        // block layer from making it inherit the parent's.
+        if (!out.has(child.node)) out.set(child.node, child.node.readOnly);
         continue;
       }
       // Nested options describe the current child (an implicit one has no name to repeat).
@@ -160,6 +162,13 @@ function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>,
   }
 }
 
+/** Permission names as QEMU 7.2 lists them: highest bit first, no graph-mod (7.2 has none). */
+function qapiPerms(mask: number): string[] {
+  return permQapiNames(mask)
+    .filter((p) => p !== 'graph-mod')
+    .reverse();
+}
+
 /** x-debug-query-block-graph's answer. */
 function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, unknown> {
   const ids = new Map<unknown, number>();
@@ -183,8 +192,8 @@ function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, un
       parent,
       child: id(c.node, 'block-driver', c.node.nodeName),
       name: c.name,
-      perm: permQapiNames(c.perm),
-      'shared-perm': permQapiNames(c.shared),
+      perm: qapiPerms(c.perm),
+      'shared-perm': qapiPerms(c.shared),
     });
   };
   for (const b of graph.backends) {
@@ -196,9 +205,10 @@ function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, un
     const p = id(j, 'block-job', j.id ?? '');
     if (b.root) edge(p, b.root);
   }
-  for (const n of graph.allNodes()) {
+  for (const n of nodesInCreationOrder(graph)) {
     const p = id(n, 'block-driver', n.nodeName);
     for (const c of n.children) edge(p, c);
   }
-  return { edges, nodes };
+  // QEMU builds both lists by prepending.
+  return { edges: edges.reverse(), nodes: nodes.reverse() };
 }

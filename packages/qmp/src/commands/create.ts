@@ -71,7 +71,7 @@ export const fileCreator: BlockdevCreator = {
     const filename = o.filename as string;
     const size = o.size as number;
     const prealloc = (o.preallocation as string | undefined) ?? 'off';
-    if (prealloc === 'metadata') throw new BlockError("Unsupported preallocation mode 'metadata'");
+    if (prealloc === 'metadata') throw new BlockError('Unsupported preallocation mode: metadata');
     let fh: Awaited<ReturnType<typeof open>>;
     try {
       fh = await open(filename, 'w', 0o644);

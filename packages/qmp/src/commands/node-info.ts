@@ -1,5 +1,5 @@
 import { statSync } from 'node:fs';
-import type { BlockNode } from '@blockrep/block';
+import type { BlockGraph, BlockNode } from '@blockrep/block';
 import { toQmpJson } from '../json';
 import { opt, type QMembers, req, t } from '../schema';
 
@@ -108,7 +108,16 @@ function explicitOptions(node: BlockNode): Record<string, unknown> {
 export function displayFilename(node: BlockNode): string {
   const leaf = storageLeaf(node);
   if (leaf.driver.name === 'file') return node.filename;
-  return `json:${toQmpJson(explicitOptions(node))}`;
+  const opts = explicitOptions(node);
+  // Options all at their defaults: the protocol's own name ("null-co://") says it all.
+  if (!hasSettings(opts) && node.filename) return node.filename;
+  return `json:${toQmpJson(opts)}`;
+}
+
+function hasSettings(opts: Record<string, unknown>): boolean {
+  return Object.entries(opts).some(
+    ([k, v]) => k !== 'driver' && (typeof v !== 'object' || v === null || hasSettings(v as Record<string, unknown>)),
+  );
 }
 
 function actualSize(node: BlockNode): number | undefined {
@@ -123,8 +132,8 @@ function actualSize(node: BlockNode): number | undefined {
 
 export function imageInfo(node: BlockNode, withBacking: boolean): Record<string, unknown> {
   const info: Record<string, unknown> = { filename: displayFilename(node), format: node.driver.name };
-  // QEMU reports dirty-flag whenever the driver answers bdrv_get_info (null-co does not).
-  if (node.driver.name !== 'null-co') info['dirty-flag'] = false;
+  // QEMU reports dirty-flag when bdrv_get_info answers: raw asks its file, null-co cannot.
+  if (storageLeaf(node).driver.name !== 'null-co') info['dirty-flag'] = false;
   const actual = actualSize(node);
   if (actual !== undefined) info['actual-size'] = actual;
   info['virtual-size'] = node.length;
@@ -182,4 +191,25 @@ export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, 
   });
   if (node.dirtyBitmaps.length) info['dirty-bitmaps'] = dirtyBitmapInfo(node);
   return info;
+}
+
+/**
+ * Nodes in the order QEMU registers them: a node's implicitly created children (opened as part
+ * of it) come before it, since QEMU names a node only once its children are open.
+ */
+export function nodesInCreationOrder(graph: BlockGraph): BlockNode[] {
+  const all = graph.allNodes();
+  const index = new Map(all.map((n, i) => [n, i]));
+  const out: BlockNode[] = [];
+  const seen = new Set<BlockNode>();
+  const visit = (n: BlockNode) => {
+    if (seen.has(n)) return;
+    seen.add(n);
+    for (const c of n.children) {
+      if (c.node.autoNamed && (index.get(c.node) ?? -1) > (index.get(n) ?? -1)) visit(c.node);
+    }
+    out.push(n);
+  };
+  for (const n of all) visit(n);
+  return out;
 }
