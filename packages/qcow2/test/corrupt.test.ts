@@ -102,6 +102,18 @@ describe('corrupt headers', () => {
   });
 });
 
+describe('features we do not implement', () => {
+  it('are refused at open with their names', async () => {
+    const d = makeTempDir();
+    const ext = d.file('extl2.qcow2');
+    await qemu(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', ext, '1M']);
+    expect(await openError(ext, true)).toMatch(/Unsupported qcow2 feature\(s\): extended L2 entries/);
+    const df = d.file('datafile.qcow2');
+    await qemu(['create', '-q', '-f', 'qcow2', '-o', `data_file=${d.file('data.raw')}`, df, '1M']);
+    expect(await openError(df, true)).toMatch(/external data file/);
+  });
+});
+
 describe('corrupt tables', () => {
   it('an L1 entry past the end of the file: I/O error, image marked corrupt', async () => {
     const f = await freshImage();

@@ -22,6 +22,10 @@ describe('images we create and write', () => {
     ['v3 64k', { size: 16 << 20 }],
     ['v2 64k', { size: 16 << 20, compat: '0.10' }],
     ['v3 512', { size: 4 << 20, clusterSize: 512 }],
+    [
+      'v3 512 refcount 64-bit (a refcount block per 64 clusters)',
+      { size: 2 << 20, clusterSize: 512, refcountBits: 64 },
+    ],
     ['v3 4k refcount 1-bit', { size: 8 << 20, clusterSize: 4096, refcountBits: 1 }],
     ['v3 64k refcount 64-bit, lazy refcounts', { size: 16 << 20, refcountBits: 64, lazyRefcounts: true }],
     ['v3 2M', { size: 16 << 20, clusterSize: 2 << 20 }],
@@ -126,6 +130,23 @@ describe('images we create and write', () => {
     const again = d.file('one-again.raw');
     await qemuImg(['convert', '-O', 'raw', '-l', 'snapshot.name=one', f, again]);
     expect(readFileSync(again).equals(readFileSync(snapRaw))).toBe(true);
+  });
+
+  it('writes over compressed, zero and preallocated-zero clusters of a qemu-made image', async () => {
+    const d = makeTempDir();
+    const src = d.file('src.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', src, '8M']);
+    await qemuIo([src], ['write -P 0x21 0 8M']);
+    const f = d.file('c.qcow2');
+    await qemuImg(['convert', '-c', '-O', 'qcow2', src, f]);
+    await qemuIo([f], ['write -P 0x22 2M 1M', 'write -z 2M 256k', 'write -z -u 4M 256k', 'write -z 6M 100k']);
+    const expected = await readAllQemu(f, d);
+    const { blk, close } = await openQcow2(f, { discard: 'unmap' });
+    await randomWorkload({ blk, expected, rand: prng(99), zeroes: true, discard: true }, 5, 12, 120_000);
+    await close();
+    await qemuAgrees(f, expected, d);
+    const chk = await qemuImgJson(['check', f]);
+    expect(chk['compressed-clusters'] ?? 0).toBeLessThan(128);
   });
 
   it('grows the refcount table and L1 table (512-byte clusters, resize)', async () => {
