@@ -245,6 +245,16 @@ describe('framing and hostile input', () => {
     await ok.close();
   });
 
+  it('a burst of requests in one write is answered in full and in order', async () => {
+    const { path } = await start();
+    const c = await negotiatedRaw(path);
+    const burst = Array.from({ length: 200 }, (_, i) => `{"execute":"x-nop","id":${i}}`).join('');
+    const replies = await c.exchange(burst, ...Array(199).fill(''));
+    expect(replies.map((r) => r.id)).toEqual(Array.from({ length: 200 }, (_, i) => i));
+    expect(replies.every((r) => Array.isArray(r.return))).toBe(true);
+    c.close();
+  });
+
   it('requests from one monitor are answered in order', async () => {
     const { path, server: s } = await start();
     s.registry.registerCommand({

@@ -236,3 +236,63 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-sto
     }
   });
 });
+
+/** A SchemaInfo type as a comparable string: members with optionality, down to a few levels. */
+function shape(schema: Map<string, any>, name: string, depth = 0): string {
+  const e = schema.get(name);
+  if (!e) return `?${name}`;
+  if (depth > 2) return '...';
+  switch (e['meta-type']) {
+    case 'builtin':
+      return e.name;
+    case 'enum':
+      return `enum(${[...e.values].sort().join(',')})`;
+    case 'array':
+      return `[${shape(schema, e['element-type'], depth + 1)}]`;
+    case 'alternate':
+      return `alt(${e.members.map((m: any) => shape(schema, m.type, depth + 1)).join('|')})`;
+    default:
+      return `{${e.members
+        .map((m: any) => `${m.name}${m.default === null ? '?' : ''}:${shape(schema, m.type, depth + 1)}`)
+        .sort()
+        .join(', ')}${e.tag ? ` tag=${e.tag}` : ''}}`;
+  }
+}
+
+describe.skipIf(!hasPeer('qemu-storage-daemon'))('query-qmp-schema against qemu-storage-daemon 7.2', () => {
+  it('describes the arguments of the commands and events both have alike', async () => {
+    const dir = makeTempDir('blockrep-qmp-schema-');
+    const qsd = await startQsd(dir.file('qsd.sock'));
+    const { server } = createBlockQmpServer({ graph: createGraph(), jobs: new JobManager() });
+    await server.listenUnix(dir.file('ours.sock'));
+    const theirs = await QmpClient.connect({ path: dir.file('qsd.sock') });
+    const ours = await QmpClient.connect({ path: dir.file('ours.sock') });
+    try {
+      const q = new Map<string, any>((await theirs.execute('query-qmp-schema')).map((s: any) => [s.name, s]));
+      const o = new Map<string, any>((await ours.execute('query-qmp-schema')).map((s: any) => [s.name, s]));
+      let compared = 0;
+      for (const [name, e] of o) {
+        if (e['meta-type'] !== 'command' && e['meta-type'] !== 'event') continue;
+        const qe = q.get(name);
+        if (!qe || name === 'blockdev-add' || name === 'blockdev-reopen' || name === 'blockdev-create') continue;
+        expect(shape(o, e['arg-type']), name).toBe(shape(q, qe['arg-type']));
+        compared++;
+      }
+      expect(compared).toBeGreaterThan(20);
+      // BlockdevOptions: the common members, and the members of the drivers both have.
+      const variants = (m: Map<string, any>) => m.get(m.get('blockdev-add')['arg-type']);
+      const [ov, qv] = [variants(o), variants(q)];
+      expect(ov.members.map((x: any) => x.name)).toEqual(qv.members.map((x: any) => x.name));
+      for (const drv of ['file', 'raw', 'null-co']) {
+        const ot = ov.variants.find((v: any) => v.case === drv).type;
+        const qt = qv.variants.find((v: any) => v.case === drv).type;
+        expect(shape(o, ot), drv).toBe(shape(q, qt));
+      }
+    } finally {
+      await ours.close();
+      await theirs.close();
+      qsd.kill();
+      await server.close();
+    }
+  });
+});
