@@ -82,4 +82,19 @@ describe('qcow2 driver', () => {
     await close();
     await clean(f);
   });
+
+  it('refuses to shrink; v2 write-zeroes fall back to writing zeroes', async () => {
+    const d = makeTempDir();
+    const f = d.file('v2.qcow2');
+    await createQcow2Image(f, { size: 4 << 20, compat: '0.10' });
+    const { blk, close } = await openQcow2(f);
+    await expect(blk.truncate(1 << 20)).rejects.toThrow(/shrinking/);
+    await blk.write(0, Buffer.alloc(256 << 10, 5));
+    await blk.writeZeroes(0, 128 << 10);
+    const got = await blk.read(0, 256 << 10);
+    expect(got.subarray(0, 128 << 10).every((b) => b === 0)).toBe(true);
+    expect(got[200 << 10]).toBe(5);
+    await close();
+    await clean(f);
+  });
 });
