@@ -49,7 +49,7 @@ export function blockdevTypes(graph: BlockGraph): BlockdevTypes {
     doc: 'Options for creating a block node',
   };
   refs.ref = t.alternate('BlockdevRef', [options, t.str], 'Nested options for a new node, or the name of an existing one');
-  refs.refOrNull = t.alternate('BlockdevRefOrNull', [options, t.null], 'BlockdevRef, or null for none');
+  refs.refOrNull = t.alternate('BlockdevRefOrNull', [options, t.str, t.null], 'BlockdevRef, or null for none');
   const types = { driver, options, ref: refs.ref, refOrNull: refs.refOrNull };
   cache.set(graph, types);
   return types;
