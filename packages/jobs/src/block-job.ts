@@ -1,4 +1,13 @@
-import { BlockBackend, BlockError, type BlockNode, PERM_ALL } from '@blockrep/block';
+import {
+  BlockBackend,
+  BlockError,
+  type BlockNode,
+  BlockOp,
+  blockAllOps,
+  PERM_ALL,
+  unblockAllOps,
+  unblockOp,
+} from '@blockrep/block';
 import { Job, type JobOptions } from './job';
 import type { JobManager } from './manager';
 import { RateLimit } from './rate-limit';
@@ -33,6 +42,8 @@ export interface BlockJobNodeUse {
   /** Requests go on while the node is drained (the job drains its own nodes). */
   allowDrainedIo?: boolean;
   allowBeyondEof?: boolean;
+  /** Block every operation on the node while the job runs (QEMU does so for a job's main node). */
+  blockOperations?: boolean;
 }
 
 /**
@@ -44,6 +55,9 @@ export abstract class BlockJob extends Job {
   /** The backends the job holds, the first one being its main node's. */
   readonly backends: BlockBackend[] = [];
   protected readonly limit = new RateLimit();
+  /** The reason other operations on the job's blocked nodes are refused. */
+  #opBlocker: Error | null = null;
+  readonly #opBlockedNodes: BlockNode[] = [];
 
   constructor(manager: JobManager, opts: BlockJobOptions = {}) {
     super(manager, opts);
@@ -78,11 +92,18 @@ export abstract class BlockJob extends Job {
       throw e;
     }
     this.backends.push(blk);
+    if (use.blockOperations) {
+      this.#opBlocker ??= new Error(`block device is in use by block job: ${this.type}`);
+      blockAllOps(node, this.#opBlocker);
+      unblockOp(node, BlockOp.DATAPLANE, this.#opBlocker);
+      this.#opBlockedNodes.push(node);
+    }
     return blk;
   }
 
   /** Releases every node the job holds (called from clean). */
   protected async releaseNodes(): Promise<void> {
+    for (const n of this.#opBlockedNodes.splice(0)) unblockAllOps(n, this.#opBlocker!);
     for (const blk of this.backends.splice(0).reverse()) {
       blk.dev = {};
       await blk.detach();

@@ -1,4 +1,4 @@
-import { BlockBackend, createGraph, Perm } from '@blockrep/block';
+import { BlockBackend, BlockOp, createGraph, opBlocked, Perm } from '@blockrep/block';
 import { describe, expect, it } from 'vitest';
 import { JobManager, RateLimit } from '../src/index';
 import { recordEvents, TestBlockJob, tick, waitStatus } from './helpers';
@@ -21,6 +21,20 @@ describe('BlockJob', () => {
     expect(job.backends).toEqual([]);
     expect(node.hasBackend()).toBe(false);
     expect(graph.getNode('n0')).toBe(node);
+    await graph.closeAll();
+  });
+
+  it('blocks operations on its main node while it runs', async () => {
+    const graph = createGraph();
+    const node = await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'n0' });
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1 } });
+    job.useNode(node, { perm: Perm.CONSISTENT_READ, blockOperations: true });
+    expect(opBlocked(node, BlockOp.RESIZE)?.message).toBe("Node 'n0' is busy: block device is in use by block job: backup");
+    expect(opBlocked(node, BlockOp.DATAPLANE)).toBeNull();
+    job.start();
+    await job.whenConcluded();
+    expect(opBlocked(node, BlockOp.RESIZE)).toBeNull();
     await graph.closeAll();
   });
 
