@@ -129,10 +129,14 @@ async function startOurs(format: string, file: string, drivers: BlockDriver[]) {
   };
 }
 
+/**
+ * An image full of data: reads then read data on every server (a preallocated but unwritten file
+ * reads as holes, which a server may answer without reading at all).
+ */
 async function makeImage(dir: string, format: string, name: string): Promise<string> {
   const file = `${dir}/${name}.${format}`;
-  const opts = format === 'raw' ? ['-o', 'preallocation=falloc'] : [];
-  await runPeer('qemu-img', ['create', '-q', '-f', format, ...opts, file, SIZE]);
+  await runPeer('qemu-img', ['create', '-q', '-f', format, file, SIZE]);
+  await runPeer('qemu-io', ['-f', format, '-c', `write -P 0xa5 0 ${SIZE}`, file]);
   return file;
 }
 

@@ -1,6 +1,7 @@
 import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { ReqFlags, toBlockError } from '@blockrep/block';
+import { replyBuffers } from '../buffer-pool';
 import { ByteQueue } from '../byte-queue';
 import {
   CmdFlag,
@@ -175,7 +176,7 @@ export class NbdServerConnection implements ExportClient {
    * Queues bytes for the client. Replies completed in one turn of the event loop leave in one
    * writev: the socket is corked at the first and uncorked once the turn's callbacks have run.
    */
-  private send(b: Buffer): void {
+  private send(b: Buffer, written?: () => void): void {
     const s = this.socket;
     if (s.destroyed) return;
     if (!this.corked) {
@@ -183,7 +184,7 @@ export class NbdServerConnection implements ExportClient {
       s.cork();
       setImmediate(this.uncork);
     }
-    s.write(b);
+    s.write(b, written);
   }
 
   private corked = false;
@@ -734,15 +735,19 @@ export class NbdServerConnection implements ExportClient {
       this.send(b);
       return;
     }
-    // Header and data in one buffer: one allocation, one socket write, no copy of the data.
-    const buf = Buffer.allocUnsafe(hdr + length);
+    // Header and data in one pooled buffer: one socket write, no copy of the data.
+    const buf = replyBuffers.get(hdr + length);
     try {
       await backend.readv(offset, [buf.subarray(hdr)]);
     } catch (e) {
+      replyBuffers.release(buf);
       this.replyFailure(hi, lo, e);
       return;
     }
-    if (this.phase === 'closed') return;
+    if (this.phase === 'closed') {
+      replyBuffers.release(buf);
+      return;
+    }
     if (this.structured) {
       this.structuredHeader(buf, 0, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, hi, lo, 8 + length);
       buf.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
@@ -753,7 +758,7 @@ export class NbdServerConnection implements ExportClient {
       buf.writeUInt32BE(hi, 8);
       buf.writeUInt32BE(lo, 12);
     }
-    this.send(buf);
+    this.send(buf, () => replyBuffers.release(buf));
   }
 
   /**
