@@ -1,11 +1,11 @@
 /*
  * The process the crash test kills: writes slots of a qcow2 image through BlockBackend -> qcow2 ->
  * file with many requests in flight and periodic flushes, logging to stdout when each write
- * starts ("S slot gen") and is acknowledged ("A slot gen"), and when a flush begins ("B") and
+ * starts ("S slot gen", "S slot gen Z" for a write of zeroes) and is acknowledged ("A slot gen"), and when a flush begins ("B") and
  * completes ("F"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
  */
 import { writeSync } from 'node:fs';
-import { BlockBackend, createGraph, Perm } from '@blockrep/block';
+import { BlockBackend, createGraph, Perm, ReqFlags } from '@blockrep/block';
 import { qcow2Driver } from '../src/index';
 
 const [image, slotArg, slotsArg, seedArg, genBase] = process.argv.slice(2);
@@ -29,7 +29,7 @@ export function slotData(slot: number, gen: number, bytes: number): Buffer {
 
 async function main(): Promise<void> {
   const g = createGraph([qcow2Driver]);
-  const node = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: image } });
+  const node = await g.open({ driver: 'qcow2', discard: 'unmap', file: { driver: 'file', filename: image } });
   const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
   blk.attach(node);
   // Synchronous: every line is in the pipe before the request it announces is issued.
@@ -54,8 +54,11 @@ async function main(): Promise<void> {
       busy.add(slot);
       const gen = gens[slot]! + 1;
       gens[slot] = gen;
-      out(`S ${slot} ${gen}`);
-      await blk.write(slot * slotBytes, slotData(slot, gen, slotBytes));
+      // Some generations are zeroes (whole clusters become zero clusters and are freed).
+      const zero = rand() < 0.15;
+      out(`S ${slot} ${gen}${zero ? ' Z' : ''}`);
+      if (zero) await blk.writeZeroes(slot * slotBytes, slotBytes, ReqFlags.MAY_UNMAP);
+      else await blk.write(slot * slotBytes, slotData(slot, gen, slotBytes));
       out(`A ${slot} ${gen}`);
       busy.delete(slot);
       if (++writes % 24 === 0) {

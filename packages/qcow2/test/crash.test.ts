@@ -56,16 +56,17 @@ function runUntilKilled(args: string[], delayMs: number): Promise<Log> {
  * it could hold before, or started since, but nothing older than one acknowledged before the
  * last completed flush began. Generations grow across runs, so "older" is a comparison.
  */
-function narrowPossible(lines: string[], possible: Map<number, Set<number>>): void {
+function narrowPossible(lines: string[], possible: Map<number, Set<number>>, zeroGens: Set<number>): void {
   let lastF = -1;
   for (let i = lines.length - 1; i >= 0 && lastF < 0; i--) if (lines[i] === 'F') lastF = i;
   let flushBegin = -1;
   for (let i = lastF; i >= 0 && flushBegin < 0; i--) if (lines[i] === 'B') flushBegin = i;
   const durable = new Map<number, number>();
   for (let i = 0; i < lines.length; i++) {
-    const [op, a, b] = lines[i]!.split(' ');
+    const [op, a, b, z] = lines[i]!.split(' ');
     if (op === 'A' && i < flushBegin) durable.set(Number(a), Number(b));
     if (op === 'S') possible.get(Number(a))!.add(Number(b));
+    if (op === 'S' && z === 'Z') zeroGens.add(Number(b));
   }
   for (const [slot, gen] of durable) {
     const set = possible.get(slot)!;
@@ -77,6 +78,8 @@ interface Subject {
   file: string;
   slots: number;
   possible: Map<number, Set<number>>;
+  /** Generations that wrote zeroes. */
+  zeroGens: Set<number>;
   runs: number;
 }
 
@@ -97,7 +100,7 @@ it(
       await createQcow2Image(file, { size: slotBytes * slots, ...opts });
       const possible = new Map<number, Set<number>>();
       for (let s = 0; s < slots; s++) possible.set(s, new Set([0]));
-      subjects.push({ file, slots, possible, runs: 0 });
+      subjects.push({ file, slots, possible, zeroGens: new Set([0]), runs: 0 });
     }
     let flushes = 0;
     for (let k = 0; k < KILLS; k++) {
@@ -114,7 +117,7 @@ it(
       const raw = d.file(`after-${k}.raw`);
       await qemu(['convert', '-O', 'raw', f, raw]);
       const data = readFileSync(raw);
-      narrowPossible(log.lines, sub.possible);
+      narrowPossible(log.lines, sub.possible, sub.zeroGens);
       flushes += log.lines.filter((l) => l === 'F').length;
       for (let s = 0; s < sub.slots; s++) {
         const ok = sub.possible.get(s)!;
@@ -123,7 +126,7 @@ it(
           const slot = data.readUInt32LE(off);
           const valid =
             gen === 0
-              ? slot === 0 && ok.has(0)
+              ? slot === 0 && data[off + 8] === 0 && [...ok].some((g) => sub.zeroGens.has(g))
               : slot === s && ok.has(gen) && data[off + 8] === ((gen * 7 + s) & 0xff);
           if (!valid) {
             throw new Error(
