@@ -15,7 +15,13 @@ function ops(seed: number, size: number) {
     const unaligned = rnd(3) === 0;
     const bytes = unaligned ? 1 + rnd(20000) : 512 * (1 + rnd(256));
     const offset = unaligned ? rnd(size - bytes) : 512 * rnd((size - bytes) / 512);
-    list.push({ kind: rnd(5) === 0 ? 'zero' : 'write', offset, bytes, pattern: 1 + rnd(254), fua: rnd(4) === 0 });
+    list.push({
+      kind: rnd(5) === 0 ? 'zero' : 'write',
+      offset,
+      bytes,
+      pattern: 1 + rnd(254),
+      fua: rnd(4) === 0,
+    });
   }
   return list;
 }
