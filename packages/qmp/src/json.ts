@@ -44,7 +44,17 @@ export class JsonStreamer {
   private depth = 0;
   private bytes = 0;
 
-  constructor(private readonly emit: (item: StreamItem) => void) {}
+  /** Bytes one value may take before it is refused (QEMU: 64 MiB). */
+  private readonly maxBytes: number;
+  /** The string being read is over the limit: it is scanned to its end, not kept. */
+  private oversized = false;
+
+  constructor(
+    private readonly emit: (item: StreamItem) => void,
+    opts: { maxBytes?: number } = {},
+  ) {
+    this.maxBytes = opts.maxBytes ?? MAX_TOKEN_BYTES;
+  }
 
   feed(chunk: Buffer | string): void {
     const s = typeof chunk === 'string' ? chunk : this.decoder.write(chunk);
@@ -59,10 +69,7 @@ export class JsonStreamer {
           j++;
         }
         if (j > i) {
-          this.text += s.slice(i, j);
-          if (this.text.length > MAX_TOKEN_BYTES) {
-            this.lexError();
-          }
+          this.appendString(s.slice(i, j));
           i = j;
           continue;
         }
@@ -75,6 +82,7 @@ export class JsonStreamer {
   /** End of input: a value still being read is dropped (QEMU ignores it too). */
   reset(): void {
     this.mode = 'start';
+    this.oversized = false;
     this.text = '';
     this.tokens = [];
     this.depth = 0;
@@ -92,17 +100,20 @@ export class JsonStreamer {
         }
         return;
       case 'string':
-        this.text += c;
-        if (this.text.length > MAX_TOKEN_BYTES) {
-          this.lexError();
-          return;
-        }
+        this.appendString(c);
         if (this.escape) {
           this.escape = false;
         } else if (c === '\\') {
           this.escape = true;
         } else if (c === this.quote) {
-          this.token('string', this.text);
+          if (this.oversized) {
+            this.oversized = false;
+            this.mode = 'start';
+            this.text = '';
+            this.fail('JSON token size limit exceeded');
+          } else {
+            this.token('string', this.text);
+          }
         } else if (c < ' ') {
           this.lexError();
         }
@@ -124,7 +135,11 @@ export class JsonStreamer {
       case 'keyword':
         if (/[A-Za-z]/.test(c)) {
           this.text += c;
-          if (this.text.length > MAX_TOKEN_BYTES) this.lexError();
+          if (this.text.length > this.maxBytes) {
+            this.fail('JSON token size limit exceeded');
+            this.text = '';
+            this.mode = 'recovery';
+          }
           return;
         }
         this.token('keyword', this.text);
@@ -154,6 +169,16 @@ export class JsonStreamer {
     }
   }
 
+  /** Adds to the string being read; past the limit only its length is counted, not its text. */
+  private appendString(part: string): void {
+    if (this.oversized) return;
+    this.text += part;
+    if (this.bytes + this.text.length > this.maxBytes) {
+      this.oversized = true;
+      this.text = this.quote;
+    }
+  }
+
   private lexError(): void {
     this.token('error', this.text);
   }
@@ -177,7 +202,7 @@ export class JsonStreamer {
       this.depth--;
     }
     this.tokens.push({ kind, text });
-    if (this.bytes > MAX_TOKEN_BYTES) {
+    if (this.bytes > this.maxBytes) {
       this.fail('JSON token size limit exceeded');
       return;
     }
