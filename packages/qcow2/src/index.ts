@@ -1,4 +1,4 @@
 export { checkQcow2Image, type Qcow2CheckOptions, type Qcow2CheckResult } from './check';
 export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';
-export { Qcow2Image } from './image';
+export type { Qcow2Image } from './image';

@@ -1,8 +1,8 @@
-import { blockStatusAbove, Perm, PERM_ALL } from '@blockrep/block';
+import { BlockBackend, blockStatusAbove, Perm, PERM_ALL } from '@blockrep/block';
 import { makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createQcow2Image, type Qcow2Image } from '../src/index';
-import { firstDiff, openQcow2, prng, qemu, randomWorkload } from './helpers';
+import { firstDiff, openQcow2, prng, qcowGraph, qemu, randomWorkload } from './helpers';
 
 /* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
 
@@ -96,5 +96,34 @@ describe('qcow2 driver', () => {
     expect(got[200 << 10]).toBe(5);
     await close();
     await clean(f);
+  });
+
+  it('takes its backing node by reference, or none with backing: null', async () => {
+    const d = makeTempDir();
+    const base = d.file('base.qcow2');
+    const top = d.file('top.qcow2');
+    await createQcow2Image(base, { size: 1 << 20 });
+    const b = await openQcow2(base);
+    await b.blk.write(0, Buffer.alloc(1 << 20, 0x33));
+    await b.close();
+    // The header names a file that does not exist: only the given backing node is used.
+    await createQcow2Image(top, { size: 1 << 20, backingFile: 'missing.qcow2', backingFormat: 'qcow2' });
+    const g = qcowGraph();
+    await g.open({
+      driver: 'qcow2',
+      'node-name': 'base0',
+      'read-only': true,
+      file: { driver: 'file', filename: base },
+    });
+    const node = await g.open({ driver: 'qcow2', backing: 'base0', file: { driver: 'file', filename: top } });
+    expect(node.backing?.node.nodeName).toBe('base0');
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ });
+    blk.attach(node);
+    expect((await blk.read(1000, 1))[0]).toBe(0x33);
+    await blk.detach();
+    await expect(openQcow2(top)).rejects.toThrow(/missing\.qcow2/);
+    const alone = await openQcow2(top, { backing: null }, true);
+    expect((await alone.blk.read(1000, 1))[0]).toBe(0);
+    await alone.close();
   });
 });
