@@ -1,5 +1,5 @@
 import { existsSync, statSync, writeFileSync } from 'node:fs';
-import { type BlockGraph, createGraph } from '@blockrep/block';
+import { BlockBackend, type BlockGraph, createGraph, Perm } from '@blockrep/block';
 import { JobManager } from '@blockrep/jobs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -119,6 +119,29 @@ describe('blockdev-add / blockdev-del / query-named-block-nodes', () => {
     }
     expect(await fails('blockdev-del', {})).toEqual({ class: 'GenericError', desc: "Parameter 'node-name' is missing" });
     expect(graph.allNodes().map((n) => n.nodeName)).toEqual(['n0']);
+  });
+});
+
+describe('query-block', () => {
+  it('lists named BlockBackends with their inserted node', async () => {
+    await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: 4096 });
+    const unnamed = new BlockBackend(graph, { perm: Perm.CONSISTENT_READ });
+    unnamed.attach(graph.getNode('n0')!);
+    const named = new BlockBackend(graph, { perm: Perm.CONSISTENT_READ, name: 'drive0' });
+    named.attach(graph.getNode('n0')!);
+    const blocks = await qmp.execute('query-block');
+    expect(blocks).toEqual([
+      {
+        device: 'drive0',
+        locked: false,
+        removable: false,
+        type: 'unknown',
+        inserted: expect.objectContaining({ 'node-name': 'n0', drv: 'null-co', image: expect.objectContaining({ 'virtual-size': 4096 }) }),
+      },
+    ]);
+    expect((await fails('blockdev-del', { 'node-name': 'n0' })).desc).toBe('Node n0 is in use');
+    await named.detach();
+    await unnamed.detach();
   });
 });
 
