@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
+import { BlockBackend, Perm } from '@blockrep/block';
 import { NbdServer } from '../src/index';
 import {
   Cmd,
@@ -13,7 +14,8 @@ import {
   STRUCTURED_REPLY_MAGIC,
   TxFlag,
 } from '../src/protocol';
-import { onCleanup, serveImage } from './helpers';
+import { newGraph, onCleanup, serveImage } from './helpers';
+import { mem, memDriver } from './mem-driver';
 import { RawNbd } from './raw-client';
 
 const MiB = 1 << 20;
@@ -288,5 +290,89 @@ describe('export lifecycle', () => {
     await new Promise((r) => setTimeout(r, 50));
     expect(deleted).toEqual(['disk']);
     expect(srv.node.closed).toBe(true);
+  });
+});
+
+describe('pipelining and block sizes', () => {
+  async function serveMem(opts: { align?: number; maxTransfer?: number } = {}) {
+    const graph = newGraph();
+    graph.registerDriver(memDriver);
+    const node = await graph.open({
+      driver: 'test-mem',
+      'node-name': 'm',
+      size: MiB,
+      align: opts.align ?? 1,
+      'max-transfer': opts.maxTransfer ?? 1 << 30,
+    });
+    const server = new NbdServer(graph);
+    onCleanup(() => server.close());
+    const a = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
+    server.addExport({ node, name: 'm', writable: true });
+    return { graph, node, server, port: a.type === 'inet' ? Number(a.port) : 0 };
+  }
+
+  it('replies leave as requests complete, not in request order', async () => {
+    const { node, port } = await serveMem();
+    mem(node).data.fill(0x11, 0, 4096);
+    mem(node).holdOffsets.add(0);
+    const { c } = await RawNbd.connect(port);
+    await c.open('m');
+    onCleanup(() => mem(node).held.get(0)?.());
+    c.request(Cmd.READ, 0, 1, 0, 4096); // held by the driver
+    c.request(Cmd.READ, 0, 2, 8192, 4096);
+    c.request(Cmd.WRITE, 0, 3, 16384, 512, Buffer.alloc(512, 0x22));
+    const early: number[] = [];
+    for (let i = 0; i < 2; i++) {
+      const r = await c.simple();
+      expect(r.err).toBe(0);
+      early.push(r.handle);
+      if (r.handle === 2) await c.q.read(4096);
+    }
+    expect(early.sort()).toEqual([2, 3]);
+    mem(node).held.get(0)!();
+    expect(await c.simple()).toMatchObject({ handle: 1, err: 0 });
+    expect((await c.q.read(4096)).every((b) => b === 0x11)).toBe(true);
+    c.end();
+  });
+
+  it('advertises the node limits as block sizes; our client honours them', async () => {
+    const { node, port } = await serveMem({ align: 512, maxTransfer: 65536 });
+    const { c } = await RawNbd.connect(port);
+    c.clientFlags(3);
+    c.option(Opt.GO, RawNbd.goData('m'));
+    const info = (await c.replies()).find((r) => r.type === Rep.INFO && r.data.readUInt16BE(0) === 3)!;
+    expect([info.data.readUInt32BE(2), info.data.readUInt32BE(6), info.data.readUInt32BE(10)]).toEqual([
+      512, 4096, 65536,
+    ]);
+    // The client acknowledged block sizes: a misaligned request is refused.
+    c.request(Cmd.READ, 0, 1, 100, 512);
+    expect(await c.simple()).toMatchObject({ err: NbdErr.EINVAL });
+    c.end();
+
+    const g = newGraph();
+    const remote = await g.open({
+      driver: 'nbd',
+      server: { type: 'inet', host: '127.0.0.1', port },
+      export: 'm',
+    });
+    expect(remote.limits.requestAlignment).toBe(512);
+    expect(remote.limits.maxTransfer).toBe(65536);
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+    blk.attach(remote);
+    onCleanup(() => blk.detach());
+    mem(node).log.length = 0;
+    await blk.write(1000, Buffer.alloc(3000, 0x44)); // unaligned: read-modify-write on the client
+    await blk.read(0, 256 * 1024); // above the maximum: split
+    for (const [, off, len] of mem(node).log) {
+      expect(off % 512).toBe(0);
+      expect(len % 512).toBe(0);
+      expect(len).toBeLessThanOrEqual(65536);
+    }
+    expect(
+      mem(node)
+        .data.subarray(1000, 4000)
+        .every((b) => b === 0x44),
+    ).toBe(true);
+    expect(mem(node).data[999]).toBe(0);
   });
 });
