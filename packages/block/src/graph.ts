@@ -514,7 +514,11 @@ export class BlockGraph {
     await this.drainBegin(node);
     try {
       if (!node.readOnly) await io.flush(node).catch(() => {});
-      await node.driver.close?.(node);
+      // As bdrv_close: a driver that fails to write out its state on close cannot do better, and
+      // the rest of the graph still has to close.
+      await node.driver.close?.(node).catch((e: unknown) => {
+        this.emitEvent('BLOCK_CLOSE_ERROR', { 'node-name': node.nodeName, error: (e as Error).message });
+      });
     } finally {
       node.closed = true;
       this.nodes.delete(node.nodeName);

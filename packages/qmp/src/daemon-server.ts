@@ -38,7 +38,11 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   registerNbdCommands(server.registry, nbd, server);
   registerBlockJobCommands(server.registry, graph, jobs);
   registerReplicationCommands(server.registry, graph, replication);
-  const unsubscribe = graph.onEvent((name, data) => server.emitEvent(name, data));
+  // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
+  const declared = new Set(server.registry.events().map((e) => e.name));
+  const unsubscribe = graph.onEvent((name, data) => {
+    if (declared.has(name)) server.emitEvent(name, data);
+  });
   let down: Promise<void> | null = null;
   const shutdown = () => {
     down ??= (async () => {

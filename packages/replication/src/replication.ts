@@ -186,6 +186,8 @@ export class ReplicationManager {
         onSourceError: 'report',
         onTargetError: 'report',
         onComplete: () => this.backupCompleted(s),
+        // A failed copy fails the primary's write; the HA manager learns of it here too.
+        onCopyError: (e) => this.recordError(s, toBlockError(e).errno),
       })) as BackupJob;
     } catch (e) {
       await this.backupCleanup(s);

@@ -33,6 +33,8 @@ export interface BackupOptions extends BlockJobOptions {
   filterNodeName?: string;
   /** Called once when the job ends, with its error or null (internal users: replication). */
   onComplete?: (err: Error | null) => void;
+  /** Called when a copy-before-write fails (the guest write fails with it). */
+  onCopyError?: (err: Error) => void;
 }
 
 const CHUNK = 1 << 20;
@@ -92,6 +94,7 @@ export class BackupJob extends BlockJob {
       unblockOp(n, BlockOp.DATAPLANE, this.blocker);
     }
     const bcs = cbwState(filter).bcs;
+    cbwState(filter).onCopyError = this.opts.onCopyError ?? null;
     this.progressSetRemaining(bcs.length);
     await this.initBitmap();
   }
@@ -196,7 +199,10 @@ export class BackupJob extends BlockJob {
 
   protected override async clean(): Promise<void> {
     const g = this.graph;
-    if (this.filter) cbwState(this.filter).bcs.onCopied = null;
+    if (this.filter) {
+      cbwState(this.filter).bcs.onCopied = null;
+      cbwState(this.filter).onCopyError = null;
+    }
     for (const n of [this.filter, this.target]) if (n) unblockAllOps(n, this.blocker);
     await this.releaseNodes();
     if (this.filter) {

@@ -24,6 +24,8 @@ export interface CbwState {
   onCbwError: 'break-guest-write' | 'break-snapshot';
   /** The first copy error (break-snapshot): reads of the snapshot are no longer valid. */
   snapshotError: Error | null;
+  /** Told of every failed copy-before-write (the backup job passes it on to its owner). */
+  onCopyError: ((err: Error) => void) | null;
 }
 
 export const CBW_CLUSTER = 65536;
@@ -45,8 +47,10 @@ async function beforeWrite(
       try {
         await s.bcs.copyLocked(offset, bytes);
       } catch (e) {
-        if (s.onCbwError === 'break-guest-write') throw (e as { error?: Error }).error ?? e;
-        s.snapshotError = e as Error;
+        const cause = (e as { error?: Error }).error ?? (e as Error);
+        s.onCopyError?.(cause);
+        if (s.onCbwError === 'break-guest-write') throw cause;
+        s.snapshotError = cause;
       }
     }
     await write();
@@ -76,6 +80,7 @@ export const cbwDriver: BlockDriver = {
       bcs: new BlockCopy(source, target, source.node.length, CBW_CLUSTER),
       onCbwError: (opts['on-cbw-error'] as CbwState['onCbwError'] | undefined) ?? 'break-guest-write',
       snapshotError: null,
+      onCopyError: null,
     } satisfies CbwState;
   },
 
