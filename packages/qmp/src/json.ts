@@ -278,6 +278,7 @@ class TokenParser {
       if (typeof key !== 'string') throw new JsonSyntaxError('key is not a string in object');
       if (this.next()?.kind !== ':') throw new JsonSyntaxError('missing : in object pair');
       const v = this.value();
+      if (Object.hasOwn(out, key)) throw new JsonSyntaxError('duplicate key');
       Object.defineProperty(out, key, { value: v, enumerable: true, writable: true, configurable: true });
       const sep = this.next();
       if (sep?.kind === '}') return out;

@@ -6,7 +6,11 @@ import { QmpError } from './errors';
  * validation of arguments (with QEMU 7.2's error texts), `query-qmp-schema` and the generated
  * command reference.
  */
-export type IntWidth = 'int' | 'uint32' | 'uint64' | 'size';
+/**
+ * 'driver-size': a QAPI int that the driver reads as a size, so a negative value gets QEMU's
+ * QemuOpts complaint ("expects a non-negative number below 2^64").
+ */
+export type IntWidth = 'int' | 'uint32' | 'uint64' | 'size' | 'driver-size';
 
 export type QType =
   | { kind: 'str' | 'bool' | 'number' | 'null' | 'any'; doc?: string }
@@ -132,8 +136,11 @@ function alternateBranch(alt: readonly QType[], v: unknown): QType | undefined {
 
 function checkInt(width: IntWidth, v: unknown, w: Where): number {
   const isInt = typeof v === 'number' && Number.isInteger(v);
-  if (width === 'int') {
+  if (width === 'int' || width === 'driver-size') {
     if (!isInt) throw invalidType(w.path, 'integer');
+    if (width === 'driver-size' && (v as number) < 0) {
+      throw QmpError.generic(`Parameter '${w.name ?? w.path}' expects a non-negative number below 2^64`);
+    }
     return v as number;
   }
   if (!isInt || (v as number) < 0) {
@@ -252,9 +259,10 @@ function optionType(ot: OptionType, name: string, refs: BlockdevRefTypes): QType
     case 'bool':
       return t.bool;
     case 'int':
-    case 'size':
       // Ranges are the driver's to check, with its own words (QAPI only knows "int" here).
       return t.int;
+    case 'size':
+      return { kind: 'int', width: 'driver-size' };
     case 'number':
       return t.number;
     case 'enum':
@@ -402,7 +410,7 @@ export class SchemaIntrospector {
 export function typeLabel(type: QType): string {
   switch (type.kind) {
     case 'int':
-      return type.width;
+      return type.width === 'driver-size' ? 'size' : type.width;
     case 'array':
       return `[${typeLabel(type.of)}]`;
     case 'enum':
