@@ -118,6 +118,8 @@ export const STATE_DIRTY = 1 << 0;
 
 export const CONTEXT_BASE_ALLOCATION = 'base:allocation';
 export const CONTEXT_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/** qemu:allocation-depth: 0 unallocated, 1 this layer, 2 its backing file, ... */
+export const CONTEXT_ALLOCATION_DEPTH = 'qemu:allocation-depth';
 
 /** The wire error numbers the spec allows. */
 export const NbdErr = {

@@ -45,7 +45,13 @@ describe('our server with QEMU and libnbd tools', () => {
   it('nbdinfo --list and --map; qemu:dirty-bitmap context', async () => {
     const srv = await serveImage({ size: '4M', description: 'the test disk' });
     const bm = addDirtyBitmap(srv.node, { name: 'b0', granularity: 65536 });
-    srv.server.addExport({ node: srv.node, name: 'ro', writable: false, bitmap: 'b0' });
+    srv.server.addExport({
+      node: srv.node,
+      name: 'ro',
+      writable: false,
+      bitmaps: ['b0'],
+      allocationDepth: true,
+    });
     await qemuIo(['-f', 'raw', srv.uri], ['write -P 1 1M 128k']);
     expect(bm.count()).toBe(128 << 10);
     const list = await runPeer('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${srv.port}`]);
@@ -74,6 +80,14 @@ describe('our server with QEMU and libnbd tools', () => {
     expect(d.filter((e) => e.type === 1)).toEqual([
       { offset: 1 << 20, length: 128 << 10, type: 1, description: 'dirty' },
     ]);
+    expect(ro.contexts).toContain('qemu:allocation-depth');
+    const depth = await runPeer('nbdinfo', [
+      '--map=qemu:allocation-depth',
+      '--json',
+      `nbd://127.0.0.1:${srv.port}/ro`,
+    ]);
+    // A raw file holds all of its data itself: depth 1 ("local") throughout.
+    expect(JSON.parse(depth.stdout)).toEqual([{ offset: 0, length: 4 << 20, type: 1, description: 'local' }]);
     // Writes to the read-only export are refused.
     const w = await qemuIo(['-f', 'raw', `nbd://127.0.0.1:${srv.port}/ro`], ['write 0 4k'], {
       okCodes: [0, 1],

@@ -1,12 +1,11 @@
 import type * as net from 'node:net';
 import * as tls from 'node:tls';
-import { ReqFlags, toBlockError } from '@blockrep/block';
+import { type DirtyBitmap, ReqFlags, toBlockError } from '@blockrep/block';
 import { replyBuffers } from '../buffer-pool';
 import { ByteQueue } from '../byte-queue';
 import {
   CmdFlag,
   Cmd,
-  CONTEXT_BASE_ALLOCATION,
   CONTEXT_DIRTY_BITMAP_PREFIX,
   errnoToNbd,
   FLAG_C_FIXED_NEWSTYLE,
@@ -33,7 +32,7 @@ import {
   STRUCTURED_REPLY_MAGIC,
 } from '../protocol';
 import type { NbdTlsCreds } from '../tls';
-import type { BlockSizeConstraints, ExportClient, NbdExport } from './export';
+import type { BlockSizeConstraints, ExportClient, ExportContext, NbdExport } from './export';
 
 /** What a connection needs from its server. */
 export interface ConnectionContext {
@@ -67,12 +66,9 @@ const SPARSE_READ_MIN = 256 << 10;
 /** Most descriptors in one block status reply chunk. */
 const MAX_EXTENTS = 2048;
 
-const CTX_BASE = 1;
-const CTX_BITMAP = 2;
-
-interface MetaContext {
+/** A selected context: its id on the wire is its position in the export's list, plus one. */
+interface MetaContext extends ExportContext {
   id: number;
-  name: string;
 }
 
 /**
@@ -428,24 +424,23 @@ export class NbdServerConnection implements ExportClient {
       this.optError(opt, Rep.ERR_UNKNOWN, `export '${name}' not present`);
       return;
     }
-    const offered = exp.contextNames();
-    const selected: string[] = [];
-    const pick = (n: string) => {
-      if (!selected.includes(n)) selected.push(n);
+    const offered = exp.contexts().map((c, i) => ({ ...c, id: i + 1 }));
+    const selected: MetaContext[] = [];
+    const pick = (c: MetaContext) => {
+      if (!selected.includes(c)) selected.push(c);
     };
     if (list && queries.length === 0) offered.forEach(pick);
     for (const q of queries) {
-      for (const n of offered) {
+      for (const c of offered) {
         // A bare namespace lists everything in it; selection needs exact names.
         const prefixMatch =
-          list && (q === 'base:' || q === 'qemu:' || q === CONTEXT_DIRTY_BITMAP_PREFIX) && n.startsWith(q);
-        if (n === q || prefixMatch) pick(n);
+          list &&
+          (q === 'base:' || q === 'qemu:' || q === CONTEXT_DIRTY_BITMAP_PREFIX) &&
+          c.name.startsWith(q);
+        if (c.name === q || prefixMatch) pick(c);
       }
     }
-    const ctxs = selected.map((n) => ({
-      id: n === CONTEXT_BASE_ALLOCATION ? CTX_BASE : CTX_BITMAP,
-      name: n,
-    }));
+    const ctxs = selected;
     for (const c of ctxs) {
       const nb = Buffer.from(c.name);
       const b = Buffer.allocUnsafe(4 + nb.length);
@@ -605,7 +600,7 @@ export class NbdServerConnection implements ExportClient {
         break;
       case Cmd.WRITE_ZEROES: {
         let rf = flags & CmdFlag.NO_HOLE ? 0 : ReqFlags.MAY_UNMAP;
-        if (flags & CmdFlag.FUA) rf |= ReqFlags.FUA;
+        if (flags & CmdFlag.FUA || this.exp!.writethrough) rf |= ReqFlags.FUA;
         if (flags & CmdFlag.FAST_ZERO) rf |= ReqFlags.FAST_ZERO;
         p = this.simpleOp(hi, lo, () => this.exp!.backend.writeZeroes(offset, length, rf));
         break;
@@ -649,7 +644,7 @@ export class NbdServerConnection implements ExportClient {
   ): void {
     // inFlightBytes already counts the payload since its header arrived.
     this.inFlight++;
-    const rf = flags & CmdFlag.FUA ? ReqFlags.FUA : 0;
+    const rf = flags & CmdFlag.FUA || this.exp!.writethrough ? ReqFlags.FUA : 0;
     this.exp!.backend.write(offset, iov, rf).then(
       () => {
         this.replySimple(hi, lo, 0);
@@ -823,10 +818,9 @@ export class NbdServerConnection implements ExportClient {
     const payloads: Buffer[] = [];
     try {
       for (const c of this.contexts) {
-        const ext =
-          c.id === CTX_BASE
-            ? await this.baseExtents(offset, length, max)
-            : this.bitmapExtents(offset, length, max);
+        const ext = c.bitmap
+          ? this.bitmapExtents(c.bitmap, offset, length, max)
+          : await this.chainExtents(c.kind === 'depth', offset, length, max);
         const b = Buffer.allocUnsafe(20 + 4 + 8 * (ext.length / 2));
         b.writeUInt32BE(c.id, 20);
         for (let i = 0; i < ext.length; i++) b.writeUInt32BE(ext[i]!, 24 + 4 * i);
@@ -844,15 +838,22 @@ export class NbdServerConnection implements ExportClient {
     for (const b of payloads) this.send(b);
   }
 
-  /** base:allocation descriptors as [length, flags, length, flags, ...]. */
-  private async baseExtents(offset: number, length: number, max: number): Promise<number[]> {
+  /**
+   * base:allocation (hole/zero) or qemu:allocation-depth (1 + the backing-chain layer holding the
+   * data, 0 for none) descriptors, as [length, flags, length, flags, ...].
+   */
+  private async chainExtents(depth: boolean, offset: number, length: number, max: number): Promise<number[]> {
     const backend = this.exp!.backend;
     const out: number[] = [];
     const end = offset + length;
     for (let pos = offset; pos < end; ) {
       const st = await backend.blockStatus(pos, end - pos);
       if (st.bytes <= 0) break;
-      const f = (st.data ? 0 : STATE_HOLE) | (st.zero ? STATE_ZERO : 0);
+      const f = depth
+        ? st.allocated
+          ? st.depth + 1
+          : 0
+        : (st.data ? 0 : STATE_HOLE) | (st.zero ? STATE_ZERO : 0);
       const n = out.length;
       if (n > 0 && out[n - 1] === f) out[n - 2]! += st.bytes;
       else {
@@ -866,8 +867,7 @@ export class NbdServerConnection implements ExportClient {
   }
 
   /** qemu:dirty-bitmap descriptors: dirty extents flagged 1, clean ones 0. */
-  private bitmapExtents(offset: number, length: number, max: number): number[] {
-    const bm = this.exp!.bitmap!;
+  private bitmapExtents(bm: DirtyBitmap, offset: number, length: number, max: number): number[] {
     const out: number[] = [];
     const end = offset + length;
     let pos = offset;

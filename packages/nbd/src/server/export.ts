@@ -9,12 +9,20 @@ import {
   PERM_ALL,
 } from '@blockrep/block';
 import {
+  CONTEXT_ALLOCATION_DEPTH,
   CONTEXT_BASE_ALLOCATION,
   CONTEXT_DIRTY_BITMAP_PREFIX,
   MAX_PAYLOAD,
   MAX_STRING,
   TxFlag,
 } from '../protocol';
+
+/** A metadata context an export offers. */
+export interface ExportContext {
+  name: string;
+  kind: 'base' | 'depth' | 'bitmap';
+  bitmap?: DirtyBitmap;
+}
 
 /** What an export is made of (QEMU's block-export-add type=nbd / nbd-server-add arguments). */
 export interface NbdExportOptions {
@@ -30,6 +38,12 @@ export interface NbdExportOptions {
   writable?: boolean;
   /** Name of a dirty bitmap of the node to export as the `qemu:dirty-bitmap:<name>` context. */
   bitmap?: string;
+  /** Several bitmaps, each its own context (block-export-add's `bitmaps`). */
+  bitmaps?: string[];
+  /** Offer `qemu:allocation-depth` (which layer of the backing chain holds each extent). */
+  allocationDepth?: boolean;
+  /** Every write is forced to stable storage before its reply (as if each had FUA). */
+  writethrough?: boolean;
   /** Most clients connected to this export at once (default: no limit beyond the server's). */
   maxConnections?: number;
   /** Advertise NBD_FLAG_CAN_MULTI_CONN (default on: all connections share one backend). */
@@ -43,7 +57,7 @@ export interface NbdExportInfo {
   description: string | undefined;
   nodeName: string;
   writable: boolean;
-  bitmap: string | undefined;
+  bitmaps: string[];
   clients: number;
   /** Shutting down: no new clients; deleted once the last one is gone. */
   shuttingDown: boolean;
@@ -72,8 +86,10 @@ export class NbdExport {
   readonly description: string | undefined;
   readonly writable: boolean;
   readonly backend: BlockBackend;
-  readonly bitmap: DirtyBitmap | undefined;
-  readonly bitmapName: string | undefined;
+  /** The metadata contexts offered besides base:allocation. */
+  readonly bitmaps: { name: string; bitmap: DirtyBitmap }[] = [];
+  readonly allocationDepth: boolean;
+  readonly writethrough: boolean;
   readonly maxConnections: number;
   readonly multiConn: boolean;
   readonly clients = new Set<ExportClient>();
@@ -101,13 +117,14 @@ export class NbdExport {
     if (this.writable && node.readOnly) {
       throw new BlockError(`Cannot export read-only node '${node.nodeName}' as writable`, { errno: 'EPERM' });
     }
-    if (opts.bitmap !== undefined) {
-      const bm = findDirtyBitmap(node, opts.bitmap);
-      if (!bm) throw new BlockError(`Bitmap '${opts.bitmap}' is not found`);
-      if (bm.inconsistent) throw new BlockError(`Bitmap '${opts.bitmap}' is inconsistent`);
-      this.bitmap = bm;
-      this.bitmapName = opts.bitmap;
+    for (const name of [...(opts.bitmap !== undefined ? [opts.bitmap] : []), ...(opts.bitmaps ?? [])]) {
+      const bm = findDirtyBitmap(node, name);
+      if (!bm) throw new BlockError(`Bitmap '${name}' is not found`);
+      if (bm.inconsistent) throw new BlockError(`Bitmap '${name}' is inconsistent`);
+      if (!this.bitmaps.some((b) => b.name === name)) this.bitmaps.push({ name, bitmap: bm });
     }
+    this.allocationDepth = opts.allocationDepth ?? false;
+    this.writethrough = opts.writethrough ?? false;
     this.backend = new BlockBackend(graph, {
       perm: Perm.CONSISTENT_READ | (this.writable ? Perm.WRITE : 0),
       shared: PERM_ALL,
@@ -119,7 +136,7 @@ export class NbdExport {
       void this.backend.detach();
       throw e;
     }
-    if (this.bitmap) this.bitmap.busy = true;
+    for (const b of this.bitmaps) b.bitmap.busy = true;
     // The block core has no "node removed" notification: a detach from under us (graph shutdown)
     // drains first, so look at the backend once each drain has ended.
     this.backend.dev = {
@@ -163,11 +180,13 @@ export class NbdExport {
     return { min, preferred: Math.min(preferred, max), max };
   }
 
-  /** The metadata contexts this export offers, by name. */
-  contextNames(): string[] {
-    const names = [CONTEXT_BASE_ALLOCATION];
-    if (this.bitmapName !== undefined) names.push(CONTEXT_DIRTY_BITMAP_PREFIX + this.bitmapName);
-    return names;
+  /** The metadata contexts this export offers. */
+  contexts(): ExportContext[] {
+    const out: ExportContext[] = [{ name: CONTEXT_BASE_ALLOCATION, kind: 'base' }];
+    if (this.allocationDepth) out.push({ name: CONTEXT_ALLOCATION_DEPTH, kind: 'depth' });
+    for (const b of this.bitmaps)
+      out.push({ name: CONTEXT_DIRTY_BITMAP_PREFIX + b.name, kind: 'bitmap', bitmap: b.bitmap });
+    return out;
   }
 
   /** Whether a new client may connect now. */
@@ -182,7 +201,7 @@ export class NbdExport {
       description: this.description,
       nodeName: this.backend.node?.nodeName ?? this.nodeName,
       writable: this.writable,
-      bitmap: this.bitmapName,
+      bitmaps: this.bitmaps.map((b) => b.name),
       clients: this.clients.size,
       shuttingDown: this.shuttingDown,
     };
@@ -192,7 +211,7 @@ export class NbdExport {
   async shutdown(): Promise<void> {
     this.shuttingDown = true;
     await Promise.all([...this.clients].map((c) => c.abort('export removed')));
-    if (this.bitmap) this.bitmap.busy = false;
+    for (const b of this.bitmaps) b.bitmap.busy = false;
     this.backend.dev = {};
     await this.backend.detach();
   }
