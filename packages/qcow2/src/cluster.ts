@@ -212,7 +212,7 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
   const cStart = Math.floor(offset / cs) * cs;
   const release = await img.allocLock.lock(cStart, Math.ceil((offset + bytes) / cs) * cs - cStart);
   try {
-    const r = await lookup(img, offset, bytes);
+    const r = lookupCached(img, offset, bytes) ?? (await lookup(img, offset, bytes));
     if (r.type === ClusterType.NORMAL && r.copied) return 0;
     if (r.bytes < bytes) {
       bytes = r.bytes;
@@ -228,7 +228,7 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     const parts: Buffer[] = [];
     let writeAt = host;
     if (head) {
-      const first = await lookup(img, cStart, head);
+      const first = lookupCached(img, cStart, head) ?? (await lookup(img, cStart, head));
       if (readsAsZero(img, first, cStart) && first.bytes >= head) {
         if (fresh) writeAt += head;
         else parts.push(zeroBuffer(head));
@@ -240,7 +240,7 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     }
     parts.push(...iov);
     if (tail) {
-      const last = await lookup(img, offset + bytes, tail);
+      const last = lookupCached(img, offset + bytes, tail) ?? (await lookup(img, offset + bytes, tail));
       if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail && fresh)) {
         if (readsAsZero(img, last, offset + bytes) && last.bytes >= tail) parts.push(zeroBuffer(tail));
         else {
@@ -302,6 +302,11 @@ async function setEntries(
  * (zeroed) when missing, copied when shared with a snapshot.
  */
 async function l2ForWrite(img: Qcow2Image, l1i: number) {
+  const cached = img.l1Copied(l1i) ? img.cache.peek(img.l2Offset(l1i)) : null;
+  if (cached) {
+    cached.pins++;
+    return cached;
+  }
   for (;;) {
     const off = img.l2Offset(l1i);
     if (off && img.l1Copied(l1i)) return img.cache.get(off);

@@ -46,7 +46,7 @@ describe('reading qemu-made images', () => {
     const d = makeTempDir();
     const src = d.file('src.qcow2');
     await patterned(src, '1.1', 65536);
-    // Mix compressible text with random data so some clusters stay uncompressed.
+    // Patterned data compresses well; unwritten clusters stay unallocated in the converted image.
     await qemuIo([src], ['write -P 0xab 6M 200k']);
     for (const [compat, cs] of [
       ['1.1', 65536],

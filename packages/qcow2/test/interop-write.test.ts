@@ -28,7 +28,7 @@ describe('images we create and write', () => {
     ],
     ['v3 4k refcount 1-bit', { size: 8 << 20, clusterSize: 4096, refcountBits: 1 }],
     ['v3 64k refcount 64-bit, lazy refcounts', { size: 16 << 20, refcountBits: 64, lazyRefcounts: true }],
-    ['v3 2M', { size: 16 << 20, clusterSize: 2 << 20 }],
+    ['v3 2M', { size: 8 << 20, clusterSize: 2 << 20 }],
     ['v3 64k metadata preallocation', { size: 16 << 20, preallocation: 'metadata' }],
   ];
   for (const [name, opts] of configs) {
@@ -149,25 +149,27 @@ describe('images we create and write', () => {
     expect(chk['compressed-clusters'] ?? 0).toBeLessThan(128);
   });
 
-  it('grows the refcount table and L1 table (512-byte clusters, resize)', async () => {
+  it('grows the refcount table and L1 table (512-byte clusters, 64-bit refcounts, resize)', async () => {
     const d = makeTempDir();
     const f = d.file('small.qcow2');
-    await createQcow2Image(f, { size: 1 << 20, clusterSize: 512 });
+    // One refcount table cluster covers 64 blocks of 64 clusters: 2 MiB of file.
+    await createQcow2Image(f, { size: 1 << 20, clusterSize: 512, refcountBits: 64 });
     const { blk, node, close } = await openQcow2(f);
-    await blk.truncate(12 << 20);
-    expect(node.length).toBe(12 << 20);
-    const expected = Buffer.alloc(12 << 20);
-    const chunk = Buffer.alloc(1 << 20);
-    for (let off = 0; off < 12 << 20; off += 1 << 20) {
-      chunk.fill((off >> 20) + 1);
+    await blk.truncate(4 << 20);
+    expect(node.length).toBe(4 << 20);
+    const expected = Buffer.alloc(4 << 20);
+    const chunk = Buffer.alloc(256 << 10);
+    for (let off = 0; off < 4 << 20; off += 256 << 10) {
+      chunk.fill((off >> 18) + 1);
       chunk.copy(expected, off);
       await blk.write(off, chunk);
     }
     const img = node.opaque as Qcow2Image;
     expect(img.refcounts.tableClusters).toBeGreaterThan(1);
+    expect(img.header.l1Size).toBe(128);
     await close();
     await qemuAgrees(f, expected, d);
-    expect((await qemuImgJson(['info', f]))['virtual-size']).toBe(12 << 20);
+    expect((await qemuImgJson(['info', f]))['virtual-size']).toBe(4 << 20);
   });
 
   it('makeEmpty drops all data (reads through to the backing file) and shrinks the file', async () => {
@@ -199,20 +201,20 @@ describe('images we create and write', () => {
   it('reuses clusters freed by discard', async () => {
     const d = makeTempDir();
     const f = d.file('reuse.qcow2');
-    await createQcow2Image(f, { size: 64 << 20 });
+    await createQcow2Image(f, { size: 32 << 20 });
     let h = await openQcow2(f, { discard: 'unmap' });
-    await h.blk.write(0, Buffer.alloc(16 << 20, 1));
+    await h.blk.write(0, Buffer.alloc(8 << 20, 1));
     await h.close();
     const full = statSync(f).size;
     h = await openQcow2(f, { discard: 'unmap' });
-    await h.blk.discard(0, 16 << 20);
+    await h.blk.discard(0, 8 << 20);
     await h.close();
     h = await openQcow2(f, { discard: 'unmap' });
-    await h.blk.write(32 << 20, Buffer.alloc(16 << 20, 2));
+    await h.blk.write(16 << 20, Buffer.alloc(8 << 20, 2));
     await h.close();
     expect(statSync(f).size).toBeLessThanOrEqual(full);
-    const expected = Buffer.alloc(64 << 20);
-    expected.fill(2, 32 << 20, 48 << 20);
+    const expected = Buffer.alloc(32 << 20);
+    expected.fill(2, 16 << 20, 24 << 20);
     await qemuAgrees(f, expected, d);
   });
 });
