@@ -9,6 +9,7 @@ import {
   ChildRole,
   opt,
   ReqFlags,
+  zeroBuffer,
 } from '@blockrep/block';
 import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
 import { Compat, QCOW2_MAGIC } from './header';
@@ -123,7 +124,7 @@ export const qcow2Driver: BlockDriver = {
     const end = alignDown(offset + bytes, cs);
     const dataZeroes = async (from: number, to: number) => {
       if (flags & ReqFlags.NO_FALLBACK) throw new BlockError('Unaligned zero write', { errno: 'ENOTSUP' });
-      await writeRange(image, from, to - from, [Buffer.alloc(to - from)]);
+      await writeRange(image, from, to - from, [zeroBuffer(to - from)]);
     };
     if (end <= start) return dataZeroes(offset, offset + bytes);
     if (start > offset) await dataZeroes(offset, start);
