@@ -71,7 +71,8 @@ export abstract class Job {
 
   private wake: (() => void) | null = null;
   private sleepTimer: NodeJS.Timeout | null = null;
-  private finalizing = false;
+  /** The ending (prepare, commit/abort, clean) has begun; it runs once. */
+  private ending = false;
   private readonly doneWaiters: (() => void)[] = [];
 
   constructor(
@@ -339,7 +340,7 @@ export abstract class Job {
       await this.completed();
     } else if (this.deferred) {
       // A soft cancel of a job that is already done is ignored.
-      if (this.isCancelled && !this.finalizing) await this.txnAbort();
+      if (this.isCancelled && !this.ending) await this.txnAbort();
     } else {
       this.enter();
     }
@@ -397,10 +398,14 @@ export abstract class Job {
   }
 
   private async txnAbort(): Promise<void> {
+    if (this.ending) return;
+    this.ending = true;
     await this.finalizeSingle();
   }
 
   private async doFinalize(): Promise<void> {
+    if (this.ending) return;
+    this.ending = true;
     if (!this.err) {
       try {
         await this.prepare();
@@ -412,9 +417,8 @@ export abstract class Job {
     await this.finalizeSingle();
   }
 
+  /** Commit or abort, clean, report, conclude. A cancel that came during prepare is seen here. */
   private async finalizeSingle(): Promise<void> {
-    if (this.finalizing) return;
-    this.finalizing = true;
     this.updateRc();
     const failed = this.err !== null;
     try {

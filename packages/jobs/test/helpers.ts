@@ -10,6 +10,8 @@ export interface StepPlan {
   fail?: string;
   /** prepare() throws this. */
   failPrepare?: string;
+  /** prepare() takes this long. */
+  prepareMs?: number;
   /** The job has a complete() hook (default: when ready). */
   completable?: boolean;
   /** A READY job treats a soft cancel as "finish now" (mirror). */
@@ -59,6 +61,10 @@ export class TestBlockJob extends BlockJob {
 
   protected override async prepare(): Promise<void> {
     this.log.push('prepare');
+    if (this.plan.prepareMs) {
+      await new Promise((r) => setTimeout(r, this.plan.prepareMs));
+      this.log.push('prepared');
+    }
     if (this.plan.failPrepare) throw new Error(this.plan.failPrepare);
   }
   protected override async commit(): Promise<void> {

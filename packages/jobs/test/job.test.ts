@@ -257,6 +257,33 @@ describe('job life cycle', () => {
     expect(job.err?.message).toBe('Operation canceled');
   });
 
+  it('a cancel during a slow prepare is honoured after it: abort, not commit', async () => {
+    const m = new JobManager();
+    const ev = recordEvents(m);
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, prepareMs: 50 } });
+    job.start();
+    await waitStatus(job, 'pending');
+    await tick(10);
+    expect(job.log).toEqual(['prepare']);
+    await job.userCancel(true);
+    await job.whenConcluded();
+    expect(job.log).toEqual(['prepare', 'prepared', 'abort', 'clean']);
+    expect(timeline(ev)).toEqual(['created', 'running', 'waiting', 'pending', 'aborting', 'BLOCK_JOB_CANCELLED', 'concluded', 'null']);
+  });
+
+  it('a pause interrupts a long sleep', async () => {
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, stepMs: 60_000 } });
+    job.start();
+    await tick(10);
+    const t0 = Date.now();
+    job.userPause();
+    await waitStatus(job, 'paused');
+    expect(Date.now() - t0).toBeLessThan(1000);
+    await job.userCancel(true);
+    await job.whenConcluded();
+  });
+
   it('early fail drops a created job', () => {
     const m = new JobManager();
     const ev = recordEvents(m);
