@@ -1,8 +1,8 @@
 import { truncateSync } from 'node:fs';
-import { makeTempDir, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
+import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { checkQcow2Image, createQcow2Image } from '../src/index';
-import { openQcow2, patch, peek } from './helpers';
+import { openQcow2, patch, peek, qemu, qemuImg, qemuIo } from './helpers';
 
 /* check/repair reports what qemu-img check reports, and repairs leaks so that qemu-img agrees. */
 
@@ -18,7 +18,7 @@ const FIELDS = [
 ] as const;
 
 async function qemuCheck(path: string): Promise<Record<string, number>> {
-  const r = await runPeer('qemu-img', ['check', '--output=json', path], { okCodes: [0, 2, 3] });
+  const r = await qemu(['check', '--output=json', path], [0, 2, 3]);
   return JSON.parse(r.stdout);
 }
 

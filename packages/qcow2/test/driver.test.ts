@@ -1,8 +1,18 @@
 import { BlockBackend, blockStatusAbove, Perm, PERM_ALL } from '@blockrep/block';
-import { makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createQcow2Image, type Qcow2Image } from '../src/index';
-import { firstDiff, openQcow2, prng, qcowGraph, qemu, randomWorkload } from './helpers';
+import {
+  firstDiff,
+  openQcow2,
+  prng,
+  qcowGraph,
+  qemu,
+  qemuImg,
+  qemuImgJson,
+  qemuIo,
+  randomWorkload,
+} from './helpers';
 
 /* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
 

@@ -46,7 +46,6 @@ export async function readAllOurs(path: string, extra: Record<string, unknown> =
 
 /** What qemu-img reads from an image (convert to raw). */
 export async function readAllQemu(path: string, dir: { file(n: string): string }): Promise<Buffer> {
-  const { qemuImg } = await import('@blockrep/test-kit');
   const { readFileSync } = await import('node:fs');
   const out = dir.file(`qemu-${Math.random().toString(36).slice(2)}.raw`);
   await qemuImg(['convert', '-O', 'raw', path, out]);
@@ -130,13 +129,17 @@ export async function randomWorkload(
   }
 }
 
-/** Runs qemu-img with stdin closed (no EPIPE when it exits before reading it); rejects on other exit codes. */
-export function qemu(
+/**
+ * Runs a QEMU tool with stdin closed. (test-kit's runPeer writes to the child's stdin, which
+ * raises an uncaught EPIPE when the tool has already exited.) Rejects on other exit codes.
+ */
+export function runTool(
+  tool: string,
   args: string[],
   okCodes = [0],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(tool, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -144,9 +147,18 @@ export function qemu(
     child.on('error', reject);
     child.on('close', (code) => {
       if (code !== null && okCodes.includes(code)) resolve({ code, stdout, stderr });
-      else reject(new Error(`qemu-img ${args.join(' ')} exited with ${code}: ${stderr}`));
+      else reject(new Error(`${tool} ${args.join(' ')} exited with ${code}: ${stderr}`));
     });
   });
+}
+
+export const qemu = (args: string[], okCodes = [0]) => runTool('qemu-img', args, okCodes);
+export const qemuImg = (args: string[]) => runTool('qemu-img', args);
+export async function qemuImgJson<T = any>(args: string[]): Promise<T> {
+  return JSON.parse((await runTool('qemu-img', [...args, '--output=json'])).stdout) as T;
+}
+export function qemuIo(imageArgs: string[], commands: string[]) {
+  return runTool('qemu-io', [...imageArgs, ...commands.flatMap((c) => ['-c', c])]);
 }
 
 /** Overwrites bytes of a file in place (to corrupt images on purpose). */

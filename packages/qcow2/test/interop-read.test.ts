@@ -1,6 +1,6 @@
-import { makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { firstDiff, readAllOurs, readAllQemu } from './helpers';
+import { firstDiff, qemuImg, qemuIo, readAllOurs, readAllQemu } from './helpers';
 
 /* Images made by qemu-img / qemu-io read byte for byte as qemu-img convert reads them. */
 

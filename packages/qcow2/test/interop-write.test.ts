@@ -1,9 +1,19 @@
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { isAllocatedAbove } from '@blockrep/block';
-import { makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createQcow2Image, type Qcow2CreateOptions, type Qcow2Image } from '../src/index';
-import { firstDiff, openQcow2, prng, randomWorkload, readAllOurs, readAllQemu } from './helpers';
+import {
+  firstDiff,
+  openQcow2,
+  prng,
+  qemuImg,
+  qemuImgJson,
+  qemuIo,
+  randomWorkload,
+  readAllOurs,
+  readAllQemu,
+} from './helpers';
 
 /* Images we create and write pass qemu-img check and compare equal to what we meant to write. */
 
