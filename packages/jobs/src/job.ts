@@ -421,11 +421,21 @@ export abstract class Job {
   private async finalizeSingle(): Promise<void> {
     this.updateRc();
     const failed = this.err !== null;
+    // These hooks must not fail in QEMU; here a throw is kept as the job's error, never lost in
+    // an unhandled rejection that would take the daemon down.
+    const keep = (e: unknown) => {
+      this.err ??= e instanceof Error ? e : new Error(String(e));
+    };
     try {
       if (!failed) await this.commit();
       else await this.abort();
-    } finally {
+    } catch (e) {
+      keep(e);
+    }
+    try {
       await this.clean();
+    } catch (e) {
+      keep(e);
     }
     if (this.started) {
       if (this.isCancelled) this.eventCancelled();

@@ -271,6 +271,18 @@ describe('job life cycle', () => {
     expect(timeline(ev)).toEqual(['created', 'running', 'waiting', 'pending', 'aborting', 'BLOCK_JOB_CANCELLED', 'concluded', 'null']);
   });
 
+  it('a throwing clean hook is reported as the job error, not an unhandled rejection', async () => {
+    const m = new JobManager();
+    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1 }, autoDismiss: false });
+    (job as any).clean = async () => {
+      throw new Error('clean failed');
+    };
+    job.start();
+    await job.whenConcluded();
+    expect(job.status).toBe('concluded');
+    expect(m.query()[0]!.error).toBe('clean failed');
+  });
+
   it('a pause interrupts a long sleep', async () => {
     const m = new JobManager();
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, stepMs: 60_000 } });

@@ -238,6 +238,10 @@ export async function startBackup(manager: JobManager, opts: BackupOptions): Pro
     job.earlyFail();
     throw e;
   }
+  // QEMU starts the job inside the drained section of its blockdev-backup transaction: it runs,
+  // pauses at once, and resumes when the drain ends (the states users see: running, paused, running).
+  job.pause();
   job.start();
+  job.resume();
   return job;
 }
