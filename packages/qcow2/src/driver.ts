@@ -12,8 +12,9 @@ import {
   zeroBuffer,
 } from '@blockrep/block';
 import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
-import { Compat, QCOW2_MAGIC } from './header';
+import { QCOW2_MAGIC } from './header';
 import { makeImageEmpty, Qcow2Image } from './image';
+import { formatSpecificData } from './info';
 import { childStorage } from './storage';
 
 /* The qcow2 BlockDriver: option parsing, children, and the request entry points. */
@@ -199,14 +200,5 @@ export const qcow2Driver: BlockDriver = {
 
 /** The "format-specific" data of `qemu-img info` for an open image. */
 export function qcow2FormatSpecific(image: Qcow2Image): Record<string, unknown> {
-  const h = image.header;
-  if (h.version === 2) return { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
-  return {
-    compat: '1.1',
-    'compression-type': 'zlib',
-    'lazy-refcounts': (h.compatible & Compat.LAZY_REFCOUNTS) !== 0n,
-    'refcount-bits': 2 ** h.refcountOrder,
-    corrupt: image.corrupt,
-    'extended-l2': false,
-  };
+  return formatSpecificData(image.header, image.corrupt);
 }

@@ -2,3 +2,4 @@ export { checkQcow2Image, type Qcow2CheckOptions, type Qcow2CheckResult } from '
 export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';
 export type { Qcow2Image } from './image';
+export { type Qcow2Info, qcow2ImageInfo } from './info';

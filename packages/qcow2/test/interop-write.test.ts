@@ -2,7 +2,7 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { isAllocatedAbove } from '@blockrep/block';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { createQcow2Image, type Qcow2CreateOptions, type Qcow2Image } from '../src/index';
+import { createQcow2Image, type Qcow2CreateOptions, type Qcow2Image, qcow2ImageInfo } from '../src/index';
 import {
   firstDiff,
   openQcow2,
@@ -95,6 +95,18 @@ describe('images we create and write', () => {
       expect(img.header.backingFile).toBe(q['backing-filename']);
       expect(img.header.backingFormat).toBe(q['backing-filename-format']);
       await close();
+      // The same without a graph (what the CLI's info prints).
+      const standalone = await qcow2ImageInfo(f);
+      for (const k of [
+        'virtual-size',
+        'cluster-size',
+        'format-specific',
+        'backing-filename',
+        'backing-filename-format',
+        'dirty-flag',
+      ]) {
+        expect([k, standalone[k as keyof typeof standalone]]).toEqual([k, q[k]]);
+      }
     }
   });
 

@@ -1,9 +1,13 @@
+import { execFile } from 'node:child_process';
 import { rmSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
 import { createQcow2Image, qcow2Driver } from '@blockrep/qcow2';
 import { benchOffsets, qemuImgBench } from './qemu-img-bench';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, runPeer } from './util';
+import { makeTempDirPlain } from './util';
+
+const execFileAsync = promisify(execFile);
 
 /*
  * BlockBackend -> qcow2 -> file against `qemu-img bench -f qcow2` on the same kind of image, with
@@ -65,7 +69,7 @@ async function oursBench(file: string, w: Workload): Promise<number> {
 }
 
 async function freshQcow2(file: string, size: number): Promise<void> {
-  await runPeer('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(size)]);
+  await execFileAsync('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(size)]);
 }
 
 /** Seconds for makeEmpty of an image holding `dataBytes` of data (written in 1 MiB requests). */
