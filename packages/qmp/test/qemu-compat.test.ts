@@ -320,3 +320,44 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('query-qmp-schema against qemu-
     }
   });
 });
+
+describe.skipIf(!hasPeer('qemu-storage-daemon'))('blockdev-create against qemu-storage-daemon 7.2', () => {
+  it('emits the same job states and leaves the same query-jobs, for success and failure', async () => {
+    const dir = makeTempDir('blockrep-qmp-create-');
+    const qsd = await startQsd(dir.file('qsd.sock'));
+    const graph = createGraph();
+    const jobs = new JobManager();
+    const { server } = createBlockQmpServer({ graph, jobs });
+    await server.listenUnix(dir.file('ours.sock'));
+    const clients = {
+      qemu: await QmpClient.connect({ path: dir.file('qsd.sock') }),
+      ours: await QmpClient.connect({ path: dir.file('ours.sock') }),
+    };
+    const result: Record<string, unknown> = {};
+    try {
+      for (const [side, c] of Object.entries(clients)) {
+        const seen: unknown[] = [];
+        for (const [id, filename] of [
+          ['ok', dir.file(`${side}.img`)],
+          ['bad', '/nonexistent/dir/x.img'],
+        ]) {
+          await c.execute('blockdev-create', { 'job-id': id, options: { driver: 'file', filename, size: 65536 } });
+          await c.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.id === id && e.data.status === 'concluded');
+          seen.push(await c.execute('query-jobs'));
+          await c.execute('job-dismiss', { id });
+          await c.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.id === id && e.data.status === 'null');
+        }
+        seen.push(c.takeEvents().map((e) => [e.event, e.data]));
+        result[side] = seen;
+      }
+      expect(result.ours).toEqual(result.qemu);
+      expect(JSON.stringify(result.ours)).toContain('"aborting"');
+    } finally {
+      await clients.ours.close();
+      await clients.qemu.close();
+      qsd.kill();
+      await server.close();
+      await graph.closeAll();
+    }
+  });
+});
