@@ -70,6 +70,13 @@ describe('job commands on a block job', () => {
     expect(await qmp.execute('block-job-cancel', { device: 'm0' }).catch((e) => e.desc)).toBe(
       "The block job for device 'm0' is currently paused",
     );
+    expect(await qmp.execute('block-job-set-speed', { device: 'm0', speed: -1 }).catch((e) => e.desc)).toBe(
+      "Parameter 'speed' expects a non-negative value",
+    );
+    expect(await qmp.execute('job-pause', { id: 'm0' }).catch((e) => e.desc)).toBe('Job is already paused');
+    expect(await qmp.execute('job-complete', { id: 'm0' }).catch((e) => e.desc)).toBe(
+      "Job 'm0' in state 'paused' cannot accept command verb 'complete'",
+    );
     await qmp.execute('block-job-set-speed', { device: 'm0', speed: 1 << 20 });
     await qmp.execute('job-resume', { id: 'm0' });
     const ready = await qmp.waitEvent('BLOCK_JOB_READY');
