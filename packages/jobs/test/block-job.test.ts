@@ -78,7 +78,7 @@ describe('BlockJob', () => {
     await graph.closeAll();
   });
 
-  it('set-speed: verb check, QEMU 7.2's error for a negative speed, rate shown in info', async () => {
+  it('set-speed: verb check, the QEMU 7.2 text for a negative speed, rate shown in info', async () => {
     const m = new JobManager();
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1 }, autoFinalize: false, speed: 4096 });
     expect(job.blockInfo().speed).toBe(4096);
