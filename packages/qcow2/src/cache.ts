@@ -19,6 +19,8 @@ export class Qcow2L2Cache {
   private readonly loading = new Map<number, Promise<Qcow2CacheEntry>>();
   /** Evicted dirty entries whose write is in flight (a lookup takes them back). */
   private readonly evicting = new Map<number, Qcow2CacheEntry>();
+  /** Write-backs in flight (makeEmpty waits for them before reusing the clusters). */
+  private readonly writes = new Set<Promise<void>>();
   /** A failed write-back of an evicted table, reported by the next flush. */
   private writeError: unknown = null;
 
@@ -103,8 +105,19 @@ export class Qcow2L2Cache {
 
   private async writeEntry(e: Qcow2CacheEntry): Promise<void> {
     const gen = e.gen;
-    await this.writeBack(e);
+    const p = this.writeBack(e);
+    this.writes.add(p);
+    try {
+      await p;
+    } finally {
+      this.writes.delete(p);
+    }
     if (e.written < gen) e.written = gen;
+  }
+
+  /** Waits for every write-back in flight (their outcome does not matter to the caller). */
+  async drainWrites(): Promise<void> {
+    while (this.writes.size) await Promise.allSettled([...this.writes]);
   }
 
   /** Writes every dirty table. */

@@ -10,7 +10,7 @@ import {
   u64Buffer,
   writeU64,
 } from './header';
-import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
+import { Mutex, Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
 import { type Qcow2Storage, readBuf } from './storage';
 
 /*
@@ -48,6 +48,8 @@ export class Qcow2Image {
   /** makeEmpty left free clusters at the end of the file: cut them off on close. */
   trimOnClose = false;
   backing: BackingReader | null = null;
+  /** Keeps flushes and makeEmpty apart (a flush racing makeEmpty could write stale tables). */
+  readonly metadataLock = new Mutex();
   /** Refcount write generation already made durable by a flush. */
   private syncedGen = 0;
 
@@ -220,13 +222,15 @@ export class Qcow2Image {
   /** Writes cached metadata in dependency order, then releases clusters freed by it. */
   async flushMetadata(): Promise<void> {
     if (this.readOnly) return;
-    const frees = this.pendingFree;
-    this.pendingFree = [];
-    await this.cache.flush();
-    if (frees.length) {
-      await this.storage.flush();
-      for (const [off, n] of frees) await this.refcounts.free(off, n);
-    }
+    await this.metadataLock.run(async () => {
+      const frees = this.pendingFree;
+      this.pendingFree = [];
+      await this.cache.flush();
+      if (frees.length) {
+        await this.storage.flush();
+        for (const [off, n] of frees) await this.refcounts.free(off, n);
+      }
+    });
   }
 
   async close(): Promise<void> {
@@ -286,8 +290,14 @@ export async function makeImageEmpty(img: Qcow2Image): Promise<void> {
   if (img.header.nbSnapshots > 0) {
     throw new BlockError('qcow2: Cannot empty an image with internal snapshots', { errno: 'ENOTSUP' });
   }
+  // Requests are drained by the generic layer; flushes and table write-backs are waited for here.
+  await img.metadataLock.run(() => emptyLocked(img));
+}
+
+async function emptyLocked(img: Qcow2Image): Promise<void> {
   const cs = img.cs;
   const storage = img.storage;
+  await img.cache.drainWrites();
   img.cache.clear();
   img.pendingFree = [];
   img.l1.fill(0);

@@ -1,5 +1,5 @@
 /*
- * The process the crash test kills: writes slots of a qcow2 image through BlockBackend -> qcow2 ->
+ * The process the crash test kills (now and then it empties the image with makeEmpty): writes slots of a qcow2 image through BlockBackend -> qcow2 ->
  * file with many requests in flight and periodic flushes, logging to stdout when each write
  * starts ("S slot gen", "S slot gen Z" for a write of zeroes) and is acknowledged ("A slot gen"), and when a flush begins ("B") and
  * completes ("F"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
@@ -47,8 +47,23 @@ async function main(): Promise<void> {
   const busy = new Set<number>();
   let writes = 0;
   out('READY');
+  // makeEmpty runs alone: new writes wait at the barrier and in-flight ones finish first, so
+  // its place in the log is exact.
+  let barrier: Promise<void> | null = null;
+  const empty = async () => {
+    let release!: () => void;
+    barrier = new Promise((r) => (release = r));
+    out('E');
+    while (busy.size) await new Promise((r) => setTimeout(r, 1));
+    for (let s = 0; s < slots; s++) out(`S ${s} ${++gens[s]!} Z`);
+    await blk.makeEmpty();
+    for (let s = 0; s < slots; s++) out(`A ${s} ${gens[s]}`);
+    barrier = null;
+    release();
+  };
   const worker = async () => {
     for (;;) {
+      while (barrier) await barrier;
       let slot = Math.floor(rand() * slots);
       while (busy.has(slot)) slot = (slot + 1) % slots;
       busy.add(slot);
@@ -62,6 +77,7 @@ async function main(): Promise<void> {
       out(`A ${slot} ${gen}`);
       busy.delete(slot);
       if (++writes % 24 === 0) {
+        if (writes % 240 === 0 && !barrier) await empty();
         out('B');
         await blk.flush();
         out('F');

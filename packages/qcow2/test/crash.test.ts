@@ -103,6 +103,7 @@ it(
       subjects.push({ file, slots, possible, zeroGens: new Set([0]), runs: 0 });
     }
     let flushes = 0;
+    let empties = 0;
     for (let k = 0; k < KILLS; k++) {
       const sub = subjects[k % subjects.length]!;
       const f = sub.file;
@@ -119,6 +120,7 @@ it(
       const data = readFileSync(raw);
       narrowPossible(log.lines, sub.possible, sub.zeroGens);
       flushes += log.lines.filter((l) => l === 'F').length;
+      empties += log.lines.filter((l) => l === 'E').length;
       for (let s = 0; s < sub.slots; s++) {
         const ok = sub.possible.get(s)!;
         for (let off = s * slotBytes; off < (s + 1) * slotBytes; off += 512) {
@@ -145,6 +147,7 @@ it(
     }
     // The kills must have landed after real work: flushed data was checked, not just empty images.
     expect(flushes).toBeGreaterThan(KILLS);
+    console.log(`crash test: ${flushes} flushes, ${empties} makeEmpty calls`);
   },
   LONG ? 900_000 : 60_000,
 );
