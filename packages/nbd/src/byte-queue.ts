@@ -128,6 +128,20 @@ export class ByteQueue {
     w?.reject(this.failure);
   }
 
+  /** Copies what is still queued into memory of its own (the chunks' memory is about to be reused). */
+  own(): void {
+    if (this.length === 0) {
+      this.chunks = [];
+      this.head = 0;
+      return;
+    }
+    const b = this.take(this.length);
+    const copy = Buffer.from(b);
+    this.chunks = [copy];
+    this.head = 0;
+    this.length = copy.length;
+  }
+
   clear(): void {
     this.chunks = [];
     this.head = 0;

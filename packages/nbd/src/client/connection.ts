@@ -74,6 +74,8 @@ interface Pending {
 
 /** Biggest non-data structured chunk payload accepted (block status, errors). */
 const MAX_CHUNK = 4 << 20;
+/** Size of the buffer a plain-TCP/Unix connection reads into. */
+const READ_BUFFER = 1 << 20;
 
 function describe(addr: NbdSocketAddress): string {
   return addr.type === 'unix' ? addr.path : `${addr.host}:${addr.port}`;
@@ -111,6 +113,12 @@ export class NbdClientConnection {
     this.attach(socket);
   }
 
+  /** Bytes read into the socket's reused buffer: parsed now, the rest copied out. */
+  private readonly onStaticData = (b: Buffer) => {
+    this.onData(b);
+    this.queue.own();
+  };
+
   private attach(s: net.Socket): void {
     s.on('data', this.onData);
     s.on('error', (e) => this.lost(new NbdConnectionLost(`NBD connection failed: ${e.message}`)));
@@ -119,11 +127,26 @@ export class NbdClientConnection {
 
   /** Connects and negotiates; throws a BlockError naming the server on failure. */
   static async connect(opts: NbdConnectOptions): Promise<NbdClientConnection> {
+    // Without TLS the socket reads into one large reused buffer (fewer, bigger reads); what is
+    // left unparsed after each read is copied out before the buffer is reused.
+    let sink: ((b: Buffer) => void) | null = null;
+    const early: Buffer[] = [];
+    const onread = opts.tlsCreds
+      ? undefined
+      : {
+          buffer: Buffer.allocUnsafe(READ_BUFFER),
+          callback: (n: number, buf: Buffer) => {
+            const b = buf.subarray(0, n);
+            if (sink) sink(b);
+            else early.push(Buffer.from(b));
+            return true;
+          },
+        };
     const socket = await new Promise<net.Socket>((resolve, reject) => {
       const s =
         opts.server.type === 'unix'
-          ? net.connect(opts.server.path)
-          : net.connect(Number(opts.server.port), opts.server.host);
+          ? net.connect({ path: opts.server.path, onread })
+          : net.connect({ port: Number(opts.server.port), host: opts.server.host, onread });
       s.once('connect', () => resolve(s));
       s.once('error', (e) =>
         reject(
@@ -133,6 +156,10 @@ export class NbdClientConnection {
     });
     socket.setNoDelay(true);
     const conn = new NbdClientConnection(socket);
+    if (onread) {
+      sink = conn.onStaticData;
+      for (const b of early) conn.onData(b);
+    }
     try {
       await conn.handshake(opts);
     } catch (e) {
