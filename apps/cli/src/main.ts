@@ -1,20 +1,44 @@
-import { BlockError } from '@blockrep/block';
-import { createCommand } from './commands/create';
-import { demoCommand } from './commands/demo';
-import { infoCommand } from './commands/info';
+import { CliFailure } from './failure';
 
 const USAGE = `usage: blockrep <command> [options]
 
-Image commands (qemu-img's arguments):
-  create [-f fmt] FILE SIZE          create an image (raw)
-  info [-f fmt] [--output=json] FILE show what an image is
+Image commands (qemu-img's arguments; formats raw and qcow2):
+  create [-q] [-f fmt] [-b backing [-F fmt]] [-o options] FILE [SIZE]
+  info [-f fmt] [--output=human|json] [--backing-chain] FILE
+  check [-q] [-f fmt] [--output=human|json] [-r leaks|all] FILE
+  map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
+  compare [-q] [-f fmt] [-F fmt] [-s] FILE1 FILE2
+  convert [-p] [-q] [-n] [-f fmt] [-O fmt] [-o options] [-m N] SOURCE TARGET
+  resize [-q] [-f fmt] [--shrink] FILE [+|-]SIZE
+  commit [-q] [-p] [-d] [-f fmt] [-b base] FILE
+  bench [-q] [-c count] [-d depth] [-f fmt] [-o offset] [-s size] [-S step] [-w] [--pattern=N]
+        [--flush-interval=N] [--no-drain] [-t cache] FILE
+
+Daemon commands (a blockrepd QMP socket):
+  qmp --socket PATH COMMAND [JSON | key=value ...]
+  qmp-shell --socket PATH [-p]
+  graph --socket PATH [--format dot|svg|png] [-o FILE]
+
   demo                               create, write and inspect a demo image
 `;
 
-const commands: Record<string, (args: string[]) => Promise<number>> = {
-  create: createCommand,
-  info: infoCommand,
-  demo: demoCommand,
+type Command = (args: string[]) => Promise<number>;
+
+/** Each command's module, loaded when it runs (image commands do not load the QMP client). */
+const commands: Record<string, () => Promise<Command>> = {
+  create: async () => (await import('./commands/create')).createCommand,
+  info: async () => (await import('./commands/info')).infoCommand,
+  check: async () => (await import('./commands/check')).checkCommand,
+  map: async () => (await import('./commands/map')).mapCommand,
+  compare: async () => (await import('./commands/compare')).compareCommand,
+  convert: async () => (await import('./commands/convert')).convertCommand,
+  resize: async () => (await import('./commands/resize')).resizeCommand,
+  commit: async () => (await import('./commands/commit')).commitCommand,
+  bench: async () => (await import('./commands/bench')).benchCommand,
+  qmp: async () => (await import('./commands/qmp')).qmpCommand,
+  'qmp-shell': async () => (await import('./commands/qmp-shell')).qmpShellCommand,
+  graph: async () => (await import('./commands/graph')).graphCommand,
+  demo: async () => (await import('./commands/demo')).demoCommand,
 };
 
 async function main(argv: string[]): Promise<number> {
@@ -23,19 +47,22 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return cmd ? 0 : 1;
   }
-  const run = commands[cmd];
-  if (!run) {
+  const load = commands[cmd];
+  if (!load) {
     process.stderr.write(`blockrep: Command not found: ${cmd}\n${USAGE}`);
     return 1;
   }
-  return run(rest);
+  return (await load())(rest);
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (e) => {
-    const msg = e instanceof BlockError || e instanceof Error ? e.message : String(e);
-    process.stderr.write(`blockrep: ${msg}\n`);
-    process.exit(1);
-  },
-);
+/** Exits once stdout has drained (a piped reader gets every byte). */
+function exit(code: number): void {
+  process.exitCode = code;
+  process.stdout.write('', () => process.exit(code));
+}
+
+main(process.argv.slice(2)).then(exit, (e) => {
+  const msg = e instanceof Error ? e.message : String(e);
+  process.stderr.write(`blockrep: ${msg}\n`);
+  exit(e instanceof CliFailure ? e.exitCode : 1);
+});

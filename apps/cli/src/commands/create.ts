@@ -1,26 +1,112 @@
 import { open } from 'node:fs/promises';
-import { parseSize } from '@blockrep/block';
-import { parseArgs } from '../args';
+import { dirname, isAbsolute, join } from 'node:path';
+import { createQcow2Image, type Qcow2CreateOptions } from '@blockrep/qcow2';
+import { optString, parseArgs } from '../args';
+import { CliFailure } from '../failure';
+import { checkFormat, imageGraph, openImage, probeFormat } from '../image';
+import { boolOption, parseOptionList, sizeArg } from '../options';
 
-/** blockrep create [-f raw] FILE SIZE */
+/** blockrep create [-q] [-f fmt] [-b backing [-F fmt]] [-o options] FILE [SIZE] */
 export async function createCommand(args: string[]): Promise<number> {
-  const { opts, positional } = parseArgs(args, ['-f', '-o']);
-  const fmt = (opts.get('-f') as string | undefined) ?? 'raw';
-  const [file, sizeText] = positional;
-  if (!file) throw new Error('Expecting image file name');
-  if (fmt !== 'raw') throw new Error(`Unknown file format '${fmt}'`);
-  const size = sizeText === undefined ? undefined : parseSize(sizeText);
-  if (size === undefined) {
-    throw new Error(
-      'Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
-    );
+  const p = parseArgs(args, ['-f', '-o', '-b', '-F']);
+  const fmt = optString(p, '-f') ?? 'raw';
+  checkFormat(fmt);
+  const o = parseOptionList(p.all.get('-o') ?? []);
+  const [file, sizeText] = p.positional;
+  if (!file) throw new CliFailure('Expecting image file name');
+  const sizeValue = sizeText ?? o.get('size');
+  const size = sizeValue === undefined ? undefined : sizeArg(sizeValue);
+  const line = await createImage(file, fmt, size, o, optString(p, '-b'), optString(p, '-F'));
+  if (!p.opts.has('-q')) process.stdout.write(`${line}\n`);
+  return 0;
+}
+
+/**
+ * Creates an image file of format fmt from qemu-img's -o options (plus -b/-F); returns the
+ * "Formatting ..." line qemu-img prints.
+ */
+export async function createImage(
+  file: string,
+  fmt: string,
+  size: number | undefined,
+  o: Map<string, string>,
+  backingArg?: string,
+  backingFmtArg?: string,
+): Promise<string> {
+  const backingFile = backingArg ?? o.get('backing_file');
+  let backingFormat = backingFmtArg ?? o.get('backing_fmt');
+  if (fmt === 'raw') {
+    if (backingFile) throw new CliFailure(`${file}: Backing file not supported for file format 'raw'`);
+    if (size === undefined) throw new CliFailure(`${file}: Image creation needs a size parameter`);
+    const prealloc = o.get('preallocation') ?? 'off';
+    if (!['off', 'falloc', 'full'].includes(prealloc))
+      throw new CliFailure(`${file}: Invalid parameter '${prealloc}'`);
+    await createRaw(file, size, prealloc !== 'off');
+    return `Formatting '${file}', fmt=raw size=${size}${prealloc === 'off' ? '' : ` preallocation=${prealloc}`}`;
   }
+
+  const backingPath =
+    backingFile && (isAbsolute(backingFile) ? backingFile : join(dirname(file), backingFile));
+  if (backingPath && !backingFormat) backingFormat = probeFormat(backingPath);
+  const opts: Qcow2CreateOptions = { size, backingFile, backingFormat };
+  const clusterSize = o.get('cluster_size');
+  if (clusterSize !== undefined) opts.clusterSize = sizeArg(clusterSize, 'cluster size');
+  const compat = o.get('compat');
+  if (compat !== undefined) {
+    if (!['0.10', '1.1', 'v2', 'v3'].includes(compat))
+      throw new CliFailure(`${file}: Invalid parameter '${compat}'`);
+    opts.compat = compat as Qcow2CreateOptions['compat'];
+  }
+  const prealloc = o.get('preallocation') ?? 'off';
+  if (prealloc !== 'off' && prealloc !== 'metadata')
+    throw new CliFailure(`${file}: Unsupported preallocation mode '${prealloc}' (off and metadata are)`);
+  opts.preallocation = prealloc;
+  if (o.has('lazy_refcounts')) opts.lazyRefcounts = boolOption('lazy_refcounts', o.get('lazy_refcounts')!);
+  if (o.has('refcount_bits')) opts.refcountBits = Number(o.get('refcount_bits'));
+  try {
+    await createQcow2Image(file, opts);
+  } catch (e) {
+    throw new CliFailure(`${file}: ${(e as Error).message}`);
+  }
+  const v2 = opts.compat === '0.10' || opts.compat === 'v2';
+  const shown = [
+    `Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536}`,
+    v2 ? 'compat=0.10' : '',
+    'extended_l2=off compression_type=zlib',
+    `size=${size ?? (await backingSize(backingPath!, backingFormat!))}`,
+    backingFile ? `backing_file=${backingFile}` : '',
+    backingFormat ? `backing_fmt=${backingFormat}` : '',
+    prealloc !== 'off' ? `preallocation=${prealloc}` : '',
+    `lazy_refcounts=${opts.lazyRefcounts ? 'on' : 'off'}`,
+    `refcount_bits=${opts.refcountBits ?? 16}`,
+  ];
+  return shown.filter(Boolean).join(' ');
+}
+
+/** The virtual size of the backing file. */
+async function backingSize(path: string, format: string): Promise<number> {
+  const g = imageGraph();
+  try {
+    return (await openImage(g, path, { format })).length;
+  } catch {
+    return 0;
+  } finally {
+    await g.closeAll();
+  }
+}
+
+/** A raw image: a sparse file of the size, or zeroes written out (preallocation=full/falloc). */
+async function createRaw(file: string, size: number, prealloc: boolean): Promise<void> {
   const fh = await open(file, 'w');
   try {
     await fh.truncate(size);
+    if (prealloc) {
+      const chunk = Buffer.alloc(Math.min(size, 1 << 20));
+      for (let off = 0; off < size; off += chunk.length) {
+        await fh.write(chunk, 0, Math.min(chunk.length, size - off), off);
+      }
+    }
   } finally {
     await fh.close();
   }
-  if (!opts.has('-q')) process.stdout.write(`Formatting '${file}', fmt=${fmt} size=${size}\n`);
-  return 0;
 }

@@ -17,11 +17,15 @@ export async function demoCommand(): Promise<number> {
   await blk.write(1 << 20, Buffer.alloc(4 << 20, 0xab));
   await blk.write(32 << 20, Buffer.from('hello from blockrep'));
   await blk.flush();
-  process.stdout.write(`wrote 4 MiB at 1 MiB and a greeting at 32 MiB; read back: "${(await blk.read(32 << 20, 19)).toString()}"\n`);
+  process.stdout.write(
+    `wrote 4 MiB at 1 MiB and a greeting at 32 MiB; read back: "${(await blk.read(32 << 20, 19)).toString()}"\n`,
+  );
   process.stdout.write('allocation map:\n');
   for (let off = 0; off < node.length; ) {
     const st = await blockStatusAbove(node, null, off, node.length - off);
-    process.stdout.write(`  ${String(off).padStart(10)} +${String(st.bytes).padStart(10)}  ${st.data ? 'data' : 'hole'}\n`);
+    process.stdout.write(
+      `  ${String(off).padStart(10)} +${String(st.bytes).padStart(10)}  ${st.data ? 'data' : 'hole'}\n`,
+    );
     off += st.bytes;
   }
   await blk.detach();

@@ -1,8 +1,11 @@
 import { stat } from 'node:fs/promises';
-import { createGraph } from '@blockrep/block';
-import { parseArgs } from '../args';
+import { dirname, isAbsolute, join } from 'node:path';
+import type { BlockNode } from '@blockrep/block';
+import { optString, parseArgs } from '../args';
+import { backingChain, imageGraph, openImage, qcow2Of } from '../image';
 
-function human(bytes: number): string {
+/** QEMU's size_to_str: three significant digits and a binary unit. */
+export function humanSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
   let v = bytes;
   let u = 0;
@@ -10,32 +13,81 @@ function human(bytes: number): string {
     v /= 1024;
     u++;
   }
-  return u === 0 ? `${v} B` : `${Number.isInteger(v) ? v : v.toFixed(2).replace(/\.?0+$/, '')} ${units[u]}`;
+  return `${Number(v.toPrecision(3))} ${units[u]}`;
 }
 
-/** blockrep info [-f fmt] [--output=json] FILE: qemu-img info's shape (raw for now). */
-export async function infoCommand(args: string[]): Promise<number> {
-  const { opts, positional } = parseArgs(args, ['-f', '--output']);
-  const file = positional[0];
-  if (!file) throw new Error('Expecting one image file name');
-  const fmt = (opts.get('-f') as string | undefined) ?? 'raw';
-  const g = createGraph();
-  const node = await g.open({ driver: fmt, 'read-only': true, file: { driver: 'file', filename: file } });
-  const st = await stat(file);
-  const info = {
+/** The fields of `qemu-img info --output=json` for one open image. */
+export async function imageInfo(node: BlockNode, filename: string): Promise<Record<string, unknown>> {
+  const info: Record<string, unknown> = {
     'virtual-size': node.length,
-    filename: file,
+    filename,
     format: node.driver.name,
-    'actual-size': st.blocks * 512,
-    'dirty-flag': false,
   };
-  await g.closeAll();
-  if (opts.get('--output') === 'json') {
-    process.stdout.write(`${JSON.stringify(info, null, 4)}\n`);
-  } else {
-    process.stdout.write(
-      `image: ${file}\nfile format: ${info.format}\nvirtual size: ${human(info['virtual-size'])} (${info['virtual-size']} bytes)\ndisk size: ${human(info['actual-size'])}\n`,
-    );
+  const st = await stat(node.file?.node.filename ?? filename);
+  info['actual-size'] = st.blocks * 512;
+  const image = qcow2Of(node);
+  info['dirty-flag'] = image ? (image.header.incompatible & 1n) !== 0n : false;
+  if (image) {
+    info['cluster-size'] = image.cs;
+    info['format-specific'] = { type: 'qcow2', data: node.driver.info?.(node) };
+    const backing = image.header.backingFile;
+    if (backing) {
+      info['backing-filename'] = backing;
+      info['full-backing-filename'] = isAbsolute(backing) ? backing : join(dirname(filename), backing);
+      if (image.header.backingFormat) info['backing-filename-format'] = image.header.backingFormat;
+    }
+  }
+  return info;
+}
+
+function humanInfo(info: Record<string, unknown>): string {
+  const lines = [
+    `image: ${info.filename}`,
+    `file format: ${info.format}`,
+    `virtual size: ${humanSize(info['virtual-size'] as number)} (${info['virtual-size']} bytes)`,
+    `disk size: ${humanSize(info['actual-size'] as number)}`,
+  ];
+  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
+  const backing = info['backing-filename'];
+  if (backing !== undefined) {
+    const full = info['full-backing-filename'];
+    lines.push(`backing file: ${backing}${full !== backing ? ` (actual path: ${full})` : ''}`);
+    if (info['backing-filename-format'])
+      lines.push(`backing file format: ${info['backing-filename-format']}`);
+  }
+  if (info['dirty-flag']) lines.push('cleanly shut down: no');
+  const fs = info['format-specific'] as { data: Record<string, unknown> } | undefined;
+  if (fs) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${v}`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+/** blockrep info [-f fmt] [--output=human|json] [--backing-chain] FILE */
+export async function infoCommand(args: string[]): Promise<number> {
+  const p = parseArgs(args, ['-f', '--output']);
+  const file = p.positional[0];
+  if (!file) throw new Error('Expecting one image file name');
+  const g = imageGraph();
+  try {
+    const top = await openImage(g, file, { format: optString(p, '-f') });
+    const chain = p.opts.has('--backing-chain') ? backingChain(top) : [top];
+    const infos: Record<string, unknown>[] = [];
+    let name = file;
+    for (const node of chain) {
+      const info = await imageInfo(node, name);
+      infos.push(info);
+      name = (info['full-backing-filename'] as string | undefined) ?? '';
+    }
+    if (optString(p, '--output') === 'json') {
+      const out = p.opts.has('--backing-chain') ? infos : infos[0];
+      process.stdout.write(`${JSON.stringify(out, null, 4)}\n`);
+    } else {
+      process.stdout.write(infos.map(humanInfo).join('\n'));
+    }
+  } finally {
+    await g.closeAll();
   }
   return 0;
 }

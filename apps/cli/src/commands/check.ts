@@ -1,0 +1,86 @@
+import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
+import { optString, parseArgs } from '../args';
+import { CliFailure } from '../failure';
+import { checkFormat, probeFormat } from '../image';
+
+/** qemu-img check's exit codes. */
+const EXIT = { ok: 0, checkErrors: 1, corruptions: 2, leaks: 3, unsupported: 63 } as const;
+
+function exitCode(r: Qcow2CheckResult): number {
+  if (r['check-errors']) return EXIT.checkErrors;
+  if (r.corruptions) return EXIT.corruptions;
+  if (r.leaks) return EXIT.leaks;
+  return EXIT.ok;
+}
+
+const pct = (n: number, total: number) => (total ? (100 * n) / total : 0).toFixed(2);
+
+function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: number } | null): string {
+  const out: string[] = [];
+  if (fixed && (fixed.leaks || fixed.corruptions)) {
+    out.push('The following inconsistencies were found and repaired:', '');
+    out.push(`    ${fixed.leaks} leaked clusters`, `    ${fixed.corruptions} corruptions`, '');
+    out.push('Double checking the fixed image now...');
+  }
+  out.push(...r.messages);
+  if (r.corruptions) {
+    out.push(
+      '',
+      `${r.corruptions} errors were found on the image.`,
+      'Data may be corrupted, or further writes to the image may corrupt it.',
+    );
+  }
+  if (r.leaks) {
+    out.push(
+      '',
+      `${r.leaks} leaked clusters were found on the image.`,
+      'This means waste of disk space, but no harm to data.',
+    );
+  }
+  if (r['check-errors']) out.push('', `${r['check-errors']} internal errors have occurred during the check.`);
+  if (!r.corruptions && !r.leaks && !r['check-errors']) out.push('No errors were found on the image.');
+  const total = r['total-clusters'];
+  const alloc = r['allocated-clusters'] ?? 0;
+  out.push(
+    `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r['fragmented-clusters'] ?? 0, alloc)}% fragmented, ${pct(r['compressed-clusters'] ?? 0, alloc)}% compressed clusters`,
+    `Image end offset: ${r['image-end-offset']}`,
+  );
+  return `${out.join('\n')}\n`;
+}
+
+/** blockrep check [-f fmt] [--output=json] [-r leaks|all] [-q] FILE */
+export async function checkCommand(args: string[]): Promise<number> {
+  const p = parseArgs(args, ['-f', '--output', '-r']);
+  const file = p.positional[0];
+  if (!file) throw new CliFailure('Expecting one image file name');
+  const repair = optString(p, '-r');
+  if (repair !== undefined && repair !== 'leaks' && repair !== 'all')
+    throw new CliFailure(`Unknown option value for -r (expecting 'leaks' or 'all'): ${repair}`);
+  const fmt = optString(p, '-f') ?? probeFormat(file);
+  checkFormat(fmt);
+  if (fmt !== 'qcow2') throw new CliFailure('This image format does not support checks', EXIT.unsupported);
+
+  let r: Qcow2CheckResult;
+  let fixed: { leaks: number; corruptions: number } | null = null;
+  try {
+    r = await checkQcow2Image(file, repair ? { repair } : {});
+    if (repair) {
+      // Report what the fixed image looks like now, with what was fixed (as qemu-img does).
+      fixed = { leaks: r['leaks-fixed'] ?? 0, corruptions: r['corruptions-fixed'] ?? 0 };
+      const again = await checkQcow2Image(file);
+      r = { ...again };
+      if (fixed.leaks) r['leaks-fixed'] = fixed.leaks;
+      if (fixed.corruptions) r['corruptions-fixed'] = fixed.corruptions;
+    }
+  } catch (e) {
+    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`);
+  }
+  r.filename = file;
+  if (optString(p, '--output') === 'json') {
+    const { messages: _messages, ...json } = r;
+    process.stdout.write(`${JSON.stringify(json, null, 4)}\n`);
+  } else if (!p.opts.has('-q')) {
+    process.stdout.write(humanReport(r, fixed));
+  }
+  return exitCode(r);
+}

@@ -1,0 +1,88 @@
+import { type BlockNode, blockStatusAbove } from '@blockrep/block';
+import { optString, parseArgs } from '../args';
+import { CliFailure } from '../failure';
+import { attachBackend, checkFormat, imageGraph, isZero, openImage, runInFlight } from '../image';
+import { parseOptionList } from '../options';
+import { ProgressBar } from '../progress';
+import { createImage } from './create';
+
+const CHUNK = 2 << 20;
+
+interface Extent {
+  offset: number;
+  bytes: number;
+  /** Reads as zeroes on the source: nothing to copy. */
+  zero: boolean;
+}
+
+/** The source's extents (the whole chain flattened), data split into chunks of at most CHUNK. */
+async function sourceExtents(src: BlockNode): Promise<Extent[]> {
+  const out: Extent[] = [];
+  for (let off = 0; off < src.length; ) {
+    const st = await blockStatusAbove(src, null, off, src.length - off);
+    const n = Math.max(1, st.bytes);
+    if (st.zero) out.push({ offset: off, bytes: n, zero: true });
+    else
+      for (let o = off; o < off + n; o += CHUNK)
+        out.push({ offset: o, bytes: Math.min(CHUNK, off + n - o), zero: false });
+    off += n;
+  }
+  return out;
+}
+
+/** blockrep convert [-f fmt] [-O fmt] [-o options] [-n] [-p] [-q] [-m N] SOURCE TARGET */
+export async function convertCommand(args: string[]): Promise<number> {
+  const p = parseArgs(args, ['-f', '-O', '-o', '-m', '-S', '-t', '-T', '-B', '-l', '-r']);
+  if (p.opts.has('-c'))
+    throw new CliFailure('Compression not supported: blockrep cannot write compressed clusters yet');
+  if (p.opts.has('-B')) throw new CliFailure('-B (a backing file for the target) is not supported');
+  const [source, target, ...more] = p.positional;
+  if (!source || !target) throw new CliFailure('Expecting a source and a target file name');
+  if (more.length) throw new CliFailure('Only one source image is supported');
+  const outFmt = optString(p, '-O') ?? 'raw';
+  checkFormat(outFmt);
+  const depth = Number(optString(p, '-m') ?? 8);
+  if (!Number.isInteger(depth) || depth < 1 || depth > 16)
+    throw new CliFailure('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
+  const existing = p.opts.has('-n');
+
+  const g = imageGraph();
+  try {
+    const src = await openImage(g, source, { format: optString(p, '-f') });
+    const size = src.length;
+    if (!existing) {
+      // qcow2 sizes are whole sectors; the tail of an odd-sized raw source reads as zeroes.
+      const targetSize = outFmt === 'qcow2' ? Math.ceil(size / 512) * 512 : size;
+      await createImage(target, outFmt, targetSize, parseOptionList(p.all.get('-o') ?? []));
+    }
+    const dst = await openImage(g, target, { format: outFmt, readOnly: false, backing: null });
+    if (dst.length < size) throw new CliFailure(`${target}: target image is smaller than the source`);
+    const from = attachBackend(g, src, false);
+    const to = attachBackend(g, dst, true);
+    const extents = await sourceExtents(src);
+    const bar = new ProgressBar(size, !p.opts.has('-q'));
+    let done = 0;
+    let next = 0;
+    await runInFlight(depth, () => {
+      const e = extents[next++];
+      if (!e) return null;
+      return async () => {
+        if (e.zero) {
+          // A new target already reads as zeroes there; an existing one (-n) must be zeroed.
+          if (existing) await to.writeZeroes(e.offset, e.bytes);
+        } else {
+          const buf = await from.read(e.offset, e.bytes);
+          if (!isZero(buf)) await to.write(e.offset, buf);
+          else if (existing) await to.writeZeroes(e.offset, e.bytes);
+        }
+        done += e.bytes;
+        bar.update(done);
+      };
+    });
+    await to.flush();
+    bar.finish();
+  } finally {
+    await g.closeAll();
+  }
+  return 0;
+}

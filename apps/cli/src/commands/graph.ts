@@ -1,0 +1,91 @@
+import { spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { optString } from '../args';
+import { CliFailure } from '../failure';
+import { connectQmp, executeQmp } from './qmp';
+
+interface GraphNode {
+  id: number;
+  type: 'block-backend' | 'block-job' | 'block-driver';
+  name: string;
+}
+
+interface GraphEdge {
+  parent: number;
+  child: number;
+  name: string;
+  perm: string[];
+  'shared-perm': string[];
+}
+
+/** A DOT string (labels keep their \\n line breaks). */
+const quote = (s: string) => `"${s.replace(/"/g, '\\"')}"`;
+
+const SHAPES: Record<GraphNode['type'], string> = {
+  'block-backend': 'box, style=filled, fillcolor="#d0e4f5"',
+  'block-job': 'parallelogram, style=filled, fillcolor="#f5e6c8"',
+  'block-driver': 'ellipse',
+};
+
+/** The block graph in DOT: nodes named with their driver, edges with child name and permissions. */
+export function graphToDot(
+  graph: { nodes: GraphNode[]; edges: GraphEdge[] },
+  drivers: Map<string, string>,
+): string {
+  const lines = ['digraph block_graph {', '  rankdir=LR;', '  node [fontname="Helvetica"];'];
+  for (const n of [...graph.nodes].sort((a, b) => a.id - b.id)) {
+    const driver = n.type === 'block-driver' ? drivers.get(n.name) : undefined;
+    const label = driver ? `${n.name}\\n${driver}` : `${n.name || '(anonymous)'}\\n${n.type}`;
+    lines.push(`  n${n.id} [label=${quote(label)}, shape=${SHAPES[n.type]}];`);
+  }
+  for (const e of graph.edges) {
+    const label = `${e.name}\\nperm: ${e.perm.join(', ') || '-'}\\nshared: ${e['shared-perm'].join(', ') || '-'}`;
+    lines.push(`  n${e.parent} -> n${e.child} [label=${quote(label)}];`);
+  }
+  lines.push('}');
+  return `${lines.join('\n')}\n`;
+}
+
+function renderDot(dot: string, format: 'svg' | 'png'): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('dot', [`-T${format}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (d: Buffer) => out.push(d));
+    child.stderr.on('data', (d: Buffer) => err.push(d));
+    child.on('error', (e) =>
+      reject(new CliFailure(`Cannot run Graphviz's dot (${e.message}); use --format dot`)),
+    );
+    child.on('close', (code) => {
+      if (code === 0) resolve(Buffer.concat(out));
+      else reject(new CliFailure(`dot failed: ${Buffer.concat(err).toString().trim()}`));
+    });
+    child.stdin.end(dot);
+  });
+}
+
+/** blockrep graph --socket PATH [--format dot|svg|png] [-o FILE] */
+export async function graphCommand(args: string[]): Promise<number> {
+  const { p, client } = await connectQmp(args, ['--format', '-o']);
+  try {
+    const format = optString(p, '--format') ?? 'dot';
+    if (format !== 'dot' && format !== 'svg' && format !== 'png')
+      throw new CliFailure(`Unknown graph format '${format}' (dot, svg or png)`);
+    const graph = (await executeQmp(client, 'x-debug-query-block-graph')) as {
+      nodes: GraphNode[];
+      edges: GraphEdge[];
+    };
+    const named = (await executeQmp(client, 'query-named-block-nodes', { flat: true })) as {
+      'node-name': string;
+      drv: string;
+    }[];
+    const dot = graphToDot(graph, new Map(named.map((n) => [n['node-name'], n.drv])));
+    const out = format === 'dot' ? Buffer.from(dot) : await renderDot(dot, format);
+    const file = optString(p, '-o');
+    if (file) writeFileSync(file, out);
+    else process.stdout.write(out);
+  } finally {
+    await client.close();
+  }
+  return 0;
+}

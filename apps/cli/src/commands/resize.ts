@@ -1,0 +1,37 @@
+import { optString, parseArgs } from '../args';
+import { CliFailure } from '../failure';
+import { attachBackend, imageGraph, openImage } from '../image';
+import { sizeArg } from '../options';
+
+/** blockrep resize [-f fmt] [--shrink] [-q] FILE [+|-]SIZE */
+export async function resizeCommand(args: string[]): Promise<number> {
+  const p = parseArgs(args, ['-f', '--preallocation']);
+  const [file, sizeText] = p.positional;
+  if (!file || sizeText === undefined) throw new CliFailure('Expecting image file name and size');
+  const sign = sizeText[0] === '+' ? 1 : sizeText[0] === '-' ? -1 : 0;
+  const amount = sizeArg(sign ? sizeText.slice(1) : sizeText);
+  const g = imageGraph();
+  try {
+    // The backing file plays no part in a resize.
+    const node = await openImage(g, file, { format: optString(p, '-f'), readOnly: false, backing: null });
+    const current = node.length;
+    const size = sign ? current + sign * amount : amount;
+    if (size < 0) throw new CliFailure('New image size must be positive');
+    if (size < current && !p.opts.has('--shrink')) {
+      throw new CliFailure(
+        "Use the --shrink option to perform a shrink operation.\nblockrep: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
+      );
+    }
+    const blk = attachBackend(g, node, true);
+    try {
+      await blk.truncate(size, { exact: false, prealloc: 'off' });
+      await blk.flush();
+    } catch (e) {
+      throw new CliFailure((e as Error).message);
+    }
+  } finally {
+    await g.closeAll();
+  }
+  if (!p.opts.has('-q')) process.stdout.write('Image resized.\n');
+  return 0;
+}

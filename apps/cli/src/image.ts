@@ -1,0 +1,113 @@
+import { closeSync, openSync, readSync } from 'node:fs';
+import { BlockBackend, type BlockGraph, type BlockNode, createGraph, iovIsZero, Perm } from '@blockrep/block';
+import { type Qcow2Image, qcow2Driver } from '@blockrep/qcow2';
+import { CliFailure } from './failure';
+
+/* Opening image files the way qemu-img does: a format given with -f or probed, the chain below. */
+
+export const IMAGE_FORMATS = ['raw', 'qcow2'] as const;
+const QCOW2_MAGIC = 0x514649fb;
+
+export function imageGraph(): BlockGraph {
+  return createGraph([qcow2Driver]);
+}
+
+/** qcow2 by its magic, raw otherwise (qemu-img's probe, for the formats we have). */
+export function probeFormat(file: string): 'qcow2' | 'raw' {
+  let fd: number;
+  try {
+    fd = openSync(file, 'r');
+  } catch (e) {
+    throw new CliFailure(`Could not open '${file}': ${errnoMessage(e)}`);
+  }
+  try {
+    const b = Buffer.alloc(4);
+    return readSync(fd, b, 0, 4, 0) === 4 && b.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function errnoMessage(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT') return 'No such file or directory';
+  if (code === 'EACCES') return 'Permission denied';
+  return (e as Error).message;
+}
+
+export function checkFormat(fmt: string): void {
+  if (!(IMAGE_FORMATS as readonly string[]).includes(fmt))
+    throw new CliFailure(`Unknown file format '${fmt}'`);
+}
+
+export interface OpenImageOptions {
+  format?: string;
+  readOnly?: boolean;
+  /** `null`: open without the backing file; a node name: that node as backing. */
+  backing?: null | string;
+  nodeName?: string;
+}
+
+/** Opens an image file as a format node (and its backing chain unless told otherwise). */
+export async function openImage(
+  graph: BlockGraph,
+  file: string,
+  opts: OpenImageOptions = {},
+): Promise<BlockNode> {
+  const format = opts.format ?? probeFormat(file);
+  checkFormat(format);
+  const options: Record<string, unknown> = {
+    driver: format,
+    'read-only': opts.readOnly ?? true,
+    file: { driver: 'file', filename: file },
+  };
+  if (opts.nodeName) options['node-name'] = opts.nodeName;
+  if (opts.backing !== undefined && format === 'qcow2') options.backing = opts.backing;
+  return graph.open(options);
+}
+
+/** A backend on node with the permissions a reader (or writer) needs. */
+export function attachBackend(graph: BlockGraph, node: BlockNode, write: boolean): BlockBackend {
+  const blk = new BlockBackend(graph, {
+    perm: Perm.CONSISTENT_READ | (write ? Perm.WRITE | Perm.RESIZE : 0),
+  });
+  blk.attach(node);
+  return blk;
+}
+
+/** The qcow2 image behind a node, or null for other formats. */
+export function qcow2Of(node: BlockNode): Qcow2Image | null {
+  return node.driver.name === 'qcow2' ? (node.opaque as Qcow2Image) : null;
+}
+
+/** The nodes of an image's backing chain, top first. */
+export function backingChain(top: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | null = top; n; n = n.backing?.node ?? null) out.push(n);
+  return out;
+}
+
+/** Whether every byte of buf is zero. */
+export function isZero(buf: Buffer): boolean {
+  return iovIsZero([buf]);
+}
+
+/** Runs tasks from next() with at most `depth` in flight; rejects on the first failure. */
+export async function runInFlight(depth: number, next: () => (() => Promise<void>) | null): Promise<void> {
+  let failure: unknown = null;
+  const worker = async () => {
+    for (;;) {
+      if (failure) return;
+      const task = next();
+      if (!task) return;
+      try {
+        await task();
+      } catch (e) {
+        failure ??= e;
+        return;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: depth }, worker));
+  if (failure) throw failure;
+}

@@ -1,0 +1,116 @@
+import { writeFileSync } from 'node:fs';
+import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { blockrep, blockrepJson, damageQcow2, makeChain } from './helpers';
+
+const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
+
+describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
+  it('info --output=json, with and without --backing-chain, field by field', async () => {
+    const { base, mid, top } = await makeChain();
+    for (const f of [base, mid, top]) {
+      expect(await blockrepJson(['info', f])).toEqual(await qemuImgJson(['info', f]));
+    }
+    const ours = await blockrepJson(['info', '--backing-chain', top]);
+    expect(ours).toHaveLength(3);
+    expect(ours).toEqual(await qemuImgJson(['info', '--backing-chain', top]));
+  });
+
+  it('info on qcow2 v2 and option-made images; human output as qemu-img prints it', async () => {
+    const dir = makeTempDir();
+    const v2 = dir.file('v2.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=512', v2, '1G']);
+    expect(await blockrepJson(['info', v2])).toEqual(await qemuImgJson(['info', v2]));
+    const lazy = dir.file('lazy.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,refcount_bits=64', lazy, '3G']);
+    expect(await blockrepJson(['info', lazy])).toEqual(await qemuImgJson(['info', lazy]));
+    const human = (await blockrep(['info', lazy])).stdout;
+    expect(human).toBe((await qemuImg(['info', lazy])).stdout);
+  });
+
+  it('map --output=json: the same merged extents, byte for byte', async () => {
+    const { base, mid, top } = await makeChain();
+    for (const f of [base, mid, top]) {
+      const ours = (await blockrep(['map', '--output=json', f])).stdout;
+      const theirs = (await qemuImg(['map', '--output=json', f])).stdout;
+      expect(JSON.parse(ours)).toEqual(JSON.parse(theirs));
+      expect(ours).toBe(theirs);
+    }
+    const standalone = makeTempDir().file('alone.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', standalone, '4M']);
+    await qemuIo(['-f', 'qcow2', standalone], ['write -P 9 1M 64k', 'write -z 2M 128k']);
+    expect((await blockrep(['map', '--output=json', standalone])).stdout).toBe(
+      (await qemuImg(['map', '--output=json', standalone])).stdout,
+    );
+  });
+
+  it('map human output lists the data extents and their files as qemu-img does', async () => {
+    const { top } = await makeChain();
+    expect((await blockrep(['map', top])).stdout).toBe((await qemuImg(['map', top])).stdout);
+  });
+
+  it('check: clean, leaking and corrupt images give qemu-img check JSON and exit codes 0, 3, 2', async () => {
+    const dir = makeTempDir();
+    const cases: [string, 'leak' | 'corrupt' | null, number][] = [
+      ['clean', null, 0],
+      ['leak', 'leak', 3],
+      ['corrupt', 'corrupt', 2],
+    ];
+    for (const [name, damage, code] of cases) {
+      const f = dir.file(`${name}.qcow2`);
+      await qemuImg(['create', '-q', '-f', 'qcow2', f, '16M']);
+      await qemuIo(['-f', 'qcow2', f], ['write -P 1 0 64k', 'write -P 2 1M 128k']);
+      if (damage) damageQcow2(f, damage);
+      const ours = await blockrep(['check', '--output=json', f], [code]);
+      const theirs = await qemuImg(['check', '--output=json', f], { okCodes: [code] });
+      expect(ours.code).toBe(theirs.code);
+      expect(JSON.parse(ours.stdout)).toEqual(JSON.parse(theirs.stdout));
+    }
+  });
+
+  it('check -r leaks repairs what qemu-img check then calls clean; raw has no check (63)', async () => {
+    const dir = makeTempDir();
+    const f = dir.file('leaky.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', f, '16M']);
+    await qemuIo(['-f', 'qcow2', f], ['write -P 1 0 64k']);
+    damageQcow2(f, 'leak');
+    const human = await blockrep(['check', f], [3]);
+    expect(human.stdout).toContain('1 leaked clusters were found on the image.');
+    const fixed = await blockrepJson(['check', '-r', 'leaks', f]);
+    expect(fixed['leaks-fixed']).toBe(1);
+    expect(fixed.leaks).toBeUndefined();
+    expect((await qemuImg(['check', f])).code).toBe(0);
+    const raw = dir.file('r.raw');
+    writeFileSync(raw, Buffer.alloc(4096));
+    const ours = await blockrep(['check', raw], [63]);
+    const theirs = await qemuImg(['check', raw], { okCodes: [63] });
+    expect(ours.stderr.replace('blockrep:', '')).toBe(theirs.stderr.replace('qemu-img:', ''));
+  });
+
+  it('compare: identical, differing, resized and strict, with qemu-img exit codes and messages', async () => {
+    const { dir, top } = await makeChain();
+    const flat = dir.file('flat.raw');
+    await qemuImg(['convert', '-O', 'raw', top, flat]);
+    const same = await blockrep(['compare', top, flat]);
+    expect(same.stdout).toBe('Images are identical.\n');
+    await qemuIo(['-f', 'raw', flat], ['write -P 0x55 4097k 1']);
+    const ours = await blockrep(['compare', top, flat], [1]);
+    const theirs = await qemuImg(['compare', top, flat], { okCodes: [1] });
+    expect(ours.stdout).toBe(theirs.stdout);
+    expect(ours.stdout).toMatch(/^Content mismatch at offset \d+!\n$/);
+    // A larger image equal up to the smaller one's end, zeroes beyond: identical with a warning.
+    const big = dir.file('big.raw');
+    await qemuImg(['convert', '-O', 'raw', top, big]);
+    await qemuImg(['resize', '-q', '-f', 'raw', big, '9M']);
+    for (const args of [
+      [top, big],
+      ['-s', top, big],
+    ]) {
+      const o = await blockrep(['compare', ...args], [0, 1]);
+      const t = await qemuImg(['compare', ...args], { okCodes: [0, 1] });
+      expect([o.code, o.stdout]).toEqual([t.code, t.stdout]);
+    }
+    const missing = await blockrep(['compare', top, dir.file('nope.raw')], [2]);
+    expect(missing.stderr).toContain("Could not open '");
+  });
+});

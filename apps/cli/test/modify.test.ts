@@ -1,0 +1,156 @@
+import { writeFileSync } from 'node:fs';
+import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { blockrep, blockrepJson, makeChain } from './helpers';
+
+const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
+
+describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-img', () => {
+  it('convert flattens a chain to raw and qcow2: qemu-img compare identical, check clean', async () => {
+    const { dir, top } = await makeChain();
+    const raw = dir.file('out.raw');
+    const q = dir.file('out.qcow2');
+    const r1 = await blockrep(['convert', '-p', '-O', 'raw', top, raw]);
+    expect(r1.stdout).toBe(''); // no progress bar when piped
+    await blockrep(['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=16k', raw, q]);
+    await qemuImg(['compare', top, raw]);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', raw, q]);
+    await qemuImg(['check', q]);
+    const info = await qemuImgJson(['info', q]);
+    expect(info['cluster-size']).toBe(16384);
+    expect(info['backing-filename']).toBeUndefined();
+    // Zero and unallocated regions are skipped: the qcow2 holds only the data clusters.
+    const map = await qemuImgJson<{ data: boolean; length: number }[]>(['map', q]);
+    const dataBytes = map.filter((e) => e.data).reduce((s, e) => s + e.length, 0);
+    expect(dataBytes).toBeLessThan(3 << 20);
+    const back = dir.file('back.raw');
+    await blockrep(['convert', '-O', 'raw', q, back]);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'raw', raw, back]);
+  });
+
+  it('convert -n writes into an existing image, zeroing what the source has as zeroes', async () => {
+    const dir = makeTempDir();
+    const src = dir.file('src.qcow2');
+    const dst = dir.file('dst.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', src, '4M']);
+    await qemuIo(['-f', 'qcow2', src], ['write -P 1 0 1M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', dst, '4M']);
+    await qemuIo(['-f', 'qcow2', dst], ['write -P 7 2M 1M']);
+    await blockrep(['convert', '-n', '-O', 'qcow2', src, dst]);
+    await qemuImg(['compare', src, dst]);
+    await qemuImg(['check', dst]);
+    const c = await blockrep(['convert', '-c', '-O', 'qcow2', src, dir.file('c.qcow2')], [1]);
+    expect(c.stderr).toContain('Compression not supported');
+  });
+
+  it('create: qcow2 with options and a backing file is what qemu-img would make', async () => {
+    const dir = makeTempDir();
+    const base = dir.file('base.qcow2');
+    const r = await blockrep([
+      'create',
+      '-f',
+      'qcow2',
+      '-o',
+      'cluster_size=128k,lazy_refcounts=on',
+      base,
+      '1G',
+    ]);
+    expect(r.stdout).toBe(
+      `Formatting '${base}', fmt=qcow2 cluster_size=131072 extended_l2=off compression_type=zlib size=1073741824 lazy_refcounts=on refcount_bits=16\n`,
+    );
+    const ov = dir.file('ov.qcow2');
+    await blockrep(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', ov]);
+    const ours = await qemuImgJson(['info', ov]);
+    expect(ours['virtual-size']).toBe(1 << 30);
+    expect(ours['backing-filename']).toBe('base.qcow2');
+    expect(ours['backing-filename-format']).toBe('qcow2');
+    expect((await qemuImgJson(['info', base]))['format-specific'].data['lazy-refcounts']).toBe(true);
+    await qemuImg(['check', base]);
+    await qemuImg(['check', ov]);
+  });
+
+  it('resize grows raw and qcow2, and shrinks raw only with --shrink', async () => {
+    const dir = makeTempDir();
+    const q = dir.file('r.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', q, '1M']);
+    await qemuIo(['-f', 'qcow2', q], ['write -P 3 0 64k']);
+    expect((await blockrep(['resize', q, '+3M'])).stdout).toBe('Image resized.\n');
+    expect((await qemuImgJson(['info', q]))['virtual-size']).toBe(4 << 20);
+    await qemuImg(['check', q]);
+    await qemuIo(['-f', 'qcow2', q], ['read -P 3 0 64k', 'read -P 0 1M 3M']);
+    const raw = dir.file('r.raw');
+    await qemuImg(['create', '-q', '-f', 'raw', raw, '8M']);
+    const refused = await blockrep(['resize', '-f', 'raw', raw, '-2M'], [1]);
+    expect(refused.stderr).toContain('Use the --shrink option to perform a shrink operation.');
+    await blockrep(['resize', '-f', 'raw', '--shrink', raw, '-2M']);
+    expect((await qemuImgJson(['info', raw]))['virtual-size']).toBe(6 << 20);
+  });
+
+  it('commit writes the overlay into its backing file and empties the overlay', async () => {
+    const dir = makeTempDir();
+    const base = dir.file('base.qcow2');
+    const ov = dir.file('ov.qcow2');
+    const expected = dir.file('expected.raw');
+    await qemuImg(['create', '-q', '-f', 'qcow2', base, '4M']);
+    await qemuIo(['-f', 'qcow2', base], ['write -P 1 0 2M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', ov]);
+    await qemuIo(['-f', 'qcow2', ov], ['write -P 2 512k 100k', 'write -z 1M 64k', 'write -P 3 3M 64k']);
+    await qemuImg(['convert', '-O', 'raw', ov, expected]);
+    const r = await blockrep(['commit', ov]);
+    expect(r.stdout).toBe('Image committed.\n');
+    await qemuImg(['compare', '-F', 'raw', base, expected]);
+    await qemuImg(['check', base]);
+    await qemuImg(['check', ov]);
+    const map = await qemuImgJson<{ depth: number }[]>(['map', ov]);
+    expect(map.every((e) => e.depth === 1)).toBe(true);
+  });
+
+  it('bench prints qemu-img bench lines; -w --pattern writes the pattern', async () => {
+    const f = makeTempDir().file('b.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+    const r = await blockrep(['bench', '-w', '--pattern=0x5a', '-c', '300', '-d', '4', '-s', '4k', f]);
+    const lines = r.stdout.split('\n');
+    expect(lines[0]).toBe(
+      'Sending 300 write requests, 4096 bytes each, 4 in parallel (starting at offset 0, step size 4096)',
+    );
+    expect(lines[1]).toMatch(/^Run completed in \d+\.\d{3} seconds\.$/);
+    await qemuIo(['-f', 'qcow2', f], ['read -P 0x5a 0 1M']);
+    const rd = await blockrep(['bench', '-c', '10', '-o', '4k', '-S', '8k', f]);
+    expect(rd.stdout).toContain(
+      'Sending 10 read requests, 4096 bytes each, 64 in parallel (starting at offset 4096, step size 8192)',
+    );
+  });
+});
+
+describe('CLI basics', () => {
+  it('create makes a raw image of the given size', async () => {
+    const f = makeTempDir().file('a.raw');
+    const r = await blockrep(['create', '-f', 'raw', f, '3M']);
+    expect(r.stdout).toContain(`Formatting '${f}', fmt=raw size=3145728`);
+    const info = await blockrepJson(['info', f]);
+    expect(info['virtual-size']).toBe(3 << 20);
+  });
+
+  it.runIf(hasPeer('qemu-img'))(
+    'info --output=json agrees with qemu-img on odd-sized raw images',
+    async () => {
+      const f = makeTempDir().file('odd.raw');
+      writeFileSync(f, Buffer.alloc(1000, 1));
+      expect(await blockrepJson(['info', f])).toEqual(await qemuImgJson(['info', '-f', 'raw', f]));
+    },
+  );
+
+  it('reports bad input with a clear message and exit code 1', async () => {
+    const r = await blockrep(['create', '-f', 'raw', makeTempDir().file('x'), '12Q'], [1]);
+    expect(r.stderr).toMatch(/Invalid image size specified/);
+    const u = await blockrep(['frobnicate'], [1]);
+    expect(u.stderr).toContain('Command not found: frobnicate');
+    const m = await blockrep(['info', '/nonexistent.img'], [1]);
+    expect(m.stderr).toContain("Could not open '/nonexistent.img': No such file or directory");
+  });
+
+  it('demo still runs', async () => {
+    const r = await runPeer('node', [new URL('../bin/blockrep.mjs', import.meta.url).pathname, 'demo']);
+    expect(r.stdout).toContain('read back: "hello from blockrep"');
+  });
+});

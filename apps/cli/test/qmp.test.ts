@@ -1,0 +1,134 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { hasPeer, makeTempDir, type TempDir } from '@blockrep/test-kit';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { completeCommand } from '../src/commands/qmp-shell';
+import { parseShellLine } from '../src/qmp-args';
+import { blockrep } from './helpers';
+
+const blockrepd = new URL('../../daemon/bin/blockrepd.mjs', import.meta.url).pathname;
+const daemonBuilt = existsSync(new URL('../../daemon/dist', import.meta.url));
+
+describe('qmp-shell line parsing and completion', () => {
+  it('key=value pairs are JSON when they parse, dotted keys nest, raw JSON passes through', () => {
+    expect(parseShellLine('blockdev-add driver=null-co node-name=n0 size=1024 read-zeroes=true')).toEqual({
+      execute: 'blockdev-add',
+      arguments: { driver: 'null-co', 'node-name': 'n0', size: 1024, 'read-zeroes': true },
+    });
+    expect(parseShellLine('blockdev-add driver=qcow2 node-name=q file.driver=file file.filename=/x')).toEqual(
+      {
+        execute: 'blockdev-add',
+        arguments: { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: '/x' } },
+      },
+    );
+    expect(parseShellLine('{"execute": "query-block", "arguments": {"a": 1}}')).toEqual({
+      execute: 'query-block',
+      arguments: { a: 1 },
+    });
+    expect(parseShellLine('  # a comment')).toBeNull();
+    expect(() => parseShellLine('query-block oops')).toThrow(/expected key=value/);
+  });
+
+  it('completes command names for the first word only', () => {
+    const names = ['query-block', 'query-blockstats', 'quit', 'blockdev-add'];
+    expect(completeCommand(names, 'query-bl')).toEqual([['query-block', 'query-blockstats'], 'query-bl']);
+    expect(completeCommand(names, 'blockdev-add dri')).toEqual([[], 'blockdev-add dri']);
+  });
+});
+
+describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrepd', () => {
+  let dir: TempDir;
+  let daemon: ChildProcess;
+  let sock: string;
+
+  beforeAll(async () => {
+    dir = makeTempDir('blockrep-cli-qmp-');
+    sock = dir.file('qmp.sock');
+    daemon = spawn(
+      process.execPath,
+      [blockrepd, '--qmp', `unix:${sock}`, '--blockdev', 'driver=null-co,node-name=n0'],
+      {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      },
+    );
+    let log = '';
+    await new Promise<void>((resolve, reject) => {
+      daemon.stderr!.on('data', (d: Buffer) => {
+        log += d.toString();
+        if (log.includes('"msg":"ready"')) resolve();
+      });
+      daemon.once('exit', (code) => reject(new Error(`blockrepd exited with ${code}: ${log}`)));
+    });
+  });
+
+  afterAll(() => {
+    daemon?.kill('SIGKILL');
+  });
+
+  it('qmp prints the return as JSON, and a QMP error as its desc with exit code 1', async () => {
+    const nodes = JSON.parse((await blockrep(['qmp', '--socket', sock, 'query-named-block-nodes'])).stdout);
+    expect(nodes.map((n: { 'node-name': string }) => n['node-name'])).toContain('n0');
+    const added = await blockrep([
+      'qmp',
+      '--socket',
+      sock,
+      'blockdev-add',
+      '{"driver":"null-co","node-name":"qa","size":4096}',
+    ]);
+    expect(JSON.parse(added.stdout)).toEqual({});
+    const dup = await blockrep(
+      ['qmp', '--socket', sock, 'blockdev-add', 'driver=null-co', 'node-name=qa'],
+      [1],
+    );
+    expect(dup.stderr).toBe("blockrep: Duplicate nodes with node-name='qa'\n");
+    expect(dup.stdout).toBe('');
+  });
+
+  it('qmp-shell through a pipe: one command (a HOME without room for history is no obstacle)', async () => {
+    const home = dir.file('home1');
+    const r = await blockrep(
+      ['qmp-shell', '--socket', sock],
+      [0],
+      { ...process.env, HOME: home },
+      'query-version\n',
+    );
+    const lines = r.stdout.trim().split('\n');
+    expect(lines).toHaveLength(1);
+    expect(JSON.parse(lines[0]!).return.qemu.major).toBe(7);
+  });
+
+  it('qmp-shell through a pipe: key=value, raw JSON and errors, one JSON line each, history kept', async () => {
+    const home = dir.file('home2');
+    mkdirSync(home);
+    const input = [
+      'blockdev-add driver=null-co node-name=sh0 size=1024',
+      '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}',
+      'no-such-command',
+      '',
+    ].join('\n');
+    const r = await blockrep(['qmp-shell', '--socket', sock], [1], { ...process.env, HOME: home }, input);
+    const [add, query, err] = r.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    expect(add).toEqual({ return: {} });
+    expect(query.return.map((n: { 'node-name': string }) => n['node-name'])).toContain('sh0');
+    expect(err.error.class).toBe('CommandNotFound');
+    const history = readFileSync(`${home}/.blockrep_qmp_history`, 'utf8');
+    expect(history.split('\n')[0]).toBe('blockdev-add driver=null-co node-name=sh0 size=1024');
+  });
+
+  it.runIf(hasPeer('dot'))('graph renders the block graph as DOT and SVG', async () => {
+    await blockrep(['qmp', '--socket', sock, 'blockdev-add', 'driver=raw', 'node-name=fmt0', 'file=n0']);
+    const dot = (await blockrep(['graph', '--socket', sock])).stdout;
+    expect(dot).toMatch(/^digraph block_graph \{/);
+    expect(dot).toContain('label="fmt0\\nraw"');
+    expect(dot).toContain('label="n0\\nnull-co"');
+    expect(dot).toMatch(/-> n\d+ \[label="file\\nperm: [^"]*consistent-read/);
+    const out = dir.file('graph.svg');
+    await blockrep(['graph', '--socket', sock, '--format', 'svg', '-o', out]);
+    const svg = readFileSync(out, 'utf8');
+    expect(svg).toContain('<svg');
+    expect(svg).toContain('fmt0');
+  });
+});
