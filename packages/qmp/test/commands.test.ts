@@ -179,6 +179,24 @@ describe('blockdev-reopen', () => {
     expect(await err({})).toMatchObject({ desc: "Invalid parameter type for 'options', expected: array" });
     expect(graph.getNode('n0')!.readOnly).toBe(false);
   });
+
+  it('replaces a child given by another node name, closing an implicit one left unused', async () => {
+    await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': 'n1', size: 8192 });
+    await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'null-co', size: 4096 } });
+    const implicit = graph.getNode('r1')!.file!.node;
+    const err = (o: unknown) => fails('blockdev-reopen', { options: [o] as any }).then((x) => x.desc);
+    expect(await err({ driver: 'raw', 'node-name': 'r1', file: 'nonode' })).toBe("Cannot find device='' nor node-name='nonode'");
+    expect(await err({ driver: 'raw', 'node-name': 'r1', file: 'r1' })).toBe(
+      "Making 'r1' a file child of 'r1' would create a cycle",
+    );
+    await qmp.execute('blockdev-reopen', { options: [{ driver: 'raw', 'node-name': 'r1', file: 'n1' }] });
+    const r1 = graph.getNode('r1')!;
+    expect(r1.file!.node.nodeName).toBe('n1');
+    expect(r1.length).toBe(8192);
+    expect(implicit.closed).toBe(true);
+    expect(graph.getNode(implicit.nodeName)).toBeUndefined();
+    expect((await fails('blockdev-del', { 'node-name': 'n1' })).desc).toBe('Block device n1 is in use');
+  });
 });
 
 describe('dirty bitmaps', () => {

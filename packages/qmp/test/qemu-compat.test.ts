@@ -236,6 +236,19 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-sto
       '{"execute":"job-pause","arguments":{"id":null}}\n',
       '{"execute":"query-named-block-nodes","arguments":{"flat":"yes"}}\n',
       '{"execute":"query-commands","arguments":{"x":null}}\n',
+      `{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"g0","filename":"${img}"}}\n`,
+      `{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"m1","size":4096}}\n`,
+      `{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"s0","file":"g0"}}\n`,
+      `{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"s1","file":{"driver":"null-co","size":4096}}}\n`,
+      `{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"s0","file":"nonode"}]}}\n`,
+      `{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"s0","file":"s0"}]}}\n`,
+      `{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"s1","file":"m1"}]}}\n`,
+      `{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"s0","file":"m1"}]}}\n`,
+      `{"execute":"query-named-block-nodes","arguments":{"flat":true}}\n`,
+      `{"execute":"blockdev-del","arguments":{"node-name":"g0"}}\n`,
+      `{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"s2","file":"m1","size":1024}}\n`,
+      `{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"g1","filename":"${img}"}}\n`,
+      `{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"s2","file":"g1","size":1024}]}}\n`,
     ];
     try {
       await new Promise((r) => setTimeout(r, 200));

@@ -1,5 +1,13 @@
 import { isDeepStrictEqual } from 'node:util';
-import { type BlockBackend, BlockError, type BlockGraph, type BlockNode, type Options, permQapiNames } from '@blockrep/block';
+import {
+  type BlockBackend,
+  type BlockChild,
+  BlockError,
+  type BlockGraph,
+  type BlockNode,
+  type Options,
+  permQapiNames,
+} from '@blockrep/block';
 import { BlockJob, type JobManager } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
@@ -64,12 +72,30 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
       options: req(t.array(types.options), 'The full new options of each node to reopen'),
     }),
     doc:
-      'Reopens nodes with new options, all or none. Every option must be given again; only read-only may ' +
-      'change (QEMU rejects an option left out as "cannot be reset to its default value").',
+      'Reopens nodes with new options, all or none. Every option must be given again; read-only may ' +
+      'change, and a child given by node name replaces the current one (QEMU rejects an option left ' +
+      'out as "cannot be reset to its default value").',
     async handler(args: { options: Options[] }) {
       const entries = new Map<BlockNode, boolean>();
-      for (const o of args.options) planReopen(graph, o, entries, undefined);
-      await graph.reopenMultiple([...entries].map(([node, readOnly]) => ({ node, readOnly })));
+      const swaps: ChildSwap[] = [];
+      for (const o of args.options) planReopen(graph, o, entries, undefined, swaps);
+      // Children named anew are swapped in first (one permission transaction), and back on failure.
+      const swap = (back: boolean) =>
+        graph.update((tx) => {
+          for (const s of back ? [...swaps].reverse() : swaps) tx.setChildNode(s.child, back ? s.from : s.to);
+        });
+      if (swaps.length) swap(false);
+      try {
+        await graph.reopenMultiple([...entries].map(([node, readOnly]) => ({ node, readOnly })));
+      } catch (e) {
+        if (swaps.length) swap(true);
+        throw e;
+      }
+      for (const s of swaps) {
+        const parent = s.child.parent as BlockNode;
+        parent.length = await parent.driver.getLength(parent);
+      }
+      await graph.collectGarbage();
     },
   });
 
@@ -118,7 +144,24 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
  * Adds one reopen entry (and the implicitly created children that inherit read-only from it),
  * refusing changes of any option but read-only, as QEMU does for the options it cannot change.
  */
-function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>, inheritedRo: boolean | undefined): void {
+interface ChildSwap {
+  child: BlockChild;
+  from: BlockNode;
+  to: BlockNode;
+}
+
+/** Whether `from` is `target` or has it below (a new child there would make a cycle). */
+function reaches(from: BlockNode, target: BlockNode): boolean {
+  return from === target || from.children.some((c) => reaches(c.node, target));
+}
+
+function planReopen(
+  graph: BlockGraph,
+  o: Options,
+  out: Map<BlockNode, boolean>,
+  inheritedRo: boolean | undefined,
+  swaps: ChildSwap[],
+): void {
   const name = o['node-name'];
   if (typeof name !== 'string') throw new BlockError('node-name not specified');
   const node = graph.getNode(name);
@@ -130,17 +173,26 @@ function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>,
     if (child) {
       if (want === undefined) throw new BlockError(`Option '${key}' cannot be reset to its default value`);
       if (typeof want === 'string') {
-        if (want !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
+        let target = child.node;
+        if (want !== child.node.nodeName) {
+          const to = graph.getNode(want);
+          if (!to) throw new BlockError(`Cannot find device='' nor node-name='${want}'`);
+          if (reaches(to, node)) {
+            throw new BlockError(`Making '${want}' a ${key} child of '${node.nodeName}' would create a cycle`);
+          }
+          swaps.push({ child, from: child.node, to });
+          target = to;
+        }
         // A child referenced by name keeps its own flags (QEMU); queueing it unchanged stops the
         // block layer from making it inherit the parent's.
-        if (!out.has(child.node)) out.set(child.node, child.node.readOnly);
+        if (!out.has(target)) out.set(target, target.readOnly);
         continue;
       }
       // Nested options describe the current child (an implicit one has no name to repeat).
       const nested = { ...(want as Options) };
       if (nested['node-name'] === undefined && child.node.autoNamed) nested['node-name'] = child.node.nodeName;
       if (nested['node-name'] !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
-      planReopen(graph, nested, out, (o['read-only'] as boolean | undefined) ?? false);
+      planReopen(graph, nested, out, (o['read-only'] as boolean | undefined) ?? false, swaps);
       continue;
     }
     const have = node.options[key];
@@ -156,6 +208,7 @@ function planReopen(graph: BlockGraph, o: Options, out: Map<BlockNode, boolean>,
   out.set(node, readOnly);
   // Children created with the node (not referenced by name) follow its read-only flag.
   for (const c of node.children) {
+    if (swaps.some((s) => s.child === c)) continue;
     if (c.node.autoNamed && c.node.options['read-only'] === undefined && !out.has(c.node)) {
       out.set(c.node, readOnly);
     }
