@@ -48,6 +48,8 @@ export class Qcow2Image {
   /** makeEmpty left free clusters at the end of the file: cut them off on close. */
   trimOnClose = false;
   backing: BackingReader | null = null;
+  /** Keeps L1 entry updates and the move to a larger L1 table apart. */
+  readonly l1Lock = new Mutex();
   /** Keeps flushes and makeEmpty apart (a flush racing makeEmpty could write stale tables). */
   readonly metadataLock = new Mutex();
   /** Refcount write generation already made durable by a flush. */
@@ -202,8 +204,10 @@ export class Qcow2Image {
 
   /** Writes L1 entry i through to disk. */
   async setL1(i: number, value: Buffer): Promise<void> {
-    value.copy(this.l1, i * 8);
-    await this.storage.write(this.l1Offset + i * 8, this.l1.subarray(i * 8, i * 8 + 8));
+    await this.l1Lock.run(async () => {
+      value.copy(this.l1, i * 8);
+      await this.storage.write(this.l1Offset + i * 8, this.l1.subarray(i * 8, i * 8 + 8));
+    });
   }
 
   /** Makes the refcount writes done so far durable before metadata that relies on them is written. */
@@ -248,30 +252,33 @@ export class Qcow2Image {
   async grow(length: number): Promise<void> {
     this.checkWritable();
     const need = l1EntriesFor(length, this.clusterBits);
-    if (need > this.header.l1Size) {
-      const clusters = Math.ceil((need * 8) / this.cs);
-      const off = await this.refcounts.allocate(clusters);
-      const l1 = Buffer.alloc(clusters * this.cs);
-      this.l1.copy(l1);
-      await this.storage.write(off, l1);
-      await this.syncRefcounts();
-      await this.storage.flush();
-      const hdr = Buffer.alloc(12);
-      hdr.writeUInt32BE(need, 0);
-      writeU64(hdr, 4, off);
-      await this.storage.write(HeaderField.L1_SIZE, hdr);
-      await this.storage.flush();
-      const oldOff = this.l1Offset;
-      const oldClusters = Math.ceil((this.header.l1Size * 8) / this.cs);
-      this.l1 = l1.subarray(0, need * 8);
-      this.l1Offset = off;
-      this.header.l1Size = need;
-      this.header.l1TableOffset = off;
-      if (oldClusters) await this.refcounts.free(oldOff, oldClusters);
-    }
+    if (need > this.header.l1Size) await this.l1Lock.run(() => this.growL1(need));
     await this.storage.write(HeaderField.SIZE, u64Buffer(length));
     await this.storage.flush();
     this.header.size = length;
+  }
+
+  /** A larger L1 table: written, made durable, switched to in one header write, old one freed. */
+  private async growL1(need: number): Promise<void> {
+    const clusters = Math.ceil((need * 8) / this.cs);
+    const off = await this.refcounts.allocate(clusters);
+    const l1 = Buffer.alloc(clusters * this.cs);
+    this.l1.copy(l1);
+    await this.storage.write(off, l1);
+    await this.syncRefcounts();
+    await this.storage.flush();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(need, 0);
+    writeU64(hdr, 4, off);
+    await this.storage.write(HeaderField.L1_SIZE, hdr);
+    await this.storage.flush();
+    const oldOff = this.l1Offset;
+    const oldClusters = Math.ceil((this.header.l1Size * 8) / this.cs);
+    this.l1 = l1.subarray(0, need * 8);
+    this.l1Offset = off;
+    this.header.l1Size = need;
+    this.header.l1TableOffset = off;
+    if (oldClusters) await this.refcounts.free(oldOff, oldClusters);
   }
 }
 

@@ -136,4 +136,26 @@ describe('qcow2 driver', () => {
     expect((await alone.blk.read(1000, 1))[0]).toBe(0);
     await alone.close();
   });
+
+  it('grows while writes allocate L2 tables (no L1 update is lost)', async () => {
+    const d = makeTempDir();
+    const f = d.file('grow.qcow2');
+    await createQcow2Image(f, { size: 1 << 20, clusterSize: 512 });
+    const { blk, close } = await openQcow2(f);
+    const expected = Buffer.alloc(4 << 20);
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 32; i++) {
+      const off = i * 32768 + 1000;
+      expected.fill(i + 1, off, off + 3000);
+      writes.push(blk.write(off, Buffer.alloc(3000, i + 1)));
+      if (i === 8) writes.push(blk.truncate(4 << 20));
+    }
+    await Promise.all(writes);
+    expect(firstDiff(await blk.read(0, 4 << 20), expected)).toBe(-1);
+    await close();
+    await clean(f);
+    const { blk: b2, close: c2 } = await openQcow2(f, {}, true);
+    expect(firstDiff(await b2.read(0, 4 << 20), expected)).toBe(-1);
+    await c2();
+  });
 });
