@@ -194,7 +194,14 @@ export async function writeRange(img: Qcow2Image, offset: number, bytes: number,
       if (img.overlapsMetadata(r.host, r.bytes)) {
         img.corruptEvent(`Preventing invalid write on metadata (overlaps with host ${hex(r.host)})`);
       }
-      await img.storage.write(r.host, iovSlice(iov, done, r.bytes));
+      // Tracked so that a cluster freed meanwhile (a racing discard) is not reused under it.
+      const p = img.storage.write(r.host, iovSlice(iov, done, r.bytes));
+      img.dataWrites.add(p);
+      try {
+        await p;
+      } finally {
+        img.dataWrites.delete(p);
+      }
       done += r.bytes;
     } else {
       done += await allocateAndWrite(img, offset + done, r.bytes, iovSlice(iov, done, r.bytes));

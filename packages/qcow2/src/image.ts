@@ -42,6 +42,8 @@ export class Qcow2Image {
   readonly allocLock = new RangeLock();
   /** L2 allocations in flight by L1 index. */
   readonly l2Allocs = new Map<number, Promise<void>>();
+  /** In-place data writes in flight. */
+  readonly dataWrites = new Set<Promise<void>>();
   /** Host clusters whose last on-disk reference goes away with the next L2 write-back. */
   pendingFree: [offset: number, clusters: number][] = [];
   corrupt: boolean;
@@ -229,8 +231,11 @@ export class Qcow2Image {
     await this.metadataLock.run(async () => {
       const frees = this.pendingFree;
       this.pendingFree = [];
+      const writing = frees.length ? [...this.dataWrites] : [];
       await this.cache.flush();
       if (frees.length) {
+        // A write that found a freed cluster before it was unmapped must land before it is reused.
+        await Promise.allSettled(writing);
         await this.storage.flush();
         for (const [off, n] of frees) await this.refcounts.free(off, n);
       }
