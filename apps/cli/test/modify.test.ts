@@ -1,7 +1,7 @@
 import { writeFileSync } from 'node:fs';
 import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { blockrep, blockrepJson, makeChain } from './helpers';
+import { bin, blockrep, blockrepJson, makeChain } from './helpers';
 
 const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
 
@@ -26,6 +26,15 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     const back = dir.file('back.raw');
     await blockrep(['convert', '-O', 'raw', q, back]);
     await qemuImg(['compare', '-f', 'raw', '-F', 'raw', raw, back]);
+  });
+
+  it.runIf(hasPeer('script'))('convert draws a progress bar on a terminal only', async () => {
+    const { dir, top } = await makeChain();
+    const out = dir.file('tty.qcow2');
+    const r = await runPeer('script', ['-qec', `node ${bin} convert -O qcow2 ${top} ${out}`, '/dev/null']);
+    expect(r.stdout).toMatch(/^ {4}\(0\.00\/100%\)\r/);
+    expect(r.stdout).toContain('    (100.00/100%)\r');
+    await qemuImg(['compare', top, out]);
   });
 
   it('convert -n writes into an existing image, zeroing what the source has as zeroes', async () => {
@@ -67,6 +76,14 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     expect((await qemuImgJson(['info', base]))['format-specific'].data['lazy-refcounts']).toBe(true);
     await qemuImg(['check', base]);
     await qemuImg(['check', ov]);
+    const noFmt = await blockrep(['create', '-f', 'qcow2', '-b', base, dir.file('x.qcow2')], [1]);
+    const theirs = await qemuImg(['create', '-f', 'qcow2', '-b', base, dir.file('y.qcow2')], {
+      okCodes: [1],
+    });
+    // qemu-img leaves the hint line without its newline.
+    expect(noFmt.stderr.replace(/^blockrep: .*?: /, '').trim()).toBe(
+      theirs.stderr.replace(/^qemu-img: .*?: /, ''),
+    );
   });
 
   it('resize grows raw and qcow2, and shrinks raw only with --shrink', async () => {

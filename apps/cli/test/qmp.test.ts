@@ -4,7 +4,7 @@ import { hasPeer, makeTempDir, type TempDir } from '@blockrep/test-kit';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { completeCommand } from '../src/commands/qmp-shell';
 import { parseShellLine } from '../src/qmp-args';
-import { blockrep } from './helpers';
+import { bin, blockrep } from './helpers';
 
 const blockrepd = new URL('../../daemon/bin/blockrepd.mjs', import.meta.url).pathname;
 const daemonBuilt = existsSync(new URL('../../daemon/dist', import.meta.url));
@@ -116,6 +116,34 @@ describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrep
     expect(err.error.class).toBe('CommandNotFound');
     const history = readFileSync(`${home}/.blockrep_qmp_history`, 'utf8');
     expect(history.split('\n')[0]).toBe('blockdev-add driver=null-co node-name=sh0 size=1024');
+  });
+
+  it.runIf(hasPeer('script'))('qmp-shell on a terminal: prompt, Tab completes a command name', async () => {
+    const home = dir.file('home3');
+    mkdirSync(home);
+    const shell = spawn('script', ['-qec', `node ${bin} qmp-shell --socket ${sock}`, '/dev/null'], {
+      env: { ...process.env, HOME: home },
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    let out = '';
+    shell.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+    });
+    const until = async (re: RegExp) => {
+      for (let i = 0; i < 100 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(out).toMatch(re);
+    };
+    await until(/\(blockrep\) /);
+    // Keys one chunk at a time: readline takes a Tab within pasted text literally.
+    shell.stdin!.write('query-versi');
+    await new Promise((r) => setTimeout(r, 200));
+    shell.stdin!.write('\t');
+    await until(/query-version/);
+    shell.stdin!.write('\r');
+    await until(/"return":\{"qemu"/);
+    shell.stdin!.write('\x04');
+    await new Promise((r) => shell.once('exit', r));
+    expect(readFileSync(`${home}/.blockrep_qmp_history`, 'utf8')).toBe('query-version\n');
   });
 
   it.runIf(hasPeer('dot'))('graph renders the block graph as DOT and SVG', async () => {

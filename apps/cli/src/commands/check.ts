@@ -22,7 +22,6 @@ function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: n
     out.push(`    ${fixed.leaks} leaked clusters`, `    ${fixed.corruptions} corruptions`, '');
     out.push('Double checking the fixed image now...');
   }
-  out.push(...r.messages);
   if (r.corruptions) {
     out.push(
       '',
@@ -41,10 +40,12 @@ function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: n
   if (!r.corruptions && !r.leaks && !r['check-errors']) out.push('No errors were found on the image.');
   const total = r['total-clusters'];
   const alloc = r['allocated-clusters'] ?? 0;
-  out.push(
-    `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r['fragmented-clusters'] ?? 0, alloc)}% fragmented, ${pct(r['compressed-clusters'] ?? 0, alloc)}% compressed clusters`,
-    `Image end offset: ${r['image-end-offset']}`,
-  );
+  if (total && alloc) {
+    out.push(
+      `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r['fragmented-clusters'] ?? 0, alloc)}% fragmented, ${pct(r['compressed-clusters'] ?? 0, alloc)}% compressed clusters`,
+    );
+  }
+  out.push(`Image end offset: ${r['image-end-offset']}`);
   return `${out.join('\n')}\n`;
 }
 
@@ -62,12 +63,18 @@ export async function checkCommand(args: string[]): Promise<number> {
 
   let r: Qcow2CheckResult;
   let fixed: { leaks: number; corruptions: number } | null = null;
+  // Findings go to stderr line by line, as qemu-img's driver check prints them.
+  const tell = (found: Qcow2CheckResult) => {
+    if (found.messages.length) process.stderr.write(`${found.messages.join('\n')}\n`);
+  };
   try {
     r = await checkQcow2Image(file, repair ? { repair } : {});
+    tell(r);
     if (repair) {
       // Report what the fixed image looks like now, with what was fixed (as qemu-img does).
       fixed = { leaks: r['leaks-fixed'] ?? 0, corruptions: r['corruptions-fixed'] ?? 0 };
       const again = await checkQcow2Image(file);
+      tell(again);
       r = { ...again };
       if (fixed.leaks) r['leaks-fixed'] = fixed.leaks;
       if (fixed.corruptions) r['corruptions-fixed'] = fixed.corruptions;

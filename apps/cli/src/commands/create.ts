@@ -34,7 +34,7 @@ export async function createImage(
   backingFmtArg?: string,
 ): Promise<string> {
   const backingFile = backingArg ?? o.get('backing_file');
-  let backingFormat = backingFmtArg ?? o.get('backing_fmt');
+  const backingFormat = backingFmtArg ?? o.get('backing_fmt');
   if (fmt === 'raw') {
     if (backingFile) throw new CliFailure(`${file}: Backing file not supported for file format 'raw'`);
     if (size === undefined) throw new CliFailure(`${file}: Image creation needs a size parameter`);
@@ -47,7 +47,11 @@ export async function createImage(
 
   const backingPath =
     backingFile && (isAbsolute(backingFile) ? backingFile : join(dirname(file), backingFile));
-  if (backingPath && !backingFormat) backingFormat = probeFormat(backingPath);
+  if (backingPath && !backingFormat) {
+    throw new CliFailure(
+      `${file}: Backing file specified without backing format\nDetected format of ${probeFormat(backingPath)}.`,
+    );
+  }
   const opts: Qcow2CreateOptions = { size, backingFile, backingFormat };
   const clusterSize = o.get('cluster_size');
   if (clusterSize !== undefined) opts.clusterSize = sizeArg(clusterSize, 'cluster size');
