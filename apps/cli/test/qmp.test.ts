@@ -118,6 +118,20 @@ describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrep
     expect(history.split('\n')[0]).toBe('blockdev-add driver=null-co node-name=sh0 size=1024');
   });
 
+  it('qmp-shell prints events as they arrive, between the responses', async () => {
+    const created = dir.file('created.img');
+    const input = `blockdev-create job-id=j0 options.driver=file options.filename=${created} options.size=65536\n`;
+    const r = await blockrep(['qmp-shell', '--socket', sock], [0], process.env, input);
+    const lines = r.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    const event = lines.find((l) => l.event === 'JOB_STATUS_CHANGE');
+    expect(event.data).toEqual({ status: 'created', id: 'j0' });
+    expect(Object.keys(event)).toEqual(['event', 'data', 'timestamp']);
+    expect(lines.at(-1)).toEqual({ return: {} });
+  });
+
   it.runIf(hasPeer('script'))('qmp-shell on a terminal: prompt, Tab completes a command name', async () => {
     const home = dir.file('home3');
     mkdirSync(home);

@@ -71,7 +71,7 @@ export async function qmpShellCommand(args: string[]): Promise<number> {
     process.stdout.write(text);
     if (interactive) rl.prompt(true);
   };
-  client.on('event', (e) => print(show(e)));
+  client.on('event', (e) => print(show({ event: e.event, data: e.data, timestamp: e.timestamp })));
   client.on('close', () => rl.close());
   let failed = false;
   if (interactive) rl.prompt();
