@@ -128,6 +128,9 @@ export const nbdDriver: BlockDriver = {
       exportName ??= p.export;
     }
     if (!server) throw new BlockError("Parameter 'server' is missing");
+    // QEMU's default NBD port when none is given.
+    if (server.type === 'inet' && (server.port === undefined || server.port === ''))
+      server = { ...server, port: '10809' };
     exportName ??= '';
     const bitmap = opts['x-dirty-bitmap'] as string | undefined;
     const statusName = bitmap !== undefined ? CONTEXT_DIRTY_BITMAP_PREFIX + bitmap : CONTEXT_BASE_ALLOCATION;
