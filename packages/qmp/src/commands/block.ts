@@ -227,13 +227,18 @@ function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, un
   const ids = new Map<unknown, number>();
   const nodes: Record<string, unknown>[] = [];
   const edges: Record<string, unknown>[] = [];
-  const id = (x: unknown, type: string, name: string) => {
+  // Ids go by first mention (a child can be numbered as an edge's end before it is listed).
+  const num = (x: unknown) => {
     let n = ids.get(x);
     if (n === undefined) {
       n = ids.size + 1;
       ids.set(x, n);
-      nodes.push({ name, type, id: n });
     }
+    return n;
+  };
+  const id = (x: unknown, type: string, name: string) => {
+    const n = num(x);
+    nodes.push({ name, type, id: n });
     return n;
   };
   const jobOfBackend = new Map<BlockBackend, BlockJob>();
@@ -243,7 +248,7 @@ function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, un
   const edge = (parent: number, c: { node: BlockNode; name: string; perm: number; shared: number }) => {
     edges.push({
       parent,
-      child: id(c.node, 'block-driver', c.node.nodeName),
+      child: num(c.node),
       name: c.name,
       perm: qapiPerms(c.perm),
       'shared-perm': qapiPerms(c.shared),
@@ -260,7 +265,8 @@ function blockGraphDump(graph: BlockGraph, jobs?: JobManager): Record<string, un
   }
   for (const n of nodesInCreationOrder(graph)) {
     const p = id(n, 'block-driver', n.nodeName);
-    for (const c of n.children) edge(p, c);
+    // QEMU keeps a node's children newest first.
+    for (const c of [...n.children].reverse()) edge(p, c);
   }
   // QEMU builds both lists by prepending.
   return { edges: edges.reverse(), nodes: nodes.reverse() };

@@ -1,5 +1,5 @@
 import { statSync } from 'node:fs';
-import type { BlockGraph, BlockNode } from '@blockrep/block';
+import { type BlockGraph, type BlockNode, ChildRole } from '@blockrep/block';
 import { toQmpJson } from '../json';
 import { opt, type QMembers, req, t } from '../schema';
 
@@ -106,18 +106,17 @@ function explicitOptions(node: BlockNode): Record<string, unknown> {
  * `json:{...}` pseudo-filename of its options.
  */
 export function displayFilename(node: BlockNode): string {
-  const leaf = storageLeaf(node);
-  if (leaf.driver.name === 'file') return node.filename;
   const opts = explicitOptions(node);
-  // Options all at their defaults: the protocol's own name ("null-co://") says it all.
+  // Nothing set but what the plain name already says (a file's path, "null-co://"): use it.
   if (!hasSettings(opts) && node.filename) return node.filename;
   return `json:${toQmpJson(opts)}`;
 }
 
 function hasSettings(opts: Record<string, unknown>): boolean {
-  return Object.entries(opts).some(
-    ([k, v]) => k !== 'driver' && (typeof v !== 'object' || v === null || hasSettings(v as Record<string, unknown>)),
-  );
+  return Object.entries(opts).some(([k, v]) => {
+    if (k === 'driver' || (k === 'filename' && opts.driver === 'file')) return false;
+    return typeof v !== 'object' || v === null || hasSettings(v as Record<string, unknown>);
+  });
 }
 
 function actualSize(node: BlockNode): number | undefined {
@@ -137,8 +136,9 @@ export function imageInfo(node: BlockNode, withBacking: boolean): Record<string,
   const actual = actualSize(node);
   if (actual !== undefined) info['actual-size'] = actual;
   info['virtual-size'] = node.length;
-  const extra = node.driver.info?.(node);
-  if (extra) Object.assign(info, extra);
+  // A driver's info() is its format-specific data (ImageInfoSpecific's `data`).
+  const specific = node.driver.info?.(node);
+  if (specific) info['format-specific'] = { type: node.driver.name, data: specific };
   const backing = node.backing?.node;
   if (backing) {
     info['backing-filename'] = displayFilename(backing);
@@ -194,8 +194,8 @@ export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, 
 }
 
 /**
- * Nodes in the order QEMU registers them: a node's implicitly created children (opened as part
- * of it) come before it, since QEMU names a node only once its children are open.
+ * Nodes in the order QEMU registers them: implicitly created children come before their parent
+ * (QEMU names a node once its file is open), except backing files, which QEMU opens after.
  */
 export function nodesInCreationOrder(graph: BlockGraph): BlockNode[] {
   const all = graph.allNodes();
@@ -205,10 +205,10 @@ export function nodesInCreationOrder(graph: BlockGraph): BlockNode[] {
   const visit = (n: BlockNode) => {
     if (seen.has(n)) return;
     seen.add(n);
-    for (const c of n.children) {
-      if (c.node.autoNamed && (index.get(c.node) ?? -1) > (index.get(n) ?? -1)) visit(c.node);
-    }
+    const implicit = n.children.filter((c) => c.node.autoNamed && (index.get(c.node) ?? -1) > (index.get(n) ?? -1));
+    for (const c of implicit) if (!(c.role & ChildRole.COW)) visit(c.node);
     out.push(n);
+    for (const c of implicit) if (c.role & ChildRole.COW) visit(c.node);
   };
   for (const n of all) visit(n);
   return out;
