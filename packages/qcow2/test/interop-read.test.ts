@@ -29,7 +29,8 @@ async function patterned(path: string, compat: string, clusterSize: number, size
 
 describe('reading qemu-made images', () => {
   for (const compat of ['0.10', '1.1']) {
-    for (const cs of [512, 4096, 65536, 2 * 1024 * 1024]) {
+    // 2 MiB clusters on v3 only: the layout does not depend on the version.
+    for (const cs of compat === '1.1' ? [512, 4096, 65536, 2 * 1024 * 1024] : [512, 4096, 65536]) {
       it(`compat=${compat} cluster_size=${cs}`, async () => {
         const d = makeTempDir();
         const f = d.file('img.qcow2');

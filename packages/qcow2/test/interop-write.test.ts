@@ -61,7 +61,7 @@ describe('images we create and write', () => {
           discard: true,
           cs: opts.clusterSize ?? 65536,
         },
-        6,
+        4,
         12,
         Math.min(300_000, size / 8),
       );
