@@ -5,6 +5,7 @@
  */
 export {
   type BlockSizeConstraints,
+  type ExportContext,
   NbdExport,
   type NbdExportInfo,
   type NbdExportOptions,

@@ -261,7 +261,7 @@ describe('export lifecycle', () => {
   it('removeExport: safe refuses while clients are connected, hard drops them; deleted events', async () => {
     const srv = await serveImage({ size: '1M' });
     const deleted: string[] = [];
-    srv.server.on('export-deleted', (i) => deleted.push(i.id));
+    srv.server.onExportDeleted((i) => deleted.push(i.id));
     const { c } = await RawNbd.connect(srv.port);
     await c.open('disk');
     expect(srv.server.exports()).toMatchObject([

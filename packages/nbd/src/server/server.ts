@@ -153,6 +153,12 @@ export class NbdServer extends EventEmitter {
     this.emit('export-deleted', { ...info, clients: 0, shuttingDown: true });
   }
 
+  /** Calls fn with each export deleted from now on (BLOCK_EXPORT_DELETED); returns an unsubscribe. */
+  onExportDeleted(fn: (info: NbdExportInfo) => void): () => void {
+    this.on('export-deleted', fn);
+    return () => this.off('export-deleted', fn);
+  }
+
   /** The exports (query-block-exports). */
   exports(): NbdExportInfo[] {
     return [...this.exportMap.values()].map((e) => e.info());
