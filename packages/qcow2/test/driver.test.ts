@@ -5,6 +5,8 @@ import { createQcow2Image, type Qcow2Image } from '../src/index';
 import {
   firstDiff,
   openQcow2,
+  patch,
+  peek,
   prng,
   qcowGraph,
   qemu,
@@ -157,5 +159,27 @@ describe('qcow2 driver', () => {
     const { blk: b2, close: c2 } = await openQcow2(f, {}, true);
     expect(firstDiff(await b2.read(0, 4 << 20), expected)).toBe(-1);
     await c2();
+  });
+
+  it('keeps header extensions it does not know', async () => {
+    const d = makeTempDir();
+    const f = d.file('ext.qcow2');
+    await qemu(['create', '-q', '-f', 'qcow2', f, '4M']);
+    // Walk the extensions to the end marker and put an unknown one there.
+    const hdr = peek(f, 0, 65536);
+    let off = hdr.readUInt32BE(100);
+    while (hdr.readUInt32BE(off) !== 0) off += 8 + ((hdr.readUInt32BE(off + 4) + 7) & ~7);
+    const ext = Buffer.alloc(24);
+    ext.writeUInt32BE(0x12345678, 0);
+    ext.writeUInt32BE(8, 4);
+    ext.write('blockrep', 8);
+    patch(f, off, ext);
+    const { blk, node, close } = await openQcow2(f);
+    expect((node.opaque as Qcow2Image).header.extensions.some((e) => e.type === 0x12345678)).toBe(true);
+    await blk.write(0, Buffer.alloc(100_000, 4));
+    await blk.truncate(8 << 20);
+    await close();
+    expect(peek(f, off, 24).equals(ext)).toBe(true);
+    await clean(f);
   });
 });
