@@ -331,6 +331,7 @@ export abstract class Job {
 
   /** Cancels (internal callers skip the verb check, as QEMU's job_cancel). */
   async cancel(force: boolean): Promise<void> {
+    if (this.status === 'null') return;
     if (this.status === 'concluded') {
       this.doDismiss();
       return;

@@ -296,13 +296,15 @@ describe('job life cycle', () => {
     await job.whenConcluded();
   });
 
-  it('early fail drops a created job', () => {
+  it('early fail drops a created job; cancelling it afterwards does nothing', async () => {
     const m = new JobManager();
     const ev = recordEvents(m);
     const job = new TestBlockJob(m, { id: 'j' });
     job.earlyFail();
     expect(timeline(ev)).toEqual(['created', 'null']);
     expect(m.all()).toEqual([]);
+    await job.cancel(true);
+    expect(timeline(ev)).toEqual(['created', 'null']);
   });
 });
 
