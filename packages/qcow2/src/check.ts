@@ -35,8 +35,33 @@ export interface Qcow2CheckResult {
 
 const COPIED = 0x80000000;
 
+/** References per host cluster, in a typed array that grows (no per-cluster objects). */
+class ClusterCounts {
+  private a: Uint32Array;
+  /** One past the highest cluster counted. */
+  end = 0;
+
+  constructor(clusters: number) {
+    this.a = new Uint32Array(Math.max(16, clusters));
+  }
+
+  inc(c: number): void {
+    if (c >= this.a.length) {
+      const n = new Uint32Array(Math.max(c + 1, this.a.length * 2));
+      n.set(this.a);
+      this.a = n;
+    }
+    this.a[c]!++;
+    if (c >= this.end) this.end = c + 1;
+  }
+
+  get(c: number): number {
+    return c < this.a.length ? this.a[c]! : 0;
+  }
+}
+
 interface Counter {
-  refs: Map<number, number>;
+  refs: ClusterCounts;
   corruptions: number;
   messages: string[];
 }
@@ -57,13 +82,13 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
   const cs = 2 ** h.clusterBits;
   if (cs > 65536) h = parseHeader(await readBuf(s, 0, Math.min(fileLength, cs)), fileLength);
   const nbClusters = Math.ceil(fileLength / cs);
-  const ctr: Counter = { refs: new Map(), corruptions: 0, messages: [] };
+  const ctr: Counter = { refs: new ClusterCounts(nbClusters), corruptions: 0, messages: [] };
   const err = (msg: string) => {
     ctr.corruptions++;
     ctr.messages.push(`ERROR ${msg}`);
   };
   const inc = (off: number, bytes: number) => {
-    for (let c = Math.floor(off / cs); c * cs < off + bytes; c++) ctr.refs.set(c, (ctr.refs.get(c) ?? 0) + 1);
+    for (let c = Math.floor(off / cs); c * cs < off + bytes; c++) ctr.refs.inc(c);
   };
   const stats = { allocated: 0, fragmented: 0, compressed: 0 };
 
@@ -195,15 +220,9 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
   let leaksFixed = 0;
   let corrFixed = 0;
   // Like qemu-img: stored refcounts past the end of the file (and of every reference) are not looked at.
-  let span = nbClusters;
-  for (const c of ctr.refs.keys()) span = Math.max(span, c + 1);
-  const clusters = new Set<number>(ctr.refs.keys());
-  for (const [i, b] of blocks) {
-    const n = Math.min(perBlock, span - i * perBlock);
-    for (let k = 0; k < n; k++) if (refGet(b.data, k, bits) !== 0) clusters.add(i * perBlock + k);
-  }
-  for (const c of [...clusters].sort((a, b) => a - b)) {
-    const want = ctr.refs.get(c) ?? 0;
+  const span = Math.max(nbClusters, ctr.refs.end);
+  for (let c = 0; c < span; c++) {
+    const want = ctr.refs.get(c);
     const have = stored(c);
     if (have === want) continue;
     const block = blocks.get(Math.floor(c / perBlock));
@@ -229,8 +248,7 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
   for (const b of blocks.values()) if (b.dirty) await s.write(b.off, b.data);
   if (leaksFixed || corrFixed) await s.flush();
 
-  let end = 0;
-  for (const c of ctr.refs.keys()) end = Math.max(end, c + 1);
+  const end = ctr.refs.end;
   const res: Qcow2CheckResult = {
     'image-end-offset': end * cs,
     'total-clusters': Math.ceil(h.size / cs),
