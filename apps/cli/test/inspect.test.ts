@@ -1,7 +1,7 @@
 import { copyFileSync, writeFileSync } from 'node:fs';
-import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { blockrep, blockrepJson, damageQcow2, makeChain } from './helpers';
+import { blockrep, blockrepJson, damageQcow2, makeChain, qemuImg, qemuImgJson, qemuIo } from './helpers';
 
 const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
 

@@ -1,7 +1,7 @@
 import { writeFileSync } from 'node:fs';
-import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { bin, blockrep, blockrepJson, makeChain } from './helpers';
+import { bin, blockrep, blockrepJson, makeChain, qemuImg, qemuImgJson, qemuIo, run } from './helpers';
 
 const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
 
@@ -31,7 +31,7 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
   it.runIf(hasPeer('script'))('convert draws a progress bar on a terminal only', async () => {
     const { dir, top } = await makeChain();
     const out = dir.file('tty.qcow2');
-    const r = await runPeer('script', ['-qec', `node ${bin} convert -O qcow2 ${top} ${out}`, '/dev/null']);
+    const r = await run('script', ['-qec', `node ${bin} convert -O qcow2 ${top} ${out}`, '/dev/null']);
     expect(r.stdout).toMatch(/^ {4}\(0\.00\/100%\)\r/);
     expect(r.stdout).toContain('    (100.00/100%)\r');
     await qemuImg(['compare', top, out]);
@@ -120,6 +120,27 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     await qemuImg(['check', ov]);
     const map = await qemuImgJson<{ depth: number }[]>(['map', ov]);
     expect(map.every((e) => e.depth === 1)).toBe(true);
+    const solo = dir.file('solo.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', solo, '1M']);
+    const none = await blockrep(['commit', solo], [1]);
+    const theirs = await qemuImg(['commit', solo], { okCodes: [1] });
+    expect(none.stderr.replace('blockrep:', '')).toBe(theirs.stderr.replace('qemu-img:', ''));
+  });
+
+  it('commit -b: a whole chain into a deeper base, the top left as it was (as qemu-img)', async () => {
+    const { dir, base, mid, top } = await makeChain();
+    const expected = dir.file('expected.raw');
+    await qemuImg(['convert', '-O', 'raw', top, expected]);
+    const topMap = (await qemuImg(['map', '--output=json', top])).stdout;
+    await blockrep(['commit', '-b', base, top]);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'raw', base, expected]);
+    await qemuImg(['compare', top, expected]);
+    // Nothing emptied: the top's own allocation is unchanged.
+    expect((await qemuImg(['map', '--output=json', top])).stdout).toBe(topMap);
+    const wrong = await blockrep(['commit', '-b', dir.file('other.qcow2'), mid], [1]);
+    expect(wrong.stderr).toBe(
+      `blockrep: Did not find '${dir.file('other.qcow2')}' in the backing chain of '${mid}'\n`,
+    );
   });
 
   it('bench prints qemu-img bench lines; -w --pattern writes the pattern', async () => {
@@ -167,7 +188,7 @@ describe('CLI basics', () => {
   });
 
   it('demo still runs', async () => {
-    const r = await runPeer('node', [new URL('../bin/blockrep.mjs', import.meta.url).pathname, 'demo']);
+    const r = await blockrep(['demo']);
     expect(r.stdout).toContain('read back: "hello from blockrep"');
   });
 });

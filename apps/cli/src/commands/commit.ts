@@ -1,21 +1,28 @@
-import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { type BlockNode, blockStatus } from '@blockrep/block';
+import { resolve } from 'node:path';
+import { type BlockNode, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { attachBackend, imageGraph, openImage, qcow2Of, runInFlight } from '../image';
+import { attachBackend, backingChain, imageGraph, openImage, runInFlight } from '../image';
 import { ProgressBar } from '../progress';
 
 const CHUNK = 2 << 20;
 
-/** The overlay's own extents (allocated in it, not in its backing file). */
-async function ownExtents(node: BlockNode): Promise<{ offset: number; bytes: number; zero: boolean }[]> {
-  const out: { offset: number; bytes: number; zero: boolean }[] = [];
-  for (let off = 0; off < node.length; ) {
-    const st = await blockStatus(node, off, node.length - off);
+interface Extent {
+  offset: number;
+  bytes: number;
+  zero: boolean;
+}
+
+/** What the images above base provide (data or zeroes), in chunks of at most CHUNK. */
+async function extentsAbove(top: BlockNode, base: BlockNode): Promise<Extent[]> {
+  const out: Extent[] = [];
+  for (let off = 0; off < top.length; ) {
+    const st = await blockStatusAbove(top, base, off, top.length - off);
     const n = Math.max(1, st.bytes);
-    if (st.allocated) {
+    if (st.allocated || st.zero) {
+      const zero = st.zero && !st.data;
       for (let o = off; o < off + n; o += CHUNK)
-        out.push({ offset: o, bytes: Math.min(CHUNK, off + n - o), zero: st.zero && !st.data });
+        out.push({ offset: o, bytes: Math.min(CHUNK, off + n - o), zero });
     }
     off += n;
   }
@@ -23,32 +30,35 @@ async function ownExtents(node: BlockNode): Promise<{ offset: number; bytes: num
 }
 
 /**
- * blockrep commit [-f fmt] [-b base] [-d] [-p] [-q] FILE: writes the overlay's data into its
- * backing file, then empties the overlay (unless -d), as qemu-img commit does.
+ * blockrep commit [-f fmt] [-b base] [-d] [-p] [-q] FILE: writes what the images above base
+ * (default: FILE's backing file) hold into base. FILE is then emptied unless -d or -b is given,
+ * as qemu-img commit does.
  */
 export async function commitCommand(args: string[]): Promise<number> {
   const p = parseArgs(args, ['-f', '-b', '-t', '-r']);
   const file = p.positional[0];
   if (!file) throw new CliFailure('Expecting one image file name');
-  const g = imageGraph();
-  let base: string;
+  const wanted = optString(p, '-b');
+  // The chain is read in one graph; the base is written through a second, writable open.
+  const reader = imageGraph();
+  const writer = imageGraph();
   try {
-    // The overlay alone (its own data), and the backing file opened writable beside it.
-    const top = await openImage(g, file, { format: optString(p, '-f'), backing: null });
-    const image = qcow2Of(top);
-    const backingName = image?.header.backingFile;
-    if (!image || !backingName) throw new CliFailure(`${file}: Image does not have a backing file`);
-    base = isAbsolute(backingName) ? backingName : join(dirname(file), backingName);
-    const wanted = optString(p, '-b');
-    if (wanted !== undefined && resolve(wanted) !== resolve(base))
-      throw new CliFailure(`${file}: only the image's own backing file can be the base ('${base}')`);
-    const baseNode = await openImage(g, base, { format: image.header.backingFormat, readOnly: false });
-    const from = attachBackend(g, top, false);
-    const to = attachBackend(g, baseNode, true);
-    if (baseNode.length < top.length) await to.truncate(top.length, { exact: false, prealloc: 'off' });
-    const extents = await ownExtents(top);
-    const total = extents.reduce((s, e) => s + e.bytes, 0);
-    const bar = new ProgressBar(total, p.opts.has('-p') || !p.opts.has('-q'));
+    const top = await openImage(reader, file, { format: optString(p, '-f') });
+    const chain = backingChain(top);
+    if (chain.length < 2) throw new CliFailure('Image does not have a backing file');
+    const base =
+      wanted === undefined ? chain[1]! : chain.find((n) => resolve(n.filename) === resolve(wanted));
+    if (!base || base === top)
+      throw new CliFailure(`Did not find '${wanted}' in the backing chain of '${file}'`);
+    const target = await openImage(writer, base.filename, { format: base.driver.name, readOnly: false });
+    const from = attachBackend(reader, top, false);
+    const to = attachBackend(writer, target, true);
+    if (target.length < top.length) await to.truncate(top.length, { exact: false, prealloc: 'off' });
+    const extents = await extentsAbove(top, base);
+    const bar = new ProgressBar(
+      extents.reduce((s, e) => s + e.bytes, 0),
+      !p.opts.has('-q'),
+    );
     let done = 0;
     let next = 0;
     await runInFlight(8, () => {
@@ -64,15 +74,16 @@ export async function commitCommand(args: string[]): Promise<number> {
     await to.flush();
     bar.finish();
   } finally {
-    await g.closeAll();
+    await reader.closeAll();
+    await writer.closeAll();
   }
-  if (!p.opts.has('-d')) {
-    const g2 = imageGraph();
+  if (!p.opts.has('-d') && wanted === undefined) {
+    const g = imageGraph();
     try {
-      const top = await openImage(g2, file, { format: optString(p, '-f'), backing: null, readOnly: false });
-      await attachBackend(g2, top, true).makeEmpty();
+      const top = await openImage(g, file, { format: optString(p, '-f'), backing: null, readOnly: false });
+      await attachBackend(g, top, true).makeEmpty();
     } finally {
-      await g2.closeAll();
+      await g.closeAll();
     }
   }
   if (!p.opts.has('-q')) process.stdout.write('Image committed.\n');
