@@ -248,14 +248,12 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     parts.push(...iov);
     if (tail) {
       const last = lookupCached(img, offset + bytes, tail) ?? (await lookup(img, offset + bytes, tail));
-      if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail && fresh)) {
-        if (readsAsZero(img, last, offset + bytes) && last.bytes >= tail) parts.push(zeroBuffer(tail));
-        else {
-          const tb = Buffer.allocUnsafe(tail);
-          await readRange(img, offset + bytes, tail, [tb]);
-          parts.push(tb);
-        }
-      }
+      // Zeroes need no write into fresh clusters (past the end of the file they read as zeroes).
+      if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail)) {
+        const tb = Buffer.allocUnsafe(tail);
+        await readRange(img, offset + bytes, tail, [tb]);
+        parts.push(tb);
+      } else if (!fresh) parts.push(zeroBuffer(tail));
     }
     await img.storage.write(writeAt, parts);
     await setEntries(img, cStart, n, (k) => [host + k * cs, true, false]);
