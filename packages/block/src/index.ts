@@ -14,6 +14,7 @@ export {
   unblockAllOps,
   unblockOp,
 } from './blockers';
+export { BufferPool } from './buffer-pool';
 export { addDirtyBitmap, DirtyBitmap, findDirtyBitmap, removeDirtyBitmap } from './dirty-bitmap';
 export {
   type BlockDriver,

@@ -115,7 +115,8 @@ export abstract class BlockJob extends Job {
   }
 
   private setSpeedValue(speed: number): void {
-    if (!Number.isSafeInteger(speed) || speed < 0) throw new BlockError("Parameter 'speed' expects a non-negative value");
+    if (!Number.isSafeInteger(speed) || speed < 0)
+      throw new BlockError("Parameter 'speed' expects a non-negative value");
     this.limit.setSpeed(speed);
     this.speed = speed;
   }

@@ -15,7 +15,15 @@ export const JOB_STATUSES = [
 export type JobStatus = (typeof JOB_STATUSES)[number];
 
 /** The commands a user can send a job (QAPI JobVerb). */
-export const JOB_VERBS = ['cancel', 'pause', 'resume', 'set-speed', 'complete', 'finalize', 'dismiss'] as const;
+export const JOB_VERBS = [
+  'cancel',
+  'pause',
+  'resume',
+  'set-speed',
+  'complete',
+  'finalize',
+  'dismiss',
+] as const;
 export type JobVerb = (typeof JOB_VERBS)[number];
 
 /** The kinds of job (QAPI JobType). */

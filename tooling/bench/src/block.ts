@@ -1,12 +1,19 @@
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
-import { makeTempDirPlain, runPeer } from './util';
 import { benchOffsets, qemuImgBench } from './qemu-img-bench';
 import type { BenchRow } from './types';
+import { makeTempDirPlain, runPeer } from './util';
 
 const SIZE = 1 << 30;
 
 /** Our side of qemu-img bench: the same offsets, the same depth, one reused buffer per slot. */
-async function oursBench(file: string, write: boolean, count: number, depth: number, bufsize: number, step: number) {
+async function oursBench(
+  file: string,
+  write: boolean,
+  count: number,
+  depth: number,
+  bufsize: number,
+  step: number,
+) {
   const g = createGraph();
   const node = await g.open({ driver: 'raw', file: { driver: 'file', filename: file } });
   const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
@@ -47,8 +54,22 @@ export async function run(): Promise<BenchRow[]> {
   const file = `${dir}/bench.raw`;
   await runPeer('qemu-img', ['create', '-f', 'raw', '-o', 'preallocation=falloc', file, String(SIZE)]);
   const workloads: Workload[] = [
-    { name: 'block 4k random write qd16', write: true, bufsize: 4096, step: 4096 * 7919, depth: 16, count: 100_000 },
-    { name: 'block 4k random read qd16', write: false, bufsize: 4096, step: 4096 * 7919, depth: 16, count: 100_000 },
+    {
+      name: 'block 4k random write qd16',
+      write: true,
+      bufsize: 4096,
+      step: 4096 * 7919,
+      depth: 16,
+      count: 100_000,
+    },
+    {
+      name: 'block 4k random read qd16',
+      write: false,
+      bufsize: 4096,
+      step: 4096 * 7919,
+      depth: 16,
+      count: 100_000,
+    },
     { name: 'block 1M seq write qd8', write: true, bufsize: 1 << 20, step: 1 << 20, depth: 8, count: 2048 },
     { name: 'block 1M seq read qd8', write: false, bufsize: 1 << 20, step: 1 << 20, depth: 8, count: 2048 },
   ];

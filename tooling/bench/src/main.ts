@@ -34,7 +34,9 @@ function print(r: BenchRow) {
     header = true;
   }
   const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(12);
-  console.log(`${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${(r.ours / r.qemu).toFixed(2)}`);
+  console.log(
+    `${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${(r.ours / r.qemu).toFixed(2)}`,
+  );
 }
 
 main().catch((e) => {

@@ -12,7 +12,17 @@ export interface ImgBenchOptions {
 
 /** Runs `qemu-img bench` and returns the seconds it reports for the run itself. */
 export async function qemuImgBench(file: string, o: ImgBenchOptions): Promise<number> {
-  const args = ['bench', '-f', o.format, '-c', String(o.count), '-d', String(o.depth), '-s', String(o.bufsize)];
+  const args = [
+    'bench',
+    '-f',
+    o.format,
+    '-c',
+    String(o.count),
+    '-d',
+    String(o.depth),
+    '-s',
+    String(o.bufsize),
+  ];
   args.push('-S', String(o.step), '-t', 'writeback', '-i', 'threads');
   if (o.write) args.push('-w');
   if (o.flushInterval) args.push(`--flush-interval=${o.flushInterval}`);

@@ -8,3 +8,58 @@ export { runPeer } from '@blockrep/test-kit';
 export function makeTempDirPlain(): string {
   return mkdtempSync(join(tmpdir(), 'blockrep-bench-'));
 }
+
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join as joinPath } from 'node:path';
+import { QmpClient } from '@blockrep/qmp';
+
+export interface QmpProcess {
+  qmp: QmpClient;
+  proc: ChildProcess;
+  stop(): Promise<void>;
+}
+
+const BLOCKREPD = joinPath(
+  dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json')),
+  'bin',
+  'blockrepd.mjs',
+);
+
+/** Starts blockrepd or qemu-storage-daemon with a QMP socket and connects to it. */
+export async function startQmpDaemon(kind: 'blockrepd' | 'qsd', qmpPath: string): Promise<QmpProcess> {
+  const proc =
+    kind === 'blockrepd'
+      ? spawn(process.execPath, [BLOCKREPD, '--qmp', `unix:${qmpPath}`, '--log-level', 'warn'], {
+          stdio: 'ignore',
+        })
+      : spawn(
+          'qemu-storage-daemon',
+          ['--chardev', `socket,id=q,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=q'],
+          {
+            stdio: 'ignore',
+          },
+        );
+  for (let i = 0; i < 400 && !existsSync(qmpPath); i++) {
+    if (proc.exitCode !== null) throw new Error(`${kind} exited early`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  const qmp = await QmpClient.connect({ path: qmpPath });
+  return {
+    qmp,
+    proc,
+    stop: async () => {
+      if (proc.exitCode !== null) return;
+      const gone = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGTERM');
+      await gone;
+    },
+  };
+}
+
+/** Seconds between now and when the job reaches a status. */
+export async function timeJob(qmp: QmpClient, id: string, status: string, start: bigint): Promise<number> {
+  await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.id === id && e.data?.status === status, 600_000);
+  return Number(process.hrtime.bigint() - start) / 1e9;
+}

@@ -13,6 +13,7 @@ import {
 } from '@blockrep/block';
 import { errorAction, type OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions } from '../block-job';
+import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 import { CopyError } from './block-copy';
 import { cbwDriver, cbwState } from './cbw';
@@ -38,6 +39,8 @@ export interface BackupOptions extends BlockJobOptions {
 }
 
 const CHUNK = 1 << 20;
+/** Chunks copied at once by the background copy. */
+const INFLIGHT = 8;
 
 /**
  * The backup job (QEMU's blockdev-backup): a copy-before-write filter goes above the source for
@@ -139,40 +142,82 @@ export class BackupJob extends BlockJob {
       return;
     }
     const bcs = cbwState(this.filter!).bcs;
-    const targetZero = this.sync === 'full';
+    const inflight = new Inflight<{ offset: number; len: number; error: unknown }>(INFLIGHT);
+    const handleFailures = async () => {
+      for (const r of inflight.take()) if (r.error) await this.copyFailed(r.offset, r.len, r.error, inflight);
+    };
+    let cursor = 0;
     for (;;) {
-      const next = bcs.bitmap.nextDirty(0);
-      if (next < 0 || this.isCancelled) return;
-      const len = Math.min(CHUNK, bcs.length - next);
-      await this.pausePoint();
-      if (this.isCancelled) return;
-      try {
-        if (targetZero && (await this.zeroInSourceAndTarget(next, len))) {
-          const unlock = await bcs.lockRange(next, len);
-          const skipped = [...bcs.bitmap.dirtyExtents(next, len)].reduce((a, [, n]) => a + n, 0);
-          bcs.bitmap.reset(next, len);
-          unlock();
-          this.progressUpdate(skipped);
-        } else {
-          this.rateLimitAccount(await bcs.copy(next, len));
-        }
-        await this.rateLimitSleep();
-      } catch (e) {
-        if (!(e instanceof CopyError)) throw e;
-        const policy = (e.isRead ? this.opts.onSourceError : this.opts.onTargetError) ?? 'report';
-        const action = errorAction(policy, e.error);
-        this.reportIoError(e.isRead ? 'read' : 'write', action);
-        if (action === 'report') throw e.error;
-        if (action === 'ignore') {
-          // Skip the extent: it stays uncopied in the target.
-          const skipped = [...bcs.bitmap.dirtyExtents(next, len)].reduce((a, [, n]) => a + n, 0);
-          bcs.bitmap.reset(next, len);
-          this.progressUpdate(skipped);
-        } else {
-          this.userPausedByError();
-          await this.pausePoint();
-        }
+      // Failed copies come back here, where the error policy (and pausing) can act on them.
+      await handleFailures();
+      if (this.isCancelled) break;
+      const next = bcs.bitmap.nextDirty(cursor);
+      if (next < 0) {
+        // The end of a pass: done once nothing is in flight and nothing is left to copy.
+        await inflight.drain();
+        await handleFailures();
+        if (this.isCancelled || bcs.bitmap.nextDirty(0) < 0) break;
+        cursor = 0;
+        continue;
       }
+      const len = Math.min(CHUNK, bcs.length - next);
+      cursor = next + len;
+      if (this.shouldPause) await inflight.drain();
+      await this.pausePoint();
+      if (this.isCancelled) break;
+      await inflight.room();
+      inflight.add(async () => {
+        try {
+          await this.copyChunk(next, len);
+          return { offset: next, len, error: null };
+        } catch (e) {
+          return { offset: next, len, error: e };
+        }
+      });
+      await this.rateLimitSleep();
+    }
+    await inflight.drain();
+  }
+
+  /** Copies one chunk: skipped when full backup finds zeroes on both sides. */
+  private async copyChunk(offset: number, len: number): Promise<void> {
+    const bcs = cbwState(this.filter!).bcs;
+    if (this.sync === 'full' && (await this.zeroInSourceAndTarget(offset, len))) {
+      const unlock = await bcs.lockRange(offset, len);
+      const skipped = bcs.dirtyBytes(offset, len);
+      bcs.bitmap.reset(offset, len);
+      unlock();
+      this.progressUpdate(skipped);
+      return;
+    }
+    this.rateLimitAccount(await bcs.copy(offset, len));
+  }
+
+  /** A failed chunk: report (fail the job), ignore (skip it) or stop (pause, then retry). */
+  private async copyFailed(
+    offset: number,
+    len: number,
+    e: unknown,
+    inflight: Inflight<unknown>,
+  ): Promise<void> {
+    if (!(e instanceof CopyError)) throw e;
+    const bcs = cbwState(this.filter!).bcs;
+    const policy = (e.isRead ? this.opts.onSourceError : this.opts.onTargetError) ?? 'report';
+    const action = errorAction(policy, e.error);
+    this.reportIoError(e.isRead ? 'read' : 'write', action);
+    if (action === 'report') {
+      await inflight.drain();
+      throw e.error;
+    }
+    if (action === 'ignore') {
+      // Skip the extent: it stays uncopied in the target.
+      const skipped = bcs.dirtyBytes(offset, len);
+      bcs.bitmap.reset(offset, len);
+      this.progressUpdate(skipped);
+    } else {
+      await inflight.drain();
+      this.userPausedByError();
+      await this.pausePoint();
     }
   }
 

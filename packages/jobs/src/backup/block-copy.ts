@@ -1,4 +1,4 @@
-import { type BlockChild, DirtyBitmap, RangeLock, toBlockError } from '@blockrep/block';
+import { type BlockChild, BufferPool, DirtyBitmap, RangeLock, toBlockError } from '@blockrep/block';
 
 /** Which side of a copy failed (for the job's on-source-error / on-target-error). */
 export class CopyError extends Error {
@@ -19,6 +19,7 @@ export class CopyError extends Error {
 export class BlockCopy {
   readonly bitmap: DirtyBitmap;
   private readonly lock = new RangeLock();
+  private readonly buffers = new BufferPool(1 << 20);
   /** Told of every extent copied, by the filter or the job (the job's progress). */
   onCopied: ((bytes: number) => void) | null = null;
 
@@ -52,20 +53,25 @@ export class BlockCopy {
   async copyLocked(offset: number, bytes: number): Promise<number> {
     const [start, end] = this.clusterRange(offset, bytes);
     let copied = 0;
-    for (const [off, len] of [...this.bitmap.dirtyExtents(start, end - start, 1 << 20)]) {
+    for (const [off, len] of [...this.bitmap.dirtyExtents(start, end - start, this.buffers.size)]) {
       this.bitmap.reset(off, len);
-      let buf: Buffer;
+      const whole = this.buffers.get();
+      const buf = whole.subarray(0, len);
       try {
-        buf = await this.source.read(off, len);
-      } catch (e) {
-        this.bitmap.set(off, len);
-        throw new CopyError(true, toBlockError(e));
-      }
-      try {
-        await this.target.write(off, buf);
-      } catch (e) {
-        this.bitmap.set(off, len);
-        throw new CopyError(false, toBlockError(e));
+        try {
+          await this.source.readv(off, len, [buf]);
+        } catch (e) {
+          this.bitmap.set(off, len);
+          throw new CopyError(true, toBlockError(e));
+        }
+        try {
+          await this.target.write(off, buf);
+        } catch (e) {
+          this.bitmap.set(off, len);
+          throw new CopyError(false, toBlockError(e));
+        }
+      } finally {
+        this.buffers.put(whole);
       }
       copied += len;
       this.onCopied?.(len);
@@ -81,6 +87,13 @@ export class BlockCopy {
     } finally {
       unlock();
     }
+  }
+
+  /** How many bytes of [offset, offset+bytes) still need copying. */
+  dirtyBytes(offset: number, bytes: number): number {
+    let n = 0;
+    for (const [, len] of this.bitmap.dirtyExtents(offset, bytes)) n += len;
+    return n;
   }
 
   /** A checkpoint: every cluster needs copying again before it is next overwritten. */

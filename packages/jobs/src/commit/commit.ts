@@ -4,6 +4,7 @@ import {
   BlockError,
   type BlockNode,
   BlockOp,
+  BufferPool,
   blockAllOps,
   type DirtyBitmap,
   isAllocatedAbove,
@@ -15,6 +16,7 @@ import {
 } from '@blockrep/block';
 import { errorAction, type OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions } from '../block-job';
+import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 
 export interface CommitOptions extends BlockJobOptions {
@@ -30,6 +32,15 @@ export interface CommitOptions extends BlockJobOptions {
 }
 
 const CHUNK = 1 << 20;
+/** Extents copied at once (QEMU's mirror keeps up to 16 MiB in flight). */
+const INFLIGHT = 8;
+
+interface CopyResult {
+  offset: number;
+  bytes: number;
+  error: unknown;
+  isRead: boolean;
+}
 const GRANULARITY = 65536;
 
 /** The nodes of the chain from top down to (not including) base; throws if base is not below. */
@@ -62,6 +73,7 @@ abstract class CommitBase extends BlockJob {
   protected topBlk!: BlockBackend;
   protected baseBlk!: BlockBackend;
   private readonly blocker: Error;
+  private readonly buffers = new BufferPool(CHUNK);
   private baseWasReadOnly = false;
   private blockedNodes: BlockNode[] = [];
 
@@ -106,30 +118,43 @@ abstract class CommitBase extends BlockJob {
     await this.base.graph.reopenMultiple([{ node: this.base, readOnly: true }]).catch(() => {});
   }
 
-  /** Copies top's view of [offset, offset+bytes) into base; errors go through on-error. */
-  protected async copyExtent(offset: number, bytes: number): Promise<boolean> {
-    for (;;) {
-      let isRead = true;
-      try {
-        const buf = await this.topBlk.read(offset, bytes);
-        isRead = false;
-        await this.baseBlk.write(offset, buf);
-        this.rateLimitAccount(bytes);
-        return true;
-      } catch (e) {
-        const action = errorAction(this.opts.onError ?? 'report', e);
-        this.reportIoError(isRead ? 'read' : 'write', action);
-        if (action === 'report') throw e;
-        if (action === 'ignore') return false;
-        // stop: pause until the user resumes, then retry.
-        if (!this.userPaused) {
-          this.userPaused = true;
-          this.pause();
-        }
-        await this.pausePoint();
-        if (this.isCancelled) return false;
-      }
+  /** Copies top's view of [offset, offset+bytes) into base; says which side failed, if one did. */
+  protected async copy(offset: number, bytes: number): Promise<CopyResult> {
+    let isRead = true;
+    const whole = this.buffers.get();
+    try {
+      const buf = whole.subarray(0, bytes);
+      await this.topBlk.readv(offset, [buf]);
+      isRead = false;
+      await this.baseBlk.write(offset, buf);
+      this.rateLimitAccount(bytes);
+      return { offset, bytes, error: null, isRead };
+    } catch (e) {
+      return { offset, bytes, error: e, isRead };
+    } finally {
+      this.buffers.put(whole);
     }
+  }
+
+  /**
+   * A failed copy under on-error: report fails the job, ignore drops the extent, stop pauses the
+   * job until the user resumes it. Returns whether the extent should be copied again.
+   */
+  protected async copyFailed(r: CopyResult, inflight: Inflight<CopyResult>): Promise<boolean> {
+    const action = errorAction(this.opts.onError ?? 'report', r.error);
+    this.reportIoError(r.isRead ? 'read' : 'write', action);
+    if (action === 'report') {
+      await inflight.drain();
+      throw r.error;
+    }
+    if (action === 'ignore') return false;
+    await inflight.drain();
+    if (!this.userPaused) {
+      this.userPaused = true;
+      this.pause();
+    }
+    await this.pausePoint();
+    return !this.isCancelled;
   }
 
   /** Grows base to top's length if it is shorter (QEMU resizes the base too). */
@@ -152,16 +177,43 @@ export class CommitJob extends CommitBase {
     await this.growBase();
     const len = this.top.length;
     this.progressSetRemaining(len);
-    for (let off = 0; off < len; ) {
+    const inflight = new Inflight<CopyResult>(INFLIGHT);
+    const retry: [number, number][] = [];
+    const settle = async () => {
+      for (const r of inflight.take()) {
+        if (!r.error) continue;
+        if (await this.copyFailed(r, inflight)) retry.push([r.offset, r.bytes]);
+      }
+    };
+    for (let off = 0; off < len || retry.length; ) {
+      await settle();
+      if (this.shouldPause) await inflight.drain();
       await this.pausePoint();
-      if (this.isCancelled) return;
-      const n = Math.min(CHUNK, len - off);
-      const a = await isAllocatedAbove(this.top, this.base, false, off, n);
-      if (a.allocated) await this.copyExtent(off, a.bytes);
-      this.progressUpdate(a.bytes);
-      off += a.bytes;
+      if (this.isCancelled) break;
+      let start: number;
+      let n: number;
+      let allocated: boolean;
+      const again = retry.shift();
+      if (again) [start, n, allocated] = [again[0], again[1], true];
+      else {
+        start = off;
+        const a = await isAllocatedAbove(this.top, this.base, false, off, Math.min(CHUNK, len - off));
+        n = a.bytes;
+        allocated = a.allocated;
+        off += n;
+        this.progressUpdate(n);
+      }
+      if (allocated) {
+        await inflight.room();
+        inflight.add(() => this.copy(start, n));
+      }
       await this.rateLimitSleep();
+      if (off >= len && !retry.length) {
+        await inflight.drain();
+        await settle();
+      }
     }
+    await inflight.drain();
     await this.baseBlk.flush();
   }
 
@@ -210,8 +262,14 @@ export class ActiveCommitJob extends CommitBase {
       off += a.bytes;
     }
     this.progressSetRemaining(dirty.count());
+    const inflight = new Inflight<CopyResult>(INFLIGHT);
     for (;;) {
-      if (this.cancelled) return; // a hard cancel, or a soft one after READY
+      for (const r of inflight.take()) {
+        if (!r.error) this.progressUpdate(r.bytes);
+        else if (await this.copyFailed(r, inflight)) dirty.set(r.offset, r.bytes);
+      }
+      if (this.cancelled) break; // a hard cancel, or a soft one after READY
+      if (this.shouldPause) await inflight.drain();
       await this.pausePoint();
       const next = dirty.nextDirty(0);
       if (next >= 0) {
@@ -219,9 +277,13 @@ export class ActiveCommitJob extends CommitBase {
         const n = Math.min(CHUNK, (end < 0 ? len : end) - next, len - next);
         // Clear first: a write that lands while we copy marks the range again.
         dirty.reset(next, n);
-        if (!(await this.copyExtent(next, n))) continue;
-        this.progressUpdate(n);
+        await inflight.room();
+        inflight.add(() => this.copy(next, n));
         await this.rateLimitSleep();
+        continue;
+      }
+      if (inflight.size) {
+        await inflight.drain();
         continue;
       }
       this.progressSetRemaining(0);
@@ -229,10 +291,11 @@ export class ActiveCommitJob extends CommitBase {
         this.transitionToReady();
         if (this.opts.autoComplete) this.shouldComplete = true;
       }
-      if (this.shouldComplete) return;
+      if (this.shouldComplete) break;
       await this.sleep(10);
       this.progressSetRemaining(dirty.count());
     }
+    await inflight.drain();
   }
 
   /** With the guest quiesced: copy what is left, then move top's users onto base. */
@@ -243,7 +306,8 @@ export class ActiveCommitJob extends CommitBase {
     await g.drained(this.top, async () => {
       for (const [off, n] of [...dirty.dirtyExtents(0, this.top.length, CHUNK)]) {
         dirty.reset(off, n);
-        await this.copyExtent(off, n);
+        const r = await this.copy(off, n);
+        if (r.error) throw r.error;
       }
       await this.baseBlk.flush();
       removeDirtyBitmap(this.top, dirty);

@@ -1,0 +1,102 @@
+import { copyFileSync, rmSync } from 'node:fs';
+import type { BenchRow } from './types';
+import { makeTempDirPlain, runPeer, startQmpDaemon, timeJob } from './util';
+
+/*
+ * Block jobs, ours (blockrepd) beside qemu-storage-daemon, both driven over QMP on copies of the
+ * same images: a full backup of a 1 GiB qcow2 image full of data, and an active commit of 512 MiB
+ * of data from an overlay into its base. Figures are MiB/s of the job's data (wall clock from the
+ * command to the job's end).
+ */
+
+const GiB = 1 << 30;
+
+async function prepare(dir: string) {
+  const q = (args: string[]) => runPeer('qemu-img', args, { timeoutMs: 600_000 });
+  await q(['create', '-f', 'qcow2', `${dir}/src.qcow2`, String(GiB)]);
+  await runPeer('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 1G', `${dir}/src.qcow2`], {
+    timeoutMs: 600_000,
+  });
+  await q(['create', '-f', 'qcow2', `${dir}/tgt.qcow2`, String(GiB)]);
+  await q(['create', '-f', 'qcow2', `${dir}/base.qcow2`, String(GiB)]);
+  await q(['create', '-f', 'qcow2', '-b', `${dir}/base.qcow2`, '-F', 'qcow2', `${dir}/top.qcow2`]);
+  await runPeer('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x6b 0 512M', `${dir}/top.qcow2`], {
+    timeoutMs: 600_000,
+  });
+}
+
+async function backup(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
+  copyFileSync(`${dir}/src.qcow2`, `${work}/src.qcow2`);
+  copyFileSync(`${dir}/tgt.qcow2`, `${work}/tgt.qcow2`);
+  const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
+  try {
+    for (const n of ['src', 'tgt']) {
+      await d.qmp.execute('blockdev-add', {
+        driver: 'qcow2',
+        'node-name': n,
+        file: { driver: 'file', filename: `${work}/${n}.qcow2` },
+      });
+    }
+    const t0 = process.hrtime.bigint();
+    await d.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 'src', target: 'tgt', sync: 'full' });
+    return await timeJob(d.qmp, 'b', 'null', t0);
+  } finally {
+    await d.stop();
+  }
+}
+
+async function commit(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
+  copyFileSync(`${dir}/base.qcow2`, `${work}/base.qcow2`);
+  copyFileSync(`${dir}/top.qcow2`, `${work}/top.qcow2`);
+  const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
+  try {
+    await d.qmp.execute('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'top',
+      file: { driver: 'file', filename: `${work}/top.qcow2` },
+      backing: {
+        driver: 'qcow2',
+        'node-name': 'base',
+        file: { driver: 'file', filename: `${work}/base.qcow2` },
+      },
+    });
+    const t0 = process.hrtime.bigint();
+    await d.qmp.execute('block-commit', { 'job-id': 'c', device: 'top' });
+    await d.qmp.waitEvent('BLOCK_JOB_READY', () => true, 600_000);
+    await d.qmp.execute('job-complete', { id: 'c' });
+    return await timeJob(d.qmp, 'c', 'null', t0);
+  } finally {
+    await d.stop();
+  }
+}
+
+export async function run(): Promise<BenchRow[]> {
+  const dir = makeTempDirPlain();
+  const work = makeTempDirPlain();
+  try {
+    await prepare(dir);
+    const best = async (fn: (k: 'blockrepd' | 'qsd') => Promise<number>) => {
+      let ours = Number.POSITIVE_INFINITY;
+      let qemu = Number.POSITIVE_INFINITY;
+      for (let i = 0; i < 2; i++) {
+        qemu = Math.min(qemu, await fn('qsd'));
+        ours = Math.min(ours, await fn('blockrepd'));
+      }
+      return { ours, qemu };
+    };
+    const b = await best((k) => backup(k, dir, work));
+    const c = await best((k) => commit(k, dir, work));
+    return [
+      {
+        name: 'jobs full backup 1 GiB (qcow2->qcow2)',
+        ours: 1024 / b.ours,
+        qemu: 1024 / b.qemu,
+        unit: 'MiB/s',
+      },
+      { name: 'jobs active commit 512 MiB', ours: 512 / c.ours, qemu: 512 / c.qemu, unit: 'MiB/s' },
+    ];
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+    rmSync(work, { recursive: true, force: true });
+  }
+}
