@@ -657,8 +657,9 @@ export class BlockGraph {
     for (let i = 0; i < states.length; i++) {
       const s = states[i]!;
       for (const c of s.node.children) {
-        if (c.role & ChildRole.COW || queued.has(c.node) || c.node.options['read-only'] !== undefined)
-          continue;
+        // Only children opened as part of the parent's options inherit; named nodes keep theirs.
+        if (c.role & ChildRole.COW || queued.has(c.node) || c.node.monitorOwned) continue;
+        if (c.node.options['read-only'] !== undefined) continue;
         queued.add(c.node);
         states.push({ node: c.node, readOnly: s.readOnly });
       }
