@@ -41,11 +41,26 @@ describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
         expect(ours).toBe(theirs);
       }),
     );
-    const standalone = makeTempDir().file('alone.qcow2');
-    await qemuImg(['create', '-q', '-f', 'qcow2', standalone, '4M']);
-    await qemuIo(['-f', 'qcow2', standalone], ['write -P 9 1M 64k', 'write -z 2M 128k']);
-    expect((await blockrep(['map', '--output=json', standalone])).stdout).toBe(
-      (await qemuImg(['map', '--output=json', standalone])).stdout,
+    // Zero clusters without a backing file, metadata preallocation (data in file holes), v2,
+    // compressed clusters.
+    const dir = makeTempDir();
+    const alone = dir.file('alone.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', alone, '4M']);
+    await qemuIo(['-f', 'qcow2', alone], ['write -P 9 1M 64k', 'write -z 2M 128k']);
+    const prealloc = dir.file('prealloc.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', prealloc, '2M']);
+    await qemuIo(['-f', 'qcow2', prealloc], ['write -P 1 64k 64k']);
+    const v2 = dir.file('v2.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, '4M']);
+    await qemuIo(['-f', 'qcow2', v2], ['write -P 1 0 64k', 'write -z 1M 64k']);
+    const compressed = dir.file('compressed.qcow2');
+    await qemuImg(['convert', '-c', '-O', 'qcow2', top, compressed]);
+    await Promise.all(
+      [alone, prealloc, v2, compressed].map(async (f) => {
+        expect((await blockrep(['map', '--output=json', f])).stdout).toBe(
+          (await qemuImg(['map', '--output=json', f])).stdout,
+        );
+      }),
     );
   });
 
