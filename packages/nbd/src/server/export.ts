@@ -133,7 +133,7 @@ export class NbdExport {
     try {
       this.backend.attach(node);
     } catch (e) {
-      void this.backend.detach();
+      this.backend.detach().catch(() => {});
       throw e;
     }
     for (const b of this.bitmaps) b.bitmap.busy = true;

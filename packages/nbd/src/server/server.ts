@@ -119,7 +119,7 @@ export class NbdServer extends EventEmitter {
       if (e.id === id) throw new BlockError(`Block export id '${id}' is already in use`);
     }
     const exp = new NbdExport(this.graph, { ...opts, name, id }, (x) => {
-      void this.deleteExport(x);
+      this.deleteExport(x).catch(() => {});
     });
     this.exportMap.set(name, exp);
     return exp.info();
