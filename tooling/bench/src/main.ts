@@ -33,10 +33,10 @@ function print(r: BenchRow) {
     console.log(`${'benchmark'.padEnd(44)} ${'ours'.padStart(12)} ${'qemu'.padStart(12)}  unit    ratio`);
     header = true;
   }
-  const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(12);
-  console.log(
-    `${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${(r.ours / r.qemu).toFixed(2)}`,
-  );
+  const fmt = (v: number) => (Number.isNaN(v) ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(12);
+  const ratio = Number.isNaN(r.qemu) ? '-' : (r.ours / r.qemu).toFixed(2);
+  const anchor = r.anchor ? `  (anchor: ${r.anchor})` : '';
+  console.log(`${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${ratio}${anchor}`);
 }
 
 main().catch((e) => {

@@ -4,4 +4,6 @@ export interface BenchRow {
   ours: number;
   qemu: number;
   unit: string;
+  /** What `qemu` measured when it is not QEMU (e.g. "replication off"); NaN when there is no anchor. */
+  anchor?: string;
 }

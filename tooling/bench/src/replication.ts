@@ -1,0 +1,185 @@
+import { rmSync } from 'node:fs';
+import type { QmpClient } from '@blockrep/qmp';
+import type { BenchRow } from './types';
+import { makeTempDirPlain, type QmpProcess, runPeer, startQmpDaemon } from './util';
+
+/*
+ * COLO replication in blockrepd: the primary guest's write throughput and 4 KiB IOPS through
+ * quorum + replication -> NBD -> secondary, beside the same primary with replication off (ratio
+ * on/off); the secondary's checkpoint time after 1 MiB and after 256 MiB were dirtied; the
+ * failover (active commit) time of 256 MiB. fio's nbd engine drives the guest export.
+ */
+
+const SIZE = 1 << 30;
+const RUNTIME = 3;
+
+async function fio(uri: string, rw: string, bs: string, depth: number): Promise<number> {
+  const r = await runPeer('fio', [
+    '--name=repl',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--rw=${rw}`,
+    `--bs=${bs}`,
+    `--iodepth=${depth}`,
+    '--size=512M',
+    `--runtime=${RUNTIME}`,
+    '--ramp_time=1',
+    '--time_based',
+    '--output-format=json',
+  ]);
+  const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
+  return bs === '4k' ? job.write.iops : job.write.bw / 1024;
+}
+
+async function qcow2(dir: string, name: string) {
+  await runPeer('qemu-img', ['create', '-f', 'qcow2', `${dir}/${name}.qcow2`, String(SIZE)]);
+}
+
+async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
+  for (const n of ['sec-disk', 'active', 'hidden']) await qcow2(dir, n);
+  const nbd = `${dir}/sec-nbd.sock`;
+  const d = await startQmpDaemon('blockrepd', `${dir}/sec-qmp.sock`);
+  const q = d.qmp;
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'sec-disk',
+    file: { driver: 'file', filename: `${dir}/sec-disk.qcow2` },
+  });
+  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
+  await q.execute('block-export-add', { type: 'nbd', id: 'e-sec', 'node-name': 'sec-disk', writable: true });
+  await q.execute('blockdev-add', {
+    driver: 'replication',
+    'node-name': 'sec-repl',
+    mode: 'secondary',
+    'top-id': 'sec-repl',
+    file: {
+      driver: 'qcow2',
+      'node-name': 'active',
+      file: { driver: 'file', filename: `${dir}/active.qcow2` },
+      backing: {
+        driver: 'qcow2',
+        'node-name': 'hidden',
+        file: { driver: 'file', filename: `${dir}/hidden.qcow2` },
+        backing: 'sec-disk',
+      },
+    },
+  });
+  await q.execute('block-export-add', {
+    type: 'nbd',
+    id: 'e-view',
+    'node-name': 'sec-repl',
+    name: 'sec-view',
+    writable: true,
+  });
+  await q.execute('xen-set-replication', { enable: true, primary: false });
+  return { d, nbd };
+}
+
+async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProcess; uri: string }> {
+  const tag = secNbd ? 'pri' : 'solo';
+  await qcow2(dir, `${tag}-disk`);
+  const nbd = `${dir}/${tag}-nbd.sock`;
+  const d = await startQmpDaemon('blockrepd', `${dir}/${tag}-qmp.sock`);
+  const q = d.qmp;
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'disk',
+    file: { driver: 'file', filename: `${dir}/${tag}-disk.qcow2` },
+  });
+  await q.execute('blockdev-add', {
+    driver: 'quorum',
+    'node-name': 'colo',
+    'read-pattern': 'fifo',
+    'vote-threshold': 1,
+    children: ['disk'],
+  });
+  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
+  await q.execute('block-export-add', {
+    type: 'nbd',
+    id: 'g',
+    'node-name': 'colo',
+    name: 'guest',
+    writable: true,
+  });
+  if (secNbd) {
+    await q.execute('blockdev-add', {
+      driver: 'replication',
+      'node-name': 'pri-repl',
+      mode: 'primary',
+      file: { driver: 'nbd', server: { type: 'unix', path: secNbd }, export: 'sec-disk' },
+    });
+    await q.execute('x-blockdev-change', { parent: 'colo', node: 'pri-repl' });
+    await q.execute('xen-set-replication', { enable: true, primary: true });
+  }
+  return { d, uri: `nbd+unix:///guest?socket=${nbd}` };
+}
+
+const seconds = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e9;
+
+async function timed(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  return seconds(t0);
+}
+
+async function waitDone(q: QmpClient) {
+  for (;;) {
+    const [s] = await q.execute<{ stage: string }[]>('query-replication');
+    if (s!.stage !== 'failover') return s!.stage;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+export async function run(): Promise<BenchRow[]> {
+  const dir = makeTempDirPlain();
+  const procs: QmpProcess[] = [];
+  try {
+    const sec = await secondary(dir);
+    procs.push(sec.d);
+    const pri = await primary(dir, sec.nbd);
+    procs.push(pri.d);
+    const solo = await primary(dir, null);
+    procs.push(solo.d);
+    const rows: BenchRow[] = [];
+    for (const [name, bs, depth, unit] of [
+      ['colo primary 1M seq write qd8', '1M', 8, 'MiB/s'],
+      ['colo primary 4k rand write qd16', '4k', 16, 'IOPS'],
+    ] as const) {
+      const rw = bs === '4k' ? 'randwrite' : 'write';
+      const on = await fio(pri.uri, rw, bs, depth);
+      const off = await fio(solo.uri, rw, bs, depth);
+      rows.push({ name, ours: on, qemu: off, unit, anchor: 'replication off' });
+    }
+    await sec.d.qmp.execute('xen-colo-do-checkpoint');
+    const secUri = (n: string) => `nbd+unix:///${n}?socket=${sec.nbd}`;
+    // Checkpoints after 1 MiB and 256 MiB of primary writes (copied to hidden) and VM writes (active).
+    for (const mib of [1, 256]) {
+      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x42 0 ${mib / 2}M`, secUri('sec-disk')]);
+      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x43 512M ${mib / 2}M`, secUri('sec-view')]);
+      const t = await timed(() => sec.d.qmp.execute('xen-colo-do-checkpoint'));
+      rows.push({
+        name: `colo checkpoint, ${mib} MiB dirtied`,
+        ours: t * 1000,
+        qemu: Number.NaN,
+        unit: 'ms',
+      });
+    }
+    await runPeer('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 256M', secUri('sec-view')]);
+    await pri.d.stop();
+    const t = await timed(async () => {
+      await sec.d.qmp.execute('xen-set-replication', { enable: false, primary: false, failover: true });
+      const stage = await waitDone(sec.d.qmp);
+      if (stage !== 'done') throw new Error(`failover ended in ${stage}`);
+    });
+    rows.push({
+      name: 'colo failover (active commit) 256 MiB',
+      ours: t * 1000,
+      qemu: Number.NaN,
+      unit: 'ms',
+    });
+    return rows;
+  } finally {
+    for (const p of procs) await p.stop().catch(() => {});
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
