@@ -158,6 +158,29 @@ describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
       const t = await qemuImg(['compare', ...args], { okCodes: [0, 1] });
       expect([o.code, o.stdout]).toEqual([t.code, t.stdout]);
     }
+    // Strict mode compares the block status: zero clusters against unallocated ones, compressed
+    // against plain data, raw data against a chain.
+    const zeroed = dir.file('zeroed.qcow2');
+    const empty = dir.file('empty.qcow2');
+    const compressed = dir.file('compressed.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', zeroed, '8M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', empty, '8M']);
+    await qemuIo(['-f', 'qcow2', zeroed], ['write -z 1M 64k']);
+    await qemuImg(['convert', '-c', '-O', 'qcow2', top, compressed]);
+    const strictCases = [
+      [zeroed, empty],
+      [top, compressed],
+      [top, flat],
+      [empty, flat],
+      [top, top],
+    ];
+    await Promise.all(
+      strictCases.map(async ([x, y]) => {
+        const o = await blockrep(['compare', '-s', x!, y!], [0, 1]);
+        const t = await qemuImg(['compare', '-s', x!, y!], { okCodes: [0, 1] });
+        expect([o.code, o.stdout]).toEqual([t.code, t.stdout]);
+      }),
+    );
     const missing = await blockrep(['compare', top, dir.file('nope.raw')], [2]);
     expect(missing.stderr).toContain("Could not open '");
   });

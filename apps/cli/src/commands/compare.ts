@@ -1,4 +1,4 @@
-import { type BlockBackend, type BlockNode, blockStatusAbove } from '@blockrep/block';
+import { type BlockBackend, type BlockNode, type BlockStatus, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, isZero, openImage } from '../image';
@@ -29,21 +29,34 @@ interface Side {
   blk: BlockBackend;
 }
 
-/** Where (if anywhere) the two images differ in [0, length); strict also compares allocation. */
+/**
+ * The block status as qemu-img compare -s compares it: the whole status word, so an extent that
+ * reaches the end of one image and not of the other differs too.
+ */
+function statusWord(node: BlockNode, off: number, st: BlockStatus): string {
+  const eof = off + st.bytes >= node.length;
+  return [st.allocated, st.data, st.zero, st.offset !== undefined, eof].join();
+}
+
+/** Where (if anywhere) the two images differ in [0, length); strict also compares block status. */
 async function compareRange(a: Side, b: Side, length: number, strict: boolean): Promise<string | null> {
   for (let off = 0; off < length; ) {
     const [sa, sb] = await Promise.all([
-      blockStatusAbove(a.node, null, off, Math.min(CHUNK, length - off)),
-      blockStatusAbove(b.node, null, off, Math.min(CHUNK, length - off)),
+      blockStatusAbove(a.node, null, off, length - off),
+      blockStatusAbove(b.node, null, off, length - off),
     ]);
-    const n = Math.max(1, Math.min(sa.bytes, sb.bytes));
-    if (strict && sa.allocated !== sb.allocated) return `Strict mode: Offset ${off} block status mismatch!`;
+    if (strict && statusWord(a.node, off, sa) !== statusWord(b.node, off, sb))
+      return `Strict mode: Offset ${off} block status mismatch!`;
+    const end = off + Math.max(1, Math.min(sa.bytes, sb.bytes));
     if (!(sa.zero && sb.zero)) {
-      const [ba, bb] = await Promise.all([a.blk.read(off, n), b.blk.read(off, n)]);
-      const at = firstMismatch(ba, bb);
-      if (at >= 0) return `Content mismatch at offset ${off + at}!`;
+      for (let at = off; at < end; at += CHUNK) {
+        const n = Math.min(CHUNK, end - at);
+        const [ba, bb] = await Promise.all([a.blk.read(at, n), b.blk.read(at, n)]);
+        const bad = firstMismatch(ba, bb);
+        if (bad >= 0) return `Content mismatch at offset ${at + bad}!`;
+      }
     }
-    off += n;
+    off = end;
   }
   return null;
 }
@@ -91,12 +104,12 @@ export async function compareCommand(args: string[]): Promise<number> {
       throw new CliFailure((e as Error).message, EXIT.error);
     }
     const common = Math.min(a.node.length, b.node.length);
+    if (strict && a.node.length !== b.node.length) {
+      say('Strict mode: Image size mismatch!');
+      return EXIT.differ;
+    }
     let diff = await compareRange(a, b, common, strict);
     if (!diff && a.node.length !== b.node.length) {
-      if (strict) {
-        say('Strict mode: Image size mismatch!');
-        return EXIT.differ;
-      }
       say('Warning: Image size mismatch!');
       diff = await checkTail(a.node.length > common ? a : b, common);
     }
