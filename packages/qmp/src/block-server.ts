@@ -1,5 +1,5 @@
-import { type BlockGraph, createGraph } from '@blockrep/block';
-import { type JobEvent, JobManager } from '@blockrep/jobs';
+import type { BlockGraph } from '@blockrep/block';
+import type { JobEvent, JobManager } from '@blockrep/jobs';
 import { registerBitmapCommands } from './commands/bitmaps';
 import { registerBlockCommands } from './commands/block';
 import { BlockdevCreators, fileCreator, registerCreateCommand } from './commands/create';
@@ -17,7 +17,10 @@ export interface BlockQmpServerOptions extends Omit<QmpServerOptions, 'registry'
  * events forwarded to the monitors, and blockdev-create's creators (file built in; drivers add
  * theirs through `creators.register`).
  */
-export function createBlockQmpServer(opts: BlockQmpServerOptions): { server: QmpServer; creators: BlockdevCreators } {
+export function createBlockQmpServer(opts: BlockQmpServerOptions): {
+  server: QmpServer;
+  creators: BlockdevCreators;
+} {
   const registry = new CommandRegistry();
   const server = new QmpServer({ ...opts, registry });
   const creators = new BlockdevCreators();
@@ -30,9 +33,4 @@ export function createBlockQmpServer(opts: BlockQmpServerOptions): { server: Qmp
   opts.jobs.on('event', forward);
   server.once('close', () => opts.jobs.off('event', forward));
   return { server, creators };
-}
-
-/** The registry of a server on a graph with the built-in drivers (what the reference documents). */
-export function referenceRegistry(): CommandRegistry {
-  return createBlockQmpServer({ graph: createGraph(), jobs: new JobManager() }).server.registry;
 }

@@ -10,6 +10,7 @@ import type { BlockdevCreators } from './commands/create';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
 import { qcow2Creator } from './commands/qcow2-create';
 import { registerReplicationCommands } from './commands/replication';
+import type { CommandRegistry } from './registry';
 import type { QmpServer, QmpServerOptions } from './server';
 
 /** Everything one blockrepd holds: the graph, jobs, replication registry, NBD server and QMP. */
@@ -55,4 +56,9 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
     return down;
   };
   return { graph, jobs, replication, nbd, qmp: server, creators, shutdown };
+}
+
+/** The registry of a whole daemon: what docs/qmp-commands.md documents. */
+export function referenceRegistry(): CommandRegistry {
+  return createBlockrepDaemon().qmp.registry;
 }

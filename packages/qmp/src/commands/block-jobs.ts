@@ -40,7 +40,8 @@ interface CommitArgs {
 
 /** A node of top's chain by file name (block-commit's deprecated top/base). */
 function chainNodeByFilename(top: BlockNode, filename: string): BlockNode | null {
-  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) if (n.filename === filename) return n;
+  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null)
+    if (n.filename === filename) return n;
   return null;
 }
 
@@ -59,7 +60,10 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
       'job-id': opt(t.str, 'Job id (default: the device name)'),
       device: req(t.str, 'The source node (or device)'),
       target: req(t.str, 'The target node'),
-      sync: req(MirrorSyncMode, 'What to copy: full, top, none (only what writes overwrite), incremental/bitmap'),
+      sync: req(
+        MirrorSyncMode,
+        'What to copy: full, top, none (only what writes overwrite), incremental/bitmap',
+      ),
       speed: opt(t.int, 'Bytes per second (0: unlimited)'),
       bitmap: opt(t.str, 'The dirty bitmap for incremental/bitmap sync'),
       'bitmap-mode': opt(BitmapSyncMode),
@@ -73,10 +77,10 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
     }),
     doc: 'Starts a backup job from a node to another, with a copy-before-write filter on the source.',
     async handler(a: BackupArgs) {
-      if (a.compress) throw new BlockError('Compression is not supported for this drive ' + a.target);
+      if (a.compress) throw new BlockError(`Compression is not supported for this drive ${a.target}`);
       const source = graph.lookup(a.device);
       const target = graph.lookup(a.target);
-      let bitmap;
+      let bitmap: ReturnType<typeof findDirtyBitmap>;
       if (a.bitmap !== undefined) {
         bitmap = findDirtyBitmap(source, a.bitmap);
         if (!bitmap) throw new BlockError(`Bitmap '${a.bitmap}' could not be found`);

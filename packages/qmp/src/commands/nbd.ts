@@ -13,7 +13,11 @@ const InetSocketAddress = t.object('InetSocketAddress', {
   ipv4: opt(t.bool),
   ipv6: opt(t.bool),
 });
-const UnixSocketAddress = t.object('UnixSocketAddress', { path: req(t.str), abstract: opt(t.bool), tight: opt(t.bool) });
+const UnixSocketAddress = t.object('UnixSocketAddress', {
+  path: req(t.str),
+  abstract: opt(t.bool),
+  tight: opt(t.bool),
+});
 const SocketAddressType = t.enum('SocketAddressType', ['inet', 'unix']);
 
 /** QAPI's flat SocketAddress (block-export-add, --nbd-server). */
@@ -75,7 +79,10 @@ export class NbdServerHolder {
 
   constructor(readonly graph: BlockGraph) {}
 
-  async start(addr: NbdSocketAddress, opts: { tlsCreds?: string; maxConnections?: number }): Promise<NbdSocketAddress> {
+  async start(
+    addr: NbdSocketAddress,
+    opts: { tlsCreds?: string; maxConnections?: number },
+  ): Promise<NbdSocketAddress> {
     if (this.server) throw new BlockError('NBD server already running');
     const tls = opts.tlsCreds === undefined ? undefined : lookupTlsCreds(opts.tlsCreds);
     const server = new NbdServer(this.graph);
@@ -114,7 +121,11 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
       'max-connections': opt(t.uint32, 'Most simultaneous clients (0: no limit)'),
     }),
     doc: 'Starts the NBD server.',
-    async handler(a: { addr: { type: 'inet' | 'unix'; data: SocketArgs }; 'tls-creds'?: string; 'max-connections'?: number }) {
+    async handler(a: {
+      addr: { type: 'inet' | 'unix'; data: SocketArgs };
+      'tls-creds'?: string;
+      'max-connections'?: number;
+    }) {
       await nbd.start(toNbdAddress({ ...a.addr.data, type: a.addr.type }), {
         tlsCreds: a['tls-creds'],
         maxConnections: a['max-connections'],
@@ -135,7 +146,13 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     handler(a: { device: string; name?: string; description?: string; writable?: boolean; bitmap?: string }) {
       const s = nbd.require();
       const node = nbd.graph.lookup(a.device);
-      s.addExport({ node, name: a.name ?? a.device, description: a.description, writable: a.writable, bitmap: a.bitmap });
+      s.addExport({
+        node,
+        name: a.name ?? a.device,
+        description: a.description,
+        writable: a.writable,
+        bitmap: a.bitmap,
+      });
     },
   });
 
@@ -199,7 +216,7 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     doc: 'Removes an export; BLOCK_EXPORT_DELETED follows once it is gone.',
     async handler(a: { id: string; mode?: 'safe' | 'hard' }) {
       const s = nbd.server;
-      if (!s || !s.exports().some((e) => e.id === a.id)) throw new BlockError(`Export '${a.id}' is not found`);
+      if (!s?.exports().some((e) => e.id === a.id)) throw new BlockError(`Export '${a.id}' is not found`);
       await s.removeExport(a.id, a.mode ?? 'safe');
     },
   });

@@ -9,11 +9,17 @@ export const qcow2Creator: BlockdevCreator = {
   options: {
     file: req(t.str, 'The file node to write the image into'),
     size: req(t.size, 'Virtual size in bytes'),
-    version: opt(t.enum('BlockdevQcow2Version', ['v2', 'v3']), 'v3 (compat 1.1, default) or v2 (compat 0.10)'),
+    version: opt(
+      t.enum('BlockdevQcow2Version', ['v2', 'v3']),
+      'v3 (compat 1.1, default) or v2 (compat 0.10)',
+    ),
     'backing-file': opt(t.str, 'Backing file name written into the header'),
     'backing-fmt': opt(t.str, 'Format of the backing file'),
     'cluster-size': opt(t.size, 'Cluster size (512 B to 2 MiB, default 64 KiB)'),
-    preallocation: opt(t.enum('PreallocMode', ['off', 'metadata', 'falloc', 'full']), 'off (default) or metadata'),
+    preallocation: opt(
+      t.enum('PreallocMode', ['off', 'metadata', 'falloc', 'full']),
+      'off (default) or metadata',
+    ),
     'lazy-refcounts': opt(t.bool),
     'refcount-bits': opt(t.int, 'Refcount width (default 16)'),
   },

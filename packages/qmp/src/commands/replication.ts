@@ -4,7 +4,13 @@ import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
 
 const ReplicationMode = t.enum('ReplicationMode', ['primary', 'secondary']);
-const ReplicationStage = t.enum('ReplicationStage', ['none', 'running', 'failover', 'failover-failed', 'done']);
+const ReplicationStage = t.enum('ReplicationStage', [
+  'none',
+  'running',
+  'failover',
+  'failover-failed',
+  'done',
+]);
 const ReplicationInfo = t.object('ReplicationInfo', {
   'node-name': req(t.str),
   mode: req(ReplicationMode),
@@ -13,8 +19,14 @@ const ReplicationInfo = t.object('ReplicationInfo', {
 });
 
 /** QEMU's xen-set-replication: start with enable, stop (with or without failover) without. */
-async function setReplication(repl: ReplicationManager, enable: boolean, primary: boolean, failover?: boolean) {
-  if (failover !== undefined && enable) throw new BlockError("Parameter 'failover' is only for stopping replication");
+async function setReplication(
+  repl: ReplicationManager,
+  enable: boolean,
+  primary: boolean,
+  failover?: boolean,
+) {
+  if (failover !== undefined && enable)
+    throw new BlockError("Parameter 'failover' is only for stopping replication");
   if (enable) return repl.startAll(primary ? 'primary' : 'secondary');
   // QEMU reports stop errors only when not failing over.
   if (failover) await repl.stopAll(true).catch(() => {});
@@ -22,7 +34,11 @@ async function setReplication(repl: ReplicationManager, enable: boolean, primary
 }
 
 /** x-blockdev-change and the replication commands (QEMU's names and neutral ones). */
-export function registerReplicationCommands(r: CommandRegistry, graph: BlockGraph, repl: ReplicationManager): void {
+export function registerReplicationCommands(
+  r: CommandRegistry,
+  graph: BlockGraph,
+  repl: ReplicationManager,
+): void {
   r.registerCommand({
     name: 'x-blockdev-change',
     features: ['unstable'],
@@ -36,7 +52,9 @@ export function registerReplicationCommands(r: CommandRegistry, graph: BlockGrap
       const parent = graph.lookup(a.parent);
       if ((a.child === undefined) === (a.node === undefined)) {
         throw new BlockError(
-          a.child !== undefined ? 'The parameters child and node are in conflict' : 'Either child or node must be specified',
+          a.child !== undefined
+            ? 'The parameters child and node are in conflict'
+            : 'Either child or node must be specified',
         );
       }
       if (a.child !== undefined) {
@@ -120,11 +138,19 @@ export function registerReplicationCommands(r: CommandRegistry, graph: BlockGrap
   });
 
   for (const name of ['REPLICATION_STAGE_CHANGE', 'REPLICATION_ERROR']) {
-    r.registerEvent({ name, data: t.object(`q_obj_${name}-arg`, ReplicationInfo.members), doc: `Replication ${name === 'REPLICATION_ERROR' ? 'recorded an error' : 'changed stage'}.` });
+    r.registerEvent({
+      name,
+      data: t.object(`q_obj_${name}-arg`, ReplicationInfo.members),
+      doc: `Replication ${name === 'REPLICATION_ERROR' ? 'recorded an error' : 'changed stage'}.`,
+    });
   }
   r.registerEvent({
     name: 'QUORUM_FAILURE',
-    data: t.object('q_obj_QUORUM_FAILURE-arg', { reference: req(t.str), 'sector-num': req(t.int), 'sectors-count': req(t.int) }),
+    data: t.object('q_obj_QUORUM_FAILURE-arg', {
+      reference: req(t.str),
+      'sector-num': req(t.int),
+      'sectors-count': req(t.int),
+    }),
     doc: 'A quorum request failed as a whole.',
   });
   r.registerEvent({
