@@ -61,6 +61,8 @@ export function runPeer(tool: string, args: string[], opts: RunPeerOptions = {})
       else if (!okCodes.includes(code)) reject(new PeerError(cmd, code, stdout, stderr));
       else resolve({ code, stdout, stderr });
     });
+    // A tool that exits without reading its stdin must not crash the test run with EPIPE.
+    child.stdin.on('error', () => {});
     child.stdin.end(opts.input ?? '');
   });
 }
