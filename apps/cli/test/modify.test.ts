@@ -101,6 +101,16 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     expect(refused.stderr).toContain('Use the --shrink option to perform a shrink operation.');
     await blockrep(['resize', '-f', 'raw', '--shrink', raw, '-2M']);
     expect((await qemuImgJson(['info', raw]))['virtual-size']).toBe(6 << 20);
+    // Growing an overlay over a longer backing file: the new area reads as zeroes, not as the
+    // backing file's data (qemu-img gives it zero clusters).
+    const base = dir.file('base.qcow2');
+    const ov = dir.file('ov.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', base, '4M']);
+    await qemuIo(['-f', 'qcow2', base], ['write -P 5 0 4M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', ov, '1M']);
+    await blockrep(['resize', ov, '4M']);
+    await qemuIo(['-f', 'qcow2', ov], ['read -P 5 0 1M', 'read -P 0 1M 3M']);
+    expect((await qemuImgJson(['info', ov]))['backing-filename']).toBe(base);
   });
 
   it('commit writes the overlay into its backing file and empties the overlay', async () => {

@@ -12,8 +12,7 @@ export async function resizeCommand(args: string[]): Promise<number> {
   const amount = sizeArg(sign ? sizeText.slice(1) : sizeText);
   const g = imageGraph();
   try {
-    // The backing file plays no part in a resize.
-    const node = await openImage(g, file, { format: optString(p, '-f'), readOnly: false, backing: null });
+    const node = await openImage(g, file, { format: optString(p, '-f'), readOnly: false });
     const current = node.length;
     const size = sign ? current + sign * amount : amount;
     if (size < 0) throw new CliFailure('New image size must be positive');
@@ -25,6 +24,9 @@ export async function resizeCommand(args: string[]): Promise<number> {
     const blk = attachBackend(g, node, true);
     try {
       await blk.truncate(size, { exact: false, prealloc: 'off' });
+      // A longer backing file must not show through the new area: it reads as zeroes (as QEMU).
+      const backingEnd = Math.min(size, node.backing?.node.length ?? 0);
+      if (backingEnd > current) await blk.writeZeroes(current, backingEnd - current);
       await blk.flush();
     } catch (e) {
       throw new CliFailure((e as Error).message);
