@@ -1,5 +1,4 @@
 import { readFileSync } from 'node:fs';
-import { qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { BlockBackend, Perm } from '@blockrep/block';
 import { NbdServer } from '../src/index';
@@ -16,6 +15,7 @@ import {
 } from '../src/protocol';
 import { newGraph, onCleanup, serveImage } from './helpers';
 import { mem, memDriver } from './mem-driver';
+import { qemuIo } from './peer';
 import { RawNbd } from './raw-client';
 
 const MiB = 1 << 20;
@@ -374,5 +374,22 @@ describe('pipelining and block sizes', () => {
         .every((b) => b === 0x44),
     ).toBe(true);
     expect(mem(node).data[999]).toBe(0);
+  });
+
+  it('server close answers the requests in flight before closing', async () => {
+    const { node, port, server } = await serveMem();
+    mem(node).data.fill(0x42, 0, 4096);
+    mem(node).holdOffsets.add(0);
+    const { c } = await RawNbd.connect(port);
+    await c.open('m');
+    c.request(Cmd.READ, 0, 1, 0, 4096);
+    await new Promise((r) => setTimeout(r, 50));
+    const closing = server.close();
+    await new Promise((r) => setTimeout(r, 50));
+    mem(node).held.get(0)!();
+    expect(await c.simple()).toMatchObject({ handle: 1, err: 0 });
+    expect((await c.q.read(4096)).every((b) => b === 0x42)).toBe(true);
+    await closing;
+    await c.closed;
   });
 });

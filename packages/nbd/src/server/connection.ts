@@ -150,6 +150,27 @@ export class NbdServerConnection implements ExportClient {
     return this.idle();
   }
 
+  /**
+   * Server shutdown as the spec asks: read no further requests, let those in flight finish and
+   * their replies go out, then close (dropping the connection if that takes over graceMs).
+   */
+  async shutdown(graceMs = 5000): Promise<void> {
+    if (this.phase !== 'transmission') {
+      this.socket.destroy();
+      return this.idle();
+    }
+    this.phase = 'disconnecting';
+    this.socket.pause();
+    const timer = setTimeout(() => this.socket.destroy(), graceMs);
+    await this.idle();
+    await new Promise<void>((r) => {
+      if (this.socket.destroyed) return r();
+      this.socket.once('close', () => r());
+      this.socket.end();
+    });
+    clearTimeout(timer);
+  }
+
   private idle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));

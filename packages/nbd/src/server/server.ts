@@ -169,12 +169,15 @@ export class NbdServer extends EventEmitter {
     return this.connections.size;
   }
 
-  /** Stops listening, drops every client and removes every export. */
+  /**
+   * Stops listening, lets each client's requests in flight finish and be answered, closes the
+   * connections and removes every export.
+   */
   async close(): Promise<void> {
     const listeners = this.sockets.splice(0);
     // close() resolves only once every connection is gone: stop accepting, then drop them.
     const stopped = listeners.map((l) => new Promise<void>((r) => l.server.close(() => r())));
-    await Promise.all([...this.connections].map((c) => c.abort('server shutdown')));
+    await Promise.all([...this.connections].map((c) => c.shutdown()));
     await Promise.all(stopped);
     for (const e of [...this.exportMap.values()]) await this.deleteExport(e);
   }
