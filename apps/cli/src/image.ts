@@ -55,7 +55,8 @@ export async function openImage(
   opts: OpenImageOptions = {},
 ): Promise<BlockNode> {
   const format = opts.format ?? probeFormat(file);
-  checkFormat(format);
+  if (!(IMAGE_FORMATS as readonly string[]).includes(format))
+    throw new CliFailure(`Could not open '${file}': Unknown driver '${format}'`);
   const options: Record<string, unknown> = {
     driver: format,
     'read-only': opts.readOnly ?? true,

@@ -163,10 +163,14 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     );
     expect(lines[1]).toMatch(/^Run completed in \d+\.\d{3} seconds\.$/);
     await qemuIo(['-f', 'qcow2', f], ['read -P 0x5a 0 1M']);
-    const rd = await blockrep(['bench', '-c', '10', '-o', '4k', '-S', '8k', f]);
-    expect(rd.stdout).toContain(
-      'Sending 10 read requests, 4096 bytes each, 64 in parallel (starting at offset 4096, step size 8192)',
-    );
+    for (const args of [
+      ['-c', '10', '-o', '4k', '-S', '8k'],
+      ['-c', '5', '-d', '2', '-s', '64k', '-t', 'none'],
+    ]) {
+      const ours = (await blockrep(['bench', ...args, f])).stdout.split('\n')[0];
+      const theirs = (await qemuImg(['bench', ...args, f])).stdout.split('\n')[0];
+      expect(ours).toBe(theirs);
+    }
   });
 });
 
@@ -193,6 +197,8 @@ describe('CLI basics', () => {
     expect(r.stderr).toMatch(/Invalid image size specified/);
     const u = await blockrep(['frobnicate'], [1]);
     expect(u.stderr).toContain('Command not found: frobnicate');
+    const f = await blockrep(['info', '-f', 'vmdk', '/nonexistent.img'], [1]);
+    expect(f.stderr).toBe("blockrep: Could not open '/nonexistent.img': Unknown driver 'vmdk'\n");
     const m = await blockrep(['info', '/nonexistent.img'], [1]);
     expect(m.stderr).toContain("Could not open '/nonexistent.img': No such file or directory");
   });
