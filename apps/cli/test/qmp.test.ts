@@ -1,13 +1,17 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 import { hasPeer, makeTempDir, type TempDir } from '@blockrep/test-kit';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { completeCommand } from '../src/commands/qmp-shell';
 import { parseShellLine } from '../src/qmp-args';
 import { bin, blockrep } from './helpers';
 
-const blockrepd = new URL('../../daemon/bin/blockrepd.mjs', import.meta.url).pathname;
-const daemonBuilt = existsSync(new URL('../../daemon/dist', import.meta.url));
+/** The workspace's blockrepd (a devDependency, so the test task builds it first). */
+const daemonDir = dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json'));
+const blockrepd = join(daemonDir, 'bin', 'blockrepd.mjs');
+const daemonBuilt = existsSync(join(daemonDir, 'dist'));
 
 describe('qmp-shell line parsing and completion', () => {
   it('key=value pairs are JSON when they parse, dotted keys nest, raw JSON passes through', () => {
