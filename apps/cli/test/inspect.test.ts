@@ -33,6 +33,8 @@ describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
   it('map --output=json: the same merged extents, byte for byte; human output too', async () => {
     const { base, mid, top } = await makeChain();
     expect((await blockrep(['map', top])).stdout).toBe((await qemuImg(['map', top])).stdout);
+    const window = ['--output=json', '-s', '1M', '--max-length=100000', top];
+    expect((await blockrep(['map', ...window])).stdout).toBe((await qemuImg(['map', ...window])).stdout);
     await Promise.all(
       [base, mid, top].map(async (f) => {
         const ours = (await blockrep(['map', '--output=json', f])).stdout;

@@ -2,6 +2,7 @@ import { type BlockNode, type BlockStatus, blockStatus, blockStatusAbove } from 
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { imageGraph, openImage } from '../image';
+import { sizeArg } from '../options';
 
 /** One extent of `qemu-img map --output=json`. */
 export interface MapEntry {
@@ -80,8 +81,8 @@ export async function mapCommand(args: string[]): Promise<number> {
     const top = await openImage(g, file, { format: optString(p, '-f') });
     const entries = await imageMap(
       top,
-      startText === undefined ? 0 : Number(startText),
-      lengthText === undefined ? top.length : Number(lengthText),
+      startText === undefined ? 0 : sizeArg(startText, 'offset'),
+      lengthText === undefined ? top.length : sizeArg(lengthText, 'length'),
     );
     if (optString(p, '--output') === 'json') {
       const lines = entries.map((e) => {
