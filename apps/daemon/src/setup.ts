@@ -1,22 +1,12 @@
-import { BlockError, type Options } from '@blockrep/block';
+import { BlockError, coerceValue, type Options } from '@blockrep/block';
 import { NbdTlsCreds, registerTlsCreds } from '@blockrep/nbd';
 import { type BlockrepDaemon, createBlockrepDaemon, toNbdAddress } from '@blockrep/qmp';
 import type { DaemonArgs } from './args';
 import type { Logger } from './log';
 
-const BOOL: Record<string, boolean> = {
-  on: true,
-  yes: true,
-  true: true,
-  off: false,
-  no: false,
-  false: false,
-};
-
+/** An on/off option of the command line, as the block layer's option parser reads it. */
 function bool(v: unknown, name: string): boolean | undefined {
-  if (v === undefined || typeof v === 'boolean') return v;
-  if (typeof v === 'string' && v in BOOL) return BOOL[v];
-  throw new BlockError(`Parameter '${name}' expects 'on' or 'off'`);
+  return v === undefined ? undefined : (coerceValue({ kind: 'bool' }, v, name) as boolean);
 }
 
 function str(v: unknown, name: string, required = false): string | undefined {

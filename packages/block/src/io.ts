@@ -54,11 +54,23 @@ async function driverRead(
     iov = iovSlice(iov, 0, avail);
     bytes = avail;
   }
+  const read = drv.read;
+  return split(node, offset, bytes, iov, (o, n, v) => read(node, o, n, v, flags));
+}
+
+/** Runs a request in pieces of at most the node's transfer limit (one piece when it fits). */
+async function split(
+  node: BlockNode,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  fn: (offset: number, bytes: number, iov: IoVec) => Promise<void>,
+): Promise<void> {
   const max = node.limits.maxTransfer;
-  if (bytes <= max) return drv.read(node, offset, bytes, iov, flags);
+  if (bytes <= max) return fn(offset, bytes, iov);
   for (let done = 0; done < bytes; done += max) {
     const n = Math.min(max, bytes - done);
-    await drv.read(node, offset + done, n, iovSlice(iov, done, n), flags);
+    await fn(offset + done, n, iovSlice(iov, done, n));
   }
 }
 
@@ -74,14 +86,8 @@ async function driverWrite(
   const native = (drv.supportedWriteFlags ?? 0) & ~ReqFlags.SERIALISING;
   const emulateFua = (flags & ReqFlags.FUA) !== 0 && (native & ReqFlags.FUA) === 0;
   const passFlags = flags & native;
-  const max = node.limits.maxTransfer;
-  if (bytes <= max) await drv.write(node, offset, bytes, iov, passFlags);
-  else {
-    for (let done = 0; done < bytes; done += max) {
-      const n = Math.min(max, bytes - done);
-      await drv.write(node, offset + done, n, iovSlice(iov, done, n), passFlags);
-    }
-  }
+  const write = drv.write;
+  await split(node, offset, bytes, iov, (o, n, v) => write(node, o, n, v, passFlags));
   if (emulateFua) await flush(node);
 }
 

@@ -71,6 +71,17 @@ export class BlockChild {
   }
 }
 
+/** The open flags every node has, from the common options (or inherited from its parent). */
+export interface NodeFlags {
+  readOnly: boolean;
+  autoReadOnly: boolean;
+  /** discard=unmap: discards reach the driver (otherwise they are ignored). */
+  discardUnmap: boolean;
+  detectZeroes: 'off' | 'on' | 'unmap';
+  noFlush: boolean;
+  forceShare: boolean;
+}
+
 /** A node of the block graph (QEMU's BlockDriverState). */
 export class BlockNode {
   readonly kind = 'node' as const;
@@ -88,13 +99,12 @@ export class BlockNode {
     maxPdiscard: 1 << 30,
     pdiscardAlignment: 1,
   };
-  readOnly: boolean;
-  autoReadOnly: boolean;
-  /** discard=unmap: discards reach the driver (otherwise they are ignored). */
-  discardUnmap: boolean;
-  detectZeroes: 'off' | 'on' | 'unmap';
-  noFlush: boolean;
-  forceShare: boolean;
+  readOnly!: boolean;
+  autoReadOnly!: boolean;
+  discardUnmap!: boolean;
+  detectZeroes!: NodeFlags['detectZeroes'];
+  noFlush!: boolean;
+  forceShare!: boolean;
   /** Added by blockdev-add (or opened directly): lives until blockdev-del, not only while used. */
   monitorOwned = false;
   /** References besides parents and the monitor (jobs, exports in setup, opens in progress). */
@@ -118,21 +128,9 @@ export class BlockNode {
     readonly autoNamed: boolean,
     /** The options the node was opened with (validated, children as given). */
     public options: Options,
-    common: {
-      readOnly: boolean;
-      autoReadOnly: boolean;
-      discardUnmap: boolean;
-      detectZeroes: 'off' | 'on' | 'unmap';
-      noFlush: boolean;
-      forceShare: boolean;
-    },
+    flags: NodeFlags,
   ) {
-    this.readOnly = common.readOnly;
-    this.autoReadOnly = common.autoReadOnly;
-    this.discardUnmap = common.discardUnmap;
-    this.detectZeroes = common.detectZeroes;
-    this.noFlush = common.noFlush;
-    this.forceShare = common.forceShare;
+    Object.assign(this, flags);
   }
 
   describe(): string {
