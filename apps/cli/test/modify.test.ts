@@ -28,6 +28,22 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     await qemuImg(['compare', '-f', 'raw', '-F', 'raw', raw, back]);
   });
 
+  it('convert leaves zeroes in the data unwritten: as many clusters allocated as qemu-img convert', async () => {
+    const dir = makeTempDir();
+    const src = dir.file('src.raw');
+    await qemuImg(['create', '-q', '-f', 'raw', src, '8M']);
+    // Written zeroes are data to the raw file, not holes.
+    await qemuIo(['-f', 'raw', src], ['write -P 0 0 8M', 'write -P 1 100k 4k', 'write -P 2 3M 200k']);
+    const ours = dir.file('ours.qcow2');
+    const theirs = dir.file('theirs.qcow2');
+    await blockrep(['convert', '-f', 'raw', '-O', 'qcow2', src, ours]);
+    await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', src, theirs]);
+    const [o, t] = await Promise.all([qemuImgJson(['check', ours]), qemuImgJson(['check', theirs])]);
+    expect(o['allocated-clusters']).toBe(t['allocated-clusters']);
+    expect(o['allocated-clusters']).toBe(5);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', src, ours]);
+  });
+
   it.runIf(hasPeer('script'))('convert draws a progress bar on a terminal only', async () => {
     const { dir, top } = await makeChain();
     const out = dir.file('tty.qcow2');

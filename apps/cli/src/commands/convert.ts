@@ -1,7 +1,7 @@
 import { type BlockNode, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { attachBackend, checkFormat, imageGraph, isZero, openImage, runInFlight } from '../image';
+import { attachBackend, checkFormat, imageGraph, isZero, openImage, qcow2Of, runInFlight } from '../image';
 import { parseOptionList } from '../options';
 import { ProgressBar } from '../progress';
 import { createImage } from './create';
@@ -13,6 +13,26 @@ interface Extent {
   bytes: number;
   /** Reads as zeroes on the source: nothing to copy. */
   zero: boolean;
+}
+
+const SPARSE_GRAIN = 4096;
+
+/** buf (read at offset) cut at multiples of grain into alternating runs of zeroes and data. */
+function zeroRuns(
+  buf: Buffer,
+  offset: number,
+  grain: number,
+): { start: number; end: number; zero: boolean }[] {
+  const runs: { start: number; end: number; zero: boolean }[] = [];
+  for (let pos = 0; pos < buf.length; ) {
+    const end = Math.min(buf.length, (Math.floor((offset + pos) / grain) + 1) * grain - offset);
+    const zero = isZero(buf.subarray(pos, end));
+    const last = runs[runs.length - 1];
+    if (last && last.zero === zero) last.end = end;
+    else runs.push({ start: pos, end, zero });
+    pos = end;
+  }
+  return runs;
 }
 
 /** The source's extents (the whole chain flattened), data split into chunks of at most CHUNK. */
@@ -60,6 +80,8 @@ export async function convertCommand(args: string[]): Promise<number> {
     const from = attachBackend(g, src, false);
     const to = attachBackend(g, dst, true);
     const extents = await sourceExtents(src);
+    // Zeroes in the data are not written either, in units the target allocates (qemu-img's -S).
+    const grain = qcow2Of(dst)?.cs ?? SPARSE_GRAIN;
     const bar = new ProgressBar(size, !p.opts.has('-q'));
     let done = 0;
     let next = 0;
@@ -72,8 +94,10 @@ export async function convertCommand(args: string[]): Promise<number> {
           if (existing) await to.writeZeroes(e.offset, e.bytes);
         } else {
           const buf = await from.read(e.offset, e.bytes);
-          if (!isZero(buf)) await to.write(e.offset, buf);
-          else if (existing) await to.writeZeroes(e.offset, e.bytes);
+          for (const run of zeroRuns(buf, e.offset, grain)) {
+            if (!run.zero) await to.write(e.offset + run.start, buf.subarray(run.start, run.end));
+            else if (existing) await to.writeZeroes(e.offset + run.start, run.end - run.start);
+          }
         }
         done += e.bytes;
         bar.update(done);
