@@ -161,3 +161,68 @@ describe('commit', () => {
     await j.whenConcluded();
   });
 });
+
+describe('commit errors (blkdebug on the base)', () => {
+  async function failing(policy: 'report' | 'ignore' | 'stop') {
+    const { dir, graph, manager, events } = env();
+    await rawNode(graph, dir.file('base.raw'), 'b0', randomData(SIZE, 21));
+    await graph.blockdevAdd({
+      driver: 'blkdebug',
+      'node-name': 'base',
+      image: 'b0',
+      'inject-error': [{ event: 'write_aio', iotype: 'write', once: true }],
+    });
+    await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
+      path: dir.file('base.raw'),
+      node: 'base',
+      fmt: 'raw',
+    });
+    await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
+      path: dir.file('mid.qcow2'),
+      node: 'mid',
+      fmt: 'qcow2',
+    });
+    const w = writer(graph, 'mid');
+    await w.write(0, Buffer.alloc(2 << 20, 0x51));
+    await w.detach();
+    const job = await startCommit(manager, {
+      id: 'ce',
+      top: graph.findNode('mid'),
+      base: graph.findNode('base'),
+      active: false,
+      onError: policy,
+    });
+    return { job, events, graph };
+  }
+
+  it('on-error=report fails the job and leaves the chain', async () => {
+    const { job, events, graph } = await failing('report');
+    await job.whenConcluded();
+    expect(job.err).not.toBeNull();
+    expect(events.find((e) => e.event === 'BLOCK_JOB_ERROR')?.data).toEqual({
+      device: 'ce',
+      operation: 'write',
+      action: 'report',
+    });
+    expect(graph.findNode('top').backing!.node.nodeName).toBe('mid');
+  });
+
+  it('on-error=ignore completes without the failed extent', async () => {
+    const { job, events, graph } = await failing('ignore');
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'ignore')).toBe(true);
+    expect(graph.findNode('top').backing!.node.nodeName).toBe('base');
+  });
+
+  it('on-error=stop pauses until resumed, then retries and completes', async () => {
+    const { job, events, graph } = await failing('stop');
+    for (let i = 0; i < 200 && job.status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(job.status).toBe('paused');
+    expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'stop')).toBe(true);
+    job.userResume();
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    expect((await readAll(graph, 'base')).subarray(0, 2 << 20).every((b) => b === 0x51)).toBe(true);
+  });
+});
