@@ -28,6 +28,17 @@ describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
     expect(await blockrepJson(['info', lazy])).toEqual(await qemuImgJson(['info', lazy]));
     const human = (await blockrep(['info', lazy])).stdout;
     expect(human).toBe((await qemuImg(['info', lazy])).stdout);
+    // Internal snapshots: the "snapshots" list and the human "Snapshot list:" table.
+    await qemuIo(['-f', 'qcow2', lazy], ['write -P 1 0 64k']);
+    await qemuImg(['snapshot', '-c', 'first', lazy]);
+    await qemuImg(['snapshot', '-c', 'a longer snapshot name', lazy]);
+    const withSnapshots = await blockrepJson(['info', lazy]);
+    expect(withSnapshots.snapshots.map((x: { name: string }) => x.name)).toEqual([
+      'first',
+      'a longer snapshot name',
+    ]);
+    expect(withSnapshots).toEqual(await qemuImgJson(['info', lazy]));
+    expect((await blockrep(['info', lazy])).stdout).toBe((await qemuImg(['info', lazy])).stdout);
   });
 
   it('map --output=json: the same merged extents, byte for byte; human output too', async () => {

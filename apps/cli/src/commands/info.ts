@@ -3,6 +3,7 @@ import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { backingChain, imageGraph, openImage, qcow2Of } from '../image';
+import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
 /** QEMU's size_to_str: three significant digits and a binary unit. */
 export function humanSize(bytes: number): string {
@@ -30,6 +31,10 @@ export async function imageInfo(node: BlockNode, filename: string): Promise<Reco
   if (image) {
     info['cluster-size'] = image.cs;
     info['format-specific'] = { type: 'qcow2', data: node.driver.info?.(node) };
+    if (image.header.nbSnapshots) {
+      const file = node.file?.node.filename ?? filename;
+      info.snapshots = await readSnapshotTable(file, image.header.snapshotsOffset, image.header.nbSnapshots);
+    }
     const backing = image.header.backingFile;
     if (backing) {
       info['backing-filename'] = backing;
@@ -56,6 +61,8 @@ function humanInfo(info: Record<string, unknown>): string {
       lines.push(`backing file format: ${info['backing-filename-format']}`);
   }
   if (info['dirty-flag']) lines.push('cleanly shut down: no');
+  const snapshots = info.snapshots as SnapshotInfo[] | undefined;
+  if (snapshots?.length) lines.push(...snapshotTable(snapshots, humanSize));
   const fs = info['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fs) {
     lines.push('Format specific information:');
