@@ -1,7 +1,6 @@
 import { spawn } from 'node:child_process';
 import { BlockBackend, BlockError, Perm } from '@blockrep/block';
-import { freePort, makeTempDir, patternBuffer } from '@blockrep/test-kit';
-import { qemuImg, qemuIo } from './peer';
+import { freePort, makeTempDir, patternBuffer, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdTlsCreds, registerTlsCreds, unregisterTlsCreds } from '../src/index';
 import { makeCerts } from './certs';

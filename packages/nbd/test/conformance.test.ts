@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
-import { describe, expect, it } from 'vitest';
 import { BlockBackend, Perm } from '@blockrep/block';
+import { qemuIo } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
 import { NbdServer } from '../src/index';
 import {
   Cmd,
@@ -15,7 +16,6 @@ import {
 } from '../src/protocol';
 import { newGraph, onCleanup, serveImage } from './helpers';
 import { mem, memDriver } from './mem-driver';
-import { qemuIo } from './peer';
 import { RawNbd } from './raw-client';
 
 const MiB = 1 << 20;

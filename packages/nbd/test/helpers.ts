@@ -1,8 +1,7 @@
 import { type BlockGraph, type BlockNode, createGraph } from '@blockrep/block';
-import { makeTempDir, type TempDir } from '@blockrep/test-kit';
+import { makeTempDir, qemuImg, type TempDir } from '@blockrep/test-kit';
 import { afterEach } from 'vitest';
 import { NbdServer, nbdDriver } from '../src/index';
-import { qemuImg } from './peer';
 
 export interface ServedImage {
   graph: BlockGraph;

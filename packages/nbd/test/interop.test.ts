@@ -1,11 +1,10 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { addDirtyBitmap } from '@blockrep/block';
-import { hasPeer } from '@blockrep/test-kit';
+import { hasPeer, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdTlsCreds } from '../src/index';
 import { makeCerts } from './certs';
 import { serveImage } from './helpers';
-import { qemuImg, qemuIo, runPeer } from './peer';
 
 describe('our server with QEMU and libnbd tools', () => {
   it('qemu-io over TCP and a Unix socket: write, read back, zero, discard', async () => {

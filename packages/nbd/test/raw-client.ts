@@ -1,6 +1,6 @@
 import * as net from 'node:net';
 import { ByteQueue } from '../src/byte-queue';
-import { IHAVEOPT, Info, Opt, Rep, REQUEST_MAGIC } from '../src/protocol';
+import { IHAVEOPT, Info, Opt, REQUEST_MAGIC, Rep } from '../src/protocol';
 
 /** A hand-driven NBD client speaking raw bytes, for sending what real clients never would. */
 export class RawNbd {
