@@ -29,6 +29,10 @@ describe('qmp-shell line parsing and completion', () => {
       execute: 'query-block',
       arguments: { a: 1 },
     });
+    expect(parseShellLine(`x-cmd opts={"a": 1, "b": [2, 3]} name='two words' other="quoted"`)).toEqual({
+      execute: 'x-cmd',
+      arguments: { opts: { a: 1, b: [2, 3] }, name: 'two words', other: 'quoted' },
+    });
     expect(parseShellLine('  # a comment')).toBeNull();
     expect(() => parseShellLine('query-block oops')).toThrow(/expected key=value/);
   });
