@@ -6,10 +6,11 @@ import { attachBackend, imageGraph, isZero, openImage } from '../image';
 /** qemu-img compare's exit codes. */
 const EXIT = { identical: 0, differ: 1, error: 2 } as const;
 const SECTOR = 512;
-const CHUNK = 1 << 20;
+const CHUNK = 4 << 20;
 
 /** Offset of the first 512-byte sector where a and b differ, or -1. */
 function firstMismatch(a: Buffer, b: Buffer): number {
+  if (a.equals(b)) return -1;
   for (let i = 0; i < a.length; i += SECTOR) {
     const end = Math.min(i + SECTOR, a.length);
     if (a.compare(b, i, end, i, end) !== 0) return i;
