@@ -53,7 +53,7 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     await qemuImg(['compare', top, out]);
   });
 
-  it('convert -n writes into an existing image, zeroing what the source has as zeroes', async () => {
+  it('convert -n writes into an existing image, zeroing what the source has as zeroes; several sources', async () => {
     const dir = makeTempDir();
     const src = dir.file('src.qcow2');
     const dst = dir.file('dst.qcow2');
@@ -64,6 +64,13 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     await blockrep(['convert', '-n', '-O', 'qcow2', src, dst]);
     await qemuImg(['compare', src, dst]);
     await qemuImg(['check', dst]);
+    // Several sources are concatenated, as qemu-img does.
+    const joined = dir.file('joined.raw');
+    const expected = dir.file('expected.raw');
+    await blockrep(['convert', '-O', 'raw', src, dst, joined]);
+    await qemuImg(['convert', '-O', 'raw', src, dst, expected]);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'raw', joined, expected]);
+    expect((await qemuImgJson(['info', '-f', 'raw', joined]))['virtual-size']).toBe(8 << 20);
     const c = await blockrep(['convert', '-c', '-O', 'qcow2', src, dir.file('c.qcow2')], [1]);
     expect(c.stderr).toContain('Compression not supported');
   });

@@ -1,4 +1,4 @@
-import { type BlockNode, blockStatusAbove } from '@blockrep/block';
+import { type BlockBackend, type BlockNode, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, checkFormat, imageGraph, isZero, openImage, qcow2Of, runInFlight } from '../image';
@@ -9,10 +9,19 @@ import { createImage } from './create';
 const CHUNK = 2 << 20;
 
 interface Extent {
+  /** Where in the target (sources are concatenated). */
   offset: number;
   bytes: number;
   /** Reads as zeroes on the source: nothing to copy. */
   zero: boolean;
+  source: Source;
+}
+
+interface Source {
+  node: BlockNode;
+  blk: BlockBackend;
+  /** Offset of this source in the target. */
+  base: number;
 }
 
 const SPARSE_GRAIN = 4096;
@@ -35,30 +44,31 @@ function zeroRuns(
   return runs;
 }
 
-/** The source's extents (the whole chain flattened), data split into chunks of at most CHUNK. */
-async function sourceExtents(src: BlockNode): Promise<Extent[]> {
+/** A source's extents (its whole chain flattened), data split into chunks of at most CHUNK. */
+async function sourceExtents(source: Source): Promise<Extent[]> {
+  const { node, base } = source;
   const out: Extent[] = [];
-  for (let off = 0; off < src.length; ) {
-    const st = await blockStatusAbove(src, null, off, src.length - off);
+  for (let off = 0; off < node.length; ) {
+    const st = await blockStatusAbove(node, null, off, node.length - off);
     const n = Math.max(1, st.bytes);
-    if (st.zero) out.push({ offset: off, bytes: n, zero: true });
+    if (st.zero) out.push({ offset: base + off, bytes: n, zero: true, source });
     else
       for (let o = off; o < off + n; o += CHUNK)
-        out.push({ offset: o, bytes: Math.min(CHUNK, off + n - o), zero: false });
+        out.push({ offset: base + o, bytes: Math.min(CHUNK, off + n - o), zero: false, source });
     off += n;
   }
   return out;
 }
 
-/** blockrep convert [-f fmt] [-O fmt] [-o options] [-n] [-p] [-q] [-m N] SOURCE TARGET */
+/** blockrep convert [-f fmt] [-O fmt] [-o options] [-n] [-p] [-q] [-m N] SOURCE... TARGET (sources concatenated) */
 export async function convertCommand(args: string[]): Promise<number> {
   const p = parseArgs(args, ['-f', '-O', '-o', '-m', '-S', '-t', '-T', '-B', '-l', '-r']);
   if (p.opts.has('-c'))
     throw new CliFailure('Compression not supported: blockrep cannot write compressed clusters yet');
   if (p.opts.has('-B')) throw new CliFailure('-B (a backing file for the target) is not supported');
-  const [source, target, ...more] = p.positional;
-  if (!source || !target) throw new CliFailure('Expecting a source and a target file name');
-  if (more.length) throw new CliFailure('Only one source image is supported');
+  const files = p.positional.slice(0, -1);
+  const target = p.positional[p.positional.length - 1];
+  if (!files.length || !target) throw new CliFailure('Expecting a source and a target file name');
   const outFmt = optString(p, '-O') ?? 'raw';
   checkFormat(outFmt);
   const depth = Number(optString(p, '-m') ?? 8);
@@ -68,8 +78,13 @@ export async function convertCommand(args: string[]): Promise<number> {
 
   const g = imageGraph();
   try {
-    const src = await openImage(g, source, { format: optString(p, '-f') });
-    const size = src.length;
+    const sources: Source[] = [];
+    let size = 0;
+    for (const file of files) {
+      const node = await openImage(g, file, { format: optString(p, '-f') });
+      sources.push({ node, blk: attachBackend(g, node, false), base: size });
+      size += node.length;
+    }
     if (!existing) {
       // qcow2 sizes are whole sectors; the tail of an odd-sized raw source reads as zeroes.
       const targetSize = outFmt === 'qcow2' ? Math.ceil(size / 512) * 512 : size;
@@ -77,9 +92,8 @@ export async function convertCommand(args: string[]): Promise<number> {
     }
     const dst = await openImage(g, target, { format: outFmt, readOnly: false, backing: null });
     if (dst.length < size) throw new CliFailure(`${target}: target image is smaller than the source`);
-    const from = attachBackend(g, src, false);
     const to = attachBackend(g, dst, true);
-    const extents = await sourceExtents(src);
+    const extents = (await Promise.all(sources.map(sourceExtents))).flat();
     // Zeroes in the data are not written either, in units the target allocates (qemu-img's -S).
     const grain = qcow2Of(dst)?.cs ?? SPARSE_GRAIN;
     const bar = new ProgressBar(size, !p.opts.has('-q'));
@@ -93,7 +107,7 @@ export async function convertCommand(args: string[]): Promise<number> {
           // A new target already reads as zeroes there; an existing one (-n) must be zeroed.
           if (existing) await to.writeZeroes(e.offset, e.bytes);
         } else {
-          const buf = await from.read(e.offset, e.bytes);
+          const buf = await e.source.blk.read(e.offset - e.source.base, e.bytes);
           for (const run of zeroRuns(buf, e.offset, grain)) {
             if (!run.zero) await to.write(e.offset + run.start, buf.subarray(run.start, run.end));
             else if (existing) await to.writeZeroes(e.offset + run.start, run.end - run.start);
