@@ -41,6 +41,9 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     const [o, t] = await Promise.all([qemuImgJson(['check', ours]), qemuImgJson(['check', theirs])]);
     expect(o['allocated-clusters']).toBe(t['allocated-clusters']);
     expect(o['allocated-clusters']).toBe(5);
+    const full = dir.file('full.qcow2');
+    await blockrep(['convert', '-S', '0', '-f', 'raw', '-O', 'qcow2', src, full]);
+    expect((await qemuImgJson(['check', full]))['allocated-clusters']).toBe(128);
     await qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', src, ours]);
   });
 

@@ -2,7 +2,7 @@ import { type BlockBackend, type BlockNode, blockStatusAbove } from '@blockrep/b
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, checkFormat, imageGraph, isZero, openImage, qcow2Of, runInFlight } from '../image';
-import { parseOptionList } from '../options';
+import { parseOptionList, sizeArg } from '../options';
 import { ProgressBar } from '../progress';
 import { createImage } from './create';
 
@@ -90,12 +90,13 @@ export async function convertCommand(args: string[]): Promise<number> {
       const targetSize = outFmt === 'qcow2' ? Math.ceil(size / 512) * 512 : size;
       await createImage(target, outFmt, targetSize, parseOptionList(p.all.get('-o') ?? []));
     }
-    const dst = await openImage(g, target, { format: outFmt, readOnly: false, backing: null });
+    const dst = await openImage(g, target, { format: outFmt, readOnly: false });
     if (dst.length < size) throw new CliFailure(`${target}: target image is smaller than the source`);
     const to = attachBackend(g, dst, true);
     const extents = (await Promise.all(sources.map(sourceExtents))).flat();
-    // Zeroes in the data are not written either, in units the target allocates (qemu-img's -S).
-    const grain = qcow2Of(dst)?.cs ?? SPARSE_GRAIN;
+    // Zeroes in the data are not written either, in units the target allocates, or -S bytes (0: write all).
+    const sparse = optString(p, '-S');
+    const grain = sparse === undefined ? (qcow2Of(dst)?.cs ?? SPARSE_GRAIN) : sizeArg(sparse, 'sparse size');
     const bar = new ProgressBar(size, !p.opts.has('-q'));
     let done = 0;
     let next = 0;
@@ -108,7 +109,8 @@ export async function convertCommand(args: string[]): Promise<number> {
           if (existing) await to.writeZeroes(e.offset, e.bytes);
         } else {
           const buf = await e.source.blk.read(e.offset - e.source.base, e.bytes);
-          for (const run of zeroRuns(buf, e.offset, grain)) {
+          const runs = grain ? zeroRuns(buf, e.offset, grain) : [{ start: 0, end: buf.length, zero: false }];
+          for (const run of runs) {
             if (!run.zero) await to.write(e.offset + run.start, buf.subarray(run.start, run.end));
             else if (existing) await to.writeZeroes(e.offset + run.start, run.end - run.start);
           }
