@@ -93,6 +93,16 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     expect(r.stdout).toBe(
       `Formatting '${base}', fmt=qcow2 cluster_size=131072 extended_l2=off compression_type=zlib size=1073741824 lazy_refcounts=on refcount_bits=16\n`,
     );
+    // The "Formatting" line names the options in qemu-img's order.
+    for (const [fmt, opts, size] of [
+      ['qcow2', 'compat=0.10,preallocation=metadata,cluster_size=4k', '2M'],
+      ['qcow2', 'lazy_refcounts=on,refcount_bits=64,compat=1.1', '1G'],
+      ['raw', 'preallocation=full', '64k'],
+    ]) {
+      const ours = (await blockrep(['create', '-f', fmt!, '-o', opts!, dir.file('o.img'), size!])).stdout;
+      const theirs = (await qemuImg(['create', '-f', fmt!, '-o', opts!, dir.file('t.img'), size!])).stdout;
+      expect(ours.replace('o.img', 't.img')).toBe(theirs);
+    }
     const ov = dir.file('ov.qcow2');
     await blockrep(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', ov]);
     const ours = await qemuImgJson(['info', ov]);

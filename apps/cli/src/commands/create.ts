@@ -42,7 +42,7 @@ export async function createImage(
     if (!['off', 'falloc', 'full'].includes(prealloc))
       throw new CliFailure(`${file}: Invalid parameter '${prealloc}'`);
     await createRaw(file, size, prealloc !== 'off');
-    return `Formatting '${file}', fmt=raw size=${size}${prealloc === 'off' ? '' : ` preallocation=${prealloc}`}`;
+    return `Formatting '${file}', fmt=raw size=${size}${o.has('preallocation') ? ` preallocation=${prealloc}` : ''}`;
   }
 
   const backingPath =
@@ -72,15 +72,16 @@ export async function createImage(
   } catch (e) {
     throw new CliFailure(`${file}: ${(e as Error).message}`);
   }
-  const v2 = opts.compat === '0.10' || opts.compat === 'v2';
+  // qemu-img's order; preallocation and compat only when they were given.
   const shown = [
     `Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536}`,
-    v2 ? 'compat=0.10' : '',
-    'extended_l2=off compression_type=zlib',
+    'extended_l2=off',
+    o.has('preallocation') ? `preallocation=${prealloc}` : '',
+    'compression_type=zlib',
     `size=${size ?? (await backingSize(backingPath!, backingFormat!))}`,
+    compat !== undefined ? `compat=${compat}` : '',
     backingFile ? `backing_file=${backingFile}` : '',
     backingFormat ? `backing_fmt=${backingFormat}` : '',
-    prealloc !== 'off' ? `preallocation=${prealloc}` : '',
     `lazy_refcounts=${opts.lazyRefcounts ? 'on' : 'off'}`,
     `refcount_bits=${opts.refcountBits ?? 16}`,
   ];
