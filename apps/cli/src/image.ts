@@ -18,7 +18,8 @@ export function probeFormat(file: string): 'qcow2' | 'raw' {
   try {
     fd = openSync(file, 'r');
   } catch (e) {
-    throw new CliFailure(`Could not open '${file}': ${errnoMessage(e)}`);
+    // Named by the format layer and the protocol below it, as qemu-img does.
+    throw new CliFailure(`Could not open '${file}': Could not open '${file}': ${errnoMessage(e)}`);
   }
   try {
     const b = Buffer.alloc(4);
@@ -64,7 +65,11 @@ export async function openImage(
   };
   if (opts.nodeName) options['node-name'] = opts.nodeName;
   if (opts.backing !== undefined && format === 'qcow2') options.backing = opts.backing;
-  return graph.open(options);
+  try {
+    return await graph.open(options);
+  } catch (e) {
+    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`);
+  }
 }
 
 /** A backend on node with the permissions a reader (or writer) needs. */

@@ -210,6 +210,49 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
   });
 });
 
+describe.runIf(qemu)('errors as qemu-img reports them', () => {
+  it('the same message (blockrep: for qemu-img:) and exit code for common mistakes', async () => {
+    const dir = makeTempDir();
+    const img = dir.file('img.qcow2');
+    const garbage = dir.file('garbage.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M']);
+    writeFileSync(garbage, 'not an image\n');
+    const missing = dir.file('missing.qcow2');
+    const cases = [
+      ['create', '-f', 'qcow2', dir.file('a.qcow2')],
+      ['create', '-f', 'qcow2', '-o', 'compat=2.0', dir.file('b.qcow2'), '1M'],
+      ['create', '-f', 'qcow2', '-o', 'compat=0.10,lazy_refcounts=on', dir.file('c.qcow2'), '1M'],
+      ['create', '-f', 'qcow2', '-o', 'cluster_size=3000', dir.file('d.qcow2'), '1M'],
+      ['info', missing],
+      ['map', '-f', 'qcow2', garbage],
+      ['check', missing],
+      ['compare', missing, img],
+      ['commit', img],
+      ['convert', '-O', 'raw', missing, dir.file('e.raw')],
+    ];
+    await Promise.all(
+      cases.map(async (args) => {
+        const o = await blockrep(args, [1, 2]);
+        const t = await qemuImg(args, { okCodes: [1, 2] });
+        expect([o.code, o.stderr.replace(/^blockrep:/gm, 'X:')]).toEqual([
+          t.code,
+          t.stderr.replace(/^qemu-img:/gm, 'X:'),
+        ]);
+      }),
+    );
+  });
+
+  it('sizes round up to whole sectors, the line printed keeps the size given', async () => {
+    const dir = makeTempDir();
+    const q = dir.file('odd.qcow2');
+    const r = dir.file('odd.raw');
+    expect((await blockrep(['create', '-f', 'qcow2', q, '1000'])).stdout).toContain('size=1000 ');
+    await blockrep(['create', '-q', '-f', 'raw', r, '1000']);
+    expect((await qemuImgJson(['info', q]))['virtual-size']).toBe(1024);
+    expect((await qemuImgJson(['info', '-f', 'raw', r]))['virtual-size']).toBe(1024);
+  });
+});
+
 describe('CLI basics', () => {
   it('create makes a raw image of the given size', async () => {
     const f = makeTempDir().file('a.raw');

@@ -41,7 +41,7 @@ export async function createImage(
     const prealloc = o.get('preallocation') ?? 'off';
     if (!['off', 'falloc', 'full'].includes(prealloc))
       throw new CliFailure(`${file}: Invalid parameter '${prealloc}'`);
-    await createRaw(file, size, prealloc !== 'off');
+    await createRaw(file, sectors(size), prealloc !== 'off');
     return `Formatting '${file}', fmt=raw size=${size}${o.has('preallocation') ? ` preallocation=${prealloc}` : ''}`;
   }
 
@@ -52,13 +52,19 @@ export async function createImage(
       `${file}: Backing file specified without backing format\nDetected format of ${probeFormat(backingPath)}.`,
     );
   }
-  const opts: Qcow2CreateOptions = { size, backingFile, backingFormat };
+  if (size === undefined && !backingFile)
+    throw new CliFailure(`${file}: Image creation needs a size parameter`);
+  const opts: Qcow2CreateOptions = {
+    size: size === undefined ? undefined : sectors(size),
+    backingFile,
+    backingFormat,
+  };
   const clusterSize = o.get('cluster_size');
   if (clusterSize !== undefined) opts.clusterSize = sizeArg(clusterSize, 'cluster size');
   const compat = o.get('compat');
   if (compat !== undefined) {
     if (!['0.10', '1.1', 'v2', 'v3'].includes(compat))
-      throw new CliFailure(`${file}: Invalid parameter '${compat}'`);
+      throw new CliFailure(`${file}: Parameter 'version' does not accept value '${compat}'`);
     opts.compat = compat as Qcow2CreateOptions['compat'];
   }
   const prealloc = o.get('preallocation') ?? 'off';
@@ -67,6 +73,16 @@ export async function createImage(
   opts.preallocation = prealloc;
   if (o.has('lazy_refcounts')) opts.lazyRefcounts = boolOption('lazy_refcounts', o.get('lazy_refcounts')!);
   if (o.has('refcount_bits')) opts.refcountBits = Number(o.get('refcount_bits'));
+  // Checked here for qemu-img's wording of the hint.
+  const v2 = opts.compat === '0.10' || opts.compat === 'v2';
+  if (v2 && opts.lazyRefcounts)
+    throw new CliFailure(
+      `${file}: Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)`,
+    );
+  if (v2 && opts.refcountBits !== undefined && opts.refcountBits !== 16)
+    throw new CliFailure(
+      `${file}: Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)`,
+    );
   try {
     await createQcow2Image(file, opts);
   } catch (e) {
@@ -87,6 +103,9 @@ export async function createImage(
   ];
   return shown.filter(Boolean).join(' ');
 }
+
+/** Images are whole 512-byte sectors: sizes round up (the line printed keeps the size given). */
+const sectors = (size: number) => Math.ceil(size / 512) * 512;
 
 /** The virtual size of the backing file. */
 async function backingSize(path: string, format: string): Promise<number> {
