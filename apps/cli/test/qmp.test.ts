@@ -152,7 +152,7 @@ describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrep
       out += d.toString();
     });
     const until = async (re: RegExp) => {
-      for (let i = 0; i < 100 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+      for (let i = 0; i < 300 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 50));
       expect(out).toMatch(re);
     };
     await until(/\(blockrep\) /);
