@@ -19,7 +19,7 @@ export class ProgressBar {
     if (!this.enabled) return;
     const pct = this.total ? Math.min(100, (100 * done) / this.total) : 100;
     // Redraw at most every 1% (as qemu-img does), the terminal is not a log.
-    if (Math.floor(pct) === this.shown && pct < 100) return;
+    if (Math.floor(pct) === this.shown) return;
     this.shown = Math.floor(pct);
     this.stream.write(`    (${pct.toFixed(2)}/100%)\r`);
   }
