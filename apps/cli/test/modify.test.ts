@@ -28,6 +28,23 @@ describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-
     await qemuImg(['compare', '-f', 'raw', '-F', 'raw', raw, back]);
   });
 
+  it('convert -B: the target refers to a backing file and holds only what the source image holds itself', async () => {
+    const { dir, mid, top } = await makeChain();
+    const ours = dir.file('ours.qcow2');
+    const theirs = dir.file('theirs.qcow2');
+    const args = ['-O', 'qcow2', '-B', mid, '-F', 'qcow2', top];
+    await blockrep(['convert', ...args, ours]);
+    await qemuImg(['convert', ...args, theirs]);
+    await qemuImg(['compare', top, ours]);
+    await qemuImg(['check', ours]);
+    expect((await qemuImgJson(['info', ours]))['backing-filename']).toBe(mid);
+    expect((await qemuImg(['map', '--output=json', ours])).stdout).toBe(
+      (await qemuImg(['map', '--output=json', theirs])).stdout.replaceAll(theirs, ours),
+    );
+    const noFmt = await blockrep(['convert', '-O', 'qcow2', '-B', mid, top, dir.file('x.qcow2')], [1]);
+    expect(noFmt.stderr).toBe('blockrep: Use of backing file requires explicit backing format\n');
+  });
+
   it('convert leaves zeroes in the data unwritten: as many clusters allocated as qemu-img convert', async () => {
     const dir = makeTempDir();
     const src = dir.file('src.raw');

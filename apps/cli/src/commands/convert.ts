@@ -1,4 +1,4 @@
-import { type BlockBackend, type BlockNode, blockStatusAbove } from '@blockrep/block';
+import { type BlockBackend, type BlockNode, blockStatus, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, checkFormat, imageGraph, isZero, openImage, qcow2Of, runInFlight } from '../image';
@@ -44,13 +44,23 @@ function zeroRuns(
   return runs;
 }
 
-/** A source's extents (its whole chain flattened), data split into chunks of at most CHUNK. */
-async function sourceExtents(source: Source): Promise<Extent[]> {
+/**
+ * A source's extents (its whole chain flattened), data split into chunks of at most CHUNK. With
+ * `ownOnly` (convert -B) what the source's backing chain provides is left out: the target's
+ * backing file provides it.
+ */
+async function sourceExtents(source: Source, ownOnly: boolean): Promise<Extent[]> {
   const { node, base } = source;
   const out: Extent[] = [];
   for (let off = 0; off < node.length; ) {
-    const st = await blockStatusAbove(node, null, off, node.length - off);
+    const st = ownOnly
+      ? await blockStatus(node, off, node.length - off)
+      : await blockStatusAbove(node, null, off, node.length - off);
     const n = Math.max(1, st.bytes);
+    if (ownOnly && !st.allocated) {
+      off += n;
+      continue;
+    }
     if (st.zero) out.push({ offset: base + off, bytes: n, zero: true, source });
     else
       for (let o = off; o < off + n; o += CHUNK)
@@ -60,12 +70,17 @@ async function sourceExtents(source: Source): Promise<Extent[]> {
   return out;
 }
 
-/** blockrep convert [-f fmt] [-O fmt] [-o options] [-n] [-p] [-q] [-m N] SOURCE... TARGET (sources concatenated) */
+/**
+ * blockrep convert [-f fmt] [-O fmt] [-B backing -F fmt] [-o options] [-n] [-p] [-q] [-m N] [-S size]
+ * SOURCE... TARGET (sources concatenated)
+ */
 export async function convertCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '-O', '-o', '-m', '-S', '-t', '-T', '-B', '-l', '-r']);
+  const p = parseArgs(args, ['-f', '-O', '-o', '-m', '-S', '-t', '-T', '-B', '-F', '-l', '-r']);
   if (p.opts.has('-c'))
     throw new CliFailure('Compression not supported: blockrep cannot write compressed clusters yet');
-  if (p.opts.has('-B')) throw new CliFailure('-B (a backing file for the target) is not supported');
+  const backing = optString(p, '-B');
+  if (backing !== undefined && optString(p, '-F') === undefined)
+    throw new CliFailure('Use of backing file requires explicit backing format');
   const files = p.positional.slice(0, -1);
   const target = p.positional[p.positional.length - 1];
   if (!files.length || !target) throw new CliFailure('Expecting a source and a target file name');
@@ -75,6 +90,8 @@ export async function convertCommand(args: string[]): Promise<number> {
   if (!Number.isInteger(depth) || depth < 1 || depth > 16)
     throw new CliFailure('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
   const existing = p.opts.has('-n');
+  // Zeroes must be written where the target does not already read as zeroes.
+  const mustZero = existing || backing !== undefined;
 
   const g = imageGraph();
   try {
@@ -88,12 +105,21 @@ export async function convertCommand(args: string[]): Promise<number> {
     if (!existing) {
       // qcow2 sizes are whole sectors; the tail of an odd-sized raw source reads as zeroes.
       const targetSize = outFmt === 'qcow2' ? Math.ceil(size / 512) * 512 : size;
-      await createImage(target, outFmt, targetSize, parseOptionList(p.all.get('-o') ?? []));
+      await createImage(
+        target,
+        outFmt,
+        targetSize,
+        parseOptionList(p.all.get('-o') ?? []),
+        backing,
+        optString(p, '-F'),
+      );
     }
     const dst = await openImage(g, target, { format: outFmt, readOnly: false });
     if (dst.length < size) throw new CliFailure(`${target}: target image is smaller than the source`);
     const to = attachBackend(g, dst, true);
-    const extents = (await Promise.all(sources.map(sourceExtents))).flat();
+    const extents = (
+      await Promise.all(sources.map((src) => sourceExtents(src, backing !== undefined)))
+    ).flat();
     // Zeroes in the data are not written either, in units the target allocates, or -S bytes (0: write all).
     const sparse = optString(p, '-S');
     const grain = sparse === undefined ? (qcow2Of(dst)?.cs ?? SPARSE_GRAIN) : sizeArg(sparse, 'sparse size');
@@ -105,14 +131,15 @@ export async function convertCommand(args: string[]): Promise<number> {
       if (!e) return null;
       return async () => {
         if (e.zero) {
-          // A new target already reads as zeroes there; an existing one (-n) must be zeroed.
-          if (existing) await to.writeZeroes(e.offset, e.bytes);
+          // A new target already reads as zeroes there; an existing one (-n) or one with a backing
+          // file (-B) must be zeroed.
+          if (mustZero) await to.writeZeroes(e.offset, e.bytes);
         } else {
           const buf = await e.source.blk.read(e.offset - e.source.base, e.bytes);
           const runs = grain ? zeroRuns(buf, e.offset, grain) : [{ start: 0, end: buf.length, zero: false }];
           for (const run of runs) {
             if (!run.zero) await to.write(e.offset + run.start, buf.subarray(run.start, run.end));
-            else if (existing) await to.writeZeroes(e.offset + run.start, run.end - run.start);
+            else if (mustZero) await to.writeZeroes(e.offset + run.start, run.end - run.start);
           }
         }
         done += e.bytes;
