@@ -1,50 +1,11 @@
-import { spawn } from 'node:child_process';
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
-import { makeTempDir, PeerError, type PeerResult, type RunPeerOptions } from '@blockrep/test-kit';
+import { makeTempDir, type PeerResult, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
 
 export const bin = new URL('../bin/blockrep.mjs', import.meta.url).pathname;
 
-/**
- * Runs a tool to completion (as test-kit's runPeer, which can fail the whole run with EPIPE when
- * a fast tool exits before its empty stdin is closed: here a closed stdin is no error).
- */
-export function run(tool: string, args: string[], opts: RunPeerOptions = {}): Promise<PeerResult> {
-  const okCodes = opts.okCodes ?? [0];
-  return new Promise((resolve, reject) => {
-    const child = spawn(tool, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (d: Buffer) => out.push(d));
-    child.stderr.on('data', (d: Buffer) => err.push(d));
-    child.stdin.on('error', () => {});
-    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
-    child.on('error', (e) => {
-      clearTimeout(timer);
-      reject(e);
-    });
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      const stdout = Buffer.concat(out).toString();
-      const stderr = Buffer.concat(err).toString();
-      const cmd = `${tool} ${args.join(' ')}`;
-      if (code === null) reject(new PeerError(cmd, null, stdout, `killed by ${signal}\n${stderr}`));
-      else if (!okCodes.includes(code)) reject(new PeerError(cmd, code, stdout, stderr));
-      else resolve({ code, stdout, stderr });
-    });
-    child.stdin.end(opts.input ?? '');
-  });
-}
-
-export const qemuImg = (args: string[], opts?: RunPeerOptions) => run('qemu-img', args, opts);
-
-export async function qemuImgJson<T = any>(args: string[]): Promise<T> {
-  return JSON.parse((await qemuImg([...args, '--output=json'])).stdout) as T;
-}
-
-/** qemu-io with the given image options; each command becomes its own -c. */
-export function qemuIo(imageArgs: string[], commands: string[]): Promise<PeerResult> {
-  return run('qemu-io', [...imageArgs, ...commands.flatMap((c) => ['-c', c])]);
-}
+/** test-kit's peer runner (a closed stdin is no error there either). */
+export const run = runPeer;
+export { qemuImg, qemuImgJson, qemuIo };
 
 /** Runs the CLI as a user would; exit codes outside okCodes reject. */
 export function blockrep(
