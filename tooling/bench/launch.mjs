@@ -1,0 +1,15 @@
+#!/usr/bin/env node
+// Runs the benchmarks with the thread pool size blockrepd uses (one thread per CPU, at least 2),
+// so the in-process figures measure what the daemon does.
+import { spawnSync } from 'node:child_process';
+import { availableParallelism } from 'node:os';
+
+const env = {
+  ...process.env,
+  UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? String(Math.max(2, availableParallelism())),
+};
+const r = spawnSync('tsx', ['--conditions=source', 'src/main.ts', ...process.argv.slice(2)], {
+  stdio: 'inherit',
+  env,
+});
+process.exit(r.status ?? 1);
