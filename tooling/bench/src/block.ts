@@ -1,48 +1,19 @@
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
-import { benchOffsets, qemuImgBench } from './qemu-img-bench';
+import { type ImgBenchWorkload, oursImgBench, qemuImgBench } from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, runPeer } from './util';
 
 const SIZE = 1 << 30;
 
-/** Our side of qemu-img bench: the same offsets, the same depth, one reused buffer per slot. */
-async function oursBench(
-  file: string,
-  write: boolean,
-  count: number,
-  depth: number,
-  bufsize: number,
-  step: number,
-) {
+async function oursBench(file: string, w: ImgBenchWorkload): Promise<number> {
   const g = createGraph();
   const node = await g.open({ driver: 'raw', file: { driver: 'file', filename: file } });
   const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
   blk.attach(node);
-  const offsets = benchOffsets(SIZE, step, count);
-  let next = 0;
-  const t0 = process.hrtime.bigint();
-  const worker = async () => {
-    const buf = Buffer.alloc(bufsize, 0xa5);
-    while (next < count) {
-      const off = offsets[next++]!;
-      if (write) await blk.write(off, buf);
-      else await blk.readv(off, [buf]);
-    }
-  };
-  await Promise.all(Array.from({ length: depth }, worker));
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const secs = await oursImgBench(blk, SIZE, w);
   await blk.detach();
   await g.closeAll();
   return secs;
-}
-
-interface Workload {
-  name: string;
-  write: boolean;
-  bufsize: number;
-  step: number;
-  depth: number;
-  count: number;
 }
 
 /**
@@ -53,7 +24,7 @@ export async function run(): Promise<BenchRow[]> {
   const dir = makeTempDirPlain();
   const file = `${dir}/bench.raw`;
   await runPeer('qemu-img', ['create', '-f', 'raw', '-o', 'preallocation=falloc', file, String(SIZE)]);
-  const workloads: Workload[] = [
+  const workloads: ImgBenchWorkload[] = [
     {
       name: 'block 4k random write qd16',
       write: true,
@@ -81,7 +52,7 @@ export async function run(): Promise<BenchRow[]> {
       let o = Number.POSITIVE_INFINITY;
       for (let i = 0; i < 2; i++) {
         q = Math.min(q, await qemuImgBench(file, { format: 'raw', ...w }));
-        o = Math.min(o, await oursBench(file, w.write, w.count, w.depth, w.bufsize, w.step));
+        o = Math.min(o, await oursBench(file, w));
       }
       const big = w.bufsize >= 1 << 20;
       const per = (secs: number) => (big ? (w.count * w.bufsize) / secs / 2 ** 20 : w.count / secs);

@@ -3,7 +3,7 @@ import { rmSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
 import { createQcow2Image, qcow2Driver } from '@blockrep/qcow2';
-import { benchOffsets, qemuImgBench } from './qemu-img-bench';
+import { type ImgBenchWorkload, oursImgBench, qemuImgBench } from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain } from './util';
 
@@ -22,13 +22,7 @@ const SIZE = 1 << 30;
 const DATA_SIZE = 256 << 20;
 const STRIDE = 4096 * 7919;
 
-interface Workload {
-  name: string;
-  write: boolean;
-  bufsize: number;
-  step: number;
-  depth: number;
-  count: number;
+interface Workload extends ImgBenchWorkload {
   /** Each run gets a new, empty image (allocating writes). */
   fresh: boolean;
   size: number;
@@ -51,19 +45,7 @@ async function openImage(file: string) {
 /** Seconds our stack takes for the workload's requests (image opened beforehand, closed after). */
 async function oursBench(file: string, w: Workload): Promise<number> {
   const { blk, close } = await openImage(file);
-  const offsets = benchOffsets(w.size, w.step, w.count);
-  let next = 0;
-  const t0 = process.hrtime.bigint();
-  const worker = async () => {
-    const buf = Buffer.alloc(w.bufsize, 0xa5);
-    while (next < w.count) {
-      const off = offsets[next++]!;
-      if (w.write) await blk.write(off, buf);
-      else await blk.readv(off, [buf]);
-    }
-  };
-  await Promise.all(Array.from({ length: w.depth }, worker));
-  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const secs = await oursImgBench(blk, w.size, w);
   await close();
   return secs;
 }

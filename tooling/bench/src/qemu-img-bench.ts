@@ -43,3 +43,34 @@ export function benchOffsets(imageSize: number, step: number, count: number): Fl
   }
   return out;
 }
+
+/** A qemu-img bench workload: the same offsets and depth on both sides. */
+export interface ImgBenchWorkload {
+  name: string;
+  write: boolean;
+  bufsize: number;
+  step: number;
+  depth: number;
+  count: number;
+}
+
+/** Our side of qemu-img bench: `depth` requests in flight, one reused buffer per slot; seconds. */
+export async function oursImgBench(
+  blk: { write(off: number, b: Buffer): Promise<void>; readv(off: number, iov: Buffer[]): Promise<void> },
+  imageSize: number,
+  w: ImgBenchWorkload,
+): Promise<number> {
+  const offsets = benchOffsets(imageSize, w.step, w.count);
+  let next = 0;
+  const t0 = process.hrtime.bigint();
+  const worker = async () => {
+    const buf = Buffer.alloc(w.bufsize, 0xa5);
+    while (next < w.count) {
+      const off = offsets[next++]!;
+      if (w.write) await blk.write(off, buf);
+      else await blk.readv(off, [buf]);
+    }
+  };
+  await Promise.all(Array.from({ length: w.depth }, worker));
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
