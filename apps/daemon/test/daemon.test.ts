@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { QmpClient } from '@blockrep/qmp';
 import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -55,6 +55,9 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
       pid,
     ]);
     expect(readFileSync(pid, 'utf8').trim()).toBe(String(proc.pid));
+    // Sockets only the daemon's user can use.
+    expect(statSync(qmpSock).mode & 0o777).toBe(0o600);
+    expect(statSync(nbdSock).mode & 0o777).toBe(0o600);
     const uri = `nbd+unix:///disk0?socket=${nbdSock}`;
     const w = await qemuIo(['-f', 'raw', uri], ['write -P 0x42 1M 2M', 'read -P 0x42 1M 2M']);
     expect(w.stdout).not.toMatch(/fail|error/i);

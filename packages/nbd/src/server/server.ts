@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { unlinkSync } from 'node:fs';
+import { chmodSync, unlinkSync } from 'node:fs';
 import * as net from 'node:net';
 import { BlockError, type BlockGraph } from '@blockrep/block';
 import type { NbdTlsCreds } from '../tls';
@@ -80,7 +80,11 @@ export class NbdServer extends EventEmitter {
         } catch {
           // nothing to replace
         }
-        server.listen(addr.path, () => resolve());
+        // Only the daemon's user may connect (mode 0600), as the QMP sockets.
+        server.listen(addr.path, () => {
+          chmodSync(addr.path, 0o600);
+          resolve();
+        });
       } else {
         const port = typeof addr.port === 'string' ? Number.parseInt(addr.port, 10) : addr.port;
         if (!Number.isInteger(port) || port < 0 || port > 65535) {
