@@ -116,6 +116,12 @@ export interface BlockDriver {
   truncate?(node: BlockNode, length: number, opts: TruncateOptions): Promise<void>;
   /** Drop all data so the node reads as empty (through to its backing file). */
   makeEmpty?(node: BlockNode): Promise<void>;
+  /** Record a new backing file name and format in the image (commit dropping layers). */
+  changeBackingFile?(
+    node: BlockNode,
+    filename: string | undefined,
+    format: string | undefined,
+  ): Promise<void>;
 
   reopenPrepare?(state: ReopenState): Promise<void>;
   reopenCommit?(state: ReopenState): void;

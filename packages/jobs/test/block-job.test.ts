@@ -30,7 +30,9 @@ describe('BlockJob', () => {
     const m = new JobManager();
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1 } });
     job.useNode(node, { perm: Perm.CONSISTENT_READ, blockOperations: true });
-    expect(opBlocked(node, BlockOp.RESIZE)?.message).toBe("Node 'n0' is busy: block device is in use by block job: backup");
+    expect(opBlocked(node, BlockOp.RESIZE)?.message).toBe(
+      "Node 'n0' is busy: block device is in use by block job: backup",
+    );
     expect(opBlocked(node, BlockOp.DATAPLANE)).toBeNull();
     job.start();
     await job.whenConcluded();
@@ -95,7 +97,9 @@ describe('BlockJob', () => {
     });
     job.start();
     await waitStatus(job, 'pending');
-    expect(() => job.setSpeed(1)).toThrow("Job 'j' in state 'pending' cannot accept command verb 'set-speed'");
+    expect(() => job.setSpeed(1)).toThrow(
+      "Job 'j' in state 'pending' cannot accept command verb 'set-speed'",
+    );
     await job.userFinalize();
   });
 
@@ -104,7 +108,10 @@ describe('BlockJob', () => {
     const ev = recordEvents(m);
     const job = new TestBlockJob(m, { id: 'j' });
     job.ioError();
-    expect(ev.at(-1)).toEqual({ event: 'BLOCK_JOB_ERROR', data: { device: 'j', operation: 'write', action: 'report' } });
+    expect(ev.at(-1)).toEqual({
+      event: 'BLOCK_JOB_ERROR',
+      data: { device: 'j', operation: 'write', action: 'report' },
+    });
     job.earlyFail();
   });
 });
@@ -155,5 +162,3 @@ class RateLimitedJob extends TestBlockJob {
     }
   }
 }
-
-

@@ -1,4 +1,6 @@
+import { writeFileSync } from 'node:fs';
 import { createQcow2Image } from '@blockrep/qcow2';
+import { qemuImg, qemuImgJson } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { startCommit } from '../src/index';
 import {
@@ -35,7 +37,8 @@ async function chain3() {
 
 describe('commit', () => {
   it('intermediate: base reads as mid did, and top now backs onto base', async () => {
-    const { graph, manager, events } = await chain3();
+    const e = await chain3();
+    const { graph, manager, events } = e;
     const guest = writer(graph, 'top');
     await guest.write(8192, Buffer.alloc(4096, 0x33));
     const before = await readAll(graph, 'top');
@@ -51,6 +54,23 @@ describe('commit', () => {
     expect((await readAll(graph, 'base')).equals(midView)).toBe(true);
     expect(graph.findNode('top').backing!.node.nodeName).toBe('base');
     expect((await readAll(graph, 'top')).equals(before)).toBe(true);
+    // The overlay's header names the new backing file: QEMU opens the shorter chain.
+    await guest.flush();
+    const info = await qemuImgJson(['info', e.dir.file('top.qcow2')]);
+    expect(info['backing-filename']).toBe(e.dir.file('base.raw'));
+    expect(info['backing-filename-format']).toBe('raw');
+    expect((await qemuImg(['check', e.dir.file('top.qcow2')])).stdout).toContain('No errors were found');
+    writeFileSync(e.dir.file('view.raw'), before);
+    const cmp = await qemuImg([
+      'compare',
+      '-f',
+      'qcow2',
+      '-F',
+      'raw',
+      e.dir.file('top.qcow2'),
+      e.dir.file('view.raw'),
+    ]);
+    expect(cmp.stdout.trim()).toBe('Images are identical.');
     expect(events.filter((e) => e.event === 'JOB_STATUS_CHANGE').map((e) => e.data.status)).toEqual([
       'created',
       'running',

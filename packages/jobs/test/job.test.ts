@@ -120,7 +120,15 @@ describe('job life cycle', () => {
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 3 } });
     job.start();
     await job.whenConcluded();
-    expect(timeline(ev)).toEqual(['created', 'running', 'waiting', 'pending', 'BLOCK_JOB_COMPLETED', 'concluded', 'null']);
+    expect(timeline(ev)).toEqual([
+      'created',
+      'running',
+      'waiting',
+      'pending',
+      'BLOCK_JOB_COMPLETED',
+      'concluded',
+      'null',
+    ]);
     expect(ev.find((e) => e.event === 'BLOCK_JOB_COMPLETED')!.data).toEqual({
       type: 'backup',
       device: 'j',
@@ -181,7 +189,9 @@ describe('job life cycle', () => {
     expect(job.status).toBe('concluded');
     expect(m.find('j')).toBe(job);
     // cancel of a concluded job is refused by the verb table...
-    await expect(job.userCancel(false)).rejects.toThrow("Job 'j' in state 'concluded' cannot accept command verb 'cancel'");
+    await expect(job.userCancel(false)).rejects.toThrow(
+      "Job 'j' in state 'concluded' cannot accept command verb 'cancel'",
+    );
     // ...but an internal cancel dismisses it, as QEMU's job_cancel does.
     await job.cancel(false);
     expect(job.status).toBe('null');
@@ -190,7 +200,11 @@ describe('job life cycle', () => {
   it('a failing run aborts, reports the error and calls abort', async () => {
     const m = new JobManager();
     const ev = recordEvents(m);
-    const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, fail: 'disk on fire' }, autoDismiss: false });
+    const job = new TestBlockJob(m, {
+      id: 'j',
+      plan: { steps: 1, fail: 'disk on fire' },
+      autoDismiss: false,
+    });
     job.start();
     await job.whenConcluded();
     expect(timeline(ev)).toEqual(['created', 'running', 'aborting', 'BLOCK_JOB_COMPLETED', 'concluded']);
@@ -205,7 +219,16 @@ describe('job life cycle', () => {
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, failPrepare: 'no' } });
     job.start();
     await job.whenConcluded();
-    expect(timeline(ev)).toEqual(['created', 'running', 'waiting', 'pending', 'aborting', 'BLOCK_JOB_COMPLETED', 'concluded', 'null']);
+    expect(timeline(ev)).toEqual([
+      'created',
+      'running',
+      'waiting',
+      'pending',
+      'aborting',
+      'BLOCK_JOB_COMPLETED',
+      'concluded',
+      'null',
+    ]);
     expect(job.log).toEqual(['prepare', 'abort', 'clean']);
   });
 
@@ -220,7 +243,14 @@ describe('job life cycle', () => {
     await job.userCancel(false);
     await job.whenConcluded();
     expect(Date.now() - t0).toBeLessThan(1000);
-    expect(timeline(ev)).toEqual(['created', 'running', 'aborting', 'BLOCK_JOB_CANCELLED', 'concluded', 'null']);
+    expect(timeline(ev)).toEqual([
+      'created',
+      'running',
+      'aborting',
+      'BLOCK_JOB_CANCELLED',
+      'concluded',
+      'null',
+    ]);
     expect(ev.find((e) => e.event === 'BLOCK_JOB_CANCELLED')!.data).toEqual({
       type: 'backup',
       device: 'j',
@@ -268,7 +298,16 @@ describe('job life cycle', () => {
     await job.userCancel(true);
     await job.whenConcluded();
     expect(job.log).toEqual(['prepare', 'prepared', 'abort', 'clean']);
-    expect(timeline(ev)).toEqual(['created', 'running', 'waiting', 'pending', 'aborting', 'BLOCK_JOB_CANCELLED', 'concluded', 'null']);
+    expect(timeline(ev)).toEqual([
+      'created',
+      'running',
+      'waiting',
+      'pending',
+      'aborting',
+      'BLOCK_JOB_CANCELLED',
+      'concluded',
+      'null',
+    ]);
   });
 
   it('a throwing clean hook is reported as the job error, not an unhandled rejection', async () => {
@@ -428,7 +467,9 @@ describe('manager', () => {
     expect(() => new TestBlockJob(m, { id: 'a' })).toThrow("Job ID 'a' already in use");
     expect(() => new TestBlockJob(m, { id: '1x' })).toThrow("Invalid job ID '1x'");
     expect(() => new TestBlockJob(m, {})).toThrow('An explicit job ID is required');
-    expect(() => new TestBlockJob(m, { id: 'b', internal: true })).toThrow('Cannot specify job ID for internal job');
+    expect(() => new TestBlockJob(m, { id: 'b', internal: true })).toThrow(
+      'Cannot specify job ID for internal job',
+    );
     expect(() => m.get('zzz')).toThrow('Job not found');
     expect(m.get('a').id).toBe('a');
   });
@@ -453,6 +494,8 @@ describe('manager', () => {
   it('an illegal transition throws', () => {
     const m = new JobManager();
     const job = new TestBlockJob(m, { id: 'j' });
-    expect(() => (job as any).transition('ready')).toThrow("BUG: job 'j' cannot go from 'created' to 'ready'");
+    expect(() => (job as any).transition('ready')).toThrow(
+      "BUG: job 'j' cannot go from 'created' to 'ready'",
+    );
   });
 });

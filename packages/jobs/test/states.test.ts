@@ -28,7 +28,11 @@ const VERBS: Record<string, string> = {
   dismiss: '   0 0 0 0 0 0 0 0 0 1 0',
 };
 
-const row = (s: string) => s.trim().split(/\s+/).map((c) => c === '1');
+const row = (s: string) =>
+  s
+    .trim()
+    .split(/\s+/)
+    .map((c) => c === '1');
 
 describe('job state tables', () => {
   for (const from of JOB_STATUSES) {

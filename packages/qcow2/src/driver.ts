@@ -112,6 +112,7 @@ export const qcow2Driver: BlockDriver = {
 
   getLength: (node) => img(node).size,
 
+  changeBackingFile: (node, filename, format) => img(node).changeBackingFile(filename, format),
   read: (node, offset, bytes, iov) => readRange(img(node), offset, bytes, iov),
 
   write: (node, offset, bytes, iov) => writeRange(img(node), offset, bytes, iov),

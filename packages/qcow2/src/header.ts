@@ -311,3 +311,42 @@ export function buildHeader(o: HeaderBuildOptions): Buffer {
   }
   return buf;
 }
+
+/**
+ * The header cluster with a new backing file name and format: the fixed fields are kept, the
+ * extensions are rewritten in their order (backing format first, as QEMU writes it; unknown ones
+ * kept), and the name follows the end marker. Throws if it no longer fits in the cluster.
+ */
+export function withBackingFile(
+  cluster: Buffer,
+  h: Qcow2Header,
+  backingFile?: string,
+  backingFormat?: string,
+): Buffer {
+  const cs = cluster.length;
+  const buf = Buffer.alloc(cs);
+  cluster.copy(buf, 0, 0, h.headerLength);
+  let off = h.headerLength;
+  const ext = (type: number, data: Buffer) => {
+    if (off + 8 + data.length > cs) throw new BlockError('Cannot update the backing file: header too large');
+    buf.writeUInt32BE(type, off);
+    buf.writeUInt32BE(data.length, off + 4);
+    data.copy(buf, off + 8);
+    off += 8 + ((data.length + 7) & ~7);
+  };
+  if (backingFile && backingFormat) ext(Ext.BACKING_FORMAT, Buffer.from(backingFormat));
+  for (const e of h.extensions) if (e.type !== Ext.BACKING_FORMAT) ext(e.type, e.data);
+  if (off > h.headerLength || h.version === 3) off += 8; // end-of-extensions marker (zeroes)
+  if (backingFile) {
+    const name = Buffer.from(backingFile);
+    if (name.length > MAX_BACKING_NAME || off + name.length > cs)
+      throw new BlockError('Backing file name too long');
+    writeU64(buf, 8, off);
+    buf.writeUInt32BE(name.length, 16);
+    name.copy(buf, off);
+  } else {
+    writeU64(buf, 8, 0);
+    buf.writeUInt32BE(0, 16);
+  }
+  return buf;
+}

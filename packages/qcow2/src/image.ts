@@ -2,12 +2,14 @@ import { BlockError, RangeLock } from '@blockrep/block';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
 import {
+  Ext,
   HeaderField,
   Incompat,
   l1EntriesFor,
   parseHeader,
   type Qcow2Header,
   u64Buffer,
+  withBackingFile,
   writeU64,
 } from './header';
 import { Mutex, Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
@@ -251,6 +253,32 @@ export class Qcow2Image {
       if ((await this.storage.length()) > end * this.cs) await this.storage.truncate(end * this.cs);
     }
     await this.storage.flush();
+  }
+
+  /**
+   * Writes a new backing file name and format into the header (block-commit dropping layers
+   * from a chain). One write of the header cluster, with the L1 lock held so no field patch races it.
+   */
+  async changeBackingFile(backingFile: string | undefined, backingFormat: string | undefined): Promise<void> {
+    this.checkWritable();
+    await this.l1Lock.run(async () => {
+      const cluster = await readBuf(this.storage, 0, this.cs);
+      const updated = withBackingFile(cluster, this.header, backingFile, backingFormat);
+      await this.storage.write(0, updated);
+      await this.storage.flush();
+      this.header.backingFile = backingFile;
+      this.header.backingFormat = backingFile ? backingFormat : undefined;
+      this.header.backingFileOffset = updated.readUInt32BE(12);
+      this.header.backingFileSize = updated.readUInt32BE(16);
+      if (!backingFile || !backingFormat)
+        this.header.extensions = this.header.extensions.filter((e) => e.type !== Ext.BACKING_FORMAT);
+      else {
+        this.header.extensions = [
+          { type: Ext.BACKING_FORMAT, data: Buffer.from(backingFormat) },
+          ...this.header.extensions.filter((e) => e.type !== Ext.BACKING_FORMAT),
+        ];
+      }
+    });
   }
 
   /** Grows the virtual size (a larger L1 table first when needed, then the size field). */

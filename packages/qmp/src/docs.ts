@@ -12,7 +12,9 @@ function membersTable(members: QMembers): string[] {
   for (const [name, m] of rows) {
     let type = typeLabel(m.type);
     if (m.type.kind === 'enum') type += ` (${m.type.values.map((v) => `\`${v}\``).join(', ')})`;
-    out.push(`| \`${name}\` | ${escapeCell(type)} | ${m.optional ? 'no' : 'yes'} | ${escapeCell(m.doc ?? '')} |`);
+    out.push(
+      `| \`${name}\` | ${escapeCell(type)} | ${m.optional ? 'no' : 'yes'} | ${escapeCell(m.doc ?? '')} |`,
+    );
   }
   out.push('');
   return out;

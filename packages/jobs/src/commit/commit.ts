@@ -25,6 +25,8 @@ export interface CommitOptions extends BlockJobOptions {
   /** The node the data is committed into (below top in its backing chain). */
   base: BlockNode;
   onError?: OnError;
+  /** Intermediate commit: the backing file name written into top's overlay (default: base's file name). */
+  backingFile?: string;
   /** Active commit: complete as soon as READY (replication's failover). */
   autoComplete?: boolean;
   /** Called once when the job ends, with its error or null. */
@@ -221,6 +223,12 @@ export class CommitJob extends CommitBase {
   protected override async prepare(): Promise<void> {
     const overlay = overlayOf(this.top);
     if (!overlay) return;
+    // The overlay's image names its new backing file, so QEMU (and we) open the shorter chain
+    // even once the committed layers' files are gone.
+    if (overlay.driver.changeBackingFile && !overlay.readOnly) {
+      const format = this.base.driver.protocol ? undefined : this.base.driver.name;
+      await overlay.driver.changeBackingFile(overlay, this.opts.backingFile ?? this.base.filename, format);
+    }
     const edge = overlay.filteredOrCow!;
     const g = this.top.graph;
     g.update((tx) => tx.setChildNode(edge, this.base));

@@ -1,8 +1,8 @@
 import {
   addDirtyBitmap,
+  BlockError,
   type BlockGraph,
   type BlockNode,
-  BlockError,
   type DirtyBitmap,
   findDirtyBitmap,
   removeDirtyBitmap,
@@ -31,7 +31,11 @@ function lookupNode(graph: BlockGraph, name: string): BlockNode {
 }
 
 /** QEMU's block_dirty_bitmap_lookup. */
-function lookupBitmap(graph: BlockGraph, node: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
+function lookupBitmap(
+  graph: BlockGraph,
+  node: string,
+  name: string,
+): { node: BlockNode; bitmap: DirtyBitmap } {
   let n: BlockNode;
   try {
     n = graph.lookup(node);
@@ -45,7 +49,8 @@ function lookupBitmap(graph: BlockGraph, node: string, name: string): { node: Bl
 
 /** QEMU's bdrv_dirty_bitmap_check with the default flags. */
 function checkUsable(b: DirtyBitmap): void {
-  if (b.busy) throw new BlockError(`Bitmap '${b.name}' is currently in use by another operation and cannot be used`);
+  if (b.busy)
+    throw new BlockError(`Bitmap '${b.name}' is currently in use by another operation and cannot be used`);
   if (b.inconsistent) throw new BlockError(`Bitmap '${b.name}' is inconsistent and cannot be used`);
 }
 
@@ -74,12 +79,19 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       disabled: opt(t.bool, 'Create the bitmap not recording (default false)'),
     }),
     doc: 'Creates a dirty bitmap on a node: from then on every write through the node marks it.',
-    handler(a: { node: string; name: string; granularity?: number; persistent?: boolean; disabled?: boolean }) {
+    handler(a: {
+      node: string;
+      name: string;
+      granularity?: number;
+      persistent?: boolean;
+      disabled?: boolean;
+    }) {
       const node = lookupNode(graph, a.node);
       if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
       if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
       const g = a.granularity ?? 65536;
-      if (g < 512 || (g & (g - 1)) !== 0) throw new BlockError('Granularity must be power of 2 and at least 512');
+      if (g < 512 || (g & (g - 1)) !== 0)
+        throw new BlockError('Granularity must be power of 2 and at least 512');
       if (a.persistent) {
         throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
       }
@@ -95,7 +107,9 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     handler(a: { node: string; name: string }) {
       const { node, bitmap } = lookupBitmap(graph, a.node, a.name);
       if (bitmap.busy) {
-        throw new BlockError(`Bitmap '${a.name}' is currently in use by another operation and cannot be used`);
+        throw new BlockError(
+          `Bitmap '${a.name}' is currently in use by another operation and cannot be used`,
+        );
       }
       removeDirtyBitmap(node, bitmap);
     },
@@ -124,7 +138,9 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       const { bitmap: target } = lookupBitmap(graph, a.node, a.target);
       checkUsable(target);
       const sources = a.bitmaps.map((s) =>
-        typeof s === 'string' ? lookupBitmap(graph, a.node, s).bitmap : lookupBitmap(graph, s.node, s.name).bitmap,
+        typeof s === 'string'
+          ? lookupBitmap(graph, a.node, s).bitmap
+          : lookupBitmap(graph, s.node, s.name).bitmap,
       );
       // Merge into a copy first so that a failing source leaves the target untouched.
       const scratch = target.copy();

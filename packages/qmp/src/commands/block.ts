@@ -121,7 +121,12 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
       const out: Record<string, unknown>[] = [];
       for (const b of graph.backends) {
         if (!b.name) continue;
-        const info: Record<string, unknown> = { device: b.name, locked: false, removable: false, type: 'unknown' };
+        const info: Record<string, unknown> = {
+          device: b.name,
+          locked: false,
+          removable: false,
+          type: 'unknown',
+        };
         if (b.node) info.inserted = blockDeviceInfo(b.node, false);
         out.push(info);
       }
@@ -178,7 +183,9 @@ function planReopen(
           const to = graph.getNode(want);
           if (!to) throw new BlockError(`Cannot find device='' nor node-name='${want}'`);
           if (reaches(to, node)) {
-            throw new BlockError(`Making '${want}' a ${key} child of '${node.nodeName}' would create a cycle`);
+            throw new BlockError(
+              `Making '${want}' a ${key} child of '${node.nodeName}' would create a cycle`,
+            );
           }
           swaps.push({ child, from: child.node, to });
           target = to;
@@ -190,8 +197,10 @@ function planReopen(
       }
       // Nested options describe the current child (an implicit one has no name to repeat).
       const nested = { ...(want as Options) };
-      if (nested['node-name'] === undefined && child.node.autoNamed) nested['node-name'] = child.node.nodeName;
-      if (nested['node-name'] !== child.node.nodeName) throw new BlockError(`Cannot change the option '${key}'`);
+      if (nested['node-name'] === undefined && child.node.autoNamed)
+        nested['node-name'] = child.node.nodeName;
+      if (nested['node-name'] !== child.node.nodeName)
+        throw new BlockError(`Cannot change the option '${key}'`);
       planReopen(graph, nested, out, (o['read-only'] as boolean | undefined) ?? false, swaps);
       continue;
     }

@@ -1,5 +1,13 @@
 import { type BlockGraph, COMMON_OPTIONS } from '@blockrep/block';
-import { type BlockdevRefTypes, optionMembers, type QMembers, type QObjectType, type QType, req, t } from '../schema';
+import {
+  type BlockdevRefTypes,
+  optionMembers,
+  type QMembers,
+  type QObjectType,
+  type QType,
+  req,
+  t,
+} from '../schema';
 
 /** BlockdevOptions and its references, built from the graph's drivers (new drivers show up). */
 export interface BlockdevTypes {
@@ -48,8 +56,16 @@ export function blockdevTypes(graph: BlockGraph): BlockdevTypes {
     },
     doc: 'Options for creating a block node',
   };
-  refs.ref = t.alternate('BlockdevRef', [options, t.str], 'Nested options for a new node, or the name of an existing one');
-  refs.refOrNull = t.alternate('BlockdevRefOrNull', [options, t.str, t.null], 'BlockdevRef, or null for none');
+  refs.ref = t.alternate(
+    'BlockdevRef',
+    [options, t.str],
+    'Nested options for a new node, or the name of an existing one',
+  );
+  refs.refOrNull = t.alternate(
+    'BlockdevRefOrNull',
+    [options, t.str, t.null],
+    'BlockdevRef, or null for none',
+  );
   const types = { driver, options, ref: refs.ref, refOrNull: refs.refOrNull };
   cache.set(graph, types);
   return types;

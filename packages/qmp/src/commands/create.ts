@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { type BlockGraph, BlockError, errnoText, type Errno } from '@blockrep/block';
+import { BlockError, type BlockGraph, type Errno, errnoText } from '@blockrep/block';
 import { Job, type JobManager } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, type QMembers, type QObjectType, req, t } from '../schema';

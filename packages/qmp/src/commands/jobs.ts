@@ -60,11 +60,17 @@ export function registerJobCommands(r: CommandRegistry, jobs: JobManager): void 
       },
     });
 
-  verb('job-pause', 'Pauses a job (user pause; nests with internal pauses).', (id) => jobs.get(id).userPause());
+  verb('job-pause', 'Pauses a job (user pause; nests with internal pauses).', (id) =>
+    jobs.get(id).userPause(),
+  );
   verb('job-resume', 'Resumes a job paused with job-pause.', (id) => jobs.get(id).userResume());
-  verb('job-cancel', 'Cancels a job (always a hard cancel, as in QEMU).', (id) => jobs.get(id).userCancel(true));
+  verb('job-cancel', 'Cancels a job (always a hard cancel, as in QEMU).', (id) =>
+    jobs.get(id).userCancel(true),
+  );
   verb('job-complete', 'Asks a READY job to finish.', (id) => jobs.get(id).userComplete());
-  verb('job-finalize', 'Finalizes a job waiting in PENDING (auto-finalize off).', (id) => jobs.get(id).userFinalize());
+  verb('job-finalize', 'Finalizes a job waiting in PENDING (auto-finalize off).', (id) =>
+    jobs.get(id).userFinalize(),
+  );
   verb('job-dismiss', 'Removes a CONCLUDED job (auto-dismiss off).', (id) => jobs.get(id).userDismiss());
 
   const findBlockJob = (id: string): BlockJob => {

@@ -94,7 +94,12 @@ function explicitOptions(node: BlockNode): Record<string, unknown> {
       continue;
     }
     const v = node.options[key];
-    if (v !== undefined && v !== spec.default && spec.type.kind !== 'child' && spec.type.kind !== 'children') {
+    if (
+      v !== undefined &&
+      v !== spec.default &&
+      spec.type.kind !== 'child' &&
+      spec.type.kind !== 'children'
+    ) {
       out[key] = v;
     }
   }
@@ -205,7 +210,9 @@ export function nodesInCreationOrder(graph: BlockGraph): BlockNode[] {
   const visit = (n: BlockNode) => {
     if (seen.has(n)) return;
     seen.add(n);
-    const implicit = n.children.filter((c) => c.node.autoNamed && (index.get(c.node) ?? -1) > (index.get(n) ?? -1));
+    const implicit = n.children.filter(
+      (c) => c.node.autoNamed && (index.get(c.node) ?? -1) > (index.get(n) ?? -1),
+    );
     for (const c of implicit) if (!(c.role & ChildRole.COW)) visit(c.node);
     out.push(n);
     for (const c of implicit) if (c.role & ChildRole.COW) visit(c.node);
