@@ -21,15 +21,6 @@ const BlockDirtyBitmapOrStr = t.alternate(
   'A bitmap on the target node by name, or a bitmap on any node',
 );
 
-/** QEMU's bdrv_lookup_bs for these commands: GenericError, not DeviceNotFound. */
-function lookupNode(graph: BlockGraph, name: string): BlockNode {
-  try {
-    return graph.lookup(name);
-  } catch (e) {
-    throw new BlockError((e as Error).message);
-  }
-}
-
 /** QEMU's block_dirty_bitmap_lookup. */
 function lookupBitmap(
   graph: BlockGraph,
@@ -86,7 +77,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       persistent?: boolean;
       disabled?: boolean;
     }) {
-      const node = lookupNode(graph, a.node);
+      const node = graph.lookup(a.node);
       if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
       if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
       const g = a.granularity ?? 65536;
