@@ -14,10 +14,8 @@ import {
   writer,
 } from './backup-commit-helpers';
 
-async function chain3() {
-  const e = env();
-  const { dir, graph } = e;
-  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 11));
+/** qcow2 mid (over base.raw, node 'base') and qcow2 top over it. */
+async function overlays({ dir, graph }: ReturnType<typeof env>) {
   await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
     path: dir.file('base.raw'),
     node: 'base',
@@ -28,6 +26,13 @@ async function chain3() {
     node: 'mid',
     fmt: 'qcow2',
   });
+}
+
+async function chain3() {
+  const e = env();
+  const { dir, graph } = e;
+  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 11));
+  await overlays(e);
   const w = writer(graph, 'mid');
   await w.write(0, Buffer.alloc(65536, 0x11));
   await w.write(SIZE - 4096, Buffer.alloc(4096, 0x12));
@@ -184,7 +189,8 @@ describe('commit', () => {
 
 describe('commit errors (blkdebug on the base)', () => {
   async function failing(policy: 'report' | 'ignore' | 'stop') {
-    const { dir, graph, manager, events } = env();
+    const e = env();
+    const { dir, graph, manager, events } = e;
     await rawNode(graph, dir.file('base.raw'), 'b0', randomData(SIZE, 21));
     await graph.blockdevAdd({
       driver: 'blkdebug',
@@ -192,16 +198,7 @@ describe('commit errors (blkdebug on the base)', () => {
       image: 'b0',
       'inject-error': [{ event: 'write_aio', iotype: 'write', once: true }],
     });
-    await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
-      path: dir.file('base.raw'),
-      node: 'base',
-      fmt: 'raw',
-    });
-    await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
-      path: dir.file('mid.qcow2'),
-      node: 'mid',
-      fmt: 'qcow2',
-    });
+    await overlays(e);
     const w = writer(graph, 'mid');
     await w.write(0, Buffer.alloc(2 << 20, 0x51));
     await w.detach();
