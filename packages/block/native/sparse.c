@@ -1,11 +1,15 @@
-/* Sparse-file system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE.
+/* File system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE, and
+ * preadv2 with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk).
  * Each returns the result or -errno; the JS side maps errors and falls back when absent. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <node_api.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#define MAX_IOV 64
 
 static int64_t arg_i64(napi_env env, napi_value v) {
   int64_t r = 0;
@@ -39,8 +43,50 @@ static napi_value js_lseek(napi_env env, napi_callback_info info) {
   return ret_i64(env, r < 0 ? -errno : (int64_t)r);
 }
 
+/* Fills iov from a Buffer or an array of Buffers; returns the count, or -1 when it cannot. */
+static int to_iov(napi_env env, napi_value v, struct iovec *iov) {
+  bool is_array = false;
+  napi_is_array(env, v, &is_array);
+  if (!is_array) {
+    void *data;
+    size_t len;
+    if (napi_get_buffer_info(env, v, &data, &len) != napi_ok) return -1;
+    iov[0].iov_base = data;
+    iov[0].iov_len = len;
+    return 1;
+  }
+  uint32_t n = 0;
+  napi_get_array_length(env, v, &n);
+  if (n > MAX_IOV) return -1;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value el;
+    void *data;
+    size_t len;
+    napi_get_element(env, v, i, &el);
+    if (napi_get_buffer_info(env, el, &data, &len) != napi_ok) return -1;
+    iov[i].iov_base = data;
+    iov[i].iov_len = len;
+  }
+  return (int)n;
+}
+
+/* preadv2(fd, buffers, offset, flags): bytes read or -errno (-EINVAL for unusable buffers) */
+static napi_value js_preadv2(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 4) return ret_i64(env, -EINVAL);
+  struct iovec iov[MAX_IOV];
+  int n = to_iov(env, argv[1], iov);
+  if (n < 0) return ret_i64(env, -EINVAL);
+  ssize_t r = preadv2((int)arg_i64(env, argv[0]), iov, n, arg_i64(env, argv[2]), (int)arg_i64(env, argv[3]));
+  return ret_i64(env, r < 0 ? -errno : (int64_t)r);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
+  napi_create_function(env, "preadv2", NAPI_AUTO_LENGTH, js_preadv2, NULL, &fn);
+  napi_set_named_property(env, exports, "preadv2", fn);
   napi_create_function(env, "fallocate", NAPI_AUTO_LENGTH, js_fallocate, NULL, &fn);
   napi_set_named_property(env, exports, "fallocate", fn);
   napi_create_function(env, "lseek", NAPI_AUTO_LENGTH, js_lseek, NULL, &fn);
@@ -56,6 +102,8 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_set_named_property(env, exports, "SEEK_DATA", c);
   napi_create_int64(env, SEEK_HOLE, &c);
   napi_set_named_property(env, exports, "SEEK_HOLE", c);
+  napi_create_int64(env, RWF_NOWAIT, &c);
+  napi_set_named_property(env, exports, "RWF_NOWAIT", c);
   napi_create_int64(env, ENXIO, &c);
   napi_set_named_property(env, exports, "ENXIO", c);
   return exports;

@@ -36,6 +36,8 @@ const WORKLOADS: Workload[] = [
 ];
 
 async function fio(uri: string, w: Workload): Promise<number> {
+  // Each run starts with no dirty page cache left by the run before (whichever server that was).
+  await runPeer('sync', []);
   const r = await runPeer('fio', [
     '--name=bench',
     '--ioengine=nbd',

@@ -10,7 +10,49 @@ import { sparse } from './sparse';
 interface FileState {
   fd: number;
   filename: string;
-  /** fd opened by a reopen, swapped in on commit. */
+  /** Small requests may run on the event loop thread (aio not set to 'threads'). */
+  inline: boolean;
+}
+
+/*
+ * Inline I/O. A request through the thread pool costs two thread switches and a wake-up of the
+ * event loop; on a virtual machine those cost more than copying 4 KiB in or out of the page cache
+ * (measured: 4 KiB random writes over NBD doubled inline). So small requests run on the event
+ * loop thread when that cannot stall it:
+ * - reads with preadv2(RWF_NOWAIT), which takes only what the page cache holds and never waits
+ *   for the disk; what it leaves goes to the thread pool;
+ * - writes with pwrite while they are quick. Buffered writes have no non-blocking flag, so a write
+ *   that takes longer than INLINE_STALL_MS (the kernel throttling dirty pages, a busy file system)
+ *   sends writes to the thread pool for INLINE_BACKOFF_MS.
+ * Larger requests stay in the thread pool, where copies overlap with the event loop's work.
+ */
+const INLINE_MAX = 64 * 1024;
+
+/** Whether writes may run inline now: not while backing off after a slow one. */
+export class InlineWriteGate {
+  private from = 0;
+  constructor(
+    readonly stallMs = 1,
+    readonly backoffMs = 200,
+  ) {}
+  open(now: number): boolean {
+    return now >= this.from;
+  }
+  /** Records an inline write that ran from t0 to t1 (ms). */
+  took(t0: number, t1: number): void {
+    if (t1 - t0 > this.stallMs) this.from = t1 + this.backoffMs;
+  }
+}
+
+const writeGate = new InlineWriteGate();
+
+function writeInline(fd: number, iov: IoVec, pos: number): number {
+  const t0 = performance.now();
+  try {
+    return iov.length === 1 ? fs.writeSync(fd, iov[0]!, 0, iov[0]!.length, pos) : fs.writevSync(fd, iov, pos);
+  } finally {
+    writeGate.took(t0, performance.now());
+  }
 }
 
 const fsRead = (fd: number, buf: Buffer, pos: number) =>
@@ -61,7 +103,7 @@ export const fileDriver: BlockDriver = {
     filename: opt.string('Path of the image file', { required: true }),
     aio: opt.enum(
       ['threads', 'native', 'io_uring'],
-      'AIO backend (accepted for compatibility; blockrep uses threads)',
+      "AIO backend: 'threads' sends every request to the thread pool; unset, native or io_uring let small requests that cannot block run inline",
     ),
     'aio-max-batch': opt.int('Maximum AIO batch (accepted for compatibility)', { min: 0 }),
     locking: opt.enum(['auto', 'on', 'off'], 'Image locking (accepted for compatibility)'),
@@ -87,7 +129,7 @@ export const fileDriver: BlockDriver = {
         node.readOnly = true;
       } else throw e;
     }
-    node.opaque = { fd, filename } satisfies FileState;
+    node.opaque = { fd, filename, inline: opts.aio !== 'threads' } satisfies FileState;
   },
 
   async close(node) {
@@ -110,10 +152,20 @@ export const fileDriver: BlockDriver = {
   filename: (node) => st(node).filename,
 
   async read(node, offset, bytes, iov) {
-    const fd = st(node).fd;
+    const s = st(node);
+    const fd = s.fd;
     let pos = offset;
     let rest = iov;
     let left = bytes;
+    if (s.inline && bytes <= INLINE_MAX) {
+      const n = sparse.readCached(fd, rest.length === 1 ? rest[0]! : rest, pos);
+      if (n === bytes) return;
+      if (n > 0) {
+        pos += n;
+        left -= n;
+        rest = advance(rest, n);
+      }
+    }
     while (left > 0) {
       const n = rest.length === 1 ? await fsRead(fd, rest[0]!, pos) : await fsReadv(fd, rest, pos);
       if (n === 0) {
@@ -128,12 +180,18 @@ export const fileDriver: BlockDriver = {
   },
 
   async write(node, offset, bytes, iov) {
-    const fd = st(node).fd;
+    const s = st(node);
+    const fd = s.fd;
     let pos = offset;
     let rest = iov;
     let left = bytes;
+    const inline = s.inline && bytes <= INLINE_MAX && writeGate.open(performance.now());
     while (left > 0) {
-      const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
+      const n = inline
+        ? writeInline(fd, rest, pos)
+        : rest.length === 1
+          ? await fsWrite(fd, rest[0]!, pos)
+          : await fsWritev(fd, rest, pos);
       pos += n;
       left -= n;
       if (left > 0) rest = advance(rest, n);

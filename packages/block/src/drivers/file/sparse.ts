@@ -6,6 +6,8 @@ import { BlockError } from '../../errors';
 interface SparseAddon {
   fallocate(fd: number, mode: number, offset: number, len: number): number;
   lseek(fd: number, offset: number, whence: number): number;
+  preadv2(fd: number, bufs: Buffer | Buffer[], offset: number, flags: number): number;
+  RWF_NOWAIT: number;
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
@@ -52,6 +54,18 @@ const fstatSize = (fd: number) =>
  */
 export const sparse = {
   available: addon !== null,
+
+  /**
+   * Reads what the page cache holds of [offset, offset + length of bufs) without waiting for the
+   * disk (preadv2 with RWF_NOWAIT): the bytes read (maybe fewer, 0 at the end of the file), or -1
+   * when nothing could be read that way (not cached, no addon, unsupported) and the caller must
+   * read through the thread pool.
+   */
+  readCached(fd: number, bufs: Buffer | Buffer[], offset: number): number {
+    if (!addon) return -1;
+    const r = addon.preadv2(fd, bufs, offset, addon.RWF_NOWAIT);
+    return r < 0 ? -1 : r;
+  },
 
   async punchHole(fd: number, offset: number, bytes: number): Promise<void> {
     if (!addon) throw notSupported('Hole punching');

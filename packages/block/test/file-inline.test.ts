@@ -1,0 +1,112 @@
+import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '@blockrep/test-kit';
+import { describe, expect, it } from 'vitest';
+import { InlineWriteGate } from '../src/drivers/file/file';
+import { sparse } from '../src/drivers/file/sparse';
+import { BlockBackend, createGraph, Perm } from '../src/index';
+
+const RW = Perm.CONSISTENT_READ | Perm.WRITE;
+
+function pattern(len: number, seed: number): Buffer {
+  const b = Buffer.alloc(len);
+  for (let i = 0; i < len; i++) b[i] = (i * 7 + seed) & 0xff;
+  return b;
+}
+
+async function backend(filename: string, aio?: string) {
+  const g = createGraph();
+  const n = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}) });
+  const blk = new BlockBackend(g, { perm: RW });
+  blk.attach(n);
+  return { g, blk };
+}
+
+/** Drops a file's clean pages from the page cache (python3's posix_fadvise). */
+function dropCache(file: string): void {
+  execFileSync('python3', [
+    '-c',
+    'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)',
+    file,
+  ]);
+}
+
+// Small requests run inline (reads from the page cache without waiting, writes while quick);
+// large ones and aio=threads go through the thread pool. Every path must give the same bytes.
+describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio', ({ aio }) => {
+  it('writes and reads small, vectored and large requests', async () => {
+    const f = makeTempDir().file('d.img');
+    writeFileSync(f, Buffer.alloc(4 << 20));
+    const { g, blk } = await backend(f, aio);
+    const small = pattern(4096, 1);
+    const vec = [pattern(1000, 2), pattern(3096, 3), pattern(4096, 4)];
+    const large = pattern(1 << 20, 5);
+    await blk.write(8192, small);
+    await blk.write(65536, vec);
+    await blk.write(1 << 20, large);
+    expect((await blk.read(8192, 4096)).equals(small)).toBe(true);
+    const back = [Buffer.alloc(5000, 0xff), Buffer.alloc(3192, 0xff)];
+    await blk.readv(65536, back);
+    expect(Buffer.concat(back).equals(Buffer.concat(vec))).toBe(true);
+    expect((await blk.read(1 << 20, 1 << 20)).equals(large)).toBe(true);
+    await g.closeAll();
+    const disk = readFileSync(f);
+    expect(disk.subarray(8192, 12288).equals(small)).toBe(true);
+    expect(disk.subarray(65536, 65536 + 8192).equals(Buffer.concat(vec))).toBe(true);
+    expect(disk.subarray(1 << 20, 2 << 20).equals(large)).toBe(true);
+  });
+
+  it('reads zeroes past the end of a file whose length is not sector aligned', async () => {
+    const f = makeTempDir().file('short.img');
+    writeFileSync(f, pattern(6000, 9));
+    const { g, blk } = await backend(f, aio);
+    const got = Buffer.alloc(2048, 0xff);
+    await blk.readv(4096, [got]);
+    expect(got.subarray(0, 1904).equals(pattern(6000, 9).subarray(4096))).toBe(true);
+    expect(got.subarray(1904).every((x) => x === 0)).toBe(true);
+    await g.closeAll();
+  });
+
+  it('reads data the page cache no longer holds', async () => {
+    const f = makeTempDir().file('cold.img');
+    const data = pattern(256 << 10, 11);
+    writeFileSync(f, data);
+    dropCache(f);
+    const { g, blk } = await backend(f, aio);
+    for (let off = 0; off < data.length; off += 16384) {
+      expect((await blk.read(off, 16384)).equals(data.subarray(off, off + 16384))).toBe(true);
+    }
+    await g.closeAll();
+  });
+});
+
+describe.runIf(sparse.available)('readCached', () => {
+  it('returns what the page cache holds, short at the end of the file, -1 for bad buffers', () => {
+    const f = makeTempDir().file('c.img');
+    writeFileSync(f, pattern(6000, 3));
+    const fd = openSync(f, 'r');
+    try {
+      const b = Buffer.alloc(4096);
+      expect(sparse.readCached(fd, b, 0)).toBe(4096);
+      expect(b.equals(pattern(6000, 3).subarray(0, 4096))).toBe(true);
+      const v = [Buffer.alloc(1000), Buffer.alloc(3000)];
+      expect(sparse.readCached(fd, v, 4096)).toBe(1904);
+      expect(Buffer.concat(v).subarray(0, 1904).equals(pattern(6000, 3).subarray(4096))).toBe(true);
+      expect(sparse.readCached(fd, [1 as unknown as Buffer], 0)).toBe(-1);
+    } finally {
+      closeSync(fd);
+    }
+  });
+});
+
+describe('InlineWriteGate', () => {
+  it('closes for the back-off period after a slow write, not after quick ones', () => {
+    const gate = new InlineWriteGate(1, 200);
+    gate.took(0, 0.5);
+    expect(gate.open(1)).toBe(true);
+    gate.took(10, 12);
+    expect(gate.open(12)).toBe(false);
+    expect(gate.open(211)).toBe(false);
+    expect(gate.open(212)).toBe(true);
+  });
+});
