@@ -56,6 +56,25 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
     expect(disk.subarray(1 << 20, 2 << 20).equals(large)).toBe(true);
   });
 
+  it('small writes alongside large ones in the thread pool all land', async () => {
+    const f = makeTempDir().file('mix.img');
+    writeFileSync(f, Buffer.alloc(8 << 20));
+    const { g, blk } = await backend(f, aio);
+    const large = Array.from({ length: 4 }, (_, i) => pattern(1 << 20, 20 + i));
+    const small = Array.from({ length: 64 }, (_, i) => pattern(4096, 40 + i));
+    await Promise.all([
+      ...large.map((b, i) => blk.write(i << 20, b)),
+      ...small.map((b, i) => blk.write((4 << 20) + i * 8192, b)),
+    ]);
+    await g.closeAll();
+    const disk = readFileSync(f);
+    large.forEach((b, i) => expect(disk.subarray(i << 20, (i + 1) << 20).equals(b)).toBe(true));
+    small.forEach((b, i) => {
+      const at = (4 << 20) + i * 8192;
+      expect(disk.subarray(at, at + 4096).equals(b)).toBe(true);
+    });
+  });
+
   it('reads zeroes past the end of a file whose length is not sector aligned', async () => {
     const f = makeTempDir().file('short.img');
     writeFileSync(f, pattern(6000, 9));

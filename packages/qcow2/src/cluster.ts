@@ -227,6 +227,7 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     }
     const cEnd = Math.ceil((offset + bytes) / cs) * cs;
     const n = (cEnd - cStart) / cs;
+    await prepareL2(img, cStart);
     const { offset: host, fresh } = await img.refcounts.allocateRun(n);
     if (img.overlapsMetadata(host, n * cs))
       img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
@@ -261,6 +262,17 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
   } finally {
     release();
   }
+}
+
+/**
+ * Makes the L2 table of a guest offset exist and be writable before any data is written for it:
+ * allocating a table flushes, and with the data written first that flush would write it all out
+ * (measured: 8 writers of 1 MiB stalled 10-15 ms on a fresh image).
+ */
+async function prepareL2(img: Qcow2Image, guestOffset: number): Promise<void> {
+  const l1i = Math.floor(guestOffset / img.cs / img.l2Entries);
+  if (img.l1Copied(l1i) && img.cache.peek(img.l2Offset(l1i))) return;
+  img.cache.unpin(await l2ForWrite(img, l1i));
 }
 
 /**

@@ -335,11 +335,16 @@ export async function makeImageEmpty(img: Qcow2Image): Promise<void> {
 }
 
 async function emptyLocked(img: Qcow2Image): Promise<void> {
-  const cs = img.cs;
-  const storage = img.storage;
   await img.cache.drainWrites();
   img.cache.clear();
   img.pendingFree = [];
+  // Under the refcount mutex: a reservation made ahead in the background must not interleave.
+  await img.refcounts.mutex.run(() => rewriteTables(img));
+}
+
+async function rewriteTables(img: Qcow2Image): Promise<void> {
+  const cs = img.cs;
+  const storage = img.storage;
   img.l1.fill(0);
   await storage.write(img.l1Offset, img.l1);
   await storage.flush();

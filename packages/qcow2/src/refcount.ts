@@ -9,6 +9,13 @@ import { type Qcow2Storage, readBuf } from './storage';
  * refcount write and hands them out without further I/O; the unused rest is returned on close.
  */
 
+/** Reserved clusters [start, end); those from freshFrom on lay past the file's end when reserved. */
+interface PoolRun {
+  start: number;
+  end: number;
+  freshFrom: number;
+}
+
 export interface RefcountLayout {
   clusterBits: number;
   refcountOrder: number;
@@ -107,7 +114,14 @@ export class Qcow2Refcounts {
   private hint = 0;
   /** One past the last cluster in use or reserved: where new metadata can go. */
   highWater: number;
-  private pool = { start: 0, end: 0, freshFrom: 0 };
+  /** Clusters reserved (refcount 1) and not yet handed out: [start, end). */
+  private pool: PoolRun = { start: 0, end: 0, freshFrom: 0 };
+  /** A run reserved ahead that does not follow the pool. */
+  private next: PoolRun | null = null;
+  /** A background reservation is queued or running. */
+  private ahead = false;
+  private target = 0;
+  private lastReserve = Number.NEGATIVE_INFINITY;
   readonly mutex = new Mutex();
   /** Bumped after each refcount increase is written (L2 writes wait for a flush covering it). */
   gen = 0;
@@ -225,23 +239,91 @@ export class Qcow2Refcounts {
   /** Like allocate(); `fresh` says the clusters lie past the file's end (they read as zeroes). */
   async allocateRun(n: number): Promise<{ offset: number; fresh: boolean }> {
     for (;;) {
+      if (this.pool.end - this.pool.start < n && this.next && this.next.end - this.next.start >= n) {
+        this.switchToNext();
+      }
       if (this.pool.end - this.pool.start >= n) {
         const s = this.pool.start;
         this.pool.start += n;
+        this.maybeReserveAhead();
         return { offset: s * this.cs, fresh: s >= this.pool.freshFrom };
       }
       await this.mutex.run(() => this.reserve(n));
     }
   }
 
-  private reserveTarget(): number {
+  /** Clusters reserved at a time when allocation is not streaming (8 MiB, 16 to 256 clusters). */
+  private baseTarget(): number {
     return Math.max(16, Math.min(256, Math.floor((8 << 20) / this.cs)));
+  }
+
+  /**
+   * The size of the next reservation: doubles while reservations follow each other within 100 ms
+   * (a sequential write filling the image), up to 64 MiB or 4096 clusters; back to the base
+   * otherwise. Reserved clusters not yet used are what a crash can leak.
+   */
+  private nextTarget(): number {
+    const now = performance.now();
+    const base = this.baseTarget();
+    const max = Math.max(base, Math.min(4096, Math.floor((64 << 20) / this.cs)));
+    this.target = now - this.lastReserve < 100 ? Math.min(max, Math.max(base, this.target * 2)) : base;
+    this.lastReserve = now;
+    return this.target;
+  }
+
+  /**
+   * Starts reserving the next run in the background once the pool is half used, so that
+   * allocating writes do not wait for the refcount write (it queues behind their data writes).
+   */
+  private maybeReserveAhead(): void {
+    const left = this.pool.end - this.pool.start;
+    if (this.ahead || this.next || left === 0 || left * 2 >= this.target) return;
+    this.ahead = true;
+    this.mutex
+      .run(() => this.reserveAhead())
+      // A failure here (ENOSPC, EIO) reaches the writer that next needs clusters.
+      .catch(() => {})
+      .finally(() => {
+        this.ahead = false;
+      });
+  }
+
+  private async reserveAhead(): Promise<void> {
+    const left = this.pool.end - this.pool.start;
+    // Released (close, makeEmpty) or refilled meanwhile: nothing to do.
+    if (this.next || left === 0 || left * 2 >= this.target) return;
+    const run = await this.reserveRun(1, this.nextTarget());
+    if (run.start === this.pool.end) {
+      // Right after the pool (the image growing at its end): one longer run. Clusters past the
+      // file's end in either part stay fresh when the new part is fresh throughout.
+      const freshFrom =
+        run.freshFrom === run.start ? Math.min(this.pool.freshFrom, run.start) : run.freshFrom;
+      this.pool = { start: this.pool.start, end: run.end, freshFrom };
+    } else this.next = run;
+  }
+
+  /** Takes the reserved-ahead run as the pool; the old pool's few clusters are released. */
+  private switchToNext(): void {
+    const old = this.pool;
+    this.pool = this.next!;
+    this.next = null;
+    if (old.end > old.start) {
+      this.mutex.run(() => this.update(old.start, old.end - old.start, -1)).catch(() => {});
+    }
   }
 
   private async reserve(n: number): Promise<void> {
     if (this.pool.end - this.pool.start >= n) return;
+    if (this.next && this.next.end - this.next.start >= n) return;
     await this.releasePoolLocked();
-    const want = Math.max(n, this.reserveTarget());
+    this.pool = await this.reserveRun(n, Math.max(n, this.nextTarget()));
+  }
+
+  /**
+   * Finds at least n (up to `want`) free clusters, sets their refcounts to 1 and returns them as
+   * a run. Caller holds the mutex.
+   */
+  private async reserveRun(n: number, want: number): Promise<PoolRun> {
     for (;;) {
       const run = await this.findFreeRun(n, want);
       const missing: number[] = [];
@@ -255,10 +337,10 @@ export class Qcow2Refcounts {
       }
       await this.update(run.start, run.len, 1);
       const eof = Math.ceil((await this.storage.length()) / this.cs);
-      this.pool = { start: run.start, end: run.start + run.len, freshFrom: Math.max(run.start, eof) };
-      this.highWater = Math.max(this.highWater, this.pool.end);
-      if (this.hint >= run.start) this.hint = this.pool.end;
-      return;
+      const end = run.start + run.len;
+      this.highWater = Math.max(this.highWater, end);
+      if (this.hint >= run.start) this.hint = end;
+      return { start: run.start, end, freshFrom: Math.max(run.start, eof) };
     }
   }
 
@@ -398,9 +480,10 @@ export class Qcow2Refcounts {
   }
 
   private async releasePoolLocked(): Promise<void> {
-    const { start, end } = this.pool;
+    const runs = [this.pool, this.next];
     this.pool = { start: 0, end: 0, freshFrom: 0 };
-    if (end > start) await this.update(start, end - start, -1);
+    this.next = null;
+    for (const r of runs) if (r && r.end > r.start) await this.update(r.start, r.end - r.start, -1);
   }
 
   /** Returns the reserved but unused clusters (on close, so that check finds no leaks). */
@@ -418,6 +501,7 @@ export class Qcow2Refcounts {
       if (off) this.blockOffsets.add(off);
     }
     this.pool = { start: 0, end: 0, freshFrom: 0 };
+    this.next = null;
     this.hint = 0;
     this.highWater = Math.ceil(fileLength / this.cs);
   }

@@ -14,6 +14,7 @@ import {
   qemuImgJson,
   qemuIo,
   randomWorkload,
+  readAllOurs,
 } from './helpers';
 
 /* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
@@ -181,5 +182,86 @@ describe('qcow2 driver', () => {
     await close();
     expect(peek(f, off, 24).equals(ext)).toBe(true);
     await clean(f);
+  });
+
+  it('allocates the L2 table before the data of the first write into it', async () => {
+    const d = makeTempDir();
+    const f = d.file('order.qcow2');
+    await createQcow2Image(f, { size: 64 << 20 });
+    const { blk, node, close } = await openQcow2(f);
+    await blk.write(0, Buffer.alloc(1 << 20, 7));
+    const img = node.opaque as Qcow2Image;
+    const l2 = img.l2Offset(0);
+    await close();
+    const map = await qemuImgJson<{ start: number; offset?: number; data: boolean }[]>([
+      'map',
+      '--output=json',
+      f,
+    ]);
+    const data = map.find((m) => m.data)!;
+    expect(l2).toBeGreaterThan(0);
+    expect(l2).toBeLessThan(data.offset!);
+    await clean(f);
+  });
+
+  it('reserves clusters ahead while writes stream, and returns the unused ones on close', async () => {
+    const d = makeTempDir();
+    const f = d.file('stream.qcow2');
+    await createQcow2Image(f, { size: 256 << 20 });
+    const { blk, close } = await openQcow2(f);
+    const expected = Buffer.alloc(96 << 20);
+    // 96 MiB in 1 MiB writes, 8 in flight: the reservation grows (8, 16, 32, 64 MiB) and is
+    // made ahead while the pool drains.
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        while (next < 96) {
+          const i = next++;
+          const b = Buffer.alloc(1 << 20, (i % 250) + 1);
+          b.copy(expected, i << 20);
+          await blk.write(i << 20, b);
+        }
+      }),
+    );
+    expect(firstDiff(await blk.read(0, 96 << 20), expected)).toBe(-1);
+    await close();
+    await clean(f);
+    // The file holds the data and its metadata, not the reservation (it was returned and cut).
+    const info = await qemuImgJson<{ 'actual-size': number }>(['info', '--output=json', f]);
+    expect(info['actual-size']).toBeLessThan((96 << 20) + (2 << 20));
+    expect(firstDiff(await readAllOurs(f), Buffer.concat([expected, Buffer.alloc(160 << 20)]))).toBe(-1);
+  });
+
+  it('takes a reservation made ahead that does not follow the pool (freed clusters reused)', async () => {
+    const d = makeTempDir();
+    const f = d.file('holes.qcow2');
+    await createQcow2Image(f, { size: 128 << 20 });
+    // Fill 48 MiB, close (the file ends there), free a 16 MiB run in the middle by discarding.
+    let o = await openQcow2(f, { discard: 'unmap' });
+    for (let i = 0; i < 48; i++) await o.blk.write(i << 20, Buffer.alloc(1 << 20, 1));
+    await o.blk.discard(16 << 20, 16 << 20);
+    await o.close();
+    await clean(f);
+    // New writes reuse the hole first, then need clusters past the end: a run that does not
+    // follow the pool's, reserved ahead while the hole is used up.
+    o = await openQcow2(f);
+    const expected = Buffer.alloc(128 << 20);
+    expected.fill(1, 0, 48 << 20);
+    expected.fill(0, 16 << 20, 32 << 20);
+    let next = 48;
+    await Promise.all(
+      Array.from({ length: 8 }, async () => {
+        while (next < 112) {
+          const i = next++;
+          const b = Buffer.alloc(1 << 20, (i % 200) + 2);
+          b.copy(expected, i << 20);
+          await o.blk.write(i << 20, b);
+        }
+      }),
+    );
+    expect(firstDiff(await o.blk.read(0, 128 << 20), expected)).toBe(-1);
+    await o.close();
+    await clean(f);
+    expect(firstDiff(await readAllOurs(f), expected)).toBe(-1);
   });
 });

@@ -12,6 +12,8 @@ interface FileState {
   filename: string;
   /** Small requests may run on the event loop thread (aio not set to 'threads'). */
   inline: boolean;
+  /** Writes in the thread pool now: an inline write would wait for the inode lock they hold. */
+  poolWrites: number;
 }
 
 /*
@@ -129,7 +131,7 @@ export const fileDriver: BlockDriver = {
         node.readOnly = true;
       } else throw e;
     }
-    node.opaque = { fd, filename, inline: opts.aio !== 'threads' } satisfies FileState;
+    node.opaque = { fd, filename, inline: opts.aio !== 'threads', poolWrites: 0 } satisfies FileState;
   },
 
   async close(node) {
@@ -185,16 +187,23 @@ export const fileDriver: BlockDriver = {
     let pos = offset;
     let rest = iov;
     let left = bytes;
-    const inline = s.inline && bytes <= INLINE_MAX && writeGate.open(performance.now());
-    while (left > 0) {
-      const n = inline
-        ? writeInline(fd, rest, pos)
-        : rest.length === 1
-          ? await fsWrite(fd, rest[0]!, pos)
-          : await fsWritev(fd, rest, pos);
+    if (s.inline && bytes <= INLINE_MAX && s.poolWrites === 0 && writeGate.open(performance.now())) {
+      const n = writeInline(fd, rest, pos);
+      if (n === left) return;
       pos += n;
       left -= n;
-      if (left > 0) rest = advance(rest, n);
+      rest = advance(rest, n);
+    }
+    s.poolWrites++;
+    try {
+      while (left > 0) {
+        const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
+        pos += n;
+        left -= n;
+        if (left > 0) rest = advance(rest, n);
+      }
+    } finally {
+      s.poolWrites--;
     }
   },
 
