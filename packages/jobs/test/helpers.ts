@@ -95,6 +95,7 @@ export class TestJob extends Job {
     manager: JobManager,
     opts: JobOptions = { id: 'job0' },
     readonly steps = 3,
+    readonly stepMs = 5,
   ) {
     super(manager, opts);
   }
@@ -102,7 +103,7 @@ export class TestJob extends Job {
   protected async run(): Promise<void> {
     this.progressSetRemaining(this.steps);
     for (let i = 0; i < this.steps && !this.isCancelled; i++) {
-      await this.sleep(5);
+      await this.sleep(this.stepMs);
       this.progressUpdate(1);
     }
   }

@@ -499,3 +499,22 @@ describe('manager', () => {
     );
   });
 });
+
+describe('job sleep', () => {
+  it('a zero sleep only yields (no 1 ms timer per call), and can still be cancelled', async () => {
+    const m = new JobManager();
+    const fast = new TestJob(m, { id: 'fast' }, 2000, 0);
+    const t0 = performance.now();
+    fast.start();
+    await waitStatus(fast, 'null', 10_000);
+    // 2000 setTimeout(0) sleeps take over 2 s; yields take a few ms.
+    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(fast.progressCurrent).toBe(2000);
+    const long = new TestJob(m, { id: 'long' }, 1e9, 0);
+    long.start();
+    await tick();
+    long.cancel(true);
+    await waitStatus(long, 'null');
+    expect(long.progressCurrent).toBeLessThan(1e9);
+  });
+});
