@@ -14,6 +14,43 @@ import {
 } from './backup-commit-helpers';
 
 describe('backup', () => {
+  it('writes inside the filter when the job ends still complete (the filter leaves drained)', async () => {
+    const { graph, manager } = env();
+    await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'src', size: SIZE, 'read-zeroes': true });
+    // A slow target: each copy-before-write holds its guest write inside the filter for 30 ms.
+    await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'tgt', size: SIZE, 'latency-ns': 30e6 });
+    const guest = writer(graph, 'src');
+    const job = await startBackup(manager, {
+      id: 'b-drain',
+      source: graph.findNode('src'),
+      target: graph.findNode('tgt'),
+      sync: 'none',
+    });
+    // Guest writes keep coming while the job ends: some are inside the filter (waiting for their
+    // copy) when it is taken out.
+    let stop = false;
+    let n = 0;
+    const failures: unknown[] = [];
+    const guestLoop = async (k: number) => {
+      while (!stop) {
+        const off = ((n++ * 7 + k) % 64) * 65536;
+        await guest.write(off, Buffer.alloc(4096, 1)).catch((e) => failures.push(e));
+        // null-co answers without I/O: let timers run between writes.
+        await new Promise((r) => setImmediate(r));
+      }
+    };
+    const loops = Array.from({ length: 8 }, (_, k) => guestLoop(k));
+    await new Promise((r) => setTimeout(r, 40));
+    job.cancel(true);
+    await job.whenConcluded();
+    await new Promise((r) => setTimeout(r, 40));
+    stop = true;
+    await Promise.all(loops);
+    expect(failures).toEqual([]);
+    expect(n).toBeGreaterThan(8);
+    expect(guest.node!.nodeName).toBe('src');
+  });
+
   it('sync=none: the target (backed by the source) keeps the point-in-time image under writes', async () => {
     const { dir, graph, manager } = env();
     const initial = randomData(SIZE, 1);

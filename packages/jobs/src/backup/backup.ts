@@ -82,7 +82,8 @@ export class BackupJob extends BlockJob {
     if (this.opts.filterNodeName !== undefined) filterOpts['node-name'] = this.opts.filterNodeName;
     const filter = await g.open(filterOpts);
     try {
-      await g.replaceNode(this.source, filter);
+      // Drained: no write may be in flight past the point where the filter starts copying.
+      await g.drained(this.source, () => g.replaceNode(this.source, filter));
       this.useNode(filter, { perm: 0, allowDrainedIo: true });
       this.useNode(this.target, { perm: 0, allowDrainedIo: true });
     } catch (e) {
@@ -253,7 +254,9 @@ export class BackupJob extends BlockJob {
     if (this.filter) {
       const filter = this.filter;
       this.filter = null;
-      await g.replaceNode(filter, this.source);
+      // Drained: a write still inside the filter (copying old data first) finishes before the
+      // filter loses its parents and, with them, its permissions on the source.
+      await g.drained(filter, () => g.replaceNode(filter, this.source));
       await g.close(filter);
     }
     this.opts.onComplete?.(this.err);
