@@ -3,6 +3,7 @@ export class CliFailure extends Error {
   constructor(
     message: string,
     readonly exitCode = 1,
+    readonly hint?: string,
   ) {
     super(message);
   }

@@ -1,5 +1,13 @@
 import { closeSync, openSync, readSync } from 'node:fs';
-import { BlockBackend, type BlockGraph, type BlockNode, createGraph, iovIsZero, Perm } from '@blockrep/block';
+import {
+  BlockBackend,
+  type BlockError,
+  type BlockGraph,
+  type BlockNode,
+  createGraph,
+  iovIsZero,
+  Perm,
+} from '@blockrep/block';
 import { type Qcow2Image, qcow2Driver } from '@blockrep/qcow2';
 import { CliFailure } from './failure';
 
@@ -47,6 +55,13 @@ export interface OpenImageOptions {
   /** `null`: open without the backing file; a node name: that node as backing. */
   backing?: null | string;
   nodeName?: string;
+  /** -U: share every permission with other users, even writers (read-only opens only). */
+  forceShare?: boolean;
+}
+
+/** Whether -U / --force-share was given. */
+export function forceShare(p: { opts: Map<string, string | true> }): boolean {
+  return p.opts.has('-U') || p.opts.has('--force-share');
 }
 
 /** Opens an image file as a format node (and its backing chain unless told otherwise). */
@@ -64,11 +79,12 @@ export async function openImage(
     file: { driver: 'file', filename: file },
   };
   if (opts.nodeName) options['node-name'] = opts.nodeName;
+  if (opts.forceShare) options['force-share'] = true;
   if (opts.backing !== undefined && format === 'qcow2') options.backing = opts.backing;
   try {
     return await graph.open(options);
   } catch (e) {
-    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`);
+    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`, 1, (e as BlockError).hint);
   }
 }
 
@@ -77,7 +93,13 @@ export function attachBackend(graph: BlockGraph, node: BlockNode, write: boolean
   const blk = new BlockBackend(graph, {
     perm: Perm.CONSISTENT_READ | (write ? Perm.WRITE | Perm.RESIZE : 0),
   });
-  blk.attach(node);
+  try {
+    blk.attach(node);
+  } catch (e) {
+    // Refused by the image locks (or another user of the node): qemu-img reports it on open.
+    const err = e as BlockError;
+    throw new CliFailure(`Could not open '${node.filename}': ${err.message}`, 1, err.hint);
+  }
   return blk;
 }
 

@@ -2,13 +2,14 @@ import { CliFailure } from './failure';
 
 const USAGE = `usage: blockrep <command> [options]
 
-Image commands (qemu-img's arguments; formats raw and qcow2):
+Image commands (qemu-img's arguments; formats raw and qcow2; -U: read an image another
+process is writing, as qemu-img -U does):
   create [-q] [-f fmt] [-b backing [-F fmt]] [-o options] FILE [SIZE]
-  info [-f fmt] [--output=human|json] [--backing-chain] FILE
+  info [-f fmt] [-U] [--output=human|json] [--backing-chain] FILE
   check [-q] [-f fmt] [--output=human|json] [-r leaks|all] FILE
-  map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
-  compare [-q] [-f fmt] [-F fmt] [-s] FILE1 FILE2
-  convert [-p] [-q] [-n] [-f fmt] [-O fmt] [-o options] [-m N] SOURCE TARGET
+  map [-f fmt] [-U] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
+  compare [-q] [-f fmt] [-F fmt] [-s] [-U] FILE1 FILE2
+  convert [-p] [-q] [-n] [-U] [-f fmt] [-O fmt] [-o options] [-m N] SOURCE TARGET
   resize [-q] [-f fmt] [--shrink] FILE [+|-]SIZE
   commit [-q] [-p] [-d] [-f fmt] [-b base] FILE
   bench [-q] [-c count] [-d depth] [-f fmt] [-o offset] [-s size] [-S step] [-w] [--pattern=N]
@@ -63,6 +64,8 @@ function exit(code: number): void {
 
 main(process.argv.slice(2)).then(exit, (e) => {
   const msg = e instanceof Error ? e.message : String(e);
-  process.stderr.write(`blockrep: ${msg}\n`);
+  // QEMU's error hints go on their own line after the message ("Is another process using ...").
+  const hint = (e as { hint?: string } | null)?.hint;
+  process.stderr.write(`blockrep: ${msg}\n${hint ? `${hint}\n` : ''}`);
   exit(e instanceof CliFailure ? e.exitCode : 1);
 });

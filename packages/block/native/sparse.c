@@ -1,5 +1,6 @@
-/* File system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE, and
- * preadv2 with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk).
+/* File system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE, preadv2
+ * with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk), and
+ * open-file-description byte locks (the image locking protocol QEMU uses).
  * Each returns the result or -errno; the JS side maps errors and falls back when absent. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,8 +84,45 @@ static napi_value js_preadv2(napi_env env, napi_callback_info info) {
   return ret_i64(env, r < 0 ? -errno : (int64_t)r);
 }
 
+/* ofdLock(fd, start, len, shared): a shared lock (shared = 1) or none (0) on the bytes, not
+ * waiting. 0 or -errno. */
+static napi_value js_ofd_lock(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 4) return ret_i64(env, -EINVAL);
+  struct flock fl = {0};
+  fl.l_whence = SEEK_SET;
+  fl.l_start = arg_i64(env, argv[1]);
+  fl.l_len = arg_i64(env, argv[2]);
+  fl.l_type = arg_i64(env, argv[3]) ? F_RDLCK : F_UNLCK;
+  int r = fcntl((int)arg_i64(env, argv[0]), F_OFD_SETLK, &fl);
+  return ret_i64(env, r < 0 ? -errno : 0);
+}
+
+/* ofdHeld(fd, start, len): 1 when another open file description holds a lock on the bytes (an
+ * exclusive lock could not be taken), 0 when none does. -errno on failure. */
+static napi_value js_ofd_held(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 3) return ret_i64(env, -EINVAL);
+  struct flock fl = {0};
+  fl.l_whence = SEEK_SET;
+  fl.l_start = arg_i64(env, argv[1]);
+  fl.l_len = arg_i64(env, argv[2]);
+  fl.l_type = F_WRLCK;
+  int r = fcntl((int)arg_i64(env, argv[0]), F_OFD_GETLK, &fl);
+  if (r < 0) return ret_i64(env, -errno);
+  return ret_i64(env, fl.l_type == F_UNLCK ? 0 : 1);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
+  napi_create_function(env, "ofdLock", NAPI_AUTO_LENGTH, js_ofd_lock, NULL, &fn);
+  napi_set_named_property(env, exports, "ofdLock", fn);
+  napi_create_function(env, "ofdHeld", NAPI_AUTO_LENGTH, js_ofd_held, NULL, &fn);
+  napi_set_named_property(env, exports, "ofdHeld", fn);
   napi_create_function(env, "preadv2", NAPI_AUTO_LENGTH, js_preadv2, NULL, &fn);
   napi_set_named_property(env, exports, "preadv2", fn);
   napi_create_function(env, "fallocate", NAPI_AUTO_LENGTH, js_fallocate, NULL, &fn);

@@ -97,6 +97,12 @@ export interface BlockDriver {
   close?(node: BlockNode): Promise<void>;
   /** Permissions the node takes/shares on a child given its parents' cumulative ones. */
   childPerm?(node: BlockNode, child: BlockChild, perm: number, shared: number): PermPair;
+  /**
+   * The node's cumulative permissions (its parents' union; what they share, intersected) after a
+   * graph change, for drivers that publish them outside the process (the file driver's image
+   * locks). May refuse with a BlockError, its own state unchanged; the change is then undone.
+   */
+  applyPerm?(node: BlockNode, perm: number, shared: number): void;
   /** Limits after open (defaults: alignment 1, unlimited transfers). */
   limits?(node: BlockNode): Partial<BlockLimits>;
   getLength(node: BlockNode): number | Promise<number>;

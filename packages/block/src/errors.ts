@@ -29,12 +29,18 @@ export type Errno =
 export class BlockError extends Error {
   readonly errorClass: ErrorClass;
   readonly errno: Errno;
+  /** A line for a person at a terminal, after the message (QEMU's error hints; not sent over QMP). */
+  readonly hint: string | undefined;
 
-  constructor(message: string, opts: { errno?: Errno; errorClass?: ErrorClass; cause?: unknown } = {}) {
+  constructor(
+    message: string,
+    opts: { errno?: Errno; errorClass?: ErrorClass; cause?: unknown; hint?: string } = {},
+  ) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = 'BlockError';
     this.errno = opts.errno ?? 'EINVAL';
     this.errorClass = opts.errorClass ?? 'GenericError';
+    this.hint = opts.hint;
   }
 }
 

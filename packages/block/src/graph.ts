@@ -419,7 +419,21 @@ export class BlockGraph {
         c.perm = p;
         c.shared = s;
       }
+      this.reapplyDriverPerms();
       throw e;
+    }
+  }
+
+  /** Gives drivers back the permissions restored by an undone change (going back cannot conflict). */
+  private reapplyDriverPerms(): void {
+    for (const node of this.topoOrder()) {
+      if (node.closed || !node.driver.applyPerm) continue;
+      const [perm, shared] = node.cumulativePerm();
+      try {
+        node.driver.applyPerm(node, perm, shared);
+      } catch {
+        // The locks of the state before the change were held a moment ago: keep what is held.
+      }
     }
   }
 
@@ -455,6 +469,7 @@ export class BlockGraph {
     for (const node of this.topoOrder()) {
       const [perm, shared] = node.cumulativePerm();
       this.checkNodePerms(node, perm);
+      if (!node.closed) node.driver.applyPerm?.(node, perm, shared);
       for (const c of node.children) {
         let [p, s] = node.driver.childPerm
           ? node.driver.childPerm(node, c, perm, shared)

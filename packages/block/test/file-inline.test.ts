@@ -68,7 +68,9 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
     ]);
     await g.closeAll();
     const disk = readFileSync(f);
-    large.forEach((b, i) => expect(disk.subarray(i << 20, (i + 1) << 20).equals(b)).toBe(true));
+    large.forEach((b, i) => {
+      expect(disk.subarray(i << 20, (i + 1) << 20).equals(b)).toBe(true);
+    });
     small.forEach((b, i) => {
       const at = (4 << 20) + i * 8192;
       expect(disk.subarray(at, at + 4096).equals(b)).toBe(true);

@@ -134,6 +134,7 @@ describe('qcow2 driver', () => {
     blk.attach(node);
     expect((await blk.read(1000, 1))[0]).toBe(0x33);
     await blk.detach();
+    await g.closeAll();
     await expect(openQcow2(top)).rejects.toThrow(/missing\.qcow2/);
     const alone = await openQcow2(top, { backing: null }, true);
     expect((await alone.blk.read(1000, 1))[0]).toBe(0);

@@ -39,9 +39,9 @@ export async function commitCommand(args: string[]): Promise<number> {
   const file = p.positional[0];
   if (!file) throw new CliFailure('Expecting one image file name');
   const wanted = optString(p, '-b');
-  // The chain is read in one graph; the base is written through a second, writable open.
+  // One graph: the base is reopened read-write in place (a second open of its file would be
+  // refused by the image locks, as QEMU refuses it).
   const reader = imageGraph();
-  const writer = imageGraph();
   try {
     const top = await openImage(reader, file, { format: optString(p, '-f') });
     const chain = backingChain(top);
@@ -50,9 +50,10 @@ export async function commitCommand(args: string[]): Promise<number> {
       wanted === undefined ? chain[1]! : chain.find((n) => resolve(n.filename) === resolve(wanted));
     if (!base || base === top)
       throw new CliFailure(`Did not find '${wanted}' in the backing chain of '${file}'`);
-    const target = await openImage(writer, base.filename, { format: base.driver.name, readOnly: false });
+    if (base.readOnly) await reader.reopenMultiple([{ node: base, readOnly: false }]);
+    const target = base;
     const from = attachBackend(reader, top, false);
-    const to = attachBackend(writer, target, true);
+    const to = attachBackend(reader, target, true);
     if (target.length < top.length) await to.truncate(top.length, { exact: false, prealloc: 'off' });
     const extents = await extentsAbove(top, base);
     const bar = new ProgressBar(
@@ -75,7 +76,6 @@ export async function commitCommand(args: string[]): Promise<number> {
     bar.finish();
   } finally {
     await reader.closeAll();
-    await writer.closeAll();
   }
   if (!p.opts.has('-d') && wanted === undefined) {
     const g = imageGraph();

@@ -1,7 +1,7 @@
 import { type BlockBackend, type BlockNode, type BlockStatus, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { attachBackend, imageGraph, isZero, openImage } from '../image';
+import { attachBackend, forceShare, imageGraph, isZero, openImage } from '../image';
 
 /** qemu-img compare's exit codes. */
 const EXIT = { identical: 0, differ: 1, error: 2 } as const;
@@ -97,8 +97,8 @@ export async function compareCommand(args: string[]): Promise<number> {
     let b: Side;
     try {
       const fmt1 = optString(p, '-f');
-      const n1 = await openImage(g, file1, { format: fmt1 });
-      const n2 = await openImage(g, file2, { format: optString(p, '-F') ?? fmt1 });
+      const n1 = await openImage(g, file1, { format: fmt1, forceShare: forceShare(p) });
+      const n2 = await openImage(g, file2, { format: optString(p, '-F') ?? fmt1, forceShare: forceShare(p) });
       a = { node: n1, blk: attachBackend(g, n1, false) };
       b = { node: n2, blk: attachBackend(g, n2, false) };
     } catch (e) {

@@ -1,7 +1,16 @@
 import { type BlockBackend, type BlockNode, blockStatus, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { attachBackend, checkFormat, imageGraph, isZero, openImage, qcow2Of, runInFlight } from '../image';
+import {
+  attachBackend,
+  checkFormat,
+  forceShare,
+  imageGraph,
+  isZero,
+  openImage,
+  qcow2Of,
+  runInFlight,
+} from '../image';
 import { parseOptionList, sizeArg } from '../options';
 import { ProgressBar } from '../progress';
 import { createImage } from './create';
@@ -98,7 +107,7 @@ export async function convertCommand(args: string[]): Promise<number> {
     const sources: Source[] = [];
     let size = 0;
     for (const file of files) {
-      const node = await openImage(g, file, { format: optString(p, '-f') });
+      const node = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
       sources.push({ node, blk: attachBackend(g, node, false), base: size });
       size += node.length;
     }

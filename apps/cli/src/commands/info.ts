@@ -2,7 +2,7 @@ import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
-import { backingChain, imageGraph, openImage, qcow2Of } from '../image';
+import { backingChain, forceShare, imageGraph, openImage, qcow2Of } from '../image';
 import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
 /** QEMU's size_to_str: three significant digits and a binary unit. */
@@ -78,7 +78,7 @@ export async function infoCommand(args: string[]): Promise<number> {
   if (!file) throw new Error('Expecting one image file name');
   const g = imageGraph();
   try {
-    const top = await openImage(g, file, { format: optString(p, '-f') });
+    const top = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
     const chain = p.opts.has('--backing-chain') ? backingChain(top) : [top];
     const infos: Record<string, unknown>[] = [];
     let name = file;

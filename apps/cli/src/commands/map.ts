@@ -1,7 +1,7 @@
 import { type BlockNode, type BlockStatus, blockStatus, blockStatusAbove } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { imageGraph, openImage } from '../image';
+import { forceShare, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
 
 /** One extent of `qemu-img map --output=json`. */
@@ -78,7 +78,7 @@ export async function mapCommand(args: string[]): Promise<number> {
   const lengthText = optString(p, '--max-length') ?? optString(p, '-l');
   const g = imageGraph();
   try {
-    const top = await openImage(g, file, { format: optString(p, '-f') });
+    const top = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
     const entries = await imageMap(
       top,
       startText === undefined ? 0 : sizeArg(startText, 'offset'),

@@ -4,6 +4,7 @@ import { BlockError, toBlockError } from '../../errors';
 import type { IoVec } from '../../iov';
 import type { BlockNode } from '../../node';
 import { opt } from '../../options';
+import { ImageLocks } from './locks';
 import { sparse } from './sparse';
 
 /** The file protocol: a regular file (or block device) through one file descriptor. */
@@ -14,6 +15,8 @@ interface FileState {
   inline: boolean;
   /** Writes in the thread pool now: an inline write would wait for the inode lock they hold. */
   poolWrites: number;
+  /** QEMU's image locks on the file (null with locking=off or without the addon). */
+  locks: ImageLocks | null;
 }
 
 /*
@@ -108,7 +111,10 @@ export const fileDriver: BlockDriver = {
       "AIO backend: 'threads' sends every request to the thread pool; unset, native or io_uring let small requests that cannot block run inline",
     ),
     'aio-max-batch': opt.int('Maximum AIO batch (accepted for compatibility)', { min: 0 }),
-    locking: opt.enum(['auto', 'on', 'off'], 'Image locking (accepted for compatibility)'),
+    locking: opt.enum(
+      ['auto', 'on', 'off'],
+      "Image locking with QEMU's lock bytes (default auto: on where OFD locks exist)",
+    ),
     'pr-manager': opt.string('Persistent reservation manager (not supported)'),
     'drop-cache': opt.bool('Drop the page cache on reopen (accepted for compatibility)'),
     'x-check-cache-dropped': opt.bool('Debug option (accepted for compatibility)'),
@@ -131,7 +137,8 @@ export const fileDriver: BlockDriver = {
         node.readOnly = true;
       } else throw e;
     }
-    node.opaque = { fd, filename, inline: opts.aio !== 'threads', poolWrites: 0 } satisfies FileState;
+    const locks = opts.locking !== 'off' && sparse.locking ? new ImageLocks(fd, filename) : null;
+    node.opaque = { fd, filename, inline: opts.aio !== 'threads', poolWrites: 0, locks } satisfies FileState;
   },
 
   async close(node) {
@@ -144,6 +151,10 @@ export const fileDriver: BlockDriver = {
   },
 
   limits: () => ({ requestAlignment: 1, maxTransfer: 1 << 30, optimalTransfer: 0 }),
+
+  applyPerm(node, perm, shared) {
+    st(node)?.locks?.apply(perm, shared);
+  },
 
   async getLength(node) {
     const stat = await fsStat(st(node).fd);
@@ -261,6 +272,7 @@ export const fileDriver: BlockDriver = {
     const s = st(state.node);
     const old = s.fd;
     s.fd = state.opaque as number;
+    s.locks?.moveTo(s.fd);
     fs.close(old, () => {});
   },
 

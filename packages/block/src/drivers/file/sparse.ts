@@ -8,6 +8,8 @@ interface SparseAddon {
   lseek(fd: number, offset: number, whence: number): number;
   preadv2(fd: number, bufs: Buffer | Buffer[], offset: number, flags: number): number;
   RWF_NOWAIT: number;
+  ofdLock(fd: number, start: number, len: number, shared: number): number;
+  ofdHeld(fd: number, start: number, len: number): number;
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
@@ -54,6 +56,19 @@ const fstatSize = (fd: number) =>
  */
 export const sparse = {
   available: addon !== null,
+
+  /** Whether OFD byte locks are available (image locking). */
+  locking: addon !== null && typeof addon.ofdLock === 'function',
+
+  /** A shared OFD lock on one byte (on) or none (off): 0 or -errno. */
+  ofdLock(fd: number, offset: number, on: boolean): number {
+    return addon ? addon.ofdLock(fd, offset, 1, on ? 1 : 0) : 0;
+  },
+
+  /** Whether another open file description locks the byte (false when it cannot tell). */
+  ofdHeld(fd: number, offset: number): boolean {
+    return addon ? addon.ofdHeld(fd, offset, 1) === 1 : false;
+  },
 
   /**
    * Reads what the page cache holds of [offset, offset + length of bufs) without waiting for the

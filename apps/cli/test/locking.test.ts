@@ -1,0 +1,43 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { makeTempDir } from '@blockrep/test-kit';
+import { afterEach, describe, expect, it } from 'vitest';
+import { blockrep, qemuImg, run } from './helpers';
+
+/* blockrep honours QEMU's image locks as qemu-img does: refused without -U, allowed with it. */
+
+const holders: ChildProcess[] = [];
+afterEach(() => {
+  for (const h of holders.splice(0)) h.kill('SIGKILL');
+});
+
+describe('image locks', () => {
+  it('info/map/compare/convert on an image QEMU is writing: the same refusal as qemu-img, -U reads', async () => {
+    const d = makeTempDir();
+    const f = d.file('busy.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
+    const sock = d.file('nbd.sock');
+    const h = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, f], { stdio: 'ignore' });
+    holders.push(h);
+    for (let i = 0; i < 200 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 25));
+    const q = await run('qemu-img', ['info', f], { okCodes: [1] });
+    const ours = await blockrep(['info', f], [1]);
+    expect(ours.stderr).toBe(q.stderr.replace(/^qemu-img:/, 'blockrep:'));
+    expect(ours.stderr).toContain('Failed to get shared "write" lock');
+    expect(ours.stderr).toContain(`Is another process using the image [${f}]?`);
+    for (const args of [
+      ['map', f],
+      ['compare', f, f],
+      ['convert', '-O', 'raw', f, d.file('out.raw')],
+    ]) {
+      // qemu-img compare exits with 2 on errors, the others with 1.
+      const r = await blockrep(args, [args[0] === 'compare' ? 2 : 1]);
+      expect(r.stderr).toContain('Failed to get shared "write" lock');
+    }
+    expect((await blockrep(['info', '-U', f])).stdout).toContain('virtual size: 1 MiB');
+    expect((await blockrep(['compare', '-U', f, f])).stdout).toContain('Images are identical.');
+    h.kill('SIGTERM');
+    await new Promise((r) => h.once('exit', r));
+    expect((await blockrep(['info', f])).stdout).toContain('virtual size: 1 MiB');
+  });
+});
