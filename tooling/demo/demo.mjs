@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The main job (`pnpm demo`): blockrepd, started with a qemu-storage-daemon command line, serves a
-// qcow2 image over NBD; real clients (nbdinfo, qemu-io) use it; QMP shows the graph; on SIGTERM
-// the daemon shuts down cleanly and qemu-img finds the image consistent.
+// qcow2 image over NBD; real clients (nbdinfo, qemu-io) use it; QMP shows the graph; the image is
+// locked against QEMU's tools while in use; on SIGTERM the daemon shuts down cleanly and qemu-img
+// finds the image consistent.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -18,10 +19,15 @@ const nbd = join(dir, 'nbd.sock');
 const qmpSock = join(dir, 'qmp.sock');
 const uri = `nbd+unix:///demo?socket=${nbd}`;
 
+/** Prints a tool's output indented under its command line. */
+function indent(text) {
+  if (text) process.stdout.write(`${text.replace(/\n$/, '').replace(/^/gm, '  ')}\n`);
+}
+
 function run(cmd, args) {
   console.log(`$ ${cmd} ${args.join(' ')}`);
   const out = execFileSync(cmd, args, { encoding: 'utf8' });
-  process.stdout.write(out.replace(/^/gm, '  '));
+  indent(out);
   return out;
 }
 
@@ -54,6 +60,17 @@ try {
   console.log('QMP query-named-block-nodes:');
   for (const n of nodes) console.log(`  ${n['node-name']}: ${n.drv}, ${n.image['virtual-size']} bytes, ${n.file}`);
   console.log('QMP query-block-exports:', JSON.stringify(await qmp.execute('query-block-exports')));
+  // The image is locked as QEMU locks it: qemu-img refuses to open it while blockrepd writes it,
+  // and reads it with -U (force-share).
+  console.log(`$ qemu-img info ${img}`);
+  try {
+    execFileSync('qemu-img', ['info', img], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    throw new Error('qemu-img opened an image blockrepd is writing: it is not locked');
+  } catch (e) {
+    if (!e.stderr) throw e;
+    indent(e.stderr);
+  }
+  run('qemu-img', ['info', '-U', img]);
   const gone = new Promise((r) => daemon.once('exit', r));
   daemon.kill('SIGTERM');
   console.log(`blockrepd stopped (exit code ${await gone})`);
