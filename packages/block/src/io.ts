@@ -335,13 +335,18 @@ export async function truncate(
   }
   const drv = node.driver;
   const full: TruncateOptions = { exact: opts.exact ?? false, prealloc: opts.prealloc ?? 'off' };
-  const req = beginRequest(node, Math.min(length, node.length), Math.abs(length - node.length), true);
+  const before = node.length;
+  const req = beginRequest(node, Math.min(length, before), Math.abs(length - before), true);
   try {
     await waitSerialising(node, req);
     if (drv.truncate) await drv.truncate(node, length, full);
     else if (drv.isFilter && node.filtered) await truncate(node.filtered, length, full);
     else throw new BlockError('Image format driver does not support resize', { errno: 'ENOTSUP' });
     node.length = await drv.getLength(node);
+    // A backing file longer than the old length must not show through the grown area: it reads
+    // as zeroes (QEMU truncates with BDRV_REQ_ZERO_WRITE then). Inside this request's range.
+    const backingEnd = drv.supportsBacking ? Math.min(node.length, node.backing?.node.length ?? 0) : 0;
+    if (backingEnd > before) await zeroAligned(node, before, backingEnd - before, 0);
     for (const bm of node.dirtyBitmaps) bm.truncate(node.length);
     for (const p of node.parents) if (p.parent.kind === 'backend') p.parent.resized();
   } catch (e) {

@@ -14,7 +14,6 @@ import {
   qemuImgJson,
   qemuIo,
   randomWorkload,
-  readAllOurs,
 } from './helpers';
 
 /* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
@@ -208,15 +207,15 @@ describe('qcow2 driver', () => {
   it('reserves clusters ahead while writes stream, and returns the unused ones on close', async () => {
     const d = makeTempDir();
     const f = d.file('stream.qcow2');
-    await createQcow2Image(f, { size: 256 << 20 });
+    await createQcow2Image(f, { size: 128 << 20 });
     const { blk, close } = await openQcow2(f);
-    const expected = Buffer.alloc(96 << 20);
-    // 96 MiB in 1 MiB writes, 8 in flight: the reservation grows (8, 16, 32, 64 MiB) and is
-    // made ahead while the pool drains.
+    const expected = Buffer.alloc(64 << 20);
+    // 64 MiB in 1 MiB writes, 8 in flight: the reservation grows (8, 16, 32 MiB...) and is made
+    // ahead while the pool drains.
     let next = 0;
     await Promise.all(
       Array.from({ length: 8 }, async () => {
-        while (next < 96) {
+        while (next < 64) {
           const i = next++;
           const b = Buffer.alloc(1 << 20, (i % 250) + 1);
           b.copy(expected, i << 20);
@@ -224,14 +223,16 @@ describe('qcow2 driver', () => {
         }
       }),
     );
-    expect(firstDiff(await blk.read(0, 96 << 20), expected)).toBe(-1);
+    expect(firstDiff(await blk.read(0, 64 << 20), expected)).toBe(-1);
     await close();
     await clean(f);
     // The file holds the data and its metadata, not the reservation (it was returned and cut).
     const info = await qemuImgJson<{ 'actual-size': number }>(['info', '--output=json', f]);
-    expect(info['actual-size']).toBeLessThan((96 << 20) + (2 << 20));
-    expect(firstDiff(await readAllOurs(f), Buffer.concat([expected, Buffer.alloc(160 << 20)]))).toBe(-1);
-  });
+    expect(info['actual-size']).toBeLessThan((64 << 20) + (2 << 20));
+    const q = await qemuIo(['-f', 'qcow2', f], ['read -P 1 0 1M', 'read -P 64 63M 1M', 'read -P 0 64M 64M']);
+    expect(q.stdout).not.toMatch(/fail|mismatch/i);
+    // Moves over 100 MiB: slow when CI runs every package at once.
+  }, 60_000);
 
   it('takes a reservation made ahead that does not follow the pool (freed clusters reused)', async () => {
     const d = makeTempDir();
@@ -263,6 +264,43 @@ describe('qcow2 driver', () => {
     expect(firstDiff(await o.blk.read(0, 128 << 20), expected)).toBe(-1);
     await o.close();
     await clean(f);
-    expect(firstDiff(await readAllOurs(f), expected)).toBe(-1);
-  });
+    const q = await qemuIo(
+      ['-f', 'qcow2', f],
+      [
+        'read -P 1 0 16M',
+        'read -P 0 16M 16M',
+        'read -P 1 32M 16M',
+        'read -P 50 48M 1M',
+        'read -P 113 111M 1M',
+      ],
+    );
+    expect(q.stdout).not.toMatch(/fail|mismatch/i);
+    // Moves over 100 MiB: slow when CI runs every package at once.
+  }, 60_000);
+
+  it.each(['1.1', '0.10'] as const)(
+    'growing an overlay (compat %s) over a longer backing file: the new area reads as zeroes',
+    async (compat) => {
+      const d = makeTempDir();
+      const base = d.file('base.qcow2');
+      const top = d.file('top.qcow2');
+      await createQcow2Image(base, { size: 4 << 20 });
+      const b = await openQcow2(base);
+      await b.blk.write(0, Buffer.alloc(4 << 20, 0x44));
+      await b.close();
+      await createQcow2Image(top, { size: 1 << 20, backingFile: base, backingFormat: 'qcow2', compat });
+      const { blk, close } = await openQcow2(top);
+      const size = (3 << 20) + 4608; // not a whole number of clusters
+      await blk.truncate(size, { exact: false, prealloc: 'off' });
+      const got = await blk.read(0, size);
+      expect(got.length).toBe(size);
+      expect(got.subarray(0, 1 << 20).every((x) => x === 0x44)).toBe(true);
+      expect(got.subarray(1 << 20).every((x) => x === 0)).toBe(true);
+      await close();
+      await clean(top);
+      // QEMU sees the same: the old part from the backing file, zeroes after it.
+      const q = await qemuIo(['-f', 'qcow2', top], ['read -P 0x44 0 1M', `read -P 0 1M ${size - (1 << 20)}`]);
+      expect(q.stdout).not.toMatch(/fail|mismatch/i);
+    },
+  );
 });

@@ -23,10 +23,8 @@ export async function resizeCommand(args: string[]): Promise<number> {
     }
     const blk = attachBackend(g, node, true);
     try {
+      // The block layer zeroes what a longer backing file would show in the new area.
       await blk.truncate(size, { exact: false, prealloc: 'off' });
-      // A longer backing file must not show through the new area: it reads as zeroes (as QEMU).
-      const backingEnd = Math.min(size, node.backing?.node.length ?? 0);
-      if (backingEnd > current) await blk.writeZeroes(current, backingEnd - current);
       await blk.flush();
     } catch (e) {
       throw new CliFailure((e as Error).message);
