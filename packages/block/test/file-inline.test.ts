@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { InlineWriteGate } from '../src/drivers/file/file';
+import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
 import { sparse } from '../src/drivers/file/sparse';
 import { BlockBackend, createGraph, Perm } from '../src/index';
 
@@ -129,5 +129,33 @@ describe('InlineWriteGate', () => {
     expect(gate.open(12)).toBe(false);
     expect(gate.open(211)).toBe(false);
     expect(gate.open(212)).toBe(true);
+  });
+});
+
+describe('inline writes after a back-off', () => {
+  it('go inline again once it ends, though small writes are still in the thread pool', async () => {
+    const f = makeTempDir().file('backoff.img');
+    writeFileSync(f, Buffer.alloc(8 << 20));
+    const g = createGraph();
+    const node = await g.open({ driver: 'file', filename: f });
+    const blk = new BlockBackend(g, { perm: RW });
+    blk.attach(node);
+    // A write just took 5 ms: writes go to the thread pool for the next 200 ms.
+    const t = performance.now();
+    writeGate.took(t - 5, t);
+    let stop = false;
+    const buf = Buffer.alloc(4096, 7);
+    const loops = Array.from({ length: 16 }, async (_, k) => {
+      for (let i = 0; !stop; i++) await blk.write(((i * 16 + k) % 2048) * 4096, buf);
+    });
+    await new Promise((r) => setTimeout(r, 100));
+    const during = fileWriteCounts(node);
+    expect(during.inline).toBe(0);
+    expect(during.pool).toBeGreaterThan(0);
+    await new Promise((r) => setTimeout(r, 300));
+    stop = true;
+    await Promise.all(loops);
+    expect(fileWriteCounts(node).inline).toBeGreaterThan(0);
+    await g.closeAll();
   });
 });

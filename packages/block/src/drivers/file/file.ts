@@ -13,8 +13,14 @@ interface FileState {
   filename: string;
   /** Small requests may run on the event loop thread (aio not set to 'threads'). */
   inline: boolean;
-  /** Writes in the thread pool now: an inline write would wait for the inode lock they hold. */
-  poolWrites: number;
+  /**
+   * Large writes in the thread pool now: an inline write would wait for the inode lock they hold
+   * (small ones in the pool hold it for microseconds and do not count, or a burst sent to the pool
+   * during a back-off would keep every later write there).
+   */
+  bigPoolWrites: number;
+  /** Writes done inline and through the thread pool (for tests and diagnostics). */
+  counts: { inline: number; pool: number };
   /** QEMU's image locks on the file (null with locking=off or without the addon). */
   locks: ImageLocks | null;
 }
@@ -49,7 +55,13 @@ export class InlineWriteGate {
   }
 }
 
-const writeGate = new InlineWriteGate();
+/** The process's gate (one back-off for all files: a stalled kernel stalls them alike). */
+export const writeGate = new InlineWriteGate();
+
+/** How many writes of a file node ran inline and through the thread pool. */
+export function fileWriteCounts(node: BlockNode): { inline: number; pool: number } {
+  return { ...st(node).counts };
+}
 
 function writeInline(fd: number, iov: IoVec, pos: number): number {
   const t0 = performance.now();
@@ -138,7 +150,14 @@ export const fileDriver: BlockDriver = {
       } else throw e;
     }
     const locks = opts.locking !== 'off' && sparse.locking ? new ImageLocks(fd, filename) : null;
-    node.opaque = { fd, filename, inline: opts.aio !== 'threads', poolWrites: 0, locks } satisfies FileState;
+    node.opaque = {
+      fd,
+      filename,
+      inline: opts.aio !== 'threads',
+      bigPoolWrites: 0,
+      counts: { inline: 0, pool: 0 },
+      locks,
+    } satisfies FileState;
   },
 
   async close(node) {
@@ -198,14 +217,17 @@ export const fileDriver: BlockDriver = {
     let pos = offset;
     let rest = iov;
     let left = bytes;
-    if (s.inline && bytes <= INLINE_MAX && s.poolWrites === 0 && writeGate.open(performance.now())) {
+    const small = bytes <= INLINE_MAX;
+    if (s.inline && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
+      s.counts.inline++;
       const n = writeInline(fd, rest, pos);
       if (n === left) return;
       pos += n;
       left -= n;
       rest = advance(rest, n);
     }
-    s.poolWrites++;
+    s.counts.pool++;
+    if (!small) s.bigPoolWrites++;
     try {
       while (left > 0) {
         const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
@@ -214,7 +236,7 @@ export const fileDriver: BlockDriver = {
         if (left > 0) rest = advance(rest, n);
       }
     } finally {
-      s.poolWrites--;
+      if (!small) s.bigPoolWrites--;
     }
   },
 
