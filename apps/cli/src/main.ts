@@ -6,7 +6,7 @@ Image commands (qemu-img's arguments; formats raw and qcow2; -U: read an image a
 process is writing, as qemu-img -U does):
   create [-q] [-f fmt] [-b backing [-F fmt]] [-o options] FILE [SIZE]
   info [-f fmt] [-U] [--output=human|json] [--backing-chain] FILE
-  check [-q] [-f fmt] [--output=human|json] [-r leaks|all] FILE
+  check [-q] [-f fmt] [-U] [--output=human|json] [-r leaks|all] FILE
   map [-f fmt] [-U] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   compare [-q] [-f fmt] [-F fmt] [-s] [-U] FILE1 FILE2
   convert [-p] [-q] [-n] [-U] [-f fmt] [-O fmt] [-o options] [-m N] SOURCE TARGET

@@ -12,7 +12,7 @@ afterEach(() => {
 });
 
 describe('image locks', () => {
-  it('info/map/compare/convert on an image QEMU is writing: the same refusal as qemu-img, -U reads', async () => {
+  it('info/map/compare/convert/check on an image QEMU is writing: the same refusal as qemu-img, -U reads', async () => {
     const d = makeTempDir();
     const f = d.file('busy.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
@@ -34,6 +34,11 @@ describe('image locks', () => {
       const r = await blockrep(args, [args[0] === 'compare' ? 2 : 1]);
       expect(r.stderr).toContain('Failed to get shared "write" lock');
     }
+    // check too: qemu-img check's refusal, byte for byte.
+    const qc = await run('qemu-img', ['check', f], { okCodes: [1] });
+    const oc = await blockrep(['check', f], [1]);
+    expect(oc.stderr).toBe(qc.stderr.replace(/^qemu-img:/, 'blockrep:'));
+    expect((await blockrep(['check', '-U', f])).stdout).toContain('No errors were found on the image.');
     expect((await blockrep(['info', '-U', f])).stdout).toContain('virtual size: 1 MiB');
     expect((await blockrep(['compare', '-U', f, f])).stdout).toContain('Images are identical.');
     h.kill('SIGTERM');

@@ -65,6 +65,7 @@ export {
   permQapiNames,
   storageChildPerm,
 } from './perm';
+export { ImageLocks } from './drivers/file/locks';
 export { RangeLock } from './tracking';
 export { fileDriver, nullDriver, rawDriver };
 

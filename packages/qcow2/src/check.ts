@@ -1,4 +1,4 @@
-import { BlockError } from '@blockrep/block';
+import { BlockError, ImageLocks, PERM_ALL, Perm } from '@blockrep/block';
 import { ClusterType, compressedClusters, entryOffset, entryType } from './cluster';
 import { Ext, parseHeader, type Qcow2Header, readU64 } from './header';
 import { refGet, refMax, refSet, tableEntryOffset } from './refcount';
@@ -13,6 +13,8 @@ import { FileStorage, type Qcow2Storage, readBuf } from './storage';
 export interface Qcow2CheckOptions {
   /** Fix leaks ('leaks') or also refcounts that are too low ('all'). */
   repair?: 'leaks' | 'all';
+  /** Check an image another process may be writing (no image locks, as qemu-img check -U). */
+  forceShare?: boolean;
 }
 
 /** Shaped like `qemu-img check --output=json` (fields that are zero are left out as QEMU does). */
@@ -70,6 +72,11 @@ interface Counter {
 export async function checkQcow2Image(path: string, opts: Qcow2CheckOptions = {}): Promise<Qcow2CheckResult> {
   const s = await FileStorage.open(path, opts.repair ? 'r+' : 'r');
   try {
+    if (!opts.forceShare) {
+      // The image locks of a qcow2 reader (or repairer): nobody else may write or resize it.
+      const perm = Perm.CONSISTENT_READ | (opts.repair ? Perm.WRITE | Perm.RESIZE : 0);
+      new ImageLocks(s.fd, path).apply(perm, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE));
+    }
     return await checkStorage(s, opts);
   } finally {
     await s.close();

@@ -43,6 +43,11 @@ export class FileStorage implements Qcow2Storage {
     return new FileStorage(await fsp.open(path, flags), path);
   }
 
+  /** The file descriptor (image locks are taken on it). */
+  get fd(): number {
+    return this.fh.fd;
+  }
+
   async readv(offset: number, bytes: number, iov: IoVec): Promise<void> {
     let done = 0;
     for (const b of iov) {

@@ -1,7 +1,8 @@
+import type { BlockError } from '@blockrep/block';
 import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { checkFormat, probeFormat } from '../image';
+import { checkFormat, forceShare, probeFormat } from '../image';
 
 /** qemu-img check's exit codes. */
 const EXIT = { ok: 0, checkErrors: 1, corruptions: 2, leaks: 3, unsupported: 63 } as const;
@@ -49,7 +50,7 @@ function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: n
   return `${out.join('\n')}\n`;
 }
 
-/** blockrep check [-f fmt] [--output=json] [-r leaks|all] [-q] FILE */
+/** blockrep check [-f fmt] [--output=json] [-r leaks|all] [-q] [-U] FILE */
 export async function checkCommand(args: string[]): Promise<number> {
   const p = parseArgs(args, ['-f', '--output', '-r']);
   const file = p.positional[0];
@@ -68,19 +69,20 @@ export async function checkCommand(args: string[]): Promise<number> {
     if (found.messages.length) process.stderr.write(`${found.messages.join('\n')}\n`);
   };
   try {
-    r = await checkQcow2Image(file, repair ? { repair } : {});
+    const share = forceShare(p);
+    r = await checkQcow2Image(file, repair ? { repair, forceShare: share } : { forceShare: share });
     tell(r);
     if (repair) {
       // Report what the fixed image looks like now, with what was fixed (as qemu-img does).
       fixed = { leaks: r['leaks-fixed'] ?? 0, corruptions: r['corruptions-fixed'] ?? 0 };
-      const again = await checkQcow2Image(file);
+      const again = await checkQcow2Image(file, { forceShare: share });
       tell(again);
       r = { ...again };
       if (fixed.leaks) r['leaks-fixed'] = fixed.leaks;
       if (fixed.corruptions) r['corruptions-fixed'] = fixed.corruptions;
     }
   } catch (e) {
-    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`);
+    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`, 1, (e as BlockError).hint);
   }
   r.filename = file;
   if (optString(p, '--output') === 'json') {
