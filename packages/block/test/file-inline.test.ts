@@ -8,6 +8,10 @@ import { BlockBackend, createGraph, Perm } from '../src/index';
 
 const RW = Perm.CONSISTENT_READ | Perm.WRITE;
 
+// Inline writes are opt-in (BLOCKREP_INLINE_WRITES=1, read when a file node opens): the tests of
+// that path turn them on; the last block checks the default.
+process.env.BLOCKREP_INLINE_WRITES = '1';
+
 function pattern(len: number, seed: number): Buffer {
   const b = Buffer.alloc(len);
   for (let i = 0; i < len; i++) b[i] = (i * 7 + seed) & 0xff;
@@ -157,5 +161,40 @@ describe('inline writes after a back-off', () => {
     await Promise.all(loops);
     expect(fileWriteCounts(node).inline).toBeGreaterThan(0);
     await g.closeAll();
+  });
+});
+
+describe('inline writes are opt-in', () => {
+  it('by default small writes go through the thread pool (reads may still run inline)', async () => {
+    delete process.env.BLOCKREP_INLINE_WRITES;
+    const f = makeTempDir().file('default.img');
+    writeFileSync(f, Buffer.alloc(1 << 20));
+    const g = createGraph();
+    const node = await g.open({ driver: 'file', filename: f });
+    const blk = new BlockBackend(g, { perm: RW });
+    blk.attach(node);
+    await Promise.all(Array.from({ length: 8 }, (_, i) => blk.write(i * 4096, Buffer.alloc(4096, i))));
+    expect(fileWriteCounts(node)).toEqual({ inline: 0, pool: 8 });
+    expect((await blk.read(4096, 4096))[0]).toBe(1);
+    await g.closeAll();
+  });
+
+  it('overlapping writes land in the order they were issued', async () => {
+    delete process.env.BLOCKREP_INLINE_WRITES;
+    const f = makeTempDir().file('order.img');
+    writeFileSync(f, Buffer.alloc(4 << 20));
+    const g = createGraph();
+    const node = await g.open({ driver: 'file', filename: f });
+    const blk = new BlockBackend(g, { perm: RW });
+    blk.attach(node);
+    // Many writes to the same 64 KiB, all in flight at once: the last one issued must win.
+    await Promise.all(Array.from({ length: 32 }, (_, i) => blk.write(0, Buffer.alloc(65536, i + 1))));
+    expect((await blk.read(0, 65536)).every((x) => x === 32)).toBe(true);
+    await g.closeAll();
+    expect(
+      readFileSync(f)
+        .subarray(0, 65536)
+        .every((x) => x === 32),
+    ).toBe(true);
   });
 });

@@ -122,6 +122,8 @@ export class Qcow2Refcounts {
   private ahead = false;
   private target = 0;
   private lastReserve = Number.NEGATIVE_INFINITY;
+  /** Bumped by reset(): background work queued before it must not touch the rewritten tables. */
+  private epoch = 0;
   readonly mutex = new Mutex();
   /** Bumped after each refcount increase is written (L2 writes wait for a flush covering it). */
   gen = 0;
@@ -279,8 +281,11 @@ export class Qcow2Refcounts {
     const left = this.pool.end - this.pool.start;
     if (this.ahead || this.next || left === 0 || left * 2 >= this.target) return;
     this.ahead = true;
+    const epoch = this.epoch;
     this.mutex
-      .run(() => this.reserveAhead())
+      .run(async () => {
+        if (epoch === this.epoch) await this.reserveAhead();
+      })
       // A failure here (ENOSPC, EIO) reaches the writer that next needs clusters.
       .catch(() => {})
       .finally(() => {
@@ -308,7 +313,13 @@ export class Qcow2Refcounts {
     this.pool = this.next!;
     this.next = null;
     if (old.end > old.start) {
-      this.mutex.run(() => this.update(old.start, old.end - old.start, -1)).catch(() => {});
+      // Not after a reset (makeEmpty): those clusters may be in use again by then.
+      const epoch = this.epoch;
+      this.mutex
+        .run(async () => {
+          if (epoch === this.epoch) await this.update(old.start, old.end - old.start, -1);
+        })
+        .catch(() => {});
     }
   }
 
@@ -502,6 +513,7 @@ export class Qcow2Refcounts {
     }
     this.pool = { start: 0, end: 0, freshFrom: 0 };
     this.next = null;
+    this.epoch++;
     this.hint = 0;
     this.highWater = Math.ceil(fileLength / this.cs);
   }

@@ -11,14 +11,18 @@ import { sparse } from './sparse';
 interface FileState {
   fd: number;
   filename: string;
-  /** Small requests may run on the event loop thread (aio not set to 'threads'). */
+  /** Small reads may run on the event loop thread (aio not set to 'threads'). */
   inline: boolean;
+  /** Small writes too (BLOCKREP_INLINE_WRITES=1; experimental, see below). */
+  inlineWrites: boolean;
   /**
    * Large writes in the thread pool now: an inline write would wait for the inode lock they hold
    * (small ones in the pool hold it for microseconds and do not count, or a burst sent to the pool
    * during a back-off would keep every later write there).
    */
   bigPoolWrites: number;
+  /** The ranges of the writes in the thread pool now (a later overlapping write waits for them). */
+  poolWrites: { start: number; end: number; done: Promise<void> }[];
   /** Writes done inline and through the thread pool (for tests and diagnostics). */
   counts: { inline: number; pool: number };
   /** QEMU's image locks on the file (null with locking=off or without the addon). */
@@ -32,7 +36,9 @@ interface FileState {
  * loop thread when that cannot stall it:
  * - reads with preadv2(RWF_NOWAIT), which takes only what the page cache holds and never waits
  *   for the disk; what it leaves goes to the thread pool;
- * - writes with pwrite while they are quick and no large write of ours to the file is in the
+ * - with BLOCKREP_INLINE_WRITES=1 only (experimental: with it the qcow2 crash test, 50 SIGKILLs, lost
+ *   acknowledged and flushed writes, and the cause is not found yet), writes with pwrite while
+ *   they are quick and no large write of ours to the file is in the
  *   thread pool (it holds the inode lock: measured, a 1 KiB write waited up to 12 ms behind
  *   1 MiB writes). Buffered writes have no non-blocking flag, so a write that takes longer than
  *   1 ms (the kernel throttling dirty pages, a busy file system) sends writes to the thread pool
@@ -152,11 +158,14 @@ export const fileDriver: BlockDriver = {
       } else throw e;
     }
     const locks = opts.locking !== 'off' && sparse.locking ? new ImageLocks(fd, filename) : null;
+    const inline = opts.aio !== 'threads';
     node.opaque = {
       fd,
       filename,
-      inline: opts.aio !== 'threads',
+      inline,
+      inlineWrites: inline && process.env.BLOCKREP_INLINE_WRITES === '1',
       bigPoolWrites: 0,
+      poolWrites: [],
       counts: { inline: 0, pool: 0 },
       locks,
     } satisfies FileState;
@@ -219,8 +228,15 @@ export const fileDriver: BlockDriver = {
     let pos = offset;
     let rest = iov;
     let left = bytes;
+    const end = offset + bytes;
+    // Writes that overlap one still in the thread pool wait for it: the later write must land
+    // last (an inline write would overtake it, and two pool threads may run them out of order).
+    for (let w = s.poolWrites.find((p) => p.start < end && offset < p.end); w; ) {
+      await w.done;
+      w = s.poolWrites.find((p) => p.start < end && offset < p.end);
+    }
     const small = bytes <= INLINE_MAX;
-    if (s.inline && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
+    if (s.inlineWrites && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
       s.counts.inline++;
       const n = writeInline(fd, rest, pos);
       if (n === left) return;
@@ -230,6 +246,9 @@ export const fileDriver: BlockDriver = {
     }
     s.counts.pool++;
     if (!small) s.bigPoolWrites++;
+    let finished!: () => void;
+    const entry = { start: offset, end, done: new Promise<void>((r) => (finished = r)) };
+    s.poolWrites.push(entry);
     try {
       while (left > 0) {
         const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
@@ -239,6 +258,8 @@ export const fileDriver: BlockDriver = {
       }
     } finally {
       if (!small) s.bigPoolWrites--;
+      s.poolWrites.splice(s.poolWrites.indexOf(entry), 1);
+      finished();
     }
   },
 
