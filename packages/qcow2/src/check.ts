@@ -1,4 +1,4 @@
-import { BlockError, ImageLocks, PERM_ALL, Perm } from '@blockrep/block';
+import { BlockError, ChildRole, ImageLocks, PERM_ALL, Perm, storageChildPerm } from '@blockrep/block';
 import { ClusterType, compressedClusters, entryOffset, entryType } from './cluster';
 import { Ext, parseHeader, type Qcow2Header, readU64 } from './header';
 import { refGet, refMax, refSet, tableEntryOffset } from './refcount';
@@ -73,9 +73,10 @@ export async function checkQcow2Image(path: string, opts: Qcow2CheckOptions = {}
   const s = await FileStorage.open(path, opts.repair ? 'r+' : 'r');
   try {
     if (!opts.forceShare) {
-      // The image locks of a qcow2 reader (or repairer): nobody else may write or resize it.
-      const perm = Perm.CONSISTENT_READ | (opts.repair ? Perm.WRITE | Perm.RESIZE : 0);
-      new ImageLocks(s.fd, path).apply(perm, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE));
+      // The image locks of the file under a qcow2 reader (or repairer, which writes metadata).
+      const role = ChildRole.DATA | ChildRole.METADATA;
+      const [perm, shared] = storageChildPerm(role, Perm.CONSISTENT_READ, PERM_ALL, !opts.repair);
+      new ImageLocks(s.fd, path).apply(perm, shared);
     }
     return await checkStorage(s, opts);
   } finally {
