@@ -84,6 +84,16 @@ static napi_value js_preadv2(napi_env env, napi_callback_info info) {
   return ret_i64(env, r < 0 ? -errno : (int64_t)r);
 }
 
+/* The byte range [argv[1], argv[1] + argv[2]) as a lock request of the given type. */
+static struct flock byte_range(napi_env env, napi_value *argv, short type) {
+  struct flock fl = {0};
+  fl.l_whence = SEEK_SET;
+  fl.l_start = arg_i64(env, argv[1]);
+  fl.l_len = arg_i64(env, argv[2]);
+  fl.l_type = type;
+  return fl;
+}
+
 /* ofdLock(fd, start, len, shared): a shared lock (shared = 1) or none (0) on the bytes, not
  * waiting. 0 or -errno. */
 static napi_value js_ofd_lock(napi_env env, napi_callback_info info) {
@@ -91,11 +101,7 @@ static napi_value js_ofd_lock(napi_env env, napi_callback_info info) {
   napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 4) return ret_i64(env, -EINVAL);
-  struct flock fl = {0};
-  fl.l_whence = SEEK_SET;
-  fl.l_start = arg_i64(env, argv[1]);
-  fl.l_len = arg_i64(env, argv[2]);
-  fl.l_type = arg_i64(env, argv[3]) ? F_RDLCK : F_UNLCK;
+  struct flock fl = byte_range(env, argv, arg_i64(env, argv[3]) ? F_RDLCK : F_UNLCK);
   int r = fcntl((int)arg_i64(env, argv[0]), F_OFD_SETLK, &fl);
   return ret_i64(env, r < 0 ? -errno : 0);
 }
@@ -107,11 +113,7 @@ static napi_value js_ofd_held(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 3) return ret_i64(env, -EINVAL);
-  struct flock fl = {0};
-  fl.l_whence = SEEK_SET;
-  fl.l_start = arg_i64(env, argv[1]);
-  fl.l_len = arg_i64(env, argv[2]);
-  fl.l_type = F_WRLCK;
+  struct flock fl = byte_range(env, argv, F_WRLCK);
   int r = fcntl((int)arg_i64(env, argv[0]), F_OFD_GETLK, &fl);
   if (r < 0) return ret_i64(env, -errno);
   return ret_i64(env, fl.l_type == F_UNLCK ? 0 : 1);

@@ -23,7 +23,7 @@ async function backend(filename: string, aio?: string) {
   const n = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}) });
   const blk = new BlockBackend(g, { perm: RW });
   blk.attach(n);
-  return { g, blk };
+  return { g, blk, node: n };
 }
 
 /** Drops a file's clean pages from the page cache (python3's posix_fadvise). */
@@ -140,10 +140,7 @@ describe('inline writes after a back-off', () => {
   it('go inline again once it ends, though small writes are still in the thread pool', async () => {
     const f = makeTempDir().file('backoff.img');
     writeFileSync(f, Buffer.alloc(8 << 20));
-    const g = createGraph();
-    const node = await g.open({ driver: 'file', filename: f });
-    const blk = new BlockBackend(g, { perm: RW });
-    blk.attach(node);
+    const { g, blk, node } = await backend(f);
     // A write just took 5 ms: writes go to the thread pool for the next 200 ms.
     const t = performance.now();
     writeGate.took(t - 5, t);
@@ -169,10 +166,7 @@ describe('inline writes are opt-in', () => {
     delete process.env.BLOCKREP_INLINE_WRITES;
     const f = makeTempDir().file('default.img');
     writeFileSync(f, Buffer.alloc(1 << 20));
-    const g = createGraph();
-    const node = await g.open({ driver: 'file', filename: f });
-    const blk = new BlockBackend(g, { perm: RW });
-    blk.attach(node);
+    const { g, blk, node } = await backend(f);
     await Promise.all(Array.from({ length: 8 }, (_, i) => blk.write(i * 4096, Buffer.alloc(4096, i))));
     expect(fileWriteCounts(node)).toEqual({ inline: 0, pool: 8 });
     expect((await blk.read(4096, 4096))[0]).toBe(1);
@@ -183,10 +177,7 @@ describe('inline writes are opt-in', () => {
     delete process.env.BLOCKREP_INLINE_WRITES;
     const f = makeTempDir().file('order.img');
     writeFileSync(f, Buffer.alloc(4 << 20));
-    const g = createGraph();
-    const node = await g.open({ driver: 'file', filename: f });
-    const blk = new BlockBackend(g, { perm: RW });
-    blk.attach(node);
+    const { g, blk } = await backend(f);
     // Many writes to the same 64 KiB, all in flight at once: the last one issued must win.
     await Promise.all(Array.from({ length: 32 }, (_, i) => blk.write(0, Buffer.alloc(65536, i + 1))));
     expect((await blk.read(0, 65536)).every((x) => x === 32)).toBe(true);

@@ -18,6 +18,14 @@ import {
 
 /* Driver behaviour: concurrency on one cluster, cache pressure, allocation maps, reopen. */
 
+/** A new image written full of one byte through our driver. */
+async function filledImage(path: string, size: number, byte: number): Promise<void> {
+  await createQcow2Image(path, { size });
+  const o = await openQcow2(path);
+  await o.blk.write(0, Buffer.alloc(size, byte));
+  await o.close();
+}
+
 async function clean(path: string): Promise<void> {
   const r = JSON.parse((await qemu(['check', '--output=json', path], [0, 2, 3])).stdout);
   expect([r.corruptions ?? 0, r.leaks ?? 0, r['check-errors']]).toEqual([0, 0, 0]);
@@ -114,10 +122,7 @@ describe('qcow2 driver', () => {
     const d = makeTempDir();
     const base = d.file('base.qcow2');
     const top = d.file('top.qcow2');
-    await createQcow2Image(base, { size: 1 << 20 });
-    const b = await openQcow2(base);
-    await b.blk.write(0, Buffer.alloc(1 << 20, 0x33));
-    await b.close();
+    await filledImage(base, 1 << 20, 0x33);
     // The header names a file that does not exist: only the given backing node is used.
     await createQcow2Image(top, { size: 1 << 20, backingFile: 'missing.qcow2', backingFormat: 'qcow2' });
     const g = qcowGraph();
@@ -284,10 +289,7 @@ describe('qcow2 driver', () => {
       const d = makeTempDir();
       const base = d.file('base.qcow2');
       const top = d.file('top.qcow2');
-      await createQcow2Image(base, { size: 4 << 20 });
-      const b = await openQcow2(base);
-      await b.blk.write(0, Buffer.alloc(4 << 20, 0x44));
-      await b.close();
+      await filledImage(base, 4 << 20, 0x44);
       await createQcow2Image(top, { size: 1 << 20, backingFile: base, backingFormat: 'qcow2', compat });
       const { blk, close } = await openQcow2(top);
       const size = (3 << 20) + 4608; // not a whole number of clusters

@@ -231,10 +231,8 @@ export const fileDriver: BlockDriver = {
     const end = offset + bytes;
     // Writes that overlap one still in the thread pool wait for it: the later write must land
     // last (an inline write would overtake it, and two pool threads may run them out of order).
-    for (let w = s.poolWrites.find((p) => p.start < end && offset < p.end); w; ) {
-      await w.done;
-      w = s.poolWrites.find((p) => p.start < end && offset < p.end);
-    }
+    const overlapping = () => s.poolWrites.find((p) => p.start < end && offset < p.end);
+    for (let w = overlapping(); w; w = overlapping()) await w.done;
     const small = bytes <= INLINE_MAX;
     if (s.inlineWrites && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
       s.counts.inline++;
