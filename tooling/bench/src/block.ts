@@ -1,5 +1,11 @@
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
-import { type ImgBenchWorkload, oursImgBench, qemuImgBench } from './qemu-img-bench';
+import {
+  bestOfRounds,
+  type ImgBenchWorkload,
+  imgBenchRow,
+  oursImgBench,
+  qemuImgBench,
+} from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, runPeer } from './util';
 
@@ -47,21 +53,11 @@ export async function run(): Promise<BenchRow[]> {
   const rows: BenchRow[] = [];
   try {
     for (const w of workloads) {
-      // Alternate the two sides twice and keep each side's best run (the machine is shared).
-      // Run -1 is an uncounted warm-up (our code runs compiled by the JIT in a daemon).
-      let q = Number.POSITIVE_INFINITY;
-      let o = Number.POSITIVE_INFINITY;
-      for (let i = -1; i < 2; i++) {
-        const qs = await qemuImgBench(file, { format: 'raw', ...w });
-        const os = await oursBench(file, w);
-        if (i >= 0) {
-          q = Math.min(q, qs);
-          o = Math.min(o, os);
-        }
-      }
-      const big = w.bufsize >= 1 << 20;
-      const per = (secs: number) => (big ? (w.count * w.bufsize) / secs / 2 ** 20 : w.count / secs);
-      rows.push({ name: w.name, ours: per(o), qemu: per(q), unit: big ? 'MiB/s' : 'IOPS' });
+      const secs = await bestOfRounds(async () => ({
+        qemu: await qemuImgBench(file, { format: 'raw', ...w }),
+        ours: await oursBench(file, w),
+      }));
+      rows.push(imgBenchRow(w, secs));
     }
   } finally {
     (await import('node:fs')).rmSync(dir, { recursive: true, force: true });

@@ -3,7 +3,13 @@ import { rmSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
 import { createQcow2Image, qcow2Driver } from '@blockrep/qcow2';
-import { type ImgBenchWorkload, oursImgBench, qemuImgBench } from './qemu-img-bench';
+import {
+  bestOfRounds,
+  type ImgBenchWorkload,
+  imgBenchRow,
+  oursImgBench,
+  qemuImgBench,
+} from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain } from './util';
 
@@ -124,30 +130,20 @@ export async function run(): Promise<BenchRow[]> {
     await freshQcow2(shared, DATA_SIZE);
     await oursBench(shared, { ...workloads[0]!, count: DATA_SIZE >> 20, size: DATA_SIZE });
     for (const w of workloads) {
-      let q = Number.POSITIVE_INFINITY;
-      let o = Number.POSITIVE_INFINITY;
-      // Alternate the sides twice and keep each one's best run (the machine is shared). Run -1
-      // is a warm-up, not counted: a daemon runs with its code compiled by the JIT, so our first
-      // run of a workload (interpreted at first) would measure start-up rather than throughput.
-      for (let i = -1; i < 2; i++) {
+      const secs = await bestOfRounds(async (i) => {
         const qf = w.fresh ? `${dir}/q${i}.qcow2` : shared;
         const of = w.fresh ? `${dir}/o${i}.qcow2` : shared;
         if (w.fresh) await freshQcow2(qf, w.size);
-        const qs = await qemuImgBench(qf, { format: 'qcow2', ...w });
+        const qemu = await qemuImgBench(qf, { format: 'qcow2', ...w });
         if (w.fresh) await freshQcow2(of, w.size);
-        const os = await oursBench(of, w);
-        if (i >= 0) {
-          q = Math.min(q, qs);
-          o = Math.min(o, os);
-        }
+        const ours = await oursBench(of, w);
         if (w.fresh) {
           rmSync(qf, { force: true });
           rmSync(of, { force: true });
         }
-      }
-      const big = w.bufsize >= 1 << 20;
-      const per = (secs: number) => (big ? (w.count * w.bufsize) / secs / 2 ** 20 : w.count / secs);
-      rows.push({ name: w.name, ours: per(o), qemu: per(q), unit: big ? 'MiB/s' : 'IOPS' });
+        return { qemu, ours };
+      });
+      rows.push(imgBenchRow(w, secs));
     }
     rmSync(shared, { force: true });
     // QEMU has no standalone make_empty to time, so the anchor of both rows is our own 1 MiB
