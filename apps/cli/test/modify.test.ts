@@ -1,4 +1,5 @@
-import { writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { bin, blockrep, blockrepJson, makeChain, qemuImg, qemuImgJson, qemuIo, run } from './helpers';
@@ -302,5 +303,8 @@ describe('CLI basics', () => {
   it('demo still runs', async () => {
     const r = await blockrep(['demo']);
     expect(r.stdout).toContain('read back: "hello from blockrep"');
+    const left = /demo image left at (.*)\n/.exec(r.stdout)?.[1];
+    expect(left).toBeTruthy();
+    rmSync(dirname(left!), { recursive: true, force: true });
   });
 });

@@ -35,7 +35,14 @@ for (const d of withTests) {
     missing.push(d.slice(root.length));
     continue;
   }
-  const r = JSON.parse(readFileSync(f, 'utf8'));
+  let r;
+  try {
+    r = JSON.parse(readFileSync(f, 'utf8'));
+  } catch {
+    // a report cut short (the disk filled up, the run was killed): count the package as broken
+    missing.push(`${d.slice(root.length)} (unreadable report)`);
+    continue;
+  }
   passed += r.numPassedTests ?? 0;
   failed += r.numFailedTests ?? 0;
   skipped += (r.numPendingTests ?? 0) + (r.numTodoTests ?? 0);

@@ -1,7 +1,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach } from 'vitest';
+import { afterAll, onTestFinished } from 'vitest';
 
 export interface TempDir {
   readonly path: string;
@@ -11,9 +11,23 @@ export interface TempDir {
 }
 
 const pending = new Set<TempDir>();
-let hooked = false;
 
-/** A fresh directory under the system temp dir, removed after the current test. */
+function removeAll(): void {
+  for (const d of [...pending]) d.remove();
+}
+
+// Directories made outside a test (in beforeAll, or at collection) go when the file's tests are
+// done; whatever is left when the process exits (a test file that threw, a worker told to stop)
+// goes then. Registering afterAll fails outside a vitest run (a bench importing this module).
+try {
+  afterAll(removeAll);
+} catch {
+  // not collecting a test file
+}
+process.once('exit', removeAll);
+
+/** A fresh directory under the system temp dir, removed after the current test (or, made
+ * outside a test, after the test file). */
 export function makeTempDir(prefix = 'blockrep-'): TempDir {
   const path = mkdtempSync(join(tmpdir(), prefix));
   const dir: TempDir = {
@@ -25,11 +39,10 @@ export function makeTempDir(prefix = 'blockrep-'): TempDir {
     },
   };
   pending.add(dir);
-  if (!hooked) {
-    hooked = true;
-    afterEach(() => {
-      for (const d of [...pending]) d.remove();
-    });
+  try {
+    onTestFinished(() => dir.remove());
+  } catch {
+    // outside a running test: removed by the afterAll or exit hook above
   }
   return dir;
 }
