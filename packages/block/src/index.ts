@@ -26,6 +26,7 @@ export {
   ReqFlags,
   type TruncateOptions,
 } from './driver';
+export { ImageLocks } from './drivers/file/locks';
 export { BlockError, type Errno, type ErrorClass, errnoText, ioError, toBlockError } from './errors';
 export { BlockGraph, COMMON_OPTIONS, GraphTransaction } from './graph';
 export { blockStatus, blockStatusAbove, isAllocatedAbove } from './io';
@@ -65,7 +66,6 @@ export {
   permQapiNames,
   storageChildPerm,
 } from './perm';
-export { ImageLocks } from './drivers/file/locks';
 export { RangeLock } from './tracking';
 export { fileDriver, nullDriver, rawDriver };
 

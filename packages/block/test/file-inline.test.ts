@@ -8,9 +8,8 @@ import { BlockBackend, createGraph, Perm } from '../src/index';
 
 const RW = Perm.CONSISTENT_READ | Perm.WRITE;
 
-// Inline writes are opt-in (BLOCKREP_INLINE_WRITES=1, read when a file node opens): the tests of
-// that path turn them on; the last block checks the default.
-process.env.BLOCKREP_INLINE_WRITES = '1';
+// BLOCKREP_INLINE_WRITES=0 (read when a file node opens) sends every write to the thread pool;
+// the last block uses it to test that path.
 
 function pattern(len: number, seed: number): Buffer {
   const b = Buffer.alloc(len);
@@ -161,9 +160,9 @@ describe('inline writes after a back-off', () => {
   });
 });
 
-describe('inline writes are opt-in', () => {
-  it('by default small writes go through the thread pool (reads may still run inline)', async () => {
-    delete process.env.BLOCKREP_INLINE_WRITES;
+describe('with BLOCKREP_INLINE_WRITES=0', () => {
+  it('small writes go through the thread pool (reads may still run inline)', async () => {
+    process.env.BLOCKREP_INLINE_WRITES = '0';
     const f = makeTempDir().file('default.img');
     writeFileSync(f, Buffer.alloc(1 << 20));
     const { g, blk, node } = await backend(f);
@@ -174,7 +173,7 @@ describe('inline writes are opt-in', () => {
   });
 
   it('overlapping writes land in the order they were issued', async () => {
-    delete process.env.BLOCKREP_INLINE_WRITES;
+    process.env.BLOCKREP_INLINE_WRITES = '0';
     const f = makeTempDir().file('order.img');
     writeFileSync(f, Buffer.alloc(4 << 20));
     const { g, blk } = await backend(f);

@@ -1,8 +1,8 @@
 /*
  * The process the crash test kills (now and then it empties the image with makeEmpty): writes slots of a qcow2 image through BlockBackend -> qcow2 ->
  * file with many requests in flight and periodic flushes, logging to stdout when each write
- * starts ("S slot gen", "S slot gen Z" for a write of zeroes) and is acknowledged ("A slot gen"), and when a flush begins ("B") and
- * completes ("F"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
+ * starts ("S slot gen", "S slot gen Z" for a write of zeroes) and is acknowledged ("A slot gen"), and when flush n begins ("B n")
+ * and completes ("F n"). Usage: crash-writer <image> <slot-bytes> <slots> <seed> <first-generation>
  */
 import { writeSync } from 'node:fs';
 import { BlockBackend, createGraph, Perm, ReqFlags } from '@blockrep/block';
@@ -46,6 +46,7 @@ async function main(): Promise<void> {
   const gens = new Array<number>(slots).fill(Number(genBase));
   const busy = new Set<number>();
   let writes = 0;
+  let flushes = 0;
   out('READY');
   // makeEmpty runs alone: new writes wait at the barrier and in-flight ones finish first, so
   // its place in the log is exact.
@@ -78,9 +79,12 @@ async function main(): Promise<void> {
       busy.delete(slot);
       if (++writes % 24 === 0) {
         if (writes % 240 === 0 && !barrier) await empty();
-        out('B');
+        // Workers flush concurrently: each flush has its own number, so that a completion is
+        // paired with its own beginning, not with a later flush's.
+        const id = ++flushes;
+        out(`B ${id}`);
         await blk.flush();
-        out('F');
+        out(`F ${id}`);
       }
     }
   };

