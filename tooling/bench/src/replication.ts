@@ -5,8 +5,8 @@ import { makeTempDirPlain, type QmpProcess, runPeer, startQmpDaemon } from './ut
 
 /*
  * COLO replication in blockrepd: the primary guest's write throughput and 4 KiB IOPS through
- * quorum + replication -> NBD -> secondary, beside the same primary with replication off (ratio
- * on/off); the secondary's checkpoint time after 1 MiB and after 256 MiB were dirtied; the
+ * quorum + replication -> NBD -> secondary, beside qemu-storage-daemon running the same data path
+ * (see qemuSecondary) and beside our primary with replication off; the secondary's checkpoint time after 1 MiB and after 256 MiB were dirtied; the
  * failover (active commit) time of 256 MiB. fio's nbd engine drives the guest export.
  */
 
@@ -114,6 +114,69 @@ async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProc
   return { d, uri: `nbd+unix:///guest?socket=${nbd}` };
 }
 
+/*
+ * QEMU's anchor for the same data path. qemu-storage-daemon has the replication driver but no
+ * command that starts it (COLO starts it from the migration code), so the anchor is the path a
+ * started pair runs, built from the parts it uses: the secondary exports its disk with a
+ * sync=none backup job (the copy-before-write filter) into a hidden qcow2 backed by it, and the
+ * primary's quorum writes to its local disk and, through the nbd driver, to that export.
+ */
+async function qemuSecondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
+  for (const n of ['q-sec-disk', 'q-hidden']) await qcow2(dir, n);
+  const nbd = `${dir}/q-sec-nbd.sock`;
+  const d = await startQmpDaemon('qsd', `${dir}/q-sec-qmp.sock`);
+  const q = d.qmp;
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'sec-disk',
+    file: { driver: 'file', filename: `${dir}/q-sec-disk.qcow2` },
+  });
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'hidden',
+    file: { driver: 'file', filename: `${dir}/q-hidden.qcow2` },
+    backing: 'sec-disk',
+  });
+  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
+  await q.execute('block-export-add', { type: 'nbd', id: 'e-sec', 'node-name': 'sec-disk', writable: true });
+  await q.execute('blockdev-backup', { 'job-id': 'cbw', device: 'sec-disk', target: 'hidden', sync: 'none' });
+  return { d, nbd };
+}
+
+async function qemuPrimary(dir: string, secNbd: string): Promise<{ d: QmpProcess; uri: string }> {
+  await qcow2(dir, 'q-pri-disk');
+  const nbd = `${dir}/q-pri-nbd.sock`;
+  const d = await startQmpDaemon('qsd', `${dir}/q-pri-qmp.sock`);
+  const q = d.qmp;
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'disk',
+    file: { driver: 'file', filename: `${dir}/q-pri-disk.qcow2` },
+  });
+  await q.execute('blockdev-add', {
+    driver: 'nbd',
+    'node-name': 'sec',
+    server: { type: 'unix', path: secNbd },
+    export: 'sec-disk',
+  });
+  await q.execute('blockdev-add', {
+    driver: 'quorum',
+    'node-name': 'colo',
+    'read-pattern': 'fifo',
+    'vote-threshold': 1,
+    children: ['disk', 'sec'],
+  });
+  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
+  await q.execute('block-export-add', {
+    type: 'nbd',
+    id: 'g',
+    'node-name': 'colo',
+    name: 'guest',
+    writable: true,
+  });
+  return { d, uri: `nbd+unix:///guest?socket=${nbd}` };
+}
+
 const seconds = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e9;
 
 async function timed(fn: () => Promise<unknown>): Promise<number> {
@@ -140,6 +203,10 @@ export async function run(): Promise<BenchRow[]> {
     procs.push(pri.d);
     const solo = await primary(dir, null);
     procs.push(solo.d);
+    const qSec = await qemuSecondary(dir);
+    procs.push(qSec.d);
+    const qPri = await qemuPrimary(dir, qSec.nbd);
+    procs.push(qPri.d);
     const rows: BenchRow[] = [];
     for (const [name, bs, depth, unit] of [
       ['colo primary 1M seq write qd8', '1M', 8, 'MiB/s'],
@@ -147,8 +214,10 @@ export async function run(): Promise<BenchRow[]> {
     ] as const) {
       const rw = bs === '4k' ? 'randwrite' : 'write';
       const on = await fio(pri.uri, rw, bs, depth);
+      const qemu = await fio(qPri.uri, rw, bs, depth);
       const off = await fio(solo.uri, rw, bs, depth);
-      rows.push({ name, ours: on, qemu: off, unit, anchor: 'replication off' });
+      rows.push({ name, ours: on, qemu, unit });
+      rows.push({ name: `${name}, on/off`, ours: on, qemu: off, unit, anchor: 'replication off' });
     }
     await sec.d.qmp.execute('xen-colo-do-checkpoint');
     const secUri = (n: string) => `nbd+unix:///${n}?socket=${sec.nbd}`;
