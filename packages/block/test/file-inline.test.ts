@@ -4,7 +4,7 @@ import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
 import { sparse } from '../src/drivers/file/sparse';
-import { BlockBackend, createGraph, Perm } from '../src/index';
+import { BlockBackend, createGraph, iovIsZero, Perm, ReqFlags } from '../src/index';
 
 const RW = Perm.CONSISTENT_READ | Perm.WRITE;
 
@@ -17,9 +17,9 @@ function pattern(len: number, seed: number): Buffer {
   return b;
 }
 
-async function backend(filename: string, aio?: string) {
+async function backend(filename: string, aio?: string, extra: Record<string, unknown> = {}) {
   const g = createGraph();
-  const n = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}) });
+  const n = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}), ...extra });
   const blk = new BlockBackend(g, { perm: RW });
   blk.attach(n);
   return { g, blk, node: n };
@@ -186,5 +186,24 @@ describe('with BLOCKREP_INLINE_WRITES=0', () => {
         .subarray(0, 65536)
         .every((x) => x === 32),
     ).toBe(true);
+  });
+});
+
+describe('zero writes and discards after a write still in the thread pool', () => {
+  it.each(['writeZeroes', 'discard'] as const)('%s lands last, as issued', async (op) => {
+    const f = makeTempDir().file(`${op}.img`);
+    writeFileSync(f, Buffer.alloc(16 << 20));
+    const { g, blk } = await backend(f, undefined, { discard: 'unmap' });
+    for (let round = 0; round < 4; round++) {
+      // 8 MiB go to the thread pool; the zeroing, issued while they are copied, must win.
+      const big = blk.write(0, Buffer.alloc(8 << 20, round + 1));
+      await new Promise((r) => setImmediate(r));
+      const zero =
+        op === 'writeZeroes' ? blk.writeZeroes(0, 8 << 20, ReqFlags.MAY_UNMAP) : blk.discard(0, 8 << 20);
+      await Promise.all([big, zero]);
+      const back = await blk.read(0, 8 << 20);
+      expect(iovIsZero([back]), `round ${round}`).toBe(true);
+    }
+    await g.closeAll();
   });
 });

@@ -21,8 +21,11 @@ interface FileState {
    * during a back-off would keep every later write there).
    */
   bigPoolWrites: number;
-  /** The ranges of the writes in the thread pool now (a later overlapping write waits for them). */
-  poolWrites: { start: number; end: number; done: Promise<void> }[];
+  /**
+   * The writes in the thread pool now, and the zero writes and discards running (a later
+   * overlapping write, zero write or discard waits for them).
+   */
+  pending: PendingWrite[];
   /** Writes done inline and through the thread pool (for tests and diagnostics). */
   counts: { inline: number; pool: number };
   /** QEMU's image locks on the file (null with locking=off or without the addon). */
@@ -63,6 +66,31 @@ export class InlineWriteGate {
 
 /** The process's gate (one back-off for all files: a stalled kernel stalls them alike). */
 export const writeGate = new InlineWriteGate();
+
+interface PendingWrite {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
+/** A pending write overlapping [start, end), if any. */
+function pendingOver(s: FileState, start: number, end: number): PendingWrite | undefined {
+  return s.pending.find((p) => p.start < end && start < p.end);
+}
+
+/**
+ * Registers a write to [start, end) that will not complete at once; call the returned function
+ * when it has. The caller has just checked (with no await since) that nothing pending overlaps.
+ */
+function registerPending(s: FileState, start: number, end: number): () => void {
+  let finished!: () => void;
+  const entry = { start, end, done: new Promise<void>((r) => (finished = r)) };
+  s.pending.push(entry);
+  return () => {
+    s.pending.splice(s.pending.indexOf(entry), 1);
+    finished();
+  };
+}
 
 /** How many writes of a file node ran inline and through the thread pool. */
 export function fileWriteCounts(node: BlockNode): { inline: number; pool: number } {
@@ -163,7 +191,7 @@ export const fileDriver: BlockDriver = {
       inline,
       inlineWrites: inline && process.env.BLOCKREP_INLINE_WRITES !== '0',
       bigPoolWrites: 0,
-      poolWrites: [],
+      pending: [],
       counts: { inline: 0, pool: 0 },
       locks,
     } satisfies FileState;
@@ -227,10 +255,10 @@ export const fileDriver: BlockDriver = {
     let rest = iov;
     let left = bytes;
     const end = offset + bytes;
-    // Writes that overlap one still in the thread pool wait for it: the later write must land
-    // last (an inline write would overtake it, and two pool threads may run them out of order).
-    const overlapping = () => s.poolWrites.find((p) => p.start < end && offset < p.end);
-    for (let w = overlapping(); w; w = overlapping()) await w.done;
+    // Writes that overlap one still pending wait for it: the later write must land last (an
+    // inline write would overtake it, and two pool threads may run them out of order). No await
+    // between the last check and the write or its registration, or a later write could slip in.
+    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
     const small = bytes <= INLINE_MAX;
     if (s.inlineWrites && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
       s.counts.inline++;
@@ -242,9 +270,7 @@ export const fileDriver: BlockDriver = {
     }
     s.counts.pool++;
     if (!small) s.bigPoolWrites++;
-    let finished!: () => void;
-    const entry = { start: offset, end, done: new Promise<void>((r) => (finished = r)) };
-    s.poolWrites.push(entry);
+    const finished = registerPending(s, offset, end);
     try {
       while (left > 0) {
         const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
@@ -254,17 +280,32 @@ export const fileDriver: BlockDriver = {
       }
     } finally {
       if (!small) s.bigPoolWrites--;
-      s.poolWrites.splice(s.poolWrites.indexOf(entry), 1);
       finished();
     }
   },
 
   async writeZeroes(node, offset, bytes, flags) {
-    await sparse.zeroRange(st(node).fd, offset, bytes, flags);
+    const s = st(node);
+    const end = offset + bytes;
+    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
+    const finished = registerPending(s, offset, end);
+    try {
+      await sparse.zeroRange(s.fd, offset, bytes, flags);
+    } finally {
+      finished();
+    }
   },
 
   async discard(node, offset, bytes) {
-    await sparse.punchHole(st(node).fd, offset, bytes);
+    const s = st(node);
+    const end = offset + bytes;
+    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
+    const finished = registerPending(s, offset, end);
+    try {
+      await sparse.punchHole(s.fd, offset, bytes);
+    } finally {
+      finished();
+    }
   },
 
   async flushToDisk(node) {
