@@ -92,6 +92,22 @@ function registerPending(s: FileState, start: number, end: number): () => void {
   };
 }
 
+/** Runs fn (a zero write, a discard) after the pending writes it overlaps and before later ones. */
+async function inIssueOrder(
+  s: FileState,
+  start: number,
+  end: number,
+  fn: () => Promise<void>,
+): Promise<void> {
+  for (let w = pendingOver(s, start, end); w; w = pendingOver(s, start, end)) await w.done;
+  const finished = registerPending(s, start, end);
+  try {
+    await fn();
+  } finally {
+    finished();
+  }
+}
+
 /** How many writes of a file node ran inline and through the thread pool. */
 export function fileWriteCounts(node: BlockNode): { inline: number; pool: number } {
   return { ...st(node).counts };
@@ -286,26 +302,12 @@ export const fileDriver: BlockDriver = {
 
   async writeZeroes(node, offset, bytes, flags) {
     const s = st(node);
-    const end = offset + bytes;
-    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
-    const finished = registerPending(s, offset, end);
-    try {
-      await sparse.zeroRange(s.fd, offset, bytes, flags);
-    } finally {
-      finished();
-    }
+    await inIssueOrder(s, offset, offset + bytes, () => sparse.zeroRange(s.fd, offset, bytes, flags));
   },
 
   async discard(node, offset, bytes) {
     const s = st(node);
-    const end = offset + bytes;
-    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
-    const finished = registerPending(s, offset, end);
-    try {
-      await sparse.punchHole(s.fd, offset, bytes);
-    } finally {
-      finished();
-    }
+    await inIssueOrder(s, offset, offset + bytes, () => sparse.punchHole(s.fd, offset, bytes));
   },
 
   async flushToDisk(node) {
