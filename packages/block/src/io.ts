@@ -88,7 +88,14 @@ async function driverWrite(
   const passFlags = flags & native;
   const write = drv.write;
   await split(node, offset, bytes, iov, (o, n, v) => write(node, o, n, v, passFlags));
-  if (emulateFua) await flush(node);
+  if (emulateFua) await flushAfterWrite(node);
+}
+
+/** FUA emulation: the write is done but its request not finished, so it is counted here first
+ * (or the flush would find nothing written since the last one and skip the disk). */
+function flushAfterWrite(node: BlockNode): Promise<void> {
+  node.writeGen++;
+  return flush(node);
 }
 
 /** What every write-like request does when it ends (QEMU's write_req_finish). */
@@ -99,6 +106,7 @@ function writeFinished(node: BlockNode, offset: number, bytes: number): void {
 
 /** A write that failed may still have changed data: its range counts as dirty anyway. */
 function markDirty(node: BlockNode, offset: number, bytes: number): void {
+  node.writeGen++;
   for (const bm of node.dirtyBitmaps) if (bm.enabled) bm.set(offset, bytes);
 }
 
@@ -251,7 +259,7 @@ async function zeroAligned(node: BlockNode, offset: number, bytes: number, flags
       for (let done = 0; done < bytes; done += max) {
         await drv.writeZeroes(node, offset + done, Math.min(max, bytes - done), flags & ~ReqFlags.FUA);
       }
-      if (flags & ReqFlags.FUA) await flush(node);
+      if (flags & ReqFlags.FUA) await flushAfterWrite(node);
       return;
     } catch (e) {
       if (toBlockError(e).errno !== 'ENOTSUP') throw e;
@@ -298,18 +306,28 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
   }
 }
 
-/** Flushes the node's driver, then every child it may have written to. */
+/**
+ * Flushes the node's driver, then every child it may have written to. The flush to disk is
+ * skipped when no write-like request finished since a flush that succeeded began (QEMU's
+ * write_gen / flushed_gen). Unlike QEMU, flushes are not queued behind each other: 8 writers
+ * flushing every 24 writes of 4 KiB did 53k writes/s with concurrent fdatasync calls and 45k with
+ * queued ones (one run each on a noisy machine; concurrent calls can share a journal commit).
+ */
 export async function flush(node: BlockNode): Promise<void> {
   checkOpen(node);
   const req = beginRequest(node, 0, 0, false);
+  const gen = node.writeGen;
   try {
     const drv = node.driver;
-    if (drv.flush) return await drv.flush(node);
-    if (drv.flushToOs) await drv.flushToOs(node);
-    if (drv.flushToDisk && !node.noFlush) await drv.flushToDisk(node);
-    for (const c of node.children) {
-      if (c.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED)) await flush(c.node);
+    if (drv.flush) await drv.flush(node);
+    else {
+      if (drv.flushToOs) await drv.flushToOs(node);
+      if (drv.flushToDisk && !node.noFlush && node.flushedGen !== gen) await drv.flushToDisk(node);
+      for (const c of node.children) {
+        if (c.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED)) await flush(c.node);
+      }
     }
+    if (gen > node.flushedGen) node.flushedGen = gen;
   } catch (e) {
     throw toBlockError(e);
   } finally {
@@ -342,6 +360,7 @@ export async function truncate(
     if (drv.truncate) await drv.truncate(node, length, full);
     else if (drv.isFilter && node.filtered) await truncate(node.filtered, length, full);
     else throw new BlockError('Image format driver does not support resize', { errno: 'ENOTSUP' });
+    node.writeGen++;
     node.length = await drv.getLength(node);
     // A backing file longer than the old length must not show through the grown area: it reads
     // as zeroes (QEMU truncates with BDRV_REQ_ZERO_WRITE then). Inside this request's range.
@@ -368,6 +387,7 @@ export async function makeEmpty(child: BlockChild): Promise<void> {
   const req = beginRequest(node, 0, node.length, true);
   try {
     await waitSerialising(node, req);
+    node.writeGen++;
     await node.driver.makeEmpty(node);
   } catch (e) {
     throw toBlockError(e);

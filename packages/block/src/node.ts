@@ -113,6 +113,10 @@ export class BlockNode {
 
   // request tracking (see io.ts)
   inFlight = 0;
+  /** Write-like requests finished (succeeded or not) since the node opened. */
+  writeGen = 0;
+  /** The writeGen at the beginning of the latest-begun flush that succeeded. */
+  flushedGen = 0;
   readonly tracked = new Set<TrackedRequest>();
   serialising = 0;
   quiesceCounter = 0;

@@ -1,7 +1,7 @@
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { BlockBackend, createGraph, PERM_ALL, Perm, ReqFlags } from '../src/index';
+import { BlockBackend, BlockError, createGraph, PERM_ALL, Perm, ReqFlags } from '../src/index';
 import { expectBlockError, memState, testGraph } from './helpers';
 
 const RW = Perm.CONSISTENT_READ | Perm.WRITE;
@@ -120,6 +120,74 @@ describe('read and write', () => {
     expect(flushed).toBe(1);
     await blk.write(0, Buffer.alloc(512, 1));
     expect(flushed).toBe(1);
+  });
+
+  it('skips the flush to disk when nothing was written since a flush that succeeded began', async () => {
+    const f = makeTempDir().file('gen.img');
+    writeFileSync(f, Buffer.alloc(65536));
+    const g = createGraph();
+    const n = await g.open({ driver: 'file', filename: f, discard: 'unmap' });
+    const blk = new BlockBackend(g, { perm: RW | Perm.RESIZE });
+    blk.attach(n);
+    let flushed = 0;
+    let fail = false;
+    const orig = n.driver.flushToDisk!;
+    n.driver = {
+      ...n.driver,
+      flushToDisk: async (x) => {
+        flushed++;
+        if (fail) throw new BlockError('Input/output error', { errno: 'EIO' });
+        await orig(x);
+      },
+    };
+    await blk.flush();
+    expect(flushed).toBe(0);
+    await blk.write(0, Buffer.alloc(512, 1));
+    await blk.flush();
+    await blk.flush();
+    expect(flushed).toBe(1);
+    // FUA is emulated with a flush after the write, before its request has finished.
+    await blk.writeZeroes(0, 512, ReqFlags.FUA);
+    expect(flushed).toBe(2);
+    // Every write-like request counts: zeroes, discards, truncate.
+    for (const op of [
+      () => blk.writeZeroes(0, 512),
+      () => blk.discard(0, 65536),
+      () => blk.truncate(131072),
+    ]) {
+      await op();
+      await blk.flush();
+    }
+    expect(flushed).toBe(5);
+    // A failed flush covers nothing: the next one goes to disk again.
+    await blk.write(0, Buffer.alloc(512, 2));
+    fail = true;
+    await expect(blk.flush()).rejects.toThrow(/Input\/output error/);
+    fail = false;
+    await blk.flush();
+    expect(flushed).toBe(7);
+    // A write that finishes while a flush runs is not covered by it.
+    let release!: () => void;
+    n.driver = {
+      ...n.driver,
+      flushToDisk: async (x) => {
+        flushed++;
+        await new Promise<void>((r) => (release = r));
+        await orig(x);
+      },
+    };
+    await blk.write(0, Buffer.alloc(512, 3));
+    const slow = blk.flush();
+    await new Promise((r) => setImmediate(r));
+    await blk.write(512, Buffer.alloc(512, 3));
+    release();
+    await slow;
+    const again = blk.flush();
+    await new Promise((r) => setImmediate(r));
+    release();
+    await again;
+    expect(flushed).toBe(9);
+    await g.closeAll();
   });
 });
 

@@ -41,7 +41,9 @@ function runUntilKilled(args: string[], delayMs: number): Promise<Log> {
     let timer: NodeJS.Timeout | null = null;
     child.stdout.on('data', (d: Buffer) => {
       text += d.toString();
-      if (!timer && text.includes('READY')) timer = setTimeout(kill, delayMs);
+      // The clock starts at the first completed flush, so every kill checks flushed data however
+      // slowly a loaded machine starts the writer.
+      if (!timer && /^F /m.test(text)) timer = setTimeout(kill, delayMs);
     });
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     child.on('error', reject);
@@ -145,8 +147,8 @@ it(
         expect(again.leaks ?? 0).toBe(0);
       }
     }
-    // The kills must have landed after real work: flushed data was checked, not just empty images.
-    expect(flushes).toBeGreaterThan(KILLS);
+    // The kills landed after real work: flushed data was checked, not just empty images.
+    expect(flushes).toBeGreaterThanOrEqual(KILLS);
     console.log(`crash test: ${flushes} flushes, ${empties} makeEmpty calls`);
   },
   LONG ? 900_000 : 60_000,
