@@ -35,18 +35,66 @@ async function qcow2(dir: string, name: string) {
   await runPeer('qemu-img', ['create', '-f', 'qcow2', `${dir}/${name}.qcow2`, String(SIZE)]);
 }
 
-async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  for (const n of ['sec-disk', 'active', 'hidden']) await qcow2(dir, n);
-  const nbd = `${dir}/sec-nbd.sock`;
-  const d = await startQmpDaemon('blockrepd', `${dir}/sec-qmp.sock`);
+/**
+ * blockrepd or qemu-storage-daemon (`tag` names its files) with a new qcow2 image added as node
+ * `disk` and an NBD server on a Unix socket.
+ */
+async function daemonWithDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string, disk: string) {
+  await qcow2(dir, `${tag}-disk`);
+  const nbd = `${dir}/${tag}-nbd.sock`;
+  const d = await startQmpDaemon(kind, `${dir}/${tag}-qmp.sock`);
   const q = d.qmp;
   await q.execute('blockdev-add', {
     driver: 'qcow2',
-    'node-name': 'sec-disk',
-    file: { driver: 'file', filename: `${dir}/sec-disk.qcow2` },
+    'node-name': disk,
+    file: { driver: 'file', filename: `${dir}/${tag}-disk.qcow2` },
   });
   await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
-  await q.execute('block-export-add', { type: 'nbd', id: 'e-sec', 'node-name': 'sec-disk', writable: true });
+  return { d, q, nbd };
+}
+
+/** A writable NBD export of a node. */
+function exportNode(q: QmpClient, id: string, node: string, name = node) {
+  return q.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: true });
+}
+
+/** The secondary disk, exported, and beside it a hidden qcow2 image backed by it. */
+async function secondaryDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string) {
+  const s = await daemonWithDisk(kind, dir, tag, 'sec-disk');
+  await exportNode(s.q, 'e-sec', 'sec-disk');
+  await qcow2(dir, `${tag}-hidden`);
+  const hidden = {
+    driver: 'qcow2',
+    'node-name': 'hidden',
+    file: { driver: 'file', filename: `${dir}/${tag}-hidden.qcow2` },
+    backing: 'sec-disk',
+  };
+  return { ...s, hidden };
+}
+
+/** The primary's guest disk: a quorum over its local disk and `more` nodes, exported as "guest". */
+async function guestDisk(
+  kind: 'blockrepd' | 'qsd',
+  dir: string,
+  tag: string,
+  more: { 'node-name': string; [k: string]: unknown }[],
+) {
+  const p = await daemonWithDisk(kind, dir, tag, 'disk');
+  for (const n of more) await p.q.execute('blockdev-add', n);
+  await p.q.execute('blockdev-add', {
+    driver: 'quorum',
+    'node-name': 'colo',
+    'read-pattern': 'fifo',
+    'vote-threshold': 1,
+    children: ['disk', ...more.map((n) => n['node-name'])],
+  });
+  await exportNode(p.q, 'g', 'colo', 'guest');
+  return { ...p, uri: `nbd+unix:///guest?socket=${p.nbd}` };
+}
+
+async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
+  const { d, q, nbd, hidden } = await secondaryDisk('blockrepd', dir, 'sec');
+  await qcow2(dir, 'active');
   await q.execute('blockdev-add', {
     driver: 'replication',
     'node-name': 'sec-repl',
@@ -56,51 +104,16 @@ async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
       driver: 'qcow2',
       'node-name': 'active',
       file: { driver: 'file', filename: `${dir}/active.qcow2` },
-      backing: {
-        driver: 'qcow2',
-        'node-name': 'hidden',
-        file: { driver: 'file', filename: `${dir}/hidden.qcow2` },
-        backing: 'sec-disk',
-      },
+      backing: hidden,
     },
   });
-  await q.execute('block-export-add', {
-    type: 'nbd',
-    id: 'e-view',
-    'node-name': 'sec-repl',
-    name: 'sec-view',
-    writable: true,
-  });
+  await exportNode(q, 'e-view', 'sec-repl', 'sec-view');
   await q.execute('xen-set-replication', { enable: true, primary: false });
   return { d, nbd };
 }
 
 async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProcess; uri: string }> {
-  const tag = secNbd ? 'pri' : 'solo';
-  await qcow2(dir, `${tag}-disk`);
-  const nbd = `${dir}/${tag}-nbd.sock`;
-  const d = await startQmpDaemon('blockrepd', `${dir}/${tag}-qmp.sock`);
-  const q = d.qmp;
-  await q.execute('blockdev-add', {
-    driver: 'qcow2',
-    'node-name': 'disk',
-    file: { driver: 'file', filename: `${dir}/${tag}-disk.qcow2` },
-  });
-  await q.execute('blockdev-add', {
-    driver: 'quorum',
-    'node-name': 'colo',
-    'read-pattern': 'fifo',
-    'vote-threshold': 1,
-    children: ['disk'],
-  });
-  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
-  await q.execute('block-export-add', {
-    type: 'nbd',
-    id: 'g',
-    'node-name': 'colo',
-    name: 'guest',
-    writable: true,
-  });
+  const { d, q, uri } = await guestDisk('blockrepd', dir, secNbd ? 'pri' : 'solo', []);
   if (secNbd) {
     await q.execute('blockdev-add', {
       driver: 'replication',
@@ -111,7 +124,7 @@ async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProc
     await q.execute('x-blockdev-change', { parent: 'colo', node: 'pri-repl' });
     await q.execute('xen-set-replication', { enable: true, primary: true });
   }
-  return { d, uri: `nbd+unix:///guest?socket=${nbd}` };
+  return { d, uri };
 }
 
 /*
@@ -122,59 +135,21 @@ async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProc
  * primary's quorum writes to its local disk and, through the nbd driver, to that export.
  */
 async function qemuSecondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  for (const n of ['q-sec-disk', 'q-hidden']) await qcow2(dir, n);
-  const nbd = `${dir}/q-sec-nbd.sock`;
-  const d = await startQmpDaemon('qsd', `${dir}/q-sec-qmp.sock`);
-  const q = d.qmp;
-  await q.execute('blockdev-add', {
-    driver: 'qcow2',
-    'node-name': 'sec-disk',
-    file: { driver: 'file', filename: `${dir}/q-sec-disk.qcow2` },
-  });
-  await q.execute('blockdev-add', {
-    driver: 'qcow2',
-    'node-name': 'hidden',
-    file: { driver: 'file', filename: `${dir}/q-hidden.qcow2` },
-    backing: 'sec-disk',
-  });
-  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
-  await q.execute('block-export-add', { type: 'nbd', id: 'e-sec', 'node-name': 'sec-disk', writable: true });
+  const { d, q, nbd, hidden } = await secondaryDisk('qsd', dir, 'q-sec');
+  await q.execute('blockdev-add', hidden);
   await q.execute('blockdev-backup', { 'job-id': 'cbw', device: 'sec-disk', target: 'hidden', sync: 'none' });
   return { d, nbd };
 }
 
 async function qemuPrimary(dir: string, secNbd: string): Promise<{ d: QmpProcess; uri: string }> {
-  await qcow2(dir, 'q-pri-disk');
-  const nbd = `${dir}/q-pri-nbd.sock`;
-  const d = await startQmpDaemon('qsd', `${dir}/q-pri-qmp.sock`);
-  const q = d.qmp;
-  await q.execute('blockdev-add', {
-    driver: 'qcow2',
-    'node-name': 'disk',
-    file: { driver: 'file', filename: `${dir}/q-pri-disk.qcow2` },
-  });
-  await q.execute('blockdev-add', {
+  const sec = {
     driver: 'nbd',
     'node-name': 'sec',
     server: { type: 'unix', path: secNbd },
     export: 'sec-disk',
-  });
-  await q.execute('blockdev-add', {
-    driver: 'quorum',
-    'node-name': 'colo',
-    'read-pattern': 'fifo',
-    'vote-threshold': 1,
-    children: ['disk', 'sec'],
-  });
-  await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
-  await q.execute('block-export-add', {
-    type: 'nbd',
-    id: 'g',
-    'node-name': 'colo',
-    name: 'guest',
-    writable: true,
-  });
-  return { d, uri: `nbd+unix:///guest?socket=${nbd}` };
+  };
+  const { d, uri } = await guestDisk('qsd', dir, 'q-pri', [sec]);
+  return { d, uri };
 }
 
 const seconds = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e9;
