@@ -2,12 +2,13 @@
 // The main job (`pnpm demo`): blockrepd, started with a qemu-storage-daemon command line, serves a
 // qcow2 image over NBD; real clients (nbdinfo, qemu-io) use it; QMP shows the graph; the image is
 // locked against QEMU's tools while in use; on SIGTERM the daemon shuts down cleanly and qemu-img
-// finds the image consistent.
+// finds the image consistent. Then colo.mjs runs a COLO replication pair through a failover.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { coloDemo } from './colo.mjs';
 
 const require = createRequire(import.meta.url);
 const { QmpClient } = await import('@blockrep/qmp');
@@ -33,15 +34,23 @@ function run(cmd, args) {
 
 run('qemu-img', ['create', '-f', 'qcow2', img, '256M']);
 const args = [
-  '--blockdev', `driver=file,node-name=file0,filename=${img}`,
-  '--blockdev', 'driver=qcow2,node-name=disk0,file=file0',
-  '--nbd-server', `addr.type=unix,addr.path=${nbd}`,
-  '--export', 'type=nbd,id=exp0,node-name=disk0,name=demo,writable=on',
-  '--chardev', `socket,id=qmp0,path=${qmpSock},server=on,wait=off`,
-  '--monitor', 'chardev=qmp0',
+  '--blockdev',
+  `driver=file,node-name=file0,filename=${img}`,
+  '--blockdev',
+  'driver=qcow2,node-name=disk0,file=file0',
+  '--nbd-server',
+  `addr.type=unix,addr.path=${nbd}`,
+  '--export',
+  'type=nbd,id=exp0,node-name=disk0,name=demo,writable=on',
+  '--chardev',
+  `socket,id=qmp0,path=${qmpSock},server=on,wait=off`,
+  '--monitor',
+  'chardev=qmp0',
 ];
 console.log(`$ blockrepd ${args.join(' ')} &`);
-const daemon = spawn(process.execPath, [blockrepd, ...args, '--log-level', 'warn'], { stdio: ['ignore', 'inherit', 'inherit'] });
+const daemon = spawn(process.execPath, [blockrepd, ...args, '--log-level', 'warn'], {
+  stdio: ['ignore', 'inherit', 'inherit'],
+});
 try {
   const qmp = await (async () => {
     for (let i = 0; ; i++) {
@@ -54,11 +63,24 @@ try {
     }
   })();
   run('nbdinfo', ['--list', `nbd+unix:///?socket=${nbd}`]);
-  run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0xab 1M 4M', '-c', 'write -P 0xcd 128M 64k', '-c', 'read -P 0xab 1M 4M', '-c', 'read -P 0 0 1M']);
+  run('qemu-io', [
+    '-f',
+    'raw',
+    uri,
+    '-c',
+    'write -P 0xab 1M 4M',
+    '-c',
+    'write -P 0xcd 128M 64k',
+    '-c',
+    'read -P 0xab 1M 4M',
+    '-c',
+    'read -P 0 0 1M',
+  ]);
   run('nbdinfo', ['--map', uri]);
   const nodes = await qmp.execute('query-named-block-nodes', { flat: true });
   console.log('QMP query-named-block-nodes:');
-  for (const n of nodes) console.log(`  ${n['node-name']}: ${n.drv}, ${n.image['virtual-size']} bytes, ${n.file}`);
+  for (const n of nodes)
+    console.log(`  ${n['node-name']}: ${n.drv}, ${n.image['virtual-size']} bytes, ${n.file}`);
   console.log('QMP query-block-exports:', JSON.stringify(await qmp.execute('query-block-exports')));
   // The image is locked as QEMU locks it: qemu-img refuses to open it while blockrepd writes it,
   // and reads it with -U (force-share).
@@ -76,7 +98,11 @@ try {
   console.log(`blockrepd stopped (exit code ${await gone})`);
   run('qemu-img', ['check', img]);
   run('qemu-io', ['-f', 'qcow2', img, '-c', 'read -P 0xcd 128M 64k']);
-  console.log('demo done: blockrepd served the qcow2 image over NBD to nbdinfo and qemu-io, and QEMU reads what it wrote.');
+  await coloDemo({ dir, run, blockrepd, QmpClient });
+  console.log(
+    'demo done: blockrepd served a qcow2 image over NBD to nbdinfo and qemu-io and QEMU read what it wrote;' +
+      ' a COLO pair replicated a guest disk, checkpointed and failed over to the last checkpoint.',
+  );
 } finally {
   if (daemon.exitCode === null) daemon.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
