@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { addDirtyBitmap, type BlockError, findDirtyBitmap } from '@blockrep/block';
+import { addDirtyBitmap, type BlockError, blockStatus, findDirtyBitmap } from '@blockrep/block';
 import { describe, expect, it } from 'vitest';
 import { type BackupJob, startBackup } from '../src/index';
 import {
@@ -81,6 +81,40 @@ describe('backup', () => {
     expect(guest.node!.nodeName).toBe('src');
     expect(graph.allNodes().some((n) => n.driver.name === 'copy-before-write')).toBe(false);
     expect((await readAll(graph, 'src')).equals(afterWrites)).toBe(true);
+  });
+
+  it('copy-before-write writes what reads as zeroes in the source as zeroes, not as data', async () => {
+    const { dir, graph, manager } = env();
+    // A sparse source: data in its first 64 KiB only.
+    await qcow2Node(graph, dir.file('src.qcow2'), 'src');
+    const guest = writer(graph, 'src');
+    const old = randomData(65536, 5);
+    await guest.write(0, old);
+    await qcow2Node(graph, dir.file('tgt.qcow2'), 'tgt', {
+      path: dir.file('src.qcow2'),
+      node: 'src',
+      fmt: 'qcow2',
+    });
+    const job = await startBackup(manager, {
+      id: 'b-zero',
+      source: graph.findNode('src'),
+      target: graph.findNode('tgt'),
+      sync: 'none',
+    });
+    await guest.write(0, Buffer.alloc(65536, 1));
+    await guest.write(1 << 20, Buffer.alloc(131072, 2));
+    const tgt = graph.findNode('tgt');
+    // The data cluster was copied as data; the zero area became zero clusters in the target's own
+    // layer (allocated there, so the source's new data does not show through).
+    const data = await blockStatus(tgt, 0, 65536);
+    expect([data.allocated, data.data]).toEqual([true, true]);
+    const zero = await blockStatus(tgt, 1 << 20, 131072);
+    expect([zero.allocated, zero.data, zero.zero, zero.bytes]).toEqual([true, false, true, 131072]);
+    const image = await readAll(graph, 'tgt');
+    expect(image.subarray(0, 65536).equals(old)).toBe(true);
+    expect(image.subarray(65536).every((b) => b === 0)).toBe(true);
+    await job.cancel(true);
+    await job.whenConcluded();
   });
 
   it('sync=full copies the point-in-time image while the guest writes', async () => {

@@ -1,4 +1,11 @@
-import { type BlockChild, BufferPool, DirtyBitmap, RangeLock, toBlockError } from '@blockrep/block';
+import {
+  type BlockChild,
+  BufferPool,
+  blockStatusAbove,
+  DirtyBitmap,
+  RangeLock,
+  toBlockError,
+} from '@blockrep/block';
 
 /** Which side of a copy failed (for the job's on-source-error / on-target-error). */
 export class CopyError extends Error {
@@ -53,30 +60,69 @@ export class BlockCopy {
   async copyLocked(offset: number, bytes: number): Promise<number> {
     const [start, end] = this.clusterRange(offset, bytes);
     let copied = 0;
-    for (const [off, len] of [...this.bitmap.dirtyExtents(start, end - start, this.buffers.size)]) {
-      this.bitmap.reset(off, len);
-      const whole = this.buffers.get();
-      const buf = whole.subarray(0, len);
-      try {
+    for (const [ext, extLen] of [...this.bitmap.dirtyExtents(start, end - start, this.buffers.size)]) {
+      this.bitmap.reset(ext, extLen);
+      for (let off = ext; off < ext + extLen; ) {
+        const { bytes: len, zero } = await this.sourceStatus(off, ext + extLen - off);
         try {
-          await this.source.readv(off, len, [buf]);
+          if (zero) await this.copyZeroes(off, len);
+          else await this.copyData(off, len);
         } catch (e) {
-          this.bitmap.set(off, len);
-          throw new CopyError(true, toBlockError(e));
+          this.bitmap.set(off, ext + extLen - off);
+          throw e;
         }
-        try {
-          await this.target.write(off, buf);
-        } catch (e) {
-          this.bitmap.set(off, len);
-          throw new CopyError(false, toBlockError(e));
-        }
-      } finally {
-        this.buffers.put(whole);
+        copied += len;
+        this.onCopied?.(len);
+        off += len;
       }
-      copied += len;
-      this.onCopied?.(len);
     }
     return copied;
+  }
+
+  /**
+   * Whether the source reads as zeroes from `offset` on, and for how many whole clusters (at
+   * least one cluster, taken as data when the answer is shorter or fails), as QEMU's block-copy
+   * asks block status so that zeroes are written as zeroes, not copied.
+   */
+  private async sourceStatus(offset: number, bytes: number): Promise<{ bytes: number; zero: boolean }> {
+    const cluster = Math.min(this.clusterSize, bytes);
+    try {
+      const st = await blockStatusAbove(this.source.node, null, offset, bytes);
+      const whole = Math.min(bytes, st.bytes - (st.bytes % this.clusterSize));
+      if (whole >= cluster) return { bytes: whole, zero: st.zero && !st.data };
+      // The last, partial cluster of the image.
+      if (st.bytes >= bytes) return { bytes, zero: st.zero && !st.data };
+    } catch {
+      // Copied as data: the read reports the error if there is one.
+    }
+    return { bytes: cluster, zero: false };
+  }
+
+  private async copyZeroes(offset: number, bytes: number): Promise<void> {
+    try {
+      await this.target.writeZeroes(offset, bytes);
+    } catch (e) {
+      throw new CopyError(false, toBlockError(e));
+    }
+  }
+
+  private async copyData(offset: number, bytes: number): Promise<void> {
+    const whole = this.buffers.get();
+    const buf = whole.subarray(0, bytes);
+    try {
+      try {
+        await this.source.readv(offset, bytes, [buf]);
+      } catch (e) {
+        throw new CopyError(true, toBlockError(e));
+      }
+      try {
+        await this.target.write(offset, buf);
+      } catch (e) {
+        throw new CopyError(false, toBlockError(e));
+      }
+    } finally {
+      this.buffers.put(whole);
+    }
   }
 
   /** Locks, copies and unlocks (the job's background copying). */
