@@ -68,12 +68,23 @@ describe('blockdev-add / blockdev-del / query-named-block-nodes', () => {
       iops_wr: 0,
     });
     expect(n0.image['dirty-flag']).toBeUndefined();
-    expect(r0).toMatchObject({ drv: 'raw', file: f, image: { filename: f, format: 'raw', 'dirty-flag': false } });
-    expect(f0).toMatchObject({ drv: 'file', file: f, image: { filename: f, format: 'file', 'virtual-size': 1 << 20 } });
+    expect(r0).toMatchObject({
+      drv: 'raw',
+      file: f,
+      image: { filename: f, format: 'raw', 'dirty-flag': false },
+    });
+    expect(f0).toMatchObject({
+      drv: 'file',
+      file: f,
+      image: { filename: f, format: 'file', 'virtual-size': 1 << 20 },
+    });
     expect(typeof f0.image['actual-size']).toBe('number');
     expect(await qmp.execute('query-named-block-nodes', { flat: true })).toEqual(nodes);
 
-    expect(await fails('blockdev-del', { 'node-name': 'f0' })).toEqual({ class: 'GenericError', desc: 'Block device f0 is in use' });
+    expect(await fails('blockdev-del', { 'node-name': 'f0' })).toEqual({
+      class: 'GenericError',
+      desc: 'Block device f0 is in use',
+    });
     expect(await fails('blockdev-del', { 'node-name': 'nope' })).toEqual({
       class: 'GenericError',
       desc: "Failed to find node with node-name='nope'",
@@ -92,12 +103,18 @@ describe('blockdev-add / blockdev-del / query-named-block-nodes', () => {
       [{ driver: 'nope', 'node-name': 'n1' }, "Parameter 'driver' does not accept value 'nope'"],
       [{ 'node-name': 'n1' }, "Parameter 'driver' is missing"],
       [{ driver: 'raw', 'node-name': 'r1' }, "Parameter 'file' is missing"],
-      [{ driver: 'raw', 'node-name': 'r1', file: { driver: 'file' } }, "Parameter 'file.filename' is missing"],
+      [
+        { driver: 'raw', 'node-name': 'r1', file: { driver: 'file' } },
+        "Parameter 'file.filename' is missing",
+      ],
       [
         { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: 5 } },
         "Invalid parameter type for 'file.filename', expected: string",
       ],
-      [{ driver: 'raw', 'node-name': 'r1', file: 5 }, "Invalid parameter type for 'file', expected: BlockdevRef"],
+      [
+        { driver: 'raw', 'node-name': 'r1', file: 5 },
+        "Invalid parameter type for 'file', expected: BlockdevRef",
+      ],
       [
         { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: '/nonexist' } },
         "Could not open '/nonexist': No such file or directory",
@@ -105,19 +122,37 @@ describe('blockdev-add / blockdev-del / query-named-block-nodes', () => {
       [{ driver: 'null-co', 'node-name': 'n0' }, "Duplicate nodes with node-name='n0'"],
       [{ driver: 'null-co' }, "'node-name' must be specified for the root node"],
       [{ driver: 'null-co', 'node-name': '1bad' }, "Invalid node-name: '1bad'"],
-      [{ driver: 'null-co', 'node-name': 'n2', 'read-only': 'yes' }, "Invalid parameter type for 'read-only', expected: boolean"],
-      [{ driver: 'null-co', 'node-name': 'n2', 'detect-zeroes': 'maybe' }, "Parameter 'detect-zeroes' does not accept value 'maybe'"],
-      [{ driver: 'null-co', 'node-name': 'n2', cache: { direct: 1 } }, "Invalid parameter type for 'cache.direct', expected: boolean"],
-      [{ driver: 'null-co', 'node-name': 'n2', size: 'big' }, "Invalid parameter type for 'size', expected: integer"],
+      [
+        { driver: 'null-co', 'node-name': 'n2', 'read-only': 'yes' },
+        "Invalid parameter type for 'read-only', expected: boolean",
+      ],
+      [
+        { driver: 'null-co', 'node-name': 'n2', 'detect-zeroes': 'maybe' },
+        "Parameter 'detect-zeroes' does not accept value 'maybe'",
+      ],
+      [
+        { driver: 'null-co', 'node-name': 'n2', cache: { direct: 1 } },
+        "Invalid parameter type for 'cache.direct', expected: boolean",
+      ],
+      [
+        { driver: 'null-co', 'node-name': 'n2', size: 'big' },
+        "Invalid parameter type for 'size', expected: integer",
+      ],
       [
         { driver: 'file', 'node-name': 'n2', filename: '/tmp/x', aio: 'bogus' },
         "Parameter 'aio' does not accept value 'bogus'",
       ],
     ];
     for (const [args, desc] of cases) {
-      expect(await fails('blockdev-add', args), JSON.stringify(args)).toEqual({ class: 'GenericError', desc });
+      expect(await fails('blockdev-add', args), JSON.stringify(args)).toEqual({
+        class: 'GenericError',
+        desc,
+      });
     }
-    expect(await fails('blockdev-del', {})).toEqual({ class: 'GenericError', desc: "Parameter 'node-name' is missing" });
+    expect(await fails('blockdev-del', {})).toEqual({
+      class: 'GenericError',
+      desc: "Parameter 'node-name' is missing",
+    });
     expect(graph.allNodes().map((n) => n.nodeName)).toEqual(['n0']);
   });
 });
@@ -136,7 +171,11 @@ describe('query-block', () => {
         locked: false,
         removable: false,
         type: 'unknown',
-        inserted: expect.objectContaining({ 'node-name': 'n0', drv: 'null-co', image: expect.objectContaining({ 'virtual-size': 4096 }) }),
+        inserted: expect.objectContaining({
+          'node-name': 'n0',
+          drv: 'null-co',
+          image: expect.objectContaining({ 'virtual-size': 4096 }),
+        }),
       },
     ]);
     expect((await fails('blockdev-del', { 'node-name': 'n0' })).desc).toBe('Node n0 is in use');
@@ -148,10 +187,16 @@ describe('query-block', () => {
 describe('blockdev-reopen', () => {
   it('switches read-only, implicit children follow, and refuses other changes', async () => {
     const f = image();
-    await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'r0', file: { driver: 'file', filename: f } });
+    await qmp.execute('blockdev-add', {
+      driver: 'raw',
+      'node-name': 'r0',
+      file: { driver: 'file', filename: f },
+    });
     const fileNode = graph.getNode('r0')!.file!.node;
     await qmp.execute('blockdev-reopen', {
-      options: [{ driver: 'raw', 'node-name': 'r0', 'read-only': true, file: { driver: 'file', filename: f } }],
+      options: [
+        { driver: 'raw', 'node-name': 'r0', 'read-only': true, file: { driver: 'file', filename: f } },
+      ],
     });
     expect(graph.getNode('r0')!.readOnly).toBe(true);
     expect(fileNode.readOnly).toBe(true);
@@ -171,21 +216,31 @@ describe('blockdev-reopen', () => {
     expect(await err([{ driver: 'null-co', 'node-name': 'nq', 'read-only': true }])).toMatchObject({
       desc: "Failed to find node with node-name='nq'",
     });
-    expect(await err([{ driver: 'null-co', 'read-only': true }])).toMatchObject({ desc: 'node-name not specified' });
+    expect(await err([{ driver: 'null-co', 'read-only': true }])).toMatchObject({
+      desc: 'node-name not specified',
+    });
     expect(await err([{ driver: 'null-co', 'node-name': 'n0', size: 5 }])).toMatchObject({
       desc: "Cannot change the option 'size'",
     });
-    expect(await err([{ driver: 'raw', 'node-name': 'n0' }])).toMatchObject({ desc: "Parameter 'options[0].file' is missing" });
+    expect(await err([{ driver: 'raw', 'node-name': 'n0' }])).toMatchObject({
+      desc: "Parameter 'options[0].file' is missing",
+    });
     expect(await err({})).toMatchObject({ desc: "Invalid parameter type for 'options', expected: array" });
     expect(graph.getNode('n0')!.readOnly).toBe(false);
   });
 
   it('replaces a child given by another node name, closing an implicit one left unused', async () => {
     await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': 'n1', size: 8192 });
-    await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'null-co', size: 4096 } });
+    await qmp.execute('blockdev-add', {
+      driver: 'raw',
+      'node-name': 'r1',
+      file: { driver: 'null-co', size: 4096 },
+    });
     const implicit = graph.getNode('r1')!.file!.node;
     const err = (o: unknown) => fails('blockdev-reopen', { options: [o] as any }).then((x) => x.desc);
-    expect(await err({ driver: 'raw', 'node-name': 'r1', file: 'nonode' })).toBe("Cannot find device='' nor node-name='nonode'");
+    expect(await err({ driver: 'raw', 'node-name': 'r1', file: 'nonode' })).toBe(
+      "Cannot find device='' nor node-name='nonode'",
+    );
     expect(await err({ driver: 'raw', 'node-name': 'r1', file: 'r1' })).toBe(
       "Making 'r1' a file child of 'r1' would create a cycle",
     );
@@ -203,7 +258,8 @@ describe('dirty bitmaps', () => {
   it('add, merge, clear, remove, with QEMU errors and info', async () => {
     await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: 1048576 });
     const e = (cmd: string, args: Record<string, unknown>) => fails(cmd, args).then((x) => x.desc);
-    const add = (args: Record<string, unknown>) => e('block-dirty-bitmap-add', { node: 'n0', name: 'b0', ...args });
+    const add = (args: Record<string, unknown>) =>
+      e('block-dirty-bitmap-add', { node: 'n0', name: 'b0', ...args });
     expect(await add({ granularity: -1 })).toBe("Parameter 'granularity' expects uint32_t");
     expect(await add({ granularity: 1.5 })).toBe("Parameter 'granularity' expects uint64");
     expect(await add({ granularity: 'x' })).toBe("Parameter 'granularity' expects uint64");
@@ -211,22 +267,32 @@ describe('dirty bitmaps', () => {
     expect(await add({ granularity: 1000 })).toBe('Granularity must be power of 2 and at least 512');
     expect(await add({ node: 'nx' })).toBe("Cannot find device='nx' nor node-name='nx'");
     expect(await add({ name: '' })).toBe('Bitmap name cannot be empty');
-    expect(await add({ name: 'b1', persistent: true })).toBe("Can't store persistent bitmaps to n0: Operation not supported");
+    expect(await add({ name: 'b1', persistent: true })).toBe(
+      "Can't store persistent bitmaps to n0: Operation not supported",
+    );
     await qmp.execute('block-dirty-bitmap-add', { node: 'n0', name: 'b0' });
     expect(await add({})).toBe('Bitmap already exists: b0');
     await qmp.execute('block-dirty-bitmap-add', { node: 'n0', name: 'b1', disabled: true });
     graph.getNode('n0')!.dirtyBitmaps[1]!.set(0, 65536);
-    expect(await e('block-dirty-bitmap-remove', { node: 'n0', name: 'bx' })).toBe("Dirty bitmap 'bx' not found");
+    expect(await e('block-dirty-bitmap-remove', { node: 'n0', name: 'bx' })).toBe(
+      "Dirty bitmap 'bx' not found",
+    );
     expect(await e('block-dirty-bitmap-remove', { node: 'nx', name: 'bx' })).toBe("Node 'nx' not found");
-    expect(await e('block-dirty-bitmap-clear', { node: 'n0', name: 'bx' })).toBe("Dirty bitmap 'bx' not found");
+    expect(await e('block-dirty-bitmap-clear', { node: 'n0', name: 'bx' })).toBe(
+      "Dirty bitmap 'bx' not found",
+    );
     const merge = (target: string, bitmaps: unknown[]) => ({ node: 'n0', target, bitmaps });
     expect(await e('block-dirty-bitmap-merge', merge('b0', ['bz']))).toBe("Dirty bitmap 'bz' not found");
     expect(await e('block-dirty-bitmap-merge', merge('bq', ['b1']))).toBe("Dirty bitmap 'bq' not found");
-    expect(await e('block-dirty-bitmap-merge', merge('b0', [{ node: 'nz', name: 'b1' }]))).toBe("Node 'nz' not found");
+    expect(await e('block-dirty-bitmap-merge', merge('b0', [{ node: 'nz', name: 'b1' }]))).toBe(
+      "Node 'nz' not found",
+    );
     expect(await e('block-dirty-bitmap-merge', merge('b0', [5]))).toBe(
       "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
     );
-    expect(await e('block-dirty-bitmap-merge', merge('b0', [{ node: 'n0' }]))).toBe("Parameter 'bitmaps[0].name' is missing");
+    expect(await e('block-dirty-bitmap-merge', merge('b0', [{ node: 'n0' }]))).toBe(
+      "Parameter 'bitmaps[0].name' is missing",
+    );
     await qmp.execute('block-dirty-bitmap-merge', merge('b0', ['b1', { node: 'n0', name: 'b1' }]));
     let [info] = await qmp.execute('query-named-block-nodes');
     expect(info['dirty-bitmaps']).toEqual([
@@ -248,7 +314,11 @@ describe('dirty bitmaps', () => {
 
 describe('x-debug-query-block-graph', () => {
   it('lists nodes and edges with permissions', async () => {
-    await qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'r0', file: { driver: 'null-co', 'node-name': 'n0' } });
+    await qmp.execute('blockdev-add', {
+      driver: 'raw',
+      'node-name': 'r0',
+      file: { driver: 'null-co', 'node-name': 'n0' },
+    });
     const g = await qmp.execute('x-debug-query-block-graph');
     const byName = new Map(g.nodes.map((n: any) => [n.name, n]));
     expect(byName.get('r0')).toMatchObject({ type: 'block-driver' });
@@ -268,7 +338,10 @@ describe('x-debug-query-block-graph', () => {
 describe('jobs over QMP', () => {
   it('blockdev-create file: events, query-jobs, dismiss', async () => {
     const target = dir.file('created.raw');
-    await qmp.execute('blockdev-create', { 'job-id': 'c0', options: { driver: 'file', filename: target, size: 1048576 } });
+    await qmp.execute('blockdev-create', {
+      'job-id': 'c0',
+      options: { driver: 'file', filename: target, size: 1048576 },
+    });
     await qmp.waitEvent('JOB_STATUS_CHANGE', (ev) => ev.data.status === 'concluded');
     const statuses = qmp
       .takeEvents()
@@ -304,15 +377,19 @@ describe('jobs over QMP', () => {
         error: "Could not create '/nonexist/x': No such file or directory",
       },
     ]);
-    expect(await fails('blockdev-create', { 'job-id': 'c1', options: { driver: 'file', filename: '/tmp/y', size: 1 } })).toEqual(
-      { class: 'GenericError', desc: "Job ID 'c1' already in use" },
-    );
-    expect((await fails('blockdev-create', { 'job-id': 'c2', options: { driver: 'null-co', size: 1 } })).desc).toBe(
-      "Parameter 'options.size' is unexpected",
-    );
-    expect((await fails('blockdev-create', { 'job-id': 'c2', options: { driver: 'file', filename: '/tmp/y' } })).desc).toBe(
-      "Parameter 'options.size' is missing",
-    );
+    expect(
+      await fails('blockdev-create', {
+        'job-id': 'c1',
+        options: { driver: 'file', filename: '/tmp/y', size: 1 },
+      }),
+    ).toEqual({ class: 'GenericError', desc: "Job ID 'c1' already in use" });
+    expect(
+      (await fails('blockdev-create', { 'job-id': 'c2', options: { driver: 'null-co', size: 1 } })).desc,
+    ).toBe("Parameter 'options.size' is unexpected");
+    expect(
+      (await fails('blockdev-create', { 'job-id': 'c2', options: { driver: 'file', filename: '/tmp/y' } }))
+        .desc,
+    ).toBe("Parameter 'options.size' is missing");
     expect((await fails('blockdev-create', { 'job-id': 'c2', options: { driver: 'null-co' } })).desc).toBe(
       'Driver does not support blockdev-create',
     );
@@ -320,10 +397,19 @@ describe('jobs over QMP', () => {
   });
 
   it('job verbs: not found, wrong state, no force argument', async () => {
-    for (const v of ['job-pause', 'job-resume', 'job-cancel', 'job-complete', 'job-finalize', 'job-dismiss']) {
+    for (const v of [
+      'job-pause',
+      'job-resume',
+      'job-cancel',
+      'job-complete',
+      'job-finalize',
+      'job-dismiss',
+    ]) {
       expect(await fails(v, { id: 'x' })).toEqual({ class: 'GenericError', desc: 'Job not found' });
     }
-    expect((await fails('job-cancel', { id: 'x', force: true })).desc).toBe("Parameter 'force' is unexpected");
+    expect((await fails('job-cancel', { id: 'x', force: true })).desc).toBe(
+      "Parameter 'force' is unexpected",
+    );
     expect(await fails('block-job-set-speed', { device: 'x', speed: 1 })).toEqual({
       class: 'DeviceNotActive',
       desc: "Block job 'x' not found",
@@ -342,7 +428,11 @@ describe('query-qmp-schema', () => {
     expect(opts['meta-type']).toBe('object');
     expect(opts.tag).toBe('driver');
     expect(opts.members[0]).toEqual({ name: 'driver', type: expect.any(String) });
-    expect(opts.members.find((m: any) => m.name === 'node-name')).toEqual({ name: 'node-name', default: null, type: 'str' });
+    expect(opts.members.find((m: any) => m.name === 'node-name')).toEqual({
+      name: 'node-name',
+      default: null,
+      type: 'str',
+    });
     const cases = opts.variants.map((v: any) => v.case);
     expect(cases).toEqual(expect.arrayContaining(['file', 'null-co', 'raw']));
     const raw = byName.get(opts.variants.find((v: any) => v.case === 'raw').type);
@@ -357,7 +447,8 @@ describe('query-qmp-schema', () => {
     expect(byName.get('x-debug-query-block-graph').features).toEqual(['unstable']);
     // Every referenced type has an entry.
     for (const s of schema) {
-      for (const k of ['arg-type', 'ret-type', 'element-type']) if (s[k]) expect(byName.has(s[k]), `${s.name}.${k}`).toBe(true);
+      for (const k of ['arg-type', 'ret-type', 'element-type'])
+        if (s[k]) expect(byName.has(s[k]), `${s.name}.${k}`).toBe(true);
     }
   });
 });

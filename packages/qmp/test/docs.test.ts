@@ -7,7 +7,7 @@ describe('docs/qmp-commands.md', () => {
     const committed = readFileSync(new URL('../../../docs/qmp-commands.md', import.meta.url), 'utf8');
     const text = renderCommandReference(referenceRegistry());
     expect(text).toContain('### blockdev-add');
-    expect(text).toContain("When `driver` is `null-co`:");
+    expect(text).toContain('When `driver` is `null-co`:');
     expect(committed).toBe(text);
   });
 });

@@ -66,7 +66,11 @@ describe('job commands on a block job', () => {
     job.start();
     await qmp.execute('job-pause', { id: 'm0' });
     await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.status === 'paused');
-    expect((await qmp.execute('query-block-jobs'))[0]).toMatchObject({ device: 'm0', type: 'mirror', paused: true });
+    expect((await qmp.execute('query-block-jobs'))[0]).toMatchObject({
+      device: 'm0',
+      type: 'mirror',
+      paused: true,
+    });
     expect(await qmp.execute('block-job-cancel', { device: 'm0' }).catch((e) => e.desc)).toBe(
       "The block job for device 'm0' is currently paused",
     );
@@ -82,7 +86,9 @@ describe('job commands on a block job', () => {
     const ready = await qmp.waitEvent('BLOCK_JOB_READY');
     expect(ready.data).toEqual({ type: 'mirror', device: 'm0', len: 2, offset: 2, speed: 1 << 20 });
     const graphDump = await qmp.execute('x-debug-query-block-graph');
-    expect(graphDump.nodes).toEqual(expect.arrayContaining([expect.objectContaining({ type: 'block-job', name: 'm0' })]));
+    expect(graphDump.nodes).toEqual(
+      expect.arrayContaining([expect.objectContaining({ type: 'block-job', name: 'm0' })]),
+    );
     await qmp.execute('job-complete', { id: 'm0' });
     const done = await qmp.waitEvent('BLOCK_JOB_COMPLETED');
     expect(done.data).toEqual({ type: 'mirror', device: 'm0', len: 2, offset: 2, speed: 1 << 20 });
@@ -115,8 +121,35 @@ describe('job commands on a block job', () => {
     c.start();
     await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data.device === 'c');
     await qmp.execute('block-job-cancel', { device: 'c' });
-    expect((await qmp.waitEvent('BLOCK_JOB_COMPLETED', (e) => e.data.device === 'c')).data).toMatchObject({ len: 1 });
+    expect((await qmp.waitEvent('BLOCK_JOB_COMPLETED', (e) => e.data.device === 'c')).data).toMatchObject({
+      len: 1,
+    });
     await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.id === 'c' && e.data.status === 'null');
     expect(await qmp.execute('query-jobs')).toEqual([]);
+  });
+
+  it('the block-job-* forms: pause, resume, complete, finalize, dismiss', async () => {
+    const { jobs, qmp } = await setup();
+    const j = new SleepyJob(jobs, { id: 'bj', autoFinalize: false, autoDismiss: false }, 2, true);
+    j.start();
+    await qmp.execute('block-job-pause', { device: 'bj' });
+    await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.status === 'paused');
+    expect((await qmp.execute('query-block-jobs'))[0]).toMatchObject({ device: 'bj', paused: true });
+    expect(await qmp.execute('block-job-pause', { device: 'bj' }).catch((e) => e.desc)).toBe(
+      'Job is already paused',
+    );
+    await qmp.execute('block-job-resume', { device: 'bj' });
+    await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data.device === 'bj');
+    await qmp.execute('block-job-complete', { device: 'bj' });
+    await qmp.waitEvent('BLOCK_JOB_PENDING', (e) => e.data.id === 'bj');
+    expect(await qmp.execute('block-job-dismiss', { id: 'bj' }).catch((e) => e.desc)).toBe(
+      "Job 'bj' in state 'pending' cannot accept command verb 'dismiss'",
+    );
+    await qmp.execute('block-job-finalize', { id: 'bj' });
+    expect((await qmp.execute('query-jobs'))[0]).toMatchObject({ id: 'bj', status: 'concluded' });
+    await qmp.execute('block-job-dismiss', { id: 'bj' });
+    expect(await qmp.execute('query-jobs')).toEqual([]);
+    const missing = await qmp.execute('block-job-resume', { device: 'bj' }).catch((e) => e);
+    expect([missing.class, missing.desc]).toEqual(['DeviceNotActive', "Block job 'bj' not found"]);
   });
 });

@@ -28,7 +28,11 @@ describe('JsonStreamer', () => {
 
   it('refuses a value over the size limit without keeping it, then goes on', () => {
     const out = feed([`{"id":"${'x'.repeat(5000)}"}`, '{"ok":1}'], 1000);
-    expect(out).toEqual([{ error: 'JSON token size limit exceeded' }, { error: 'JSON parse error, expecting value' }, { value: { ok: 1 } }]);
+    expect(out).toEqual([
+      { error: 'JSON token size limit exceeded' },
+      { error: 'JSON parse error, expecting value' },
+      { value: { ok: 1 } },
+    ]);
     const many = feed([`[${'1,'.repeat(600)}1]`, '[2]'], 1000);
     expect(many[0]).toEqual({ error: 'JSON token size limit exceeded' });
     expect(many.at(-1)).toEqual({ value: [2] });
@@ -47,10 +51,14 @@ describe('toQmpJson', () => {
     expect(qdictOrder(['major', 'minor', 'micro'])).toEqual(['micro', 'minor', 'major']);
     expect(qdictOrder(['return', 'id'])).toEqual(['return', 'id']);
     expect(qdictOrder(['event', 'data', 'timestamp'])).toEqual(['timestamp', 'event', 'data']);
-    expect(toQmpJson({ id: 1, error: { desc: 'd', class: 'c' } })).toBe('{"id": 1, "error": {"class": "c", "desc": "d"}}');
+    expect(toQmpJson({ id: 1, error: { desc: 'd', class: 'c' } })).toBe(
+      '{"id": 1, "error": {"class": "c", "desc": "d"}}',
+    );
   });
 
   it('writes numbers and strings as QEMU does', () => {
-    expect(toQmpJson([1.5e3, -0, Number.POSITIVE_INFINITY, 'a"\\\u0001é'])).toBe('[1500, -0, inf, "a\\"\\\\\\u0001\\u00E9"]');
+    expect(toQmpJson([1.5e3, -0, Number.POSITIVE_INFINITY, 'a"\\\u0001é'])).toBe(
+      '[1500, -0, inf, "a\\"\\\\\\u0001\\u00E9"]',
+    );
   });
 });

@@ -36,95 +36,115 @@ function common(a: unknown, b: unknown): [unknown, unknown] {
 }
 
 async function startQsd(sock: string): Promise<ChildProcess> {
-  const p = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=c`, '--monitor', 'chardev=c'], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const p = spawn(
+    'qemu-storage-daemon',
+    ['--chardev', `socket,path=${sock},server=on,wait=off,id=c`, '--monitor', 'chardev=c'],
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
   for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
   return p;
 }
 
-describe.skipIf(!hasPeer('qemu-storage-daemon'))('same QMP session against qemu-storage-daemon 7.2 and blockrep', () => {
-  it('returns and errors agree field by field', async () => {
-    const dir = makeTempDir('blockrep-qmp-compat-');
-    const img = dir.file('a.img');
-    writeFileSync(img, Buffer.alloc(1 << 20));
+describe.skipIf(!hasPeer('qemu-storage-daemon'))(
+  'same QMP session against qemu-storage-daemon 7.2 and blockrep',
+  () => {
+    it('returns and errors agree field by field', async () => {
+      const dir = makeTempDir('blockrep-qmp-compat-');
+      const img = dir.file('a.img');
+      writeFileSync(img, Buffer.alloc(1 << 20));
 
-    const qsd = await startQsd(dir.file('qsd.sock'));
-    const graph = createGraph();
-    const jobs = new JobManager();
-    const { server } = createBlockQmpServer({ graph, jobs });
-    await server.listenUnix(dir.file('ours.sock'));
-    const theirs = await QmpClient.connect({ path: dir.file('qsd.sock') });
-    const ours = await QmpClient.connect({ path: dir.file('ours.sock') });
+      const qsd = await startQsd(dir.file('qsd.sock'));
+      const graph = createGraph();
+      const jobs = new JobManager();
+      const { server } = createBlockQmpServer({ graph, jobs });
+      await server.listenUnix(dir.file('ours.sock'));
+      const theirs = await QmpClient.connect({ path: dir.file('qsd.sock') });
+      const ours = await QmpClient.connect({ path: dir.file('ours.sock') });
 
-    const session: [string, Record<string, unknown>?][] = [
-      ['blockdev-add', { driver: 'file', 'node-name': 'f0', filename: img }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r0', file: 'f0' }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: 1048576 }],
-      ['query-named-block-nodes'],
-      ['query-named-block-nodes', { flat: true }],
-      ['blockdev-del', { 'node-name': 'f0' }],
-      ['blockdev-del', { 'node-name': 'nope' }],
-      ['blockdev-del', {}],
-      ['blockdev-del', { 'node-name': 5 }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n1', foo: 1 }],
-      ['blockdev-add', { driver: 'nope', 'node-name': 'n1' }],
-      ['blockdev-add', { 'node-name': 'n1' }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r1' }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file' } }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: 5 } }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: 5 }],
-      ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: '/nonexist' } }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n0' }],
-      ['blockdev-add', { driver: 'null-co' }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': '1bad' }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'read-only': 'yes' }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'detect-zeroes': 'maybe' }],
-      ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', cache: { direct: 1 } }],
-      ['blockdev-add', { driver: 'file', 'node-name': 'n2', filename: img, aio: 'bogus' }],
-      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: -1 }],
-      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: 1000 }],
-      ['block-dirty-bitmap-add', { node: 'nx', name: 'b0' }],
-      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
-      ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
-      ['block-dirty-bitmap-merge', { node: 'n0', target: 'b0', bitmaps: [5] }],
-      ['query-named-block-nodes'],
-      ['block-dirty-bitmap-remove', { node: 'n0', name: 'b0' }],
-      ['query-jobs'],
-      ['job-pause', { id: 'x' }],
-      ['job-cancel', { id: 'x', force: true }],
-      ['no-such-command'],
-      ['query-version', { x: 1 }],
-      ['blockdev-del', { 'node-name': 'r0' }],
-      ['blockdev-del', { 'node-name': 'f0' }],
-      ['blockdev-del', { 'node-name': 'n0' }],
-      ['query-named-block-nodes'],
-      ['query-block'],
-    ];
+      const session: [string, Record<string, unknown>?][] = [
+        ['blockdev-add', { driver: 'file', 'node-name': 'f0', filename: img }],
+        ['blockdev-add', { driver: 'raw', 'node-name': 'r0', file: 'f0' }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: 1048576 }],
+        ['query-named-block-nodes'],
+        ['query-named-block-nodes', { flat: true }],
+        ['blockdev-del', { 'node-name': 'f0' }],
+        ['blockdev-del', { 'node-name': 'nope' }],
+        ['blockdev-del', {}],
+        ['blockdev-del', { 'node-name': 5 }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n1', foo: 1 }],
+        ['blockdev-add', { driver: 'nope', 'node-name': 'n1' }],
+        ['blockdev-add', { 'node-name': 'n1' }],
+        ['blockdev-add', { driver: 'raw', 'node-name': 'r1' }],
+        ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file' } }],
+        ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: 5 } }],
+        ['blockdev-add', { driver: 'raw', 'node-name': 'r1', file: 5 }],
+        [
+          'blockdev-add',
+          { driver: 'raw', 'node-name': 'r1', file: { driver: 'file', filename: '/nonexist' } },
+        ],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n0' }],
+        ['blockdev-add', { driver: 'null-co' }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': '1bad' }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'read-only': 'yes' }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', 'detect-zeroes': 'maybe' }],
+        ['blockdev-add', { driver: 'null-co', 'node-name': 'n2', cache: { direct: 1 } }],
+        ['blockdev-add', { driver: 'file', 'node-name': 'n2', filename: img, aio: 'bogus' }],
+        ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: -1 }],
+        ['block-dirty-bitmap-add', { node: 'n0', name: 'b0', granularity: 1000 }],
+        ['block-dirty-bitmap-add', { node: 'nx', name: 'b0' }],
+        ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
+        ['block-dirty-bitmap-add', { node: 'n0', name: 'b0' }],
+        ['block-dirty-bitmap-merge', { node: 'n0', target: 'b0', bitmaps: [5] }],
+        ['query-named-block-nodes'],
+        ['block-dirty-bitmap-remove', { node: 'n0', name: 'b0' }],
+        ['query-jobs'],
+        ['job-pause', { id: 'x' }],
+        ['job-cancel', { id: 'x', force: true }],
+        ['block-job-pause', { device: 'x' }],
+        ['block-job-resume', { device: 'x' }],
+        ['block-job-complete', { device: 'x' }],
+        ['block-job-finalize', { id: 'x' }],
+        ['block-job-dismiss', { id: 'x' }],
+        ['block-job-pause', {}],
+        ['block-job-finalize', { device: 'x' }],
+        ['no-such-command'],
+        ['query-version', { x: 1 }],
+        ['blockdev-del', { 'node-name': 'r0' }],
+        ['blockdev-del', { 'node-name': 'f0' }],
+        ['blockdev-del', { 'node-name': 'n0' }],
+        ['query-named-block-nodes'],
+        ['query-block'],
+      ];
 
-    try {
-      for (const [cmd, args] of session) {
-        const a = await run(ours, cmd, args);
-        const b = await run(theirs, cmd, args);
-        const what = `${cmd} ${JSON.stringify(args ?? {})}`;
-        expect('error' in a, `${what}: ours ${JSON.stringify(a)} vs QEMU ${JSON.stringify(b)}`).toBe('error' in b);
-        if ('error' in a && 'error' in b) {
-          expect(a.error, what).toEqual(b.error);
-        } else {
-          const [x, y] = common((a as any).return, (b as any).return);
-          expect(x, what).toEqual(y);
-          if (Array.isArray((b as any).return)) expect((a as any).return.length, what).toBe((b as any).return.length);
+      try {
+        for (const [cmd, args] of session) {
+          const a = await run(ours, cmd, args);
+          const b = await run(theirs, cmd, args);
+          const what = `${cmd} ${JSON.stringify(args ?? {})}`;
+          expect('error' in a, `${what}: ours ${JSON.stringify(a)} vs QEMU ${JSON.stringify(b)}`).toBe(
+            'error' in b,
+          );
+          if ('error' in a && 'error' in b) {
+            expect(a.error, what).toEqual(b.error);
+          } else {
+            const [x, y] = common((a as any).return, (b as any).return);
+            expect(x, what).toEqual(y);
+            if (Array.isArray((b as any).return))
+              expect((a as any).return.length, what).toBe((b as any).return.length);
+          }
         }
+      } finally {
+        await ours.close();
+        await theirs.close();
+        qsd.kill();
+        await server.close();
+        await graph.closeAll();
       }
-    } finally {
-      await ours.close();
-      await theirs.close();
-      qsd.kill();
-      await server.close();
-      await graph.closeAll();
-    }
-  });
-});
+    });
+  },
+);
 
 /** Reads CRLF-terminated lines from a raw connection. */
 function lineReader(sock: Socket) {
@@ -350,7 +370,8 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('query-qmp-schema against qemu-
       for (const [name, e] of o) {
         if (e['meta-type'] !== 'command' && e['meta-type'] !== 'event') continue;
         const qe = q.get(name);
-        if (!qe || name === 'blockdev-add' || name === 'blockdev-reopen' || name === 'blockdev-create') continue;
+        if (!qe || name === 'blockdev-add' || name === 'blockdev-reopen' || name === 'blockdev-create')
+          continue;
         expect(shape(o, e['arg-type']), name).toBe(shape(q, qe['arg-type']));
         compared++;
       }
@@ -393,7 +414,10 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('blockdev-create against qemu-s
           ['ok', dir.file(`${side}.img`)],
           ['bad', '/nonexistent/dir/x.img'],
         ]) {
-          await c.execute('blockdev-create', { 'job-id': id, options: { driver: 'file', filename, size: 65536 } });
+          await c.execute('blockdev-create', {
+            'job-id': id,
+            options: { driver: 'file', filename, size: 65536 },
+          });
           await c.waitEvent('JOB_STATUS_CHANGE', (e) => e.data.id === id && e.data.status === 'concluded');
           seen.push(await c.execute('query-jobs'));
           await c.execute('job-dismiss', { id });

@@ -104,6 +104,30 @@ export function registerJobCommands(r: CommandRegistry, jobs: JobManager): void 
     },
   });
 
+  // The block-job-* forms of the job verbs: the job found by its id as a block job.
+  const blockVerb = (name: string, key: 'device' | 'id', doc: string, fn: (j: BlockJob) => unknown) =>
+    r.registerCommand({
+      name,
+      args: t.object(`q_obj_${name}-arg`, { [key]: req(t.str, 'The job id') }),
+      doc,
+      async handler(a: Record<string, string>) {
+        await fn(findBlockJob(a[key]!));
+      },
+    });
+  blockVerb('block-job-pause', 'device', 'Pauses a block job (job-pause).', (j) => j.userPause());
+  blockVerb('block-job-resume', 'device', 'Resumes a block job paused by the user (job-resume).', (j) =>
+    j.userResume(),
+  );
+  blockVerb('block-job-complete', 'device', 'Asks a READY block job to finish (job-complete).', (j) =>
+    j.userComplete(),
+  );
+  blockVerb('block-job-finalize', 'id', 'Finalizes a PENDING block job (job-finalize).', (j) =>
+    j.userFinalize(),
+  );
+  blockVerb('block-job-dismiss', 'id', 'Removes a CONCLUDED block job (job-dismiss).', (j) =>
+    j.userDismiss(),
+  );
+
   r.registerCommand({
     name: 'block-job-cancel',
     args: t.object('q_obj_block-job-cancel-arg', {
