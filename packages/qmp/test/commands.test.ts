@@ -1,5 +1,5 @@
 import { existsSync, statSync, writeFileSync } from 'node:fs';
-import { BlockBackend, type BlockGraph, createGraph, Perm } from '@blockrep/block';
+import { BlockBackend, type BlockGraph, createGraph, PERM_ALL, Perm } from '@blockrep/block';
 import { JobManager } from '@blockrep/jobs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -305,8 +305,27 @@ describe('dirty bitmaps', () => {
     expect(info['dirty-bitmaps']).toEqual([
       { name: 'b1', recording: false, persistent: false, busy: false, granularity: 65536, count: 0 },
     ]);
+    // enable/disable switch recording: a write marks only an enabled bitmap.
+    await qmp.execute('block-dirty-bitmap-enable', { node: 'n0', name: 'b1' });
+    [info] = await qmp.execute('query-named-block-nodes');
+    expect(info['dirty-bitmaps'][0]).toMatchObject({ name: 'b1', recording: true });
+    const n0 = graph.getNode('n0')!;
+    const blk = new BlockBackend(graph, { perm: Perm.WRITE, shared: PERM_ALL });
+    blk.attach(n0);
+    await blk.write(0, Buffer.alloc(512));
+    expect(n0.dirtyBitmaps[0]!.count()).toBe(65536);
+    await qmp.execute('block-dirty-bitmap-disable', { node: 'n0', name: 'b1' });
+    await blk.write(131072, Buffer.alloc(512));
+    expect(n0.dirtyBitmaps[0]!.count()).toBe(65536);
+    await blk.detach();
+    expect(await e('block-dirty-bitmap-enable', { node: 'n0', name: 'bx' })).toBe(
+      "Dirty bitmap 'bx' not found",
+    );
     graph.getNode('n0')!.dirtyBitmaps[0]!.busy = true;
     expect(await e('block-dirty-bitmap-clear', { node: 'n0', name: 'b1' })).toBe(
+      "Bitmap 'b1' is currently in use by another operation and cannot be used",
+    );
+    expect(await e('block-dirty-bitmap-disable', { node: 'n0', name: 'b1' })).toBe(
       "Bitmap 'b1' is currently in use by another operation and cannot be used",
     );
   });

@@ -106,6 +106,24 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     },
   });
 
+  for (const [name, enabled] of [
+    ['block-dirty-bitmap-enable', true],
+    ['block-dirty-bitmap-disable', false],
+  ] as const) {
+    r.registerCommand({
+      name,
+      args: BlockDirtyBitmap,
+      doc: enabled
+        ? 'Makes a dirty bitmap record writes again.'
+        : 'Stops a dirty bitmap recording writes (its bits stay as they are).',
+      handler(a: { node: string; name: string }) {
+        const { bitmap } = lookupBitmap(graph, a.node, a.name);
+        checkUsable(bitmap);
+        bitmap.enabled = enabled;
+      },
+    });
+  }
+
   r.registerCommand({
     name: 'block-dirty-bitmap-clear',
     args: BlockDirtyBitmap,
