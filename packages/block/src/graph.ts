@@ -492,9 +492,6 @@ export class BlockGraph {
         },
       );
     }
-    if (cumulative & Perm.RESIZE && !node.driver.truncate && !node.driver.isFilter) {
-      throw new BlockError("Cannot get 'resize' permission without 'resize' support", { errno: 'EPERM' });
-    }
     const ps = node.parents;
     for (const a of ps) {
       for (const b of ps) {

@@ -335,6 +335,26 @@ export async function flush(node: BlockNode): Promise<void> {
   }
 }
 
+/**
+ * Tells the parents of a resized node: backends through their `resized` hook, nodes whose
+ * length follows it (raw, filters) by taking their new length, and so on up the graph (QEMU
+ * reports a raw node's new size after its file was resized).
+ */
+async function parentsResized(node: BlockNode): Promise<void> {
+  for (const c of node.parents) {
+    const p = c.parent;
+    if (p.kind === 'backend') {
+      p.resized();
+      continue;
+    }
+    const length = await p.driver.getLength(p);
+    if (length === p.length) continue;
+    p.length = length;
+    for (const bm of p.dirtyBitmaps) bm.truncate(length);
+    await parentsResized(p);
+  }
+}
+
 export async function truncate(
   child: BlockChild,
   length: number,
@@ -367,7 +387,7 @@ export async function truncate(
     const backingEnd = drv.supportsBacking ? Math.min(node.length, node.backing?.node.length ?? 0) : 0;
     if (backingEnd > before) await zeroAligned(node, before, backingEnd - before, 0);
     for (const bm of node.dirtyBitmaps) bm.truncate(node.length);
-    for (const p of node.parents) if (p.parent.kind === 'backend') p.parent.resized();
+    await parentsResized(node);
   } catch (e) {
     throw toBlockError(e);
   } finally {

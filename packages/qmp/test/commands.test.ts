@@ -1,7 +1,8 @@
 import { existsSync, statSync, writeFileSync } from 'node:fs';
 import { BlockBackend, type BlockGraph, createGraph, PERM_ALL, Perm } from '@blockrep/block';
 import { JobManager } from '@blockrep/jobs';
-import { makeTempDir } from '@blockrep/test-kit';
+import { createQcow2Image, qcow2Driver } from '@blockrep/qcow2';
+import { makeTempDir, qemuImg } from '@blockrep/test-kit';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createBlockQmpServer, QmpClient, type QmpServer } from '../src/index';
 
@@ -251,6 +252,48 @@ describe('blockdev-reopen', () => {
     expect(implicit.closed).toBe(true);
     expect(graph.getNode(implicit.nodeName)).toBeUndefined();
     expect((await fails('blockdev-del', { 'node-name': 'n1' })).desc).toBe('Block device n1 is in use');
+  });
+});
+
+describe('block_resize', () => {
+  it('grows a qcow2 image and a raw node follows its file; bad sizes are refused', async () => {
+    // A graph with the qcow2 driver, served on its own socket.
+    await qmp.close();
+    await server.close();
+    graph = createGraph([qcow2Driver]);
+    server = createBlockQmpServer({ graph, jobs }).server;
+    await server.listenUnix(dir.file('qmp2.sock'));
+    qmp = await QmpClient.connect({ path: dir.file('qmp2.sock') });
+    const img = dir.file('r.qcow2');
+    await createQcow2Image(img, { size: 1 << 20 });
+    await qmp.execute('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'q0',
+      file: { driver: 'file', filename: img },
+    });
+    await qmp.execute('block_resize', { 'node-name': 'q0', size: 4 << 20 });
+    const raw = dir.file('r.raw');
+    writeFileSync(raw, Buffer.alloc(65536));
+    await qmp.execute('blockdev-add', {
+      driver: 'raw',
+      'node-name': 'r0',
+      file: { driver: 'file', 'node-name': 'f0', filename: raw },
+    });
+    await qmp.execute('block_resize', { 'node-name': 'f0', size: 131072 });
+    const sizes = Object.fromEntries(
+      (await qmp.execute('query-named-block-nodes')).map((n: any) => [
+        n['node-name'],
+        n.image['virtual-size'],
+      ]),
+    );
+    expect(sizes).toMatchObject({ q0: 4 << 20, r0: 131072, f0: 131072 });
+    expect(statSync(raw).size).toBe(131072);
+    expect((await fails('block_resize', { 'node-name': 'q0', size: -512 })).desc).toBe(
+      "Parameter 'size' expects a >0 size",
+    );
+    await graph.closeAll();
+    const info = JSON.parse((await qemuImg(['info', '--output=json', img])).stdout);
+    expect(info['virtual-size']).toBe(4 << 20);
   });
 });
 

@@ -1,11 +1,15 @@
 import { isDeepStrictEqual } from 'node:util';
 import {
-  type BlockBackend,
+  BlockBackend,
   type BlockChild,
   BlockError,
   type BlockGraph,
   type BlockNode,
+  BlockOp,
   type Options,
+  opBlocked,
+  PERM_ALL,
+  Perm,
   permQapiNames,
 } from '@blockrep/block';
 import { BlockJob, type JobManager } from '@blockrep/jobs';
@@ -63,6 +67,36 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     doc: 'Deletes a node added with blockdev-add, if nothing uses it any more.',
     async handler(args: { 'node-name': string }) {
       await graph.blockdevDel(args['node-name']);
+    },
+  });
+
+  r.registerCommand({
+    name: 'block_resize',
+    args: t.object('q_obj_block_resize-arg', {
+      device: opt(t.str, 'A named block backend whose node to resize'),
+      'node-name': opt(t.str, 'The node to resize'),
+      size: req(t.int, 'The new size in bytes'),
+    }),
+    doc: 'Grows or shrinks a node (a format driver resizes its image, the file protocol its file).',
+    async handler(a: { device?: string; 'node-name'?: string; size: number }) {
+      // QEMU's bdrv_lookup_bs: a backend by name, else a node by name.
+      const node =
+        (a.device !== undefined ? graph.backendByName(a.device)?.node : undefined) ??
+        (a['node-name'] !== undefined ? graph.getNode(a['node-name']) : undefined);
+      if (!node) {
+        throw new BlockError(
+          `Cannot find device='${a.device ?? ''}' nor node-name='${a['node-name'] ?? ''}'`,
+        );
+      }
+      if (a.size < 0) throw new BlockError("Parameter 'size' expects a >0 size");
+      if (opBlocked(node, BlockOp.RESIZE)) throw new BlockError(`Device '${a.device ?? '(null)'}' is in use`);
+      const blk = new BlockBackend(graph, { perm: Perm.RESIZE, shared: PERM_ALL });
+      blk.attach(node);
+      try {
+        await blk.truncate(a.size, { exact: false, prealloc: 'off' });
+      } finally {
+        await blk.detach();
+      }
     },
   });
 

@@ -38,7 +38,5 @@ export const nullDriver: BlockDriver = {
   async blockStatus(node, offset, bytes) {
     return { bytes, data: false, zero: true, allocated: true, offset, file: node };
   },
-  async truncate(node, length) {
-    (node.opaque as NullState).size = length;
-  },
+  // No truncate: QEMU's null-co answers resizes with "Image format driver does not support resize".
 };
