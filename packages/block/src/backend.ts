@@ -143,6 +143,7 @@ export class BlockBackend {
     if (--this.inFlight === 0) this.graph.notifyIdle();
   }
 
+  /** Checked after enter(): a request held by a drain sees the length as the drain left it. */
   private checkRange(offset: number, bytes: number): void {
     const len = this.requireNode().length;
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
@@ -164,9 +165,9 @@ export class BlockBackend {
 
   async readv(offset: number, iov: IoVec, flags = 0): Promise<void> {
     const bytes = iovLength(iov);
-    this.checkRange(offset, bytes);
     const root = await this.enter();
     try {
+      this.checkRange(offset, bytes);
       await io.readv(root, offset, bytes, iov, flags);
     } finally {
       this.leave();
@@ -176,9 +177,9 @@ export class BlockBackend {
   async write(offset: number, data: Buffer | IoVec, flags = 0): Promise<void> {
     const iov = Buffer.isBuffer(data) ? [data] : data;
     const bytes = iovLength(iov);
-    this.checkRange(offset, bytes);
     const root = await this.enter();
     try {
+      this.checkRange(offset, bytes);
       await io.writev(root, offset, bytes, iov, flags);
     } finally {
       this.leave();
@@ -186,9 +187,9 @@ export class BlockBackend {
   }
 
   async writeZeroes(offset: number, bytes: number, flags = 0): Promise<void> {
-    this.checkRange(offset, bytes);
     const root = await this.enter();
     try {
+      this.checkRange(offset, bytes);
       await io.writeZeroes(root, offset, bytes, flags);
     } finally {
       this.leave();
@@ -196,9 +197,9 @@ export class BlockBackend {
   }
 
   async discard(offset: number, bytes: number): Promise<void> {
-    this.checkRange(offset, bytes);
     const root = await this.enter();
     try {
+      this.checkRange(offset, bytes);
       await io.discard(root, offset, bytes);
     } finally {
       this.leave();

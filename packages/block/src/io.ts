@@ -380,7 +380,6 @@ export async function truncate(
     if (drv.truncate) await drv.truncate(node, length, full);
     else if (drv.isFilter && node.filtered) await truncate(node.filtered, length, full);
     else throw new BlockError('Image format driver does not support resize', { errno: 'ENOTSUP' });
-    node.writeGen++;
     node.length = await drv.getLength(node);
     // A backing file longer than the old length must not show through the grown area: it reads
     // as zeroes (QEMU truncates with BDRV_REQ_ZERO_WRITE then). Inside this request's range.
@@ -391,6 +390,8 @@ export async function truncate(
   } catch (e) {
     throw toBlockError(e);
   } finally {
+    // Counted when it ends, done or not (as a write is): a flush begun before then covers less.
+    node.writeGen++;
     endRequest(node, req);
   }
 }
@@ -407,11 +408,11 @@ export async function makeEmpty(child: BlockChild): Promise<void> {
   const req = beginRequest(node, 0, node.length, true);
   try {
     await waitSerialising(node, req);
-    node.writeGen++;
     await node.driver.makeEmpty(node);
   } catch (e) {
     throw toBlockError(e);
   } finally {
+    node.writeGen++;
     endRequest(node, req);
   }
 }

@@ -189,6 +189,36 @@ describe('with BLOCKREP_INLINE_WRITES=0', () => {
   });
 });
 
+describe('requests waiting for an earlier one keep their place', () => {
+  // A waits in the thread pool; B overlaps A and waits for it; C overlaps only B, and must not
+  // overtake it (C is issued last, so C's data must be what stays).
+  it.each(['write', 'discard'] as const)('a write after a waiting %s lands after it', async (op) => {
+    const f = makeTempDir().file(`chain-${op}.img`);
+    writeFileSync(f, Buffer.alloc(16 << 20));
+    const { g, blk } = await backend(f, undefined, { discard: 'unmap' });
+    const M = 8 << 20;
+    for (let round = 0; round < 4; round++) {
+      const a = blk.write(0, Buffer.alloc(M, 0x10 + round));
+      await new Promise((r) => setImmediate(r));
+      const b =
+        op === 'write' ? blk.write(M - 4096, Buffer.alloc(8192, 0xbb)) : blk.discard(M - (1 << 20), 2 << 20);
+      const c = blk.write(M, Buffer.alloc(4096, 0xcc));
+      await Promise.all([a, b, c]);
+      const back = await blk.read(M, 4096);
+      expect(
+        back.every((x) => x === 0xcc),
+        `round ${round}`,
+      ).toBe(true);
+    }
+    await g.closeAll();
+    expect(
+      readFileSync(f)
+        .subarray(M, M + 4096)
+        .every((x) => x === 0xcc),
+    ).toBe(true);
+  });
+});
+
 describe('zero writes and discards after a write still in the thread pool', () => {
   it.each(['writeZeroes', 'discard'] as const)('%s lands last, as issued', async (op) => {
     const f = makeTempDir().file(`${op}.img`);

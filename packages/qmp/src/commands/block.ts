@@ -90,10 +90,11 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
       }
       if (a.size < 0) throw new BlockError("Parameter 'size' expects a >0 size");
       if (opBlocked(node, BlockOp.RESIZE)) throw new BlockError(`Device '${a.device ?? '(null)'}' is in use`);
-      const blk = new BlockBackend(graph, { perm: Perm.RESIZE, shared: PERM_ALL });
+      // Drained, as QEMU does: no request of another user is between its checks and the node.
+      const blk = new BlockBackend(graph, { perm: Perm.RESIZE, shared: PERM_ALL, allowDrainedIo: true });
       blk.attach(node);
       try {
-        await blk.truncate(a.size, { exact: false, prealloc: 'off' });
+        await graph.drained(node, () => blk.truncate(a.size, { exact: false, prealloc: 'off' }));
       } finally {
         await blk.detach();
       }

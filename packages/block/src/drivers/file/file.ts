@@ -22,8 +22,8 @@ interface FileState {
    */
   bigPoolWrites: number;
   /**
-   * The writes in the thread pool now, and the zero writes and discards running (a later
-   * overlapping write, zero write or discard waits for them).
+   * The writes, zero writes and discards issued and not landed yet, waiting or running (all but
+   * inline writes, which land at once): a later overlapping request waits for them.
    */
   pending: PendingWrite[];
   /** Writes done inline and through the thread pool (for tests and diagnostics). */
@@ -73,14 +73,17 @@ interface PendingWrite {
   done: Promise<void>;
 }
 
-/** A pending write overlapping [start, end), if any. */
-function pendingOver(s: FileState, start: number, end: number): PendingWrite | undefined {
-  return s.pending.find((p) => p.start < end && start < p.end);
+/** The pending writes overlapping [start, end). */
+function pendingOver(s: FileState, start: number, end: number): PendingWrite[] {
+  const out: PendingWrite[] = [];
+  for (const p of s.pending) if (p.start < end && start < p.end) out.push(p);
+  return out;
 }
 
 /**
- * Registers a write to [start, end) that will not complete at once; call the returned function
- * when it has. The caller has just checked (with no await since) that nothing pending overlaps.
+ * Registers a write to [start, end) from the moment it is issued (while it waits for those before
+ * it, too: a later overlapping request must wait for it even then); call the returned function
+ * when it has landed.
  */
 function registerPending(s: FileState, start: number, end: number): () => void {
   let finished!: () => void;
@@ -99,9 +102,10 @@ async function inIssueOrder(
   end: number,
   fn: () => Promise<void>,
 ): Promise<void> {
-  for (let w = pendingOver(s, start, end); w; w = pendingOver(s, start, end)) await w.done;
+  const before = pendingOver(s, start, end);
   const finished = registerPending(s, start, end);
   try {
+    for (const w of before) await w.done;
     await fn();
   } finally {
     finished();
@@ -271,12 +275,18 @@ export const fileDriver: BlockDriver = {
     let rest = iov;
     let left = bytes;
     const end = offset + bytes;
-    // Writes that overlap one still pending wait for it: the later write must land last (an
-    // inline write would overtake it, and two pool threads may run them out of order). No await
-    // between the last check and the write or its registration, or a later write could slip in.
-    for (let w = pendingOver(s, offset, end); w; w = pendingOver(s, offset, end)) await w.done;
+    // A write lands after the overlapping requests issued before it (an inline write would
+    // overtake one in the thread pool, and two pool threads may run them out of order): it waits
+    // for those pending now, and is itself pending from now on for the ones issued after it.
+    const before = pendingOver(s, offset, end);
     const small = bytes <= INLINE_MAX;
-    if (s.inlineWrites && small && s.bigPoolWrites === 0 && writeGate.open(performance.now())) {
+    if (
+      before.length === 0 &&
+      s.inlineWrites &&
+      small &&
+      s.bigPoolWrites === 0 &&
+      writeGate.open(performance.now())
+    ) {
       s.counts.inline++;
       const n = writeInline(fd, rest, pos);
       if (n === left) return;
@@ -284,18 +294,22 @@ export const fileDriver: BlockDriver = {
       left -= n;
       rest = advance(rest, n);
     }
-    s.counts.pool++;
-    if (!small) s.bigPoolWrites++;
     const finished = registerPending(s, offset, end);
     try {
-      while (left > 0) {
-        const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
-        pos += n;
-        left -= n;
-        if (left > 0) rest = advance(rest, n);
+      for (const w of before) await w.done;
+      s.counts.pool++;
+      if (!small) s.bigPoolWrites++;
+      try {
+        while (left > 0) {
+          const n = rest.length === 1 ? await fsWrite(fd, rest[0]!, pos) : await fsWritev(fd, rest, pos);
+          pos += n;
+          left -= n;
+          if (left > 0) rest = advance(rest, n);
+        }
+      } finally {
+        if (!small) s.bigPoolWrites--;
       }
     } finally {
-      if (!small) s.bigPoolWrites--;
       finished();
     }
   },
