@@ -5,6 +5,7 @@
 // the last checkpoint plus what the secondary VM wrote.
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
+import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
 
 const SIZE = '64M';
 
@@ -61,23 +62,15 @@ export async function coloDemo({ dir, run, blockrepd, QmpClient }) {
     });
     await sec.exec('nbd-server-start', { addr: { type: 'unix', data: { path: file('sec-nbd.sock') } } });
     await sec.exec('block-export-add', { type: 'nbd', id: 'e-sec', 'node-name': 'sec-disk', writable: true });
-    await sec.exec('blockdev-add', {
-      driver: 'replication',
-      'node-name': 'sec-repl',
-      mode: 'secondary',
-      'top-id': 'sec-repl',
-      file: {
-        driver: 'qcow2',
-        'node-name': 'active',
-        file: { driver: 'file', filename: file('active.qcow2') },
-        backing: {
-          driver: 'qcow2',
-          'node-name': 'hidden',
-          file: { driver: 'file', filename: file('hidden.qcow2') },
-          backing: 'sec-disk',
-        },
-      },
-    });
+    await sec.exec(
+      'blockdev-add',
+      coloSecondaryOptions({
+        nodeName: 'sec-repl',
+        activeFile: file('active.qcow2'),
+        hiddenFile: file('hidden.qcow2'),
+        secondaryDisk: 'sec-disk',
+      }),
+    );
     await sec.exec('block-export-add', {
       type: 'nbd',
       id: 'e-view',
@@ -94,13 +87,7 @@ export async function coloDemo({ dir, run, blockrepd, QmpClient }) {
       'node-name': 'pri-disk',
       file: { driver: 'file', filename: file('pri-disk.qcow2') },
     });
-    await pri.exec('blockdev-add', {
-      driver: 'quorum',
-      'node-name': 'colo-disk',
-      'read-pattern': 'fifo',
-      'vote-threshold': 1,
-      children: ['pri-disk'],
-    });
+    await pri.exec('blockdev-add', coloQuorumOptions({ nodeName: 'colo-disk', localDisk: 'pri-disk' }));
     await pri.exec('nbd-server-start', { addr: { type: 'unix', data: { path: file('pri-nbd.sock') } } });
     await pri.exec('block-export-add', {
       type: 'nbd',
@@ -109,12 +96,14 @@ export async function coloDemo({ dir, run, blockrepd, QmpClient }) {
       name: 'guest',
       writable: true,
     });
-    await pri.exec('blockdev-add', {
-      driver: 'replication',
-      'node-name': 'pri-repl',
-      mode: 'primary',
-      file: { driver: 'nbd', server: { type: 'unix', path: file('sec-nbd.sock') }, export: 'sec-disk' },
-    });
+    await pri.exec(
+      'blockdev-add',
+      coloPrimaryChildOptions({
+        nodeName: 'pri-repl',
+        server: { type: 'unix', path: file('sec-nbd.sock') },
+        exportName: 'sec-disk',
+      }),
+    );
     await pri.exec('x-blockdev-change', { parent: 'colo-disk', node: 'pri-repl' });
     await pri.exec('xen-set-replication', { enable: true, primary: true });
     await pri.exec('query-replication');

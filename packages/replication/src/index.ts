@@ -6,3 +6,4 @@ export {
   type ReplicationState,
   replicationInfo,
 } from './replication';
+export { type ColoServer, coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from './colo';

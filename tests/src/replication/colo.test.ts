@@ -5,6 +5,7 @@
  *   primary:   export "guest" -> quorum(fifo, threshold 1) -> [pri-disk, replication(primary) -> nbd -> secondary's "sec-disk"]
  *   secondary: export "sec-disk" -> secondary disk;  export "sec-view" -> replication(secondary) -> active -> hidden -> secondary disk
  */
+import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
 import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type Daemon, killAll, startDaemon } from '../daemon';
@@ -30,23 +31,15 @@ async function secondary(dir: ReturnType<typeof makeTempDir>): Promise<{ d: Daem
     'node-name': 'sec-disk',
     writable: true,
   });
-  await d.qmp.execute('blockdev-add', {
-    driver: 'replication',
-    'node-name': 'sec-repl',
-    mode: 'secondary',
-    'top-id': 'sec-repl',
-    file: {
-      driver: 'qcow2',
-      'node-name': 'active',
-      file: { driver: 'file', filename: dir.file('active.qcow2') },
-      backing: {
-        driver: 'qcow2',
-        'node-name': 'hidden',
-        file: { driver: 'file', filename: dir.file('hidden.qcow2') },
-        backing: 'sec-disk',
-      },
-    },
-  });
+  await d.qmp.execute(
+    'blockdev-add',
+    coloSecondaryOptions({
+      nodeName: 'sec-repl',
+      activeFile: dir.file('active.qcow2'),
+      hiddenFile: dir.file('hidden.qcow2'),
+      secondaryDisk: 'sec-disk',
+    }),
+  );
   await d.qmp.execute('block-export-add', {
     type: 'nbd',
     id: 'e-view',
@@ -70,13 +63,7 @@ async function primary(
     'node-name': 'pri-disk',
     file: { driver: 'file', filename: dir.file('pri-disk.qcow2') },
   });
-  await d.qmp.execute('blockdev-add', {
-    driver: 'quorum',
-    'node-name': 'colo-disk',
-    'read-pattern': 'fifo',
-    'vote-threshold': 1,
-    children: ['pri-disk'],
-  });
+  await d.qmp.execute('blockdev-add', coloQuorumOptions({ nodeName: 'colo-disk', localDisk: 'pri-disk' }));
   await d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
   await d.qmp.execute('block-export-add', {
     type: 'nbd',
@@ -85,12 +72,14 @@ async function primary(
     name: 'guest',
     writable: true,
   });
-  await d.qmp.execute('blockdev-add', {
-    driver: 'replication',
-    'node-name': 'pri-repl',
-    mode: 'primary',
-    file: { driver: 'nbd', server: { type: 'unix', path: secNbd }, export: 'sec-disk' },
-  });
+  await d.qmp.execute(
+    'blockdev-add',
+    coloPrimaryChildOptions({
+      nodeName: 'pri-repl',
+      server: { type: 'unix', path: secNbd },
+      exportName: 'sec-disk',
+    }),
+  );
   await d.qmp.execute('x-blockdev-change', { parent: 'colo-disk', node: 'pri-repl' });
   await d.qmp.execute('xen-set-replication', { enable: true, primary: true });
   return { d, nbd };

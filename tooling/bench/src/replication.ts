@@ -1,5 +1,6 @@
 import { rmSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
+import { coloPrimaryChildOptions, coloSecondaryOptions } from '@blockrep/replication';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, type QmpProcess, runPeer, startQmpDaemon } from './util';
 
@@ -93,20 +94,17 @@ async function guestDisk(
 }
 
 async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  const { d, q, nbd, hidden } = await secondaryDisk('blockrepd', dir, 'sec');
+  const { d, q, nbd } = await secondaryDisk('blockrepd', dir, 'sec');
   await qcow2(dir, 'active');
-  await q.execute('blockdev-add', {
-    driver: 'replication',
-    'node-name': 'sec-repl',
-    mode: 'secondary',
-    'top-id': 'sec-repl',
-    file: {
-      driver: 'qcow2',
-      'node-name': 'active',
-      file: { driver: 'file', filename: `${dir}/active.qcow2` },
-      backing: hidden,
-    },
-  });
+  await q.execute(
+    'blockdev-add',
+    coloSecondaryOptions({
+      nodeName: 'sec-repl',
+      activeFile: `${dir}/active.qcow2`,
+      hiddenFile: `${dir}/sec-hidden.qcow2`,
+      secondaryDisk: 'sec-disk',
+    }),
+  );
   await exportNode(q, 'e-view', 'sec-repl', 'sec-view');
   await q.execute('xen-set-replication', { enable: true, primary: false });
   return { d, nbd };
@@ -115,12 +113,14 @@ async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
 async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProcess; uri: string }> {
   const { d, q, uri } = await guestDisk('blockrepd', dir, secNbd ? 'pri' : 'solo', []);
   if (secNbd) {
-    await q.execute('blockdev-add', {
-      driver: 'replication',
-      'node-name': 'pri-repl',
-      mode: 'primary',
-      file: { driver: 'nbd', server: { type: 'unix', path: secNbd }, export: 'sec-disk' },
-    });
+    await q.execute(
+      'blockdev-add',
+      coloPrimaryChildOptions({
+        nodeName: 'pri-repl',
+        server: { type: 'unix', path: secNbd },
+        exportName: 'sec-disk',
+      }),
+    );
     await q.execute('x-blockdev-change', { parent: 'colo', node: 'pri-repl' });
     await q.execute('xen-set-replication', { enable: true, primary: true });
   }
