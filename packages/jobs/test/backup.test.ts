@@ -193,7 +193,20 @@ describe('backup', () => {
       sync: 'incremental',
       bitmap: bm,
     });
+    // The job owns the bitmap while it runs (QEMU freezes it): other operations are refused.
+    expect(bm.busy).toBe(true);
     await job.whenConcluded();
+    expect(bm.busy).toBe(false);
+    const other = addDirtyBitmap(src, { name: 'bm1', granularity: 65536 });
+    other.busy = true;
+    await expect(
+      startBackup(manager, {
+        source: src,
+        target: graph.findNode('tgt'),
+        sync: 'incremental',
+        bitmap: other,
+      }),
+    ).rejects.toThrow("Bitmap 'bm1' is currently in use by another operation and cannot be used");
     const t = readFileSync(dir.file('tgt.raw'));
     const s = readFileSync(dir.file('src.raw'));
     expect(t.subarray(3 * 65536, 4 * 65536).equals(s.subarray(3 * 65536, 4 * 65536))).toBe(true);

@@ -245,6 +245,7 @@ export class BackupJob extends BlockJob {
 
   protected override async clean(): Promise<void> {
     const g = this.graph;
+    if (this.opts.bitmap) this.opts.bitmap.busy = false;
     if (this.filter) {
       cbwState(this.filter).bcs.onCopied = null;
       cbwState(this.filter).onCopyError = null;
@@ -277,12 +278,22 @@ export async function startBackup(manager: JobManager, opts: BackupOptions): Pro
   if (opts.bitmap && opts.sync !== 'incremental' && opts.sync !== 'bitmap') {
     throw new BlockError(`a bitmap was given, but sync mode '${opts.sync}' does not use one`);
   }
-  if (opts.bitmap?.busy) throw new BlockError('Bitmap is in use by another operation');
+  if (opts.bitmap?.busy) {
+    throw new BlockError(
+      opts.bitmapMode === 'never'
+        ? 'Cannot create a successor for a bitmap that is in-use by an operation'
+        : `Bitmap '${opts.bitmap.name}' is currently in use by another operation and cannot be used`,
+    );
+  }
   if (source.length !== target.length) throw new BlockError('Source and target image have different sizes');
   const job = new BackupJob(manager, opts);
+  // The job owns the bitmap until it ends (QEMU freezes it with a successor): no other operation
+  // may clear, remove, disable or merge into it meanwhile.
+  if (opts.bitmap) opts.bitmap.busy = true;
   try {
     await job.setup();
   } catch (e) {
+    if (opts.bitmap) opts.bitmap.busy = false;
     job.earlyFail();
     throw e;
   }
