@@ -164,9 +164,19 @@ export class BlockGraph {
 
   /** Finds a node by node-name, or the root of a named BlockBackend (QEMU's bdrv_lookup_bs). */
   lookup(name: string): BlockNode {
-    const n = this.nodes.get(name) ?? this.backendByName(name)?.node;
-    // QEMU's bdrv_lookup_bs reports a GenericError.
-    if (!n) throw new BlockError(`Cannot find device='${name}' nor node-name='${name}'`);
+    return this.lookupBs(name, name);
+  }
+
+  /**
+   * QEMU's bdrv_lookup_bs: the root of the backend named `device`, else the node named
+   * `nodeName` (either may be left out; backend and node names share one namespace).
+   */
+  lookupBs(device: string | undefined, nodeName: string | undefined): BlockNode {
+    const n =
+      (device !== undefined ? this.backendByName(device)?.node : undefined) ??
+      (nodeName !== undefined ? this.nodes.get(nodeName) : undefined);
+    // QEMU reports a GenericError.
+    if (!n) throw new BlockError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
     return n;
   }
 

@@ -79,15 +79,7 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     }),
     doc: 'Grows or shrinks a node (a format driver resizes its image, the file protocol its file).',
     async handler(a: { device?: string; 'node-name'?: string; size: number }) {
-      // QEMU's bdrv_lookup_bs: a backend by name, else a node by name.
-      const node =
-        (a.device !== undefined ? graph.backendByName(a.device)?.node : undefined) ??
-        (a['node-name'] !== undefined ? graph.getNode(a['node-name']) : undefined);
-      if (!node) {
-        throw new BlockError(
-          `Cannot find device='${a.device ?? ''}' nor node-name='${a['node-name'] ?? ''}'`,
-        );
-      }
+      const node = graph.lookupBs(a.device, a['node-name']);
       if (a.size < 0) throw new BlockError("Parameter 'size' expects a >0 size");
       if (opBlocked(node, BlockOp.RESIZE)) throw new BlockError(`Device '${a.device ?? '(null)'}' is in use`);
       // Drained, as QEMU does: no request of another user is between its checks and the node.
