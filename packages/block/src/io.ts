@@ -336,22 +336,21 @@ export async function flush(node: BlockNode): Promise<void> {
 }
 
 /**
- * Tells the parents of a resized node: backends through their `resized` hook, nodes whose
- * length follows it (raw, filters) by taking their new length, and so on up the graph (QEMU
- * reports a raw node's new size after its file was resized).
+ * A node's new length after a resize (its own, or a child's it follows), then its parents':
+ * backends through their `resized` hook, nodes whose length follows it (raw, filters) by taking
+ * their new length, and so on up the graph (QEMU reports a raw node's new size after its file
+ * was resized).
  */
-async function parentsResized(node: BlockNode): Promise<void> {
+async function lengthChanged(node: BlockNode, length: number): Promise<void> {
+  node.length = length;
+  for (const bm of node.dirtyBitmaps) bm.truncate(length);
   for (const c of node.parents) {
     const p = c.parent;
-    if (p.kind === 'backend') {
-      p.resized();
-      continue;
+    if (p.kind === 'backend') p.resized();
+    else {
+      const pl = await p.driver.getLength(p);
+      if (pl !== p.length) await lengthChanged(p, pl);
     }
-    const length = await p.driver.getLength(p);
-    if (length === p.length) continue;
-    p.length = length;
-    for (const bm of p.dirtyBitmaps) bm.truncate(length);
-    await parentsResized(p);
   }
 }
 
@@ -380,13 +379,11 @@ export async function truncate(
     if (drv.truncate) await drv.truncate(node, length, full);
     else if (drv.isFilter && node.filtered) await truncate(node.filtered, length, full);
     else throw new BlockError('Image format driver does not support resize', { errno: 'ENOTSUP' });
-    node.length = await drv.getLength(node);
+    await lengthChanged(node, await drv.getLength(node));
     // A backing file longer than the old length must not show through the grown area: it reads
     // as zeroes (QEMU truncates with BDRV_REQ_ZERO_WRITE then). Inside this request's range.
     const backingEnd = drv.supportsBacking ? Math.min(node.length, node.backing?.node.length ?? 0) : 0;
     if (backingEnd > before) await zeroAligned(node, before, backingEnd - before, 0);
-    for (const bm of node.dirtyBitmaps) bm.truncate(node.length);
-    await parentsResized(node);
   } catch (e) {
     throw toBlockError(e);
   } finally {
