@@ -1,5 +1,5 @@
 import { BlockError } from '@blockrep/block';
-import { BlockJob, JOB_STATUSES, JOB_TYPES, type JobManager } from '@blockrep/jobs';
+import { BlockJob, JOB_STATUSES, JOB_TYPES, type Job, type JobManager } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
 
@@ -50,29 +50,6 @@ export function registerJobCommands(r: CommandRegistry, jobs: JobManager): void 
     handler: () => jobs.query(),
   });
 
-  const verb = (name: string, doc: string, fn: (id: string) => unknown) =>
-    r.registerCommand({
-      name,
-      args: JobId(`q_obj_${name}-arg`),
-      doc,
-      async handler(a: { id: string }) {
-        await fn(a.id);
-      },
-    });
-
-  verb('job-pause', 'Pauses a job (user pause; nests with internal pauses).', (id) =>
-    jobs.get(id).userPause(),
-  );
-  verb('job-resume', 'Resumes a job paused with job-pause.', (id) => jobs.get(id).userResume());
-  verb('job-cancel', 'Cancels a job (always a hard cancel, as in QEMU).', (id) =>
-    jobs.get(id).userCancel(true),
-  );
-  verb('job-complete', 'Asks a READY job to finish.', (id) => jobs.get(id).userComplete());
-  verb('job-finalize', 'Finalizes a job waiting in PENDING (auto-finalize off).', (id) =>
-    jobs.get(id).userFinalize(),
-  );
-  verb('job-dismiss', 'Removes a CONCLUDED job (auto-dismiss off).', (id) => jobs.get(id).userDismiss());
-
   const findBlockJob = (id: string): BlockJob => {
     const j = jobs.find(id);
     if (!(j instanceof BlockJob)) {
@@ -80,6 +57,36 @@ export function registerJobCommands(r: CommandRegistry, jobs: JobManager): void 
     }
     return j;
   };
+
+  // The job verbs: job-<verb> takes the job by its id; block-job-<verb> (where QEMU has one) a
+  // block job by its id, under the argument name QEMU's schema gives it.
+  const verbs: [verb: string, doc: string, blockKey: 'device' | 'id' | null, fn: (j: Job) => unknown][] = [
+    ['pause', 'Pauses a job (user pause; nests with internal pauses).', 'device', (j) => j.userPause()],
+    ['resume', 'Resumes a job paused by the user.', 'device', (j) => j.userResume()],
+    ['cancel', 'Cancels a job (always a hard cancel, as in QEMU).', null, (j) => j.userCancel(true)],
+    ['complete', 'Asks a READY job to finish.', 'device', (j) => j.userComplete()],
+    ['finalize', 'Finalizes a job waiting in PENDING (auto-finalize off).', 'id', (j) => j.userFinalize()],
+    ['dismiss', 'Removes a CONCLUDED job (auto-dismiss off).', 'id', (j) => j.userDismiss()],
+  ];
+  for (const [verb, doc, key, fn] of verbs) {
+    r.registerCommand({
+      name: `job-${verb}`,
+      args: JobId(`q_obj_job-${verb}-arg`),
+      doc,
+      async handler(a: { id: string }) {
+        await fn(jobs.get(a.id));
+      },
+    });
+    if (!key) continue;
+    r.registerCommand({
+      name: `block-job-${verb}`,
+      args: t.object(`q_obj_block-job-${verb}-arg`, { [key]: req(t.str, 'The job id') }),
+      doc: `${doc} (block jobs only)`,
+      async handler(a: Record<string, string>) {
+        await fn(findBlockJob(a[key]!));
+      },
+    });
+  }
 
   r.registerCommand({
     name: 'query-block-jobs',
@@ -103,30 +110,6 @@ export function registerJobCommands(r: CommandRegistry, jobs: JobManager): void 
       findBlockJob(a.device).setSpeed(a.speed);
     },
   });
-
-  // The block-job-* forms of the job verbs: the job found by its id as a block job.
-  const blockVerb = (name: string, key: 'device' | 'id', doc: string, fn: (j: BlockJob) => unknown) =>
-    r.registerCommand({
-      name,
-      args: t.object(`q_obj_${name}-arg`, { [key]: req(t.str, 'The job id') }),
-      doc,
-      async handler(a: Record<string, string>) {
-        await fn(findBlockJob(a[key]!));
-      },
-    });
-  blockVerb('block-job-pause', 'device', 'Pauses a block job (job-pause).', (j) => j.userPause());
-  blockVerb('block-job-resume', 'device', 'Resumes a block job paused by the user (job-resume).', (j) =>
-    j.userResume(),
-  );
-  blockVerb('block-job-complete', 'device', 'Asks a READY block job to finish (job-complete).', (j) =>
-    j.userComplete(),
-  );
-  blockVerb('block-job-finalize', 'id', 'Finalizes a PENDING block job (job-finalize).', (j) =>
-    j.userFinalize(),
-  );
-  blockVerb('block-job-dismiss', 'id', 'Removes a CONCLUDED block job (job-dismiss).', (j) =>
-    j.userDismiss(),
-  );
 
   r.registerCommand({
     name: 'block-job-cancel',
