@@ -59,6 +59,11 @@ export interface OpenImageOptions {
   forceShare?: boolean;
 }
 
+/** qemu-img's failure to open an image: the error's message, and its hint (image locks). */
+export function openFailure(file: string, e: unknown): CliFailure {
+  return new CliFailure(`Could not open '${file}': ${(e as Error).message}`, 1, (e as BlockError).hint);
+}
+
 /** Whether -U / --force-share was given. */
 export function forceShare(p: { opts: Map<string, string | true> }): boolean {
   return p.opts.has('-U') || p.opts.has('--force-share');
@@ -84,7 +89,7 @@ export async function openImage(
   try {
     return await graph.open(options);
   } catch (e) {
-    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`, 1, (e as BlockError).hint);
+    throw openFailure(file, e);
   }
 }
 
@@ -97,8 +102,7 @@ export function attachBackend(graph: BlockGraph, node: BlockNode, write: boolean
     blk.attach(node);
   } catch (e) {
     // Refused by the image locks (or another user of the node): qemu-img reports it on open.
-    const err = e as BlockError;
-    throw new CliFailure(`Could not open '${node.filename}': ${err.message}`, 1, err.hint);
+    throw openFailure(node.filename, e);
   }
   return blk;
 }

@@ -1,8 +1,7 @@
-import type { BlockError } from '@blockrep/block';
 import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { checkFormat, forceShare, probeFormat } from '../image';
+import { checkFormat, forceShare, openFailure, probeFormat } from '../image';
 
 /** qemu-img check's exit codes. */
 const EXIT = { ok: 0, checkErrors: 1, corruptions: 2, leaks: 3, unsupported: 63 } as const;
@@ -82,7 +81,7 @@ export async function checkCommand(args: string[]): Promise<number> {
       if (fixed.corruptions) r['corruptions-fixed'] = fixed.corruptions;
     }
   } catch (e) {
-    throw new CliFailure(`Could not open '${file}': ${(e as Error).message}`, 1, (e as BlockError).hint);
+    throw openFailure(file, e);
   }
   r.filename = file;
   if (optString(p, '--output') === 'json') {
