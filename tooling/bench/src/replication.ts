@@ -1,6 +1,6 @@
 import { rmSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
-import { coloPrimaryChildOptions, coloSecondaryOptions } from '@blockrep/replication';
+import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, type QmpProcess, runPeer, startQmpDaemon } from './util';
 
@@ -59,18 +59,12 @@ function exportNode(q: QmpClient, id: string, node: string, name = node) {
   return q.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: true });
 }
 
-/** The secondary disk, exported, and beside it a hidden qcow2 image backed by it. */
+/** The secondary disk, exported, and beside it a new image for the hidden disk. */
 async function secondaryDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string) {
   const s = await daemonWithDisk(kind, dir, tag, 'sec-disk');
   await exportNode(s.q, 'e-sec', 'sec-disk');
   await qcow2(dir, `${tag}-hidden`);
-  const hidden = {
-    driver: 'qcow2',
-    'node-name': 'hidden',
-    file: { driver: 'file', filename: `${dir}/${tag}-hidden.qcow2` },
-    backing: 'sec-disk',
-  };
-  return { ...s, hidden };
+  return { ...s, hiddenFile: `${dir}/${tag}-hidden.qcow2` };
 }
 
 /** The primary's guest disk: a quorum over its local disk and `more` nodes, exported as "guest". */
@@ -82,26 +76,22 @@ async function guestDisk(
 ) {
   const p = await daemonWithDisk(kind, dir, tag, 'disk');
   for (const n of more) await p.q.execute('blockdev-add', n);
-  await p.q.execute('blockdev-add', {
-    driver: 'quorum',
-    'node-name': 'colo',
-    'read-pattern': 'fifo',
-    'vote-threshold': 1,
-    children: ['disk', ...more.map((n) => n['node-name'])],
-  });
+  // The COLO quorum, with the QEMU anchor's nbd child among its children from the start.
+  const quorum = coloQuorumOptions({ nodeName: 'colo', localDisk: 'disk' });
+  await p.q.execute('blockdev-add', { ...quorum, children: ['disk', ...more.map((n) => n['node-name'])] });
   await exportNode(p.q, 'g', 'colo', 'guest');
   return { ...p, uri: `nbd+unix:///guest?socket=${p.nbd}` };
 }
 
 async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  const { d, q, nbd } = await secondaryDisk('blockrepd', dir, 'sec');
+  const { d, q, nbd, hiddenFile } = await secondaryDisk('blockrepd', dir, 'sec');
   await qcow2(dir, 'active');
   await q.execute(
     'blockdev-add',
     coloSecondaryOptions({
       nodeName: 'sec-repl',
       activeFile: `${dir}/active.qcow2`,
-      hiddenFile: `${dir}/sec-hidden.qcow2`,
+      hiddenFile,
       secondaryDisk: 'sec-disk',
     }),
   );
@@ -135,8 +125,13 @@ async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProc
  * primary's quorum writes to its local disk and, through the nbd driver, to that export.
  */
 async function qemuSecondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  const { d, q, nbd, hidden } = await secondaryDisk('qsd', dir, 'q-sec');
-  await q.execute('blockdev-add', hidden);
+  const { d, q, nbd, hiddenFile } = await secondaryDisk('qsd', dir, 'q-sec');
+  await q.execute('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'hidden',
+    file: { driver: 'file', filename: hiddenFile },
+    backing: 'sec-disk',
+  });
   await q.execute('blockdev-backup', { 'job-id': 'cbw', device: 'sec-disk', target: 'hidden', sync: 'none' });
   return { d, nbd };
 }
