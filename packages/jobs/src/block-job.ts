@@ -5,9 +5,11 @@ import {
   BlockOp,
   blockAllOps,
   PERM_ALL,
+  toBlockError,
   unblockAllOps,
   unblockOp,
 } from '@blockrep/block';
+import { errorAction, type OnError } from './block-error-policy';
 import { Job, type JobOptions } from './job';
 import type { JobManager } from './manager';
 import { RateLimit } from './rate-limit';
@@ -58,6 +60,7 @@ export abstract class BlockJob extends Job {
   /** The reason other operations on the job's blocked nodes are refused. */
   #opBlocker: Error | null = null;
   readonly #opBlockedNodes: BlockNode[] = [];
+  #ioStatus: BlockJobInfo['io-status'] = 'ok';
 
   constructor(manager: JobManager, opts: BlockJobOptions = {}) {
     super(manager, opts);
@@ -131,18 +134,13 @@ export abstract class BlockJob extends Job {
     this.enter();
   }
 
-  /** Accounts bytes the job has just processed against the rate limit. */
-  protected rateLimitAccount(bytes: number): void {
-    this.limit.account(bytes);
-  }
-
-  /** Sleeps as long as the rate limit asks (and at least at a pause point). */
-  protected async rateLimitSleep(): Promise<void> {
-    for (;;) {
-      const ms = this.limit.delay();
-      await this.sleep(ms);
-      if (ms === 0 || this.isCancelled) return;
-    }
+  /**
+   * Accounts bytes the job is about to dispatch against `speed` and sleeps as long as the limit
+   * asks (QEMU's block_job_ratelimit_get_delay + job_sleep_ns), at least through a pause point.
+   * A set-speed wakes the sleep; the next dispatch then sees the new rate.
+   */
+  protected async rateLimit(bytes: number): Promise<void> {
+    await this.sleep(this.limit.calculateDelay(bytes));
   }
 
   private eventBase(): Record<string, unknown> {
@@ -174,10 +172,35 @@ export abstract class BlockJob extends Job {
     if (!this.internal) this.manager.emitEvent('BLOCK_JOB_CANCELLED', this.eventBase());
   }
 
-  /** BLOCK_JOB_ERROR: an I/O error and what the job does about it. */
-  protected reportIoError(operation: 'read' | 'write', action: 'ignore' | 'report' | 'stop'): void {
-    if (this.internal) return;
-    this.manager.emitEvent('BLOCK_JOB_ERROR', { device: this.id, operation, action });
+  /**
+   * A failed request under an on-error policy (QEMU's block_job_error_action): BLOCK_JOB_ERROR
+   * says what the job does; 'stop' pauses it as a user pause and records the I/O status until
+   * job-resume. Returns the action: 'report' fails the job, 'ignore' goes on.
+   */
+  protected ioErrorAction(
+    policy: OnError,
+    err: unknown,
+    operation: 'read' | 'write',
+  ): 'report' | 'ignore' | 'stop' {
+    const action = errorAction(policy, err);
+    if (!this.internal) {
+      this.manager.emitEvent('BLOCK_JOB_ERROR', { device: this.id, operation, action });
+    }
+    if (action === 'stop') {
+      this.pauseAsUser();
+      if (this.#ioStatus === 'ok')
+        this.#ioStatus = toBlockError(err).errno === 'ENOSPC' ? 'nospace' : 'failed';
+    }
+    return action;
+  }
+
+  /** query-block-jobs' io-status: not 'ok' while a 'stop' policy holds the job after an error. */
+  get ioStatus(): BlockJobInfo['io-status'] {
+    return this.#ioStatus;
+  }
+
+  protected override onUserResume(): void {
+    this.#ioStatus = 'ok';
   }
 
   /** query-block-jobs' view of the job. */
@@ -190,7 +213,7 @@ export abstract class BlockJob extends Job {
       busy: this.busy,
       paused: this.pauseCount > 0,
       speed: this.speed,
-      'io-status': 'ok',
+      'io-status': this.#ioStatus,
       ready: this.isReady,
       status: this.status,
       'auto-finalize': this.autoFinalize,

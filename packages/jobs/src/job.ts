@@ -50,22 +50,22 @@ export abstract class Job {
   readonly id: string | undefined;
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
-  status: JobStatus = 'undefined';
+  #status: JobStatus = 'undefined';
   /** Pause requests outstanding (users' and internal ones, e.g. drains); 1 until start. */
-  pauseCount = 1;
-  paused = true;
+  #pauseCount = 1;
+  #paused = true;
   /** Running (not waiting in a pause point, sleep or yield). */
-  busy = false;
-  userPaused = false;
+  #busy = false;
+  #userPaused = false;
   /** A cancel was requested (QEMU's job_cancel_requested). */
-  cancelled = false;
+  #cancelRequested = false;
   /** The cancel is a real one, not a READY job's soft cancel (QEMU's job_is_cancelled). */
-  forceCancel = false;
+  #forceCancel = false;
   /** run() has returned; the ending is scheduled. */
-  deferred = false;
-  started = false;
+  #deferred = false;
+  #started = false;
   /** The job's error, once it failed or was cancelled. */
-  err: Error | null = null;
+  #err: Error | null = null;
   progressCurrent = 0;
   progressTotal = 0;
 
@@ -131,11 +131,11 @@ export abstract class Job {
 
   /** Moves to a new state; a move QEMU's table forbids is a bug and throws. */
   protected transition(to: JobStatus): void {
-    const from = this.status;
+    const from = this.#status;
     if (!transitionAllowed(from, to)) {
       throw new Error(`BUG: job '${this.id ?? '<internal>'}' cannot go from '${from}' to '${to}'`);
     }
-    this.status = to;
+    this.#status = to;
     if (!this.internal && from !== to) {
       this.manager.emitEvent('JOB_STATUS_CHANGE', { id: this.id, status: to });
     }
@@ -146,25 +146,60 @@ export abstract class Job {
 
   /** Throws QEMU's error unless the verb is allowed in the current state. */
   applyVerb(verb: JobVerb): void {
-    if (!verbAllowed(verb, this.status)) {
-      throw jobError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+    if (!verbAllowed(verb, this.#status)) {
+      throw jobError(`Job '${this.id}' in state '${this.#status}' cannot accept command verb '${verb}'`);
     }
   }
 
+  // ---- predicates (QEMU's job_is_cancelled, job_cancel_requested, job_user_paused, ...) ----
+
+  get status(): JobStatus {
+    return this.#status;
+  }
+
+  /** The job's error, once it failed or was cancelled. */
+  get err(): Error | null {
+    return this.#err;
+  }
+
+  /** A real cancel: the job is to end without its result (QEMU's job_is_cancelled). */
   get isCancelled(): boolean {
-    return this.forceCancel;
+    return this.#forceCancel;
+  }
+
+  /** Any cancel, including a READY job's soft one (QEMU's job_cancel_requested). */
+  get cancelRequested(): boolean {
+    return this.#cancelRequested;
+  }
+
+  get userPaused(): boolean {
+    return this.#userPaused;
+  }
+
+  /** Pause requests outstanding (users' and internal ones); what query-block-jobs calls paused. */
+  get pauseCount(): number {
+    return this.#pauseCount;
+  }
+
+  /** Running, not waiting in a pause point, sleep or yield. */
+  get busy(): boolean {
+    return this.#busy;
+  }
+
+  get started(): boolean {
+    return this.#started;
   }
 
   get isReady(): boolean {
-    return isReadyStatus(this.status);
+    return isReadyStatus(this.#status);
   }
 
   get isCompleted(): boolean {
-    return isCompletedStatus(this.status);
+    return isCompletedStatus(this.#status);
   }
 
   get shouldPause(): boolean {
-    return this.pauseCount > 0;
+    return this.#pauseCount > 0;
   }
 
   // ---- progress ----
@@ -185,11 +220,11 @@ export abstract class Job {
 
   /** Starts the job: it leaves 'created' and runs (after a first pause point). */
   start(): void {
-    if (this.started || !this.paused) throw new Error('BUG: job started twice');
-    this.started = true;
-    this.pauseCount--;
-    this.busy = true;
-    this.paused = false;
+    if (this.#started || !this.#paused) throw new Error('BUG: job started twice');
+    this.#started = true;
+    this.#pauseCount--;
+    this.#busy = true;
+    this.#paused = false;
     this.transition('running');
     void this.entry();
   }
@@ -202,21 +237,21 @@ export abstract class Job {
     } catch (e) {
       err = e instanceof Error ? e : new Error(String(e));
     }
-    if (err && !this.err) this.err = err;
-    this.deferred = true;
-    this.busy = true;
+    if (err && !this.#err) this.#err = err;
+    this.#deferred = true;
+    this.#busy = true;
     // The ending runs from the event loop, as QEMU's job_exit runs from a bottom half.
     setImmediate(() => {
-      this.busy = false;
+      this.#busy = false;
       if (!this.isCompleted) void this.completed();
     });
   }
 
   /** Re-enters a job waiting in sleep/yield/pause (QEMU's job_enter). */
   enter(): void {
-    if (!this.started || this.deferred || this.busy) return;
+    if (!this.#started || this.#deferred || this.#busy) return;
     this.clearTimer();
-    this.busy = true;
+    this.#busy = true;
     const w = this.wake;
     this.wake = null;
     w?.();
@@ -230,7 +265,7 @@ export abstract class Job {
   }
 
   private doYield(ms?: number): Promise<void> {
-    this.busy = false;
+    this.#busy = false;
     return new Promise<void>((resolve) => {
       this.wake = resolve;
       if (ms === undefined) return;
@@ -254,11 +289,11 @@ export abstract class Job {
     if (!this.shouldPause || this.isCancelled) return;
     this.onPause();
     if (this.shouldPause && !this.isCancelled) {
-      const status = this.status;
+      const status = this.#status;
       this.transition(status === 'ready' ? 'standby' : 'paused');
-      this.paused = true;
+      this.#paused = true;
       await this.doYield();
-      this.paused = false;
+      this.#paused = false;
       this.transition(status);
     }
     this.onResume();
@@ -293,30 +328,40 @@ export abstract class Job {
 
   /** An internal pause (drains, replication); nests with other pauses. */
   pause(): void {
-    this.pauseCount++;
-    if (!this.paused) this.enter();
+    this.#pauseCount++;
+    if (!this.#paused) this.enter();
   }
 
   resume(): void {
-    if (this.pauseCount <= 0) throw new Error('BUG: resume without pause');
-    this.pauseCount--;
-    if (this.pauseCount) return;
+    if (this.#pauseCount <= 0) throw new Error('BUG: resume without pause');
+    this.#pauseCount--;
+    if (this.#pauseCount) return;
     // A sleeping job wakes up from its timer; only kick one that waits for nothing else.
     if (!this.sleepTimer) this.enter();
   }
 
   userPause(): void {
     this.applyVerb('pause');
-    if (this.userPaused) throw jobError('Job is already paused');
-    this.userPaused = true;
+    if (this.#userPaused) throw jobError('Job is already paused');
+    this.#userPaused = true;
     this.pause();
   }
 
+  /**
+   * An I/O error under a 'stop' policy: the job pauses as if the user had paused it, so that
+   * job-resume (or a cancel) is what goes on (QEMU's block_job_error_action).
+   */
+  protected pauseAsUser(): void {
+    if (this.#userPaused) return;
+    this.pause();
+    this.#userPaused = true;
+  }
+
   userResume(): void {
-    if (!this.userPaused || this.pauseCount <= 0) throw jobError("Can't resume a job that was not paused");
+    if (!this.#userPaused || this.#pauseCount <= 0) throw jobError("Can't resume a job that was not paused");
     this.applyVerb('resume');
     this.onUserResume();
-    this.userPaused = false;
+    this.#userPaused = false;
     this.resume();
   }
 
@@ -325,7 +370,7 @@ export abstract class Job {
   /** job-complete: asks a READY job to finish. */
   userComplete(): void {
     this.applyVerb('complete');
-    if (this.cancelled || !this.complete) {
+    if (this.#cancelRequested || !this.complete) {
       throw jobError(`The active block job '${this.id}' cannot be completed`);
     }
     this.complete();
@@ -339,15 +384,15 @@ export abstract class Job {
 
   /** Cancels (internal callers skip the verb check, as QEMU's job_cancel). */
   async cancel(force: boolean): Promise<void> {
-    if (this.status === 'null') return;
-    if (this.status === 'concluded') {
+    if (this.#status === 'null') return;
+    if (this.#status === 'concluded') {
       this.doDismiss();
       return;
     }
     this.cancelAsync(force);
-    if (!this.started) {
+    if (!this.#started) {
       await this.completed();
-    } else if (this.deferred) {
+    } else if (this.#deferred) {
       // A soft cancel of a job that is already done is ignored.
       if (this.isCancelled && !this.ending) await this.txnAbort();
     } else {
@@ -357,14 +402,14 @@ export abstract class Job {
 
   private cancelAsync(force: boolean): void {
     force = this.cancelRequest(force);
-    if (this.userPaused) {
+    if (this.#userPaused) {
       this.onUserResume();
-      this.userPaused = false;
-      this.pauseCount--;
+      this.#userPaused = false;
+      this.#pauseCount--;
     }
-    if (force || !this.deferred) {
-      this.cancelled = true;
-      this.forceCancel ||= force;
+    if (force || !this.#deferred) {
+      this.#cancelRequested = true;
+      this.#forceCancel ||= force;
     }
   }
 
@@ -382,20 +427,20 @@ export abstract class Job {
 
   /** Drops a job that could not be set up after creation (QEMU's job_early_fail). */
   earlyFail(): void {
-    if (this.status !== 'created' || this.started) throw new Error('BUG: early fail of a started job');
+    if (this.#status !== 'created' || this.#started) throw new Error('BUG: early fail of a started job');
     this.doDismiss();
   }
 
   private updateRc(): void {
-    if (!this.err && this.isCancelled) {
-      this.err = new BlockError('Operation canceled', { errno: 'ECANCELED' });
+    if (!this.#err && this.isCancelled) {
+      this.#err = new BlockError('Operation canceled', { errno: 'ECANCELED' });
     }
-    if (this.err) this.transition('aborting');
+    if (this.#err) this.transition('aborting');
   }
 
   private async completed(): Promise<void> {
     this.updateRc();
-    if (this.err) await this.txnAbort();
+    if (this.#err) await this.txnAbort();
     else await this.txnSuccess();
   }
 
@@ -415,11 +460,11 @@ export abstract class Job {
   private async doFinalize(): Promise<void> {
     if (this.ending) return;
     this.ending = true;
-    if (!this.err) {
+    if (!this.#err) {
       try {
         await this.prepare();
       } catch (e) {
-        this.err = e instanceof Error ? e : new Error(String(e));
+        this.#err = e instanceof Error ? e : new Error(String(e));
       }
       this.updateRc();
     }
@@ -429,11 +474,11 @@ export abstract class Job {
   /** Commit or abort, clean, report, conclude. A cancel that came during prepare is seen here. */
   private async finalizeSingle(): Promise<void> {
     this.updateRc();
-    const failed = this.err !== null;
+    const failed = this.#err !== null;
     // These hooks must not fail in QEMU; here a throw is kept as the job's error, never lost in
     // an unhandled rejection that would take the daemon down.
     const keep = (e: unknown) => {
-      this.err ??= e instanceof Error ? e : new Error(String(e));
+      this.#err ??= e instanceof Error ? e : new Error(String(e));
     };
     try {
       if (!failed) await this.commit();
@@ -446,18 +491,18 @@ export abstract class Job {
     } catch (e) {
       keep(e);
     }
-    if (this.started) {
+    if (this.#started) {
       if (this.isCancelled) this.eventCancelled();
       else this.eventCompleted();
     }
     this.transition('concluded');
-    if (this.autoDismiss || !this.started) this.doDismiss();
+    if (this.autoDismiss || !this.#started) this.doDismiss();
   }
 
   private doDismiss(): void {
-    this.busy = false;
-    this.paused = false;
-    this.deferred = true;
+    this.#busy = false;
+    this.#paused = false;
+    this.#deferred = true;
     this.clearTimer();
     this.transition('null');
     this.manager.unregister(this);
@@ -465,7 +510,7 @@ export abstract class Job {
 
   /** Resolves once the job has concluded (or is gone). */
   whenConcluded(): Promise<void> {
-    if (this.status === 'concluded' || this.status === 'null') return Promise.resolve();
+    if (this.#status === 'concluded' || this.#status === 'null') return Promise.resolve();
     return new Promise((r) => this.doneWaiters.push(r));
   }
 
@@ -474,11 +519,11 @@ export abstract class Job {
     const i: JobInfo = {
       id: this.id ?? '',
       type: this.type,
-      status: this.status,
+      status: this.#status,
       'current-progress': this.progressCurrent,
       'total-progress': this.progressTotal,
     };
-    if (this.err) i.error = this.err.message;
+    if (this.#err) i.error = this.#err.message;
     return i;
   }
 }

@@ -1,6 +1,7 @@
 /**
- * A byte-rate limit in time slices (QEMU's RateLimit): each slice may carry speed * slice bytes;
- * work beyond that pushes the next permitted start out by whole slices.
+ * A byte-rate limit in time slices (QEMU's RateLimit): each slice may carry speed * slice bytes.
+ * Work is accounted when it is dispatched, and work beyond a slice's quota pushes the end of the
+ * slice (and so the next dispatch) out in proportion.
  */
 export class RateLimit {
   private quota = 0;
@@ -21,24 +22,22 @@ export class RateLimit {
     this.quota = speed > 0 ? Math.max(1, (speed * this.sliceMs) / 1000) : 0;
   }
 
-  /** Milliseconds to wait before the next piece of work may start (0: go now). */
-  delay(): number {
+  /**
+   * Accounts `bytes` about to be dispatched and returns how many milliseconds to wait before the
+   * next dispatch (0: go on now). `calculateDelay(0)` only asks.
+   */
+  calculateDelay(bytes: number): number {
     if (!this.quota) return 0;
     const now = this.now();
     if (this.sliceEnd < now) {
+      // The previous (possibly extended) slice is over: start a new one.
       this.sliceStart = now;
       this.sliceEnd = now + this.sliceMs;
       this.dispatched = 0;
     }
-    const slices = Math.floor(this.dispatched / this.quota);
-    if (slices === 0) return 0;
-    // The work already done fills `slices` slices: the next may start only after them.
-    this.sliceEnd = this.sliceStart + slices * this.sliceMs;
+    this.dispatched += bytes;
+    if (this.dispatched < this.quota) return 0;
+    this.sliceEnd = this.sliceStart + (this.dispatched / this.quota) * this.sliceMs;
     return Math.max(0, this.sliceEnd - now);
-  }
-
-  /** Accounts bytes just processed. */
-  account(bytes: number): void {
-    if (this.quota) this.dispatched += bytes;
   }
 }

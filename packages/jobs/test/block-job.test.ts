@@ -117,24 +117,36 @@ describe('BlockJob', () => {
 });
 
 describe('RateLimit', () => {
-  it('delays by whole slices once the quota of a slice is used', () => {
+  it('accounts at dispatch and pushes the slice end out by the excess', () => {
     let now = 1000;
     const rl = new RateLimit(1000, 100, () => now); // 100 bytes per 100 ms slice
-    expect(rl.delay()).toBe(0);
-    rl.account(50);
-    expect(rl.delay()).toBe(0);
-    rl.account(250); // 300 bytes: three slices' worth
-    expect(rl.delay()).toBe(300);
+    expect(rl.calculateDelay(0)).toBe(0);
+    expect(rl.calculateDelay(50)).toBe(0);
+    expect(rl.calculateDelay(250)).toBe(300); // 300 bytes in this slice: three slices' worth
     now += 150;
-    expect(rl.delay()).toBe(150);
-    now += 200; // past the pushed-out slice end: a new slice begins
-    expect(rl.delay()).toBe(0);
+    expect(rl.calculateDelay(0)).toBe(150);
+    now += 200; // past the pushed-out slice end: a new slice begins, the old bytes are paid for
+    expect(rl.calculateDelay(99)).toBe(0);
+    expect(rl.calculateDelay(1)).toBe(100);
+  });
+
+  it('keeps bytes accounted at the end of a slice (none are lost to the slice reset)', () => {
+    let now = 0;
+    const rl = new RateLimit(1000, 100, () => now);
+    // 10 units of 60 bytes, each dispatched once the previous delay is slept: the last one may
+    // go once the 540 bytes before it, less one free slice of 100, are paid for at 1000 B/s.
+    let lastDispatch = 0;
+    for (let i = 0; i < 10; i++) {
+      lastDispatch = now;
+      now += rl.calculateDelay(60) + 1;
+    }
+    expect(lastDispatch).toBeGreaterThanOrEqual(440);
+    expect(lastDispatch).toBeLessThan(540);
   });
 
   it('speed 0 is unlimited', () => {
     const rl = new RateLimit(0);
-    rl.account(1e12);
-    expect(rl.delay()).toBe(0);
+    expect(rl.calculateDelay(1e12)).toBe(0);
   });
 
   it('limits a running job', async () => {
@@ -156,9 +168,8 @@ class RateLimitedJob extends TestBlockJob {
   protected override async run(): Promise<void> {
     this.progressSetRemaining(10_000);
     for (let i = 0; i < 10 && !this.isCancelled; i++) {
-      await this.rateLimitSleep();
+      await this.rateLimit(1000);
       this.progressUpdate(1000);
-      this.rateLimitAccount(1000);
     }
   }
 }

@@ -44,7 +44,7 @@ export class TestBlockJob extends BlockJob {
     if (p.fail) throw new Error(p.fail);
     if (p.ready) {
       this.transitionToReady();
-      while (!this.completeRequested && !this.cancelled) await this.yieldUntilEntered();
+      while (!this.completeRequested && !this.cancelRequested) await this.yieldUntilEntered();
     }
   }
 
@@ -79,11 +79,11 @@ export class TestBlockJob extends BlockJob {
   }
 
   /** Exposes the protected helpers the tests drive. */
-  io(bytes: number): void {
-    this.rateLimitAccount(bytes);
+  io(bytes: number): Promise<void> {
+    return this.rateLimit(bytes);
   }
   ioError(): void {
-    this.reportIoError('write', 'report');
+    this.ioErrorAction('report', new Error('injected'), 'write');
   }
 }
 

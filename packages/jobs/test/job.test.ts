@@ -406,7 +406,7 @@ describe('ready jobs', () => {
     await waitStatus(job, 'ready');
     // The cancel's synchronous part runs before the job gets to react to it.
     const cancelling = job.userCancel(false);
-    expect(job.cancelled).toBe(true);
+    expect(job.cancelRequested).toBe(true);
     expect(job.isCancelled).toBe(false);
     expect(job.status).toBe('ready');
     expect(() => job.userComplete()).toThrow("The active block job 'j' cannot be completed");

@@ -11,7 +11,7 @@ import {
   unblockAllOps,
   unblockOp,
 } from '@blockrep/block';
-import { errorAction, type OnError } from '../block-error-policy';
+import type { OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
@@ -175,7 +175,7 @@ export class BackupJob extends BlockJob {
           return { offset: next, len, error: e };
         }
       });
-      await this.rateLimitSleep();
+      await this.rateLimit(len);
     }
     await inflight.drain();
   }
@@ -191,7 +191,7 @@ export class BackupJob extends BlockJob {
       this.progressUpdate(skipped);
       return;
     }
-    this.rateLimitAccount(await bcs.copy(offset, len));
+    await bcs.copy(offset, len);
   }
 
   /** A failed chunk: report (fail the job), ignore (skip it) or stop (pause, then retry). */
@@ -204,8 +204,7 @@ export class BackupJob extends BlockJob {
     if (!(e instanceof CopyError)) throw e;
     const bcs = cbwState(this.filter!).bcs;
     const policy = (e.isRead ? this.opts.onSourceError : this.opts.onTargetError) ?? 'report';
-    const action = errorAction(policy, e.error);
-    this.reportIoError(e.isRead ? 'read' : 'write', action);
+    const action = this.ioErrorAction(policy, e.error, e.isRead ? 'read' : 'write');
     if (action === 'report') {
       await inflight.drain();
       throw e.error;
@@ -217,7 +216,6 @@ export class BackupJob extends BlockJob {
       this.progressUpdate(skipped);
     } else {
       await inflight.drain();
-      this.userPausedByError();
       await this.pausePoint();
     }
   }
@@ -228,13 +226,6 @@ export class BackupJob extends BlockJob {
     if (!s.zero || s.data || s.bytes < bytes) return false;
     const t = await blockStatusAbove(this.target, null, offset, bytes);
     return t.zero && !t.data && t.bytes >= bytes;
-  }
-
-  /** on-error=stop: the job pauses as if the user paused it; job-resume retries. */
-  private userPausedByError(): void {
-    if (this.userPaused) return;
-    this.userPaused = true;
-    this.pause();
   }
 
   protected override async abort(): Promise<void> {

@@ -14,7 +14,7 @@ import {
   unblockAllOps,
   unblockOp,
 } from '@blockrep/block';
-import { errorAction, type OnError } from '../block-error-policy';
+import type { OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
@@ -129,7 +129,6 @@ abstract class CommitBase extends BlockJob {
       await this.topBlk.readv(offset, [buf]);
       isRead = false;
       await this.baseBlk.write(offset, buf);
-      this.rateLimitAccount(bytes);
       return { offset, bytes, error: null, isRead };
     } catch (e) {
       return { offset, bytes, error: e, isRead };
@@ -143,18 +142,13 @@ abstract class CommitBase extends BlockJob {
    * job until the user resumes it. Returns whether the extent should be copied again.
    */
   protected async copyFailed(r: CopyResult, inflight: Inflight<CopyResult>): Promise<boolean> {
-    const action = errorAction(this.opts.onError ?? 'report', r.error);
-    this.reportIoError(r.isRead ? 'read' : 'write', action);
+    const action = this.ioErrorAction(this.opts.onError ?? 'report', r.error, r.isRead ? 'read' : 'write');
     if (action === 'report') {
       await inflight.drain();
       throw r.error;
     }
     if (action === 'ignore') return false;
     await inflight.drain();
-    if (!this.userPaused) {
-      this.userPaused = true;
-      this.pause();
-    }
     await this.pausePoint();
     return !this.isCancelled;
   }
@@ -208,8 +202,8 @@ export class CommitJob extends CommitBase {
       if (allocated) {
         await inflight.room();
         inflight.add(() => this.copy(start, n));
+        await this.rateLimit(n);
       }
-      await this.rateLimitSleep();
       if (off >= len && !retry.length) {
         await inflight.drain();
         await settle();
@@ -276,7 +270,7 @@ export class ActiveCommitJob extends CommitBase {
         if (!r.error) this.progressUpdate(r.bytes);
         else if (await this.copyFailed(r, inflight)) dirty.set(r.offset, r.bytes);
       }
-      if (this.cancelled) break; // a hard cancel, or a soft one after READY
+      if (this.cancelRequested) break; // a hard cancel, or a soft one after READY
       if (this.shouldPause) await inflight.drain();
       await this.pausePoint();
       const next = dirty.nextDirty(0);
@@ -287,7 +281,7 @@ export class ActiveCommitJob extends CommitBase {
         dirty.reset(next, n);
         await inflight.room();
         inflight.add(() => this.copy(next, n));
-        await this.rateLimitSleep();
+        await this.rateLimit(n);
         continue;
       }
       if (inflight.size) {
