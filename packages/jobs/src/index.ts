@@ -13,6 +13,16 @@ export {
 } from './commit/commit';
 export { Job, type JobInfo, type JobOptions } from './job';
 export { type JobEvent, JobManager } from './manager';
+export {
+  MIRROR_DEFAULT_BUF_SIZE,
+  type MirrorCopyMode,
+  MirrorJob,
+  type MirrorOptions,
+  type MirrorSync,
+  mirrorDefaultGranularity,
+  startMirror,
+} from './mirror/mirror';
+export { mirrorTopDriver } from './mirror/mirror-top';
 export { RateLimit } from './rate-limit';
 export {
   isCompletedStatus,

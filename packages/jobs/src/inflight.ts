@@ -16,7 +16,7 @@ export class Inflight<T> {
   add(task: () => Promise<T>): void {
     const p: Promise<void> = task().then((r) => {
       this.pending.delete(p);
-      this.done.push(r);
+      if (r !== undefined) this.done.push(r);
     });
     this.pending.add(p);
   }
@@ -24,6 +24,11 @@ export class Inflight<T> {
   /** Waits until there is room for another task. */
   async room(): Promise<void> {
     while (this.pending.size >= this.max) await Promise.race(this.pending);
+  }
+
+  /** Waits for any one task in flight to finish (at once when none is). */
+  async any(): Promise<void> {
+    if (this.pending.size) await Promise.race(this.pending);
   }
 
   /** Waits for every task in flight. */
