@@ -64,7 +64,15 @@ export abstract class BlockJob extends Job {
 
   constructor(manager: JobManager, opts: BlockJobOptions = {}) {
     super(manager, opts);
-    if (opts.speed !== undefined) this.setSpeedValue(opts.speed);
+    if (opts.speed !== undefined) {
+      try {
+        this.setSpeedValue(opts.speed);
+      } catch (e) {
+        // As QEMU: the job existed for a moment (created, then null) before the error.
+        this.earlyFail();
+        throw e;
+      }
+    }
   }
 
   /** How permission errors name the job, e.g. "backup job 'job0'". */

@@ -1,7 +1,7 @@
 import { BlockBackend, BlockOp, createGraph, opBlocked, Perm } from '@blockrep/block';
 import { describe, expect, it } from 'vitest';
 import { JobManager, RateLimit } from '../src/index';
-import { recordEvents, TestBlockJob, tick, waitStatus } from './helpers';
+import { recordEvents, TestBlockJob, tick, timeline, waitStatus } from './helpers';
 
 describe('BlockJob', () => {
   it('holds its nodes through backends and releases them when it ends', async () => {
@@ -78,6 +78,16 @@ describe('BlockJob', () => {
     await job.userCancel(true);
     await job.whenConcluded();
     await graph.closeAll();
+  });
+
+  it('a negative speed at creation: the job is created, then gone, and the error is thrown', () => {
+    const m = new JobManager();
+    const ev = recordEvents(m);
+    expect(() => new TestBlockJob(m, { id: 'neg', speed: -1 })).toThrow(
+      "Parameter 'speed' expects a non-negative value",
+    );
+    expect(m.find('neg')).toBeUndefined();
+    expect(timeline(ev)).toEqual(['created', 'null']);
   });
 
   it('set-speed: verb check, the QEMU 7.2 text for a negative speed, rate shown in info', async () => {

@@ -185,10 +185,16 @@ describe('mirror', () => {
       bitmap: bm,
     });
     await waitStatus(job, 'ready');
+    expect(bm.busy).toBe(true);
     await job.userCancel(false);
     await job.whenConcluded();
     expect(job.err).toBeNull();
     expect(job.progressTotal).toBe(2 * 65536);
+    // The bitmap was the job's working bitmap: clean now, and free; it records what comes next.
+    expect(bm.busy).toBe(false);
+    expect(bm.count()).toBe(0);
+    await guest.write(0, Buffer.alloc(512, 1));
+    expect(bm.count()).toBe(65536);
     const s = file(e, 's.raw');
     const t = file(e, 't.raw');
     for (const off of [65536, SIZE - 65536]) {
@@ -196,6 +202,37 @@ describe('mirror', () => {
     }
     expect(t.subarray(0, 65536).every((b) => b === 0)).toBe(true);
     expect(t.subarray(2 * 65536, SIZE - 65536).every((b) => b === 0)).toBe(true);
+  });
+
+  it('bitmap: a failed resync leaves marked what the target still lacks', async () => {
+    const { dir, graph, manager } = env();
+    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 5));
+    await rawNode(graph, dir.file('t.raw'), 't0');
+    // The target fails every write from 1 MiB on.
+    await graph.blockdevAdd({
+      driver: 'blkdebug',
+      'node-name': 'dbg',
+      image: 't0',
+      'inject-error': [
+        { event: 'write_aio', sector: 2048 },
+        { event: 'write_aio', sector: 4096 },
+      ],
+    });
+    const bm = addDirtyBitmap(graph.findNode('s0'), { name: 'missed', granularity: 65536 });
+    const guest = writer(graph, 's0');
+    await guest.write(0, Buffer.alloc(65536, 1));
+    await guest.write(1 << 20, Buffer.alloc(65536, 2));
+    const job = await startMirror(manager, {
+      id: 'mf',
+      source: graph.findNode('s0'),
+      target: graph.findNode('dbg'),
+      sync: 'full',
+      bitmap: bm,
+    });
+    await job.whenConcluded();
+    expect(job.err).not.toBeNull();
+    expect([...bm.dirtyExtents()]).toEqual([[1 << 20, 65536]]);
+    expect(bm.busy).toBe(false);
   });
 
   it('refuses to mirror a node into itself', async () => {

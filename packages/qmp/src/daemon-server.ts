@@ -7,6 +7,7 @@ import { ReplicationManager } from '@blockrep/replication';
 import { createBlockQmpServer } from './block-server';
 import { registerBlockJobCommands } from './commands/block-jobs';
 import type { BlockdevCreators } from './commands/create';
+import { registerMirrorCommands } from './commands/mirror';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
 import { qcow2Creator } from './commands/qcow2-create';
 import { registerReplicationCommands } from './commands/replication';
@@ -38,6 +39,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   const nbd = new NbdServerHolder(graph);
   registerNbdCommands(server.registry, nbd, server);
   registerBlockJobCommands(server.registry, graph, jobs);
+  registerMirrorCommands(server.registry, graph, jobs);
   registerReplicationCommands(server.registry, graph, replication);
   // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
   const declared = new Set(server.registry.events().map((e) => e.name));

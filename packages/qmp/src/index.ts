@@ -12,6 +12,7 @@ export {
   registerCreateCommand,
 } from './commands/create';
 export { registerJobCommands } from './commands/jobs';
+export { registerMirrorCommands } from './commands/mirror';
 export { NbdServerHolder, registerNbdCommands, SocketAddress, toNbdAddress } from './commands/nbd';
 export { blockDeviceInfo, displayFilename, imageInfo } from './commands/node-info';
 export { qcow2Creator } from './commands/qcow2-create';

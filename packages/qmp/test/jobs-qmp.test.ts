@@ -26,7 +26,7 @@ class SleepyJob extends BlockJob {
     }
     if (this.waitReady && !this.isCancelled) {
       this.transitionToReady();
-      while (!this.completeAsked && !this.cancelled) await this.yieldUntilEntered();
+      while (!this.completeAsked && !this.cancelRequested) await this.yieldUntilEntered();
     }
   }
 

@@ -28,12 +28,14 @@ export function coloSecondaryOptions(o: {
   activeFile: string;
   hiddenFile: string;
   secondaryDisk: string;
+  /** The root node above it (default: the replication node itself; QEMU's docs put a quorum there). */
+  topId?: string;
 }): Record<string, unknown> {
   return {
     driver: 'replication',
     'node-name': o.nodeName,
     mode: 'secondary',
-    'top-id': o.nodeName,
+    'top-id': o.topId ?? o.nodeName,
     file: qcow2('active', o.activeFile, qcow2('hidden', o.hiddenFile, o.secondaryDisk)),
   };
 }

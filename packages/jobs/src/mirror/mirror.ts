@@ -42,7 +42,11 @@ export interface MirrorOptions extends BlockJobOptions {
   replaces?: BlockNode;
   /** sync=full: zero the target first, then copy only what the source holds (default true). */
   zeroTarget?: boolean;
-  /** Copy only the dirty areas of this bitmap of the source (a resync of what a peer missed). */
+  /**
+   * The job's working bitmap: only what it marks is copied, and each granule is cleared as it
+   * reaches the target (a resync of what a peer missed). Its granularity is the job's. When the
+   * job fails or is cancelled, what is still marked is what the target lacks.
+   */
   bitmap?: DirtyBitmap;
   /** Complete as soon as READY. */
   autoComplete?: boolean;
@@ -137,13 +141,13 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
     this.source = opts.source;
     this.target = opts.target;
     this.sync = opts.sync;
-    this.granularity = opts.granularity ?? mirrorDefaultGranularity(opts.target);
+    this.granularity = opts.bitmap?.granularity ?? opts.granularity ?? mirrorDefaultGranularity(opts.target);
     this.bufSize = Math.max(opts.bufSize ?? MIRROR_DEFAULT_BUF_SIZE, this.granularity);
     this.maxIo = Math.max(Math.floor(this.bufSize / MAX_IN_FLIGHT), MAX_IO_BYTES);
     this.bufFree = this.bufSize;
     this.buffers = new BufferPool(this.maxIo, MAX_IN_FLIGHT);
-    this.dirty = new DirtyBitmap(Math.max(this.source.length, 1), this.granularity);
-    this.dirty.clear();
+    this.dirty = opts.bitmap ?? new DirtyBitmap(Math.max(this.source.length, 1), this.granularity);
+    if (!opts.bitmap) this.dirty.clear();
     this.claims = new Claims(this.source.length, this.granularity);
   }
 
@@ -260,11 +264,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
 
   /** Which granules start dirty (QEMU's mirror_dirty_init). */
   private async initDirty(len: number): Promise<void> {
-    if (this.opts.bitmap) {
-      for (const [off, n] of this.opts.bitmap.dirtyExtents(0, len)) this.dirty.set(off, n);
-      return;
-    }
-    if (this.sync === 'none') return;
+    if (this.opts.bitmap || this.sync === 'none') return;
     let base: BlockNode | null = null;
     if (this.sync === 'full' && (this.opts.zeroTarget ?? true)) {
       if (!this.targetZeroesCheaply) {
@@ -507,6 +507,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
 
   protected override async clean(): Promise<void> {
     const g = this.graph;
+    if (this.opts.bitmap) this.opts.bitmap.busy = false;
     await this.releaseNodes();
     const filter = this.filter;
     if (filter) {
@@ -523,10 +524,18 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
 /** The checks the job itself makes; QMP's checks of the arguments come before. */
 export async function startMirror(manager: JobManager, opts: MirrorOptions): Promise<MirrorJob> {
   if (opts.source === opts.target) throw new BlockError("Can't mirror node into itself");
+  if (opts.bitmap?.busy) {
+    throw new BlockError(
+      `Bitmap '${opts.bitmap.name}' is currently in use by another operation and cannot be used`,
+    );
+  }
   const job = new MirrorJob(manager, opts);
+  // The job owns its working bitmap until it ends: nobody may clear, remove or merge into it.
+  if (opts.bitmap) opts.bitmap.busy = true;
   try {
     await job.setup();
   } catch (e) {
+    if (opts.bitmap) opts.bitmap.busy = false;
     job.earlyFail();
     throw e;
   }

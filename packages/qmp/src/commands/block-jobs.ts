@@ -3,9 +3,9 @@ import { type JobManager, ON_ERROR_VALUES, startBackup, startCommit } from '@blo
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
 
-const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
+export const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
 const BitmapSyncMode = t.enum('BitmapSyncMode', ['on-success', 'never', 'always']);
-const BlockdevOnError = t.enum('BlockdevOnError', ON_ERROR_VALUES);
+export const BlockdevOnError = t.enum('BlockdevOnError', ON_ERROR_VALUES);
 
 interface BackupArgs {
   'job-id'?: string;
@@ -52,12 +52,27 @@ function chainBottom(top: BlockNode): BlockNode {
   return n;
 }
 
+/**
+ * A job's id when none is given: the name of the block device the job works on, as in QEMU; a
+ * node name is no device name, so such a job gets '' and its creation fails ("Invalid job ID ''").
+ */
+export function defaultJobId(graph: BlockGraph, device: string): string {
+  return graph.backendByName(device) ? device : '';
+}
+
+/** QEMU's qmp_get_root_bs: a device or node that no other node uses as a child. */
+export function rootNode(graph: BlockGraph, device: string): BlockNode {
+  const node = graph.lookupBs(device, device);
+  if (node.parents.some((p) => p.parent.kind === 'node')) throw new BlockError('Need a root block node');
+  return node;
+}
+
 /** blockdev-backup and block-commit. */
 export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, jobs: JobManager): void {
   r.registerCommand({
     name: 'blockdev-backup',
     args: t.object('BlockdevBackup', {
-      'job-id': opt(t.str, 'Job id (default: the device name)'),
+      'job-id': opt(t.str, 'Job id (default: the device name when it names a block device)'),
       device: req(t.str, 'The source node (or device)'),
       target: req(t.str, 'The target node'),
       sync: req(
@@ -86,7 +101,7 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
         if (!bitmap) throw new BlockError(`Bitmap '${a.bitmap}' could not be found`);
       }
       await startBackup(jobs, {
-        id: a['job-id'] ?? a.device,
+        id: a['job-id'] ?? defaultJobId(graph, a.device),
         source,
         target,
         sync: a.sync,
@@ -105,7 +120,7 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
   r.registerCommand({
     name: 'block-commit',
     args: t.object('q_obj_block-commit-arg', {
-      'job-id': opt(t.str, 'Job id (default: the device name)'),
+      'job-id': opt(t.str, 'Job id (default: the device name when it names a block device)'),
       device: req(t.str, 'The device (root node) whose chain is committed'),
       'base-node': opt(t.str, 'The node committed into (default: the bottom of the chain)'),
       base: opt(t.str, 'The same by file name (deprecated)'),
@@ -150,7 +165,7 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
         throw new BlockError("'backing-file' specified, but 'top' is the active layer");
       }
       await startCommit(jobs, {
-        id: a['job-id'] ?? a.device,
+        id: a['job-id'] ?? defaultJobId(graph, a.device),
         top,
         base,
         active,

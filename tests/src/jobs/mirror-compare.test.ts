@@ -1,0 +1,234 @@
+/**
+ * The same QMP session of blockdev-mirror and drive-mirror against qemu-storage-daemon 7.2 and
+ * blockrepd: the same job states, events, error texts and images. A guest writes through an NBD
+ * export of the source with qemu-io while the job runs.
+ */
+import { copyFileSync } from 'node:fs';
+import type { QmpClient, QmpEvent } from '@blockrep/qmp';
+import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { afterEach, describe, expect, it } from 'vitest';
+import { killAll, startDaemon } from '../daemon';
+import { startQsd } from '../qsd';
+
+const SIZE = 8 << 20;
+afterEach(() => killAll());
+
+/** A job's events without timestamps. */
+function summary(events: QmpEvent[]): string[] {
+  return events
+    .filter((e) => e.event.startsWith('JOB_') || e.event.startsWith('BLOCK_JOB_'))
+    .map((e) => {
+      const d = e.data as Record<string, unknown>;
+      if (e.event === 'JOB_STATUS_CHANGE') return `${e.event} ${d.id} ${d.status}`;
+      return `${e.event} ${d.type} ${d.device} len=${d.len} offset=${d.offset}${d.error ? ` error=${d.error}` : ''}`;
+    });
+}
+
+async function waitStatus(qmp: QmpClient, id: string, status: string) {
+  await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.id === id && e.data?.status === status, 60_000);
+}
+
+async function waitReady(qmp: QmpClient, id: string) {
+  await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === id, 60_000);
+}
+
+async function failure(qmp: QmpClient, cmd: string, args: Record<string, unknown>): Promise<string> {
+  try {
+    await qmp.execute(cmd, args);
+    return 'ok';
+  } catch (e) {
+    const err = e as { class: string; desc: string };
+    return `${err.class}: ${err.desc}`;
+  }
+}
+
+const qcow2 = (name: string, file: string) => ({
+  driver: 'qcow2',
+  'node-name': name,
+  file: { driver: 'file', filename: file },
+});
+
+/** The session; `peerSock` is the NBD socket of another daemon of the same kind exporting 'parent0'. */
+async function session(qmp: QmpClient, dir: string, peerSock: string) {
+  const f = (n: string) => `${dir}/${n}`;
+  const guestSock = f('guest.sock');
+  const guest = (cmds: string[]) => qemuIo(['-f', 'raw', `nbd+unix:///src?socket=${guestSock}`], cmds);
+  await qmp.execute('blockdev-add', qcow2('src', f('src.qcow2')));
+  await qmp.execute('blockdev-add', qcow2('tgt', f('tgt.qcow2')));
+  await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: guestSock } } });
+  await qmp.execute('block-export-add', {
+    type: 'nbd',
+    id: 'e0',
+    'node-name': 'src',
+    name: 'src',
+    writable: true,
+  });
+  qmp.takeEvents();
+
+  // 1. sync=full under guest writes, then job-complete: the export moves onto tgt.
+  await qmp.execute('blockdev-mirror', {
+    'job-id': 'm1',
+    device: 'src',
+    target: 'tgt',
+    sync: 'full',
+    'auto-dismiss': false,
+  });
+  await waitReady(qmp, 'm1');
+  await guest(['write -P 0x31 2M 64k', 'write -P 0x32 7M 1M']);
+  await qmp.execute('job-complete', { id: 'm1' });
+  await waitStatus(qmp, 'm1', 'concluded');
+  await qmp.execute('job-dismiss', { id: 'm1' });
+  await waitStatus(qmp, 'm1', 'null');
+  const completeEvents = summary(qmp.takeEvents());
+  // After the pivot the guest writes to tgt only.
+  await guest(['write -P 0x33 0 4k']);
+  await qmp.execute('block-export-del', { id: 'e0' });
+  await qmp.waitEvent('BLOCK_EXPORT_DELETED', undefined, 30_000);
+
+  // 2. A cancel after READY: src becomes a copy of tgt, nothing moves.
+  qmp.takeEvents();
+  await qmp.execute('blockdev-mirror', { 'job-id': 'm2', device: 'tgt', target: 'src', sync: 'full' });
+  await waitReady(qmp, 'm2');
+  await qmp.execute('block-job-cancel', { device: 'm2' });
+  await waitStatus(qmp, 'm2', 'null');
+  const cancelEvents = summary(qmp.takeEvents());
+
+  // 3. drive-mirror to another daemon's NBD export, COLO's "resume replication" step.
+  await qmp.execute('drive-mirror', {
+    'job-id': 'resync',
+    device: 'tgt',
+    target: `nbd+unix:///parent0?socket=${peerSock}`,
+    mode: 'existing',
+    format: 'raw',
+    sync: 'full',
+  });
+  await waitReady(qmp, 'resync');
+  await qmp.execute('block-job-cancel', { device: 'resync' });
+  await waitStatus(qmp, 'resync', 'null');
+  const driveEvents = summary(qmp.takeEvents());
+
+  const errors = [
+    await failure(qmp, 'blockdev-mirror', { 'job-id': 'x', device: 'src', target: 'nope', sync: 'full' }),
+    await failure(qmp, 'blockdev-mirror', { 'job-id': 'x', device: 'src', target: 'src', sync: 'full' }),
+    await failure(qmp, 'blockdev-mirror', { 'job-id': 'x', device: 'src', target: 'tgt', sync: 'bogus' }),
+    await failure(qmp, 'blockdev-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: 'tgt',
+      sync: 'incremental',
+    }),
+    await failure(qmp, 'blockdev-mirror', { device: 'src', target: 'tgt', sync: 'full' }),
+    await failure(qmp, 'blockdev-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: 'tgt',
+      sync: 'full',
+      granularity: 1000,
+    }),
+    await failure(qmp, 'blockdev-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: 'tgt',
+      sync: 'full',
+      granularity: 256,
+    }),
+    await failure(qmp, 'blockdev-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: 'tgt',
+      sync: 'full',
+      'buf-size': -1,
+    }),
+    await failure(qmp, 'blockdev-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: 'tgt',
+      sync: 'full',
+      replaces: 'nope',
+    }),
+    await failure(qmp, 'drive-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: f('missing.img'),
+      mode: 'existing',
+      format: 'raw',
+      sync: 'full',
+    }),
+    await failure(qmp, 'drive-mirror', {
+      'job-id': 'x',
+      device: 'src',
+      target: f('new.img'),
+      sync: 'full',
+      replaces: 'src',
+    }),
+  ].map((e) => e.replaceAll(dir, '<dir>'));
+  const leftover = summary(qmp.takeEvents());
+  return { completeEvents, cancelEvents, driveEvents, errors, leftover };
+}
+
+async function images(dir: string) {
+  await qemuImg(['create', '-f', 'qcow2', `${dir}/src.qcow2`, String(SIZE)]);
+  await qemuIo(
+    ['-f', 'qcow2', `${dir}/src.qcow2`],
+    ['write -P 0x11 0 1M', 'write -P 0x12 3M 64k', 'write -z 5M 1M'],
+  );
+  await qemuImg(['create', '-f', 'qcow2', `${dir}/tgt.qcow2`, String(SIZE)]);
+  await qemuImg(['create', '-f', 'raw', `${dir}/peer.raw`, String(SIZE)]);
+}
+
+/** The NBD peer: a daemon exporting peer.raw as 'parent0' (same command line for both kinds). */
+function peerArgs(dir: string): string[] {
+  return [
+    '--blockdev',
+    `driver=file,filename=${dir}/peer.raw,node-name=p0`,
+    '--nbd-server',
+    `addr.type=unix,addr.path=${dir}/peer.sock`,
+    '--export',
+    'type=nbd,id=e,node-name=p0,name=parent0,writable=on',
+  ];
+}
+
+describe.runIf(hasPeer('qemu-storage-daemon'))('mirror: qemu-storage-daemon 7.2 vs blockrepd', () => {
+  it('same job states, events, errors and images', async () => {
+    const dq = makeTempDir();
+    const db = makeTempDir();
+    await images(dq.path);
+    for (const f of ['src.qcow2', 'tgt.qcow2', 'peer.raw']) copyFileSync(dq.file(f), db.file(f));
+
+    const qsdPeer = await startQsd(dq.file('peer-qmp.sock'), peerArgs(dq.path));
+    const qsd = await startQsd(dq.file('qmp.sock'));
+    const theirs = await session(qsd.qmp, dq.path, dq.file('peer.sock'));
+    await qsd.stop();
+    await qsdPeer.stop();
+
+    const peer = await startDaemon(db.file('peer-qmp.sock'), peerArgs(db.path));
+    const ours = await startDaemon(db.file('qmp.sock'));
+    const mine = await session(ours.qmp, db.path, db.file('peer.sock'));
+    expect(await ours.stop()).toBe(0);
+    expect(await peer.stop()).toBe(0);
+
+    expect(mine.errors).toEqual(theirs.errors);
+    expect(mine.completeEvents).toEqual(theirs.completeEvents);
+    expect(mine.cancelEvents).toEqual(theirs.cancelEvents);
+    expect(mine.driveEvents).toEqual(theirs.driveEvents);
+    expect(mine.leftover).toEqual(theirs.leftover);
+    for (const f of ['src.qcow2', 'tgt.qcow2']) {
+      expect((await qemuImg(['check', db.file(f)])).stdout).toContain('No errors were found');
+      const cmp = await qemuImg(['compare', db.file(f), dq.file(f)]);
+      expect(cmp.stdout.trim(), f).toBe('Images are identical.');
+    }
+    const peerCmp = await qemuImg([
+      'compare',
+      '-f',
+      'raw',
+      '-F',
+      'raw',
+      db.file('peer.raw'),
+      dq.file('peer.raw'),
+    ]);
+    expect(peerCmp.stdout.trim()).toBe('Images are identical.');
+    // The peer holds what tgt holds: the source after the guest's writes, and the write after the pivot.
+    const copy = await qemuImg(['compare', '-F', 'raw', db.file('tgt.qcow2'), db.file('peer.raw')]);
+    expect(copy.stdout.trim()).toBe('Images are identical.');
+  });
+});
