@@ -232,3 +232,66 @@ describe.runIf(hasPeer('qemu-storage-daemon'))('mirror: qemu-storage-daemon 7.2 
     expect(copy.stdout.trim()).toBe('Images are identical.');
   });
 });
+
+describe.runIf(hasPeer('qemu-io'))('mirror with a bitmap (blockrepd)', () => {
+  it('resyncs only the dirty bytes into another daemon export, then the bitmap is clean', async () => {
+    const dir = makeTempDir();
+    await qemuImg(['create', '-f', 'qcow2', dir.file('src.qcow2'), String(SIZE)]);
+    await qemuIo(['-f', 'qcow2', dir.file('src.qcow2')], ['write -P 0x11 0 8M']);
+    await qemuImg(['create', '-f', 'qcow2', dir.file('peer.qcow2'), String(SIZE)]);
+    const peer = await startDaemon(dir.file('peer-qmp.sock'), [
+      '--blockdev',
+      `driver=qcow2,file.driver=file,file.filename=${dir.file('peer.qcow2')},node-name=p0`,
+      '--nbd-server',
+      `addr.type=unix,addr.path=${dir.file('peer.sock')}`,
+      '--export',
+      'type=nbd,id=e,node-name=p0,name=parent0,writable=on',
+    ]);
+    const d = await startDaemon(dir.file('qmp.sock'));
+    await d.qmp.execute('blockdev-add', qcow2('src', dir.file('src.qcow2')));
+    await d.qmp.execute('block-dirty-bitmap-add', { node: 'src', name: 'missed' });
+    await d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: dir.file('g.sock') } } });
+    await d.qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: 'g',
+      'node-name': 'src',
+      name: 'src',
+      writable: true,
+    });
+    // What the peer misses: 64 KiB, 1 MiB and 4 KiB (a whole 64 KiB granule) at three places.
+    await qemuIo(
+      ['-f', 'raw', `nbd+unix:///src?socket=${dir.file('g.sock')}`],
+      ['write -P 0x21 64k 64k', 'write -P 0x22 2M 1M', 'write -P 0x23 7M 4k'],
+    );
+    const dirty = 64 * 1024 + (1 << 20) + 64 * 1024;
+    await d.qmp.execute('drive-mirror', {
+      'job-id': 'resync',
+      device: 'src',
+      target: `nbd+unix:///parent0?socket=${dir.file('peer.sock')}`,
+      mode: 'existing',
+      format: 'raw',
+      sync: 'full',
+      bitmap: 'missed',
+    });
+    const ready = await d.qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === 'resync', 60_000);
+    expect(ready.data?.len).toBe(dirty);
+    await d.qmp.execute('block-job-cancel', { device: 'resync' });
+    await d.qmp.waitEvent('BLOCK_JOB_COMPLETED', (e) => e.data?.device === 'resync', 60_000);
+    // The working bitmap is clean: the peer lacks nothing now.
+    const nodes = await d.qmp.execute<
+      { 'node-name': string; 'dirty-bitmaps'?: { name: string; count: number }[] }[]
+    >('query-named-block-nodes', { flat: true });
+    const bm = nodes
+      .find((n) => n['node-name'] === 'src')
+      ?.['dirty-bitmaps']?.find((b) => b.name === 'missed');
+    expect(bm?.count).toBe(0);
+    expect(await d.stop()).toBe(0);
+    expect(await peer.stop()).toBe(0);
+    // The peer's image holds exactly the dirty bytes, nothing else was written to it.
+    const map = (await qemuImg(['map', '--output=json', dir.file('peer.qcow2')])).stdout;
+    const written = (JSON.parse(map) as { length: number; data: boolean }[])
+      .filter((e) => e.data)
+      .reduce((n, e) => n + e.length, 0);
+    expect(written).toBe(dirty);
+  });
+});
