@@ -1,12 +1,13 @@
 import { copyFileSync, rmSync } from 'node:fs';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, runPeer, startQmpDaemon, timeJob } from './util';
+import { makeTempDirPlain, medianAlternating, runPeer, startQmpDaemon, timeJob } from './util';
 
 /*
  * Block jobs, ours (blockrepd) beside qemu-storage-daemon, both driven over QMP on copies of the
- * same images: a full backup of a 1 GiB qcow2 image full of data, and an active commit of 512 MiB
- * of data from an overlay into its base. Figures are MiB/s of the job's data (wall clock from the
- * command to the job's end).
+ * same images: a full backup of a 1 GiB qcow2 image full of data, an active commit of 512 MiB
+ * of data from an overlay into its base, and a full mirror of the 1 GiB image into an empty
+ * qcow2 (READY, then job-complete). Figures are MiB/s of the job's data (wall clock from the
+ * command to the job's end), the median of three runs per side with the order alternated.
  */
 
 const GiB = 1 << 30;
@@ -45,6 +46,28 @@ async function backup(kind: 'blockrepd' | 'qsd', dir: string, work: string): Pro
   }
 }
 
+async function mirror(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
+  copyFileSync(`${dir}/src.qcow2`, `${work}/src.qcow2`);
+  copyFileSync(`${dir}/tgt.qcow2`, `${work}/tgt.qcow2`);
+  const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
+  try {
+    for (const n of ['src', 'tgt']) {
+      await d.qmp.execute('blockdev-add', {
+        driver: 'qcow2',
+        'node-name': n,
+        file: { driver: 'file', filename: `${work}/${n}.qcow2` },
+      });
+    }
+    const t0 = process.hrtime.bigint();
+    await d.qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'src', target: 'tgt', sync: 'full' });
+    await d.qmp.waitEvent('BLOCK_JOB_READY', () => true, 600_000);
+    await d.qmp.execute('job-complete', { id: 'm' });
+    return await timeJob(d.qmp, 'm', 'null', t0);
+  } finally {
+    await d.stop();
+  }
+}
+
 async function commit(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
   copyFileSync(`${dir}/base.qcow2`, `${work}/base.qcow2`);
   copyFileSync(`${dir}/top.qcow2`, `${work}/top.qcow2`);
@@ -75,17 +98,10 @@ export async function run(): Promise<BenchRow[]> {
   const work = makeTempDirPlain();
   try {
     await prepare(dir);
-    const best = async (fn: (k: 'blockrepd' | 'qsd') => Promise<number>) => {
-      let ours = Number.POSITIVE_INFINITY;
-      let qemu = Number.POSITIVE_INFINITY;
-      for (let i = 0; i < 2; i++) {
-        qemu = Math.min(qemu, await fn('qsd'));
-        ours = Math.min(ours, await fn('blockrepd'));
-      }
-      return { ours, qemu };
-    };
-    const b = await best((k) => backup(k, dir, work));
-    const c = await best((k) => commit(k, dir, work));
+    const side = (s: 'ours' | 'qemu') => (s === 'ours' ? 'blockrepd' : 'qsd');
+    const b = await medianAlternating((s) => backup(side(s), dir, work));
+    const c = await medianAlternating((s) => commit(side(s), dir, work));
+    const m = await medianAlternating((s) => mirror(side(s), dir, work));
     return [
       {
         name: 'jobs full backup 1 GiB (qcow2->qcow2)',
@@ -94,6 +110,12 @@ export async function run(): Promise<BenchRow[]> {
         unit: 'MiB/s',
       },
       { name: 'jobs active commit 512 MiB', ours: 512 / c.ours, qemu: 512 / c.qemu, unit: 'MiB/s' },
+      {
+        name: 'jobs full mirror 1 GiB (qcow2->qcow2)',
+        ours: 1024 / m.ours,
+        qemu: 1024 / m.qemu,
+        unit: 'MiB/s',
+      },
     ];
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -1,8 +1,44 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 export { runPeer } from '@blockrep/test-kit';
+
+/**
+ * The allocator setting both sides run under: QEMU 7.2 maps a fresh buffer for each large
+ * request, and on this VM page faults are so slow that without it we would measure the VM.
+ */
+export const BENCH_ENV: NodeJS.ProcessEnv = {
+  ...process.env,
+  GLIBC_TUNABLES: 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824',
+};
+
+function median(v: number[]): number {
+  const s = [...v].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/**
+ * Runs one measurement per side `rounds` times (at least 3), the order alternated each round
+ * and `sync` before each side, so neither pays for the other's dirty page cache; returns the
+ * median of each side.
+ */
+export async function medianAlternating(
+  run: (side: 'ours' | 'qemu') => Promise<number>,
+  rounds = 3,
+): Promise<{ ours: number; qemu: number }> {
+  const got = { ours: [] as number[], qemu: [] as number[] };
+  for (let i = 0; i < Math.max(3, rounds); i++) {
+    const order: ('ours' | 'qemu')[] = i % 2 ? ['ours', 'qemu'] : ['qemu', 'ours'];
+    for (const side of order) {
+      execFileSync('sync');
+      got[side].push(await run(side));
+    }
+  }
+  return { ours: median(got.ours), qemu: median(got.qemu) };
+}
 
 /** A temp directory the caller removes (benchmarks run outside vitest's cleanup). */
 export function makeTempDirPlain(): string {
@@ -33,13 +69,12 @@ export async function startQmpDaemon(kind: 'blockrepd' | 'qsd', qmpPath: string)
     kind === 'blockrepd'
       ? spawn(process.execPath, [BLOCKREPD, '--qmp', `unix:${qmpPath}`, '--log-level', 'warn'], {
           stdio: 'ignore',
+          env: BENCH_ENV,
         })
       : spawn(
           'qemu-storage-daemon',
           ['--chardev', `socket,id=q,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=q'],
-          {
-            stdio: 'ignore',
-          },
+          { stdio: 'ignore', env: BENCH_ENV },
         );
   for (let i = 0; i < 400 && !existsSync(qmpPath); i++) {
     if (proc.exitCode !== null) throw new Error(`${kind} exited early`);
