@@ -4,6 +4,7 @@ import {
   type BlockNode,
   BlockOp,
   blockAllOps,
+  type DirtyBitmap,
   PERM_ALL,
   toBlockError,
   unblockAllOps,
@@ -229,5 +230,21 @@ export abstract class BlockJob extends Job {
     };
     if (this.err) i.error = this.err.message;
     return i;
+  }
+}
+
+/**
+ * Runs a new job's setup; if it fails, the job goes as if it never was (QEMU's job_early_fail).
+ * A bitmap the job works from is busy from here until the job ends (its clean() frees it), so no
+ * other operation may clear, remove, disable or merge into it meanwhile.
+ */
+export async function setUpJob(job: Job, setup: () => Promise<void>, bitmap?: DirtyBitmap): Promise<void> {
+  if (bitmap) bitmap.busy = true;
+  try {
+    await setup();
+  } catch (e) {
+    if (bitmap) bitmap.busy = false;
+    job.earlyFail();
+    throw e;
   }
 }

@@ -83,3 +83,25 @@ export async function randomWrites(blk: BlockBackend, n: number, seed: number): 
   }
   await Promise.all(ops);
 }
+
+/**
+ * A raw source full of data and an empty raw target, with a blkdebug node 'dbg' over the side
+ * that fails once at 1 MiB (a read of the source or a write of the target). Returns the nodes a
+ * job should use as source and target.
+ */
+export async function failingPair(e: ReturnType<typeof env>, where: 'source' | 'target') {
+  const { dir, graph } = e;
+  await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
+  await rawNode(graph, dir.file('t.raw'), 't0');
+  const rule = { event: where === 'source' ? 'read_aio' : 'write_aio', sector: 2048, once: true };
+  await graph.blockdevAdd({
+    driver: 'blkdebug',
+    'node-name': 'dbg',
+    image: where === 'source' ? 's0' : 't0',
+    'inject-error': [rule],
+  });
+  return {
+    source: graph.findNode(where === 'source' ? 'dbg' : 's0'),
+    target: graph.findNode(where === 'source' ? 't0' : 'dbg'),
+  };
+}

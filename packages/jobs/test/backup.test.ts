@@ -4,6 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { type BackupJob, startBackup } from '../src/index';
 import {
   env,
+  failingPair,
   qcow2Node,
   randomData,
   randomWrites,
@@ -255,24 +256,14 @@ describe('backup', () => {
 
 describe('backup errors (blkdebug)', () => {
   async function failing(policy: 'report' | 'ignore' | 'stop', where: 'source' | 'target') {
-    const { dir, graph, manager, events } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
-    await rawNode(graph, dir.file('t.raw'), 't0');
-    const rule = { event: where === 'source' ? 'read_aio' : 'write_aio', sector: 2048, once: true };
-    await graph.blockdevAdd({
-      driver: 'blkdebug',
-      'node-name': 'dbg',
-      image: where === 'source' ? 's0' : 't0',
-      'inject-error': [rule],
-    });
-    const job = await startBackup(manager, {
+    const e = env();
+    const job = await startBackup(e.manager, {
       id: 'e',
-      source: graph.findNode(where === 'source' ? 'dbg' : 's0'),
-      target: graph.findNode(where === 'source' ? 't0' : 'dbg'),
+      ...(await failingPair(e, where)),
       sync: 'full',
       ...(where === 'source' ? { onSourceError: policy } : { onTargetError: policy }),
     });
-    return { job, events, manager, dir };
+    return { job, events: e.events, manager: e.manager, dir: e.dir };
   }
 
   for (const where of ['source', 'target'] as const) {

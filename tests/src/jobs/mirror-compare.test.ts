@@ -4,29 +4,15 @@
  * export of the source with qemu-io while the job runs.
  */
 import { copyFileSync } from 'node:fs';
-import type { QmpClient, QmpEvent } from '@blockrep/qmp';
+import type { QmpClient } from '@blockrep/qmp';
 import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
+import { jobEventSummary, waitJobStatus } from '../job-events';
 import { startQsd } from '../qsd';
 
 const SIZE = 8 << 20;
 afterEach(() => killAll());
-
-/** A job's events without timestamps. */
-function summary(events: QmpEvent[]): string[] {
-  return events
-    .filter((e) => e.event.startsWith('JOB_') || e.event.startsWith('BLOCK_JOB_'))
-    .map((e) => {
-      const d = e.data as Record<string, unknown>;
-      if (e.event === 'JOB_STATUS_CHANGE') return `${e.event} ${d.id} ${d.status}`;
-      return `${e.event} ${d.type} ${d.device} len=${d.len} offset=${d.offset}${d.error ? ` error=${d.error}` : ''}`;
-    });
-}
-
-async function waitStatus(qmp: QmpClient, id: string, status: string) {
-  await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.id === id && e.data?.status === status, 60_000);
-}
 
 async function waitReady(qmp: QmpClient, id: string) {
   await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === id, 60_000);
@@ -76,10 +62,10 @@ async function session(qmp: QmpClient, dir: string, peerSock: string) {
   await waitReady(qmp, 'm1');
   await guest(['write -P 0x31 2M 64k', 'write -P 0x32 7M 1M']);
   await qmp.execute('job-complete', { id: 'm1' });
-  await waitStatus(qmp, 'm1', 'concluded');
+  await waitJobStatus(qmp, 'm1', 'concluded');
   await qmp.execute('job-dismiss', { id: 'm1' });
-  await waitStatus(qmp, 'm1', 'null');
-  const completeEvents = summary(qmp.takeEvents());
+  await waitJobStatus(qmp, 'm1', 'null');
+  const completeEvents = jobEventSummary(qmp.takeEvents());
   // After the pivot the guest writes to tgt only.
   await guest(['write -P 0x33 0 4k']);
   await qmp.execute('block-export-del', { id: 'e0' });
@@ -90,8 +76,8 @@ async function session(qmp: QmpClient, dir: string, peerSock: string) {
   await qmp.execute('blockdev-mirror', { 'job-id': 'm2', device: 'tgt', target: 'src', sync: 'full' });
   await waitReady(qmp, 'm2');
   await qmp.execute('block-job-cancel', { device: 'm2' });
-  await waitStatus(qmp, 'm2', 'null');
-  const cancelEvents = summary(qmp.takeEvents());
+  await waitJobStatus(qmp, 'm2', 'null');
+  const cancelEvents = jobEventSummary(qmp.takeEvents());
 
   // 3. drive-mirror to another daemon's NBD export, COLO's "resume replication" step.
   await qmp.execute('drive-mirror', {
@@ -104,8 +90,8 @@ async function session(qmp: QmpClient, dir: string, peerSock: string) {
   });
   await waitReady(qmp, 'resync');
   await qmp.execute('block-job-cancel', { device: 'resync' });
-  await waitStatus(qmp, 'resync', 'null');
-  const driveEvents = summary(qmp.takeEvents());
+  await waitJobStatus(qmp, 'resync', 'null');
+  const driveEvents = jobEventSummary(qmp.takeEvents());
 
   const errors = [
     await failure(qmp, 'blockdev-mirror', { 'job-id': 'x', device: 'src', target: 'nope', sync: 'full' }),
@@ -162,7 +148,7 @@ async function session(qmp: QmpClient, dir: string, peerSock: string) {
       replaces: 'src',
     }),
   ].map((e) => e.replaceAll(dir, '<dir>'));
-  const leftover = summary(qmp.takeEvents());
+  const leftover = jobEventSummary(qmp.takeEvents());
   return { completeEvents, cancelEvents, driveEvents, errors, leftover };
 }
 

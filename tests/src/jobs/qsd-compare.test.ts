@@ -3,27 +3,15 @@
  * blockrepd: the same job states and events, and equal images at the end.
  */
 import { copyFileSync } from 'node:fs';
-import type { QmpClient, QmpEvent } from '@blockrep/qmp';
+import type { QmpClient } from '@blockrep/qmp';
 import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
+import { jobEventSummary, waitJobStatus } from '../job-events';
 import { startQsd } from '../qsd';
 
 const SIZE = 8 << 20;
 afterEach(() => killAll());
-
-/** What a job's events look like without timestamps: name plus the fields both fill. */
-function summary(events: QmpEvent[]): string[] {
-  return events.map((e) => {
-    const d = e.data as Record<string, unknown>;
-    if (e.event === 'JOB_STATUS_CHANGE') return `${e.event} ${d.id} ${d.status}`;
-    return `${e.event} ${d.type} ${d.device} len=${d.len} offset=${d.offset}${d.error ? ` error=${d.error}` : ''}`;
-  });
-}
-
-async function waitStatus(qmp: QmpClient, id: string, status: string) {
-  await qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.id === id && e.data?.status === status, 30_000);
-}
 
 /** The session: a full backup, then an active commit, each waited for and dismissed. */
 async function session(qmp: QmpClient, dir: string) {
@@ -46,10 +34,10 @@ async function session(qmp: QmpClient, dir: string) {
     sync: 'full',
     'auto-dismiss': false,
   });
-  await waitStatus(qmp, 'b1', 'concluded');
+  await waitJobStatus(qmp, 'b1', 'concluded');
   await qmp.execute('job-dismiss', { id: 'b1' });
-  await waitStatus(qmp, 'b1', 'null');
-  const backupEvents = summary(qmp.takeEvents());
+  await waitJobStatus(qmp, 'b1', 'null');
+  const backupEvents = jobEventSummary(qmp.takeEvents());
   // An error of each kind on the way.
   const errors: string[] = [];
   for (const [cmd, args] of [
@@ -77,10 +65,10 @@ async function session(qmp: QmpClient, dir: string) {
   await qmp.execute('block-commit', { 'job-id': 'c1', device: 'top', 'auto-dismiss': false });
   await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === 'c1', 30_000);
   await qmp.execute('job-complete', { id: 'c1' });
-  await waitStatus(qmp, 'c1', 'concluded');
+  await waitJobStatus(qmp, 'c1', 'concluded');
   await qmp.execute('job-dismiss', { id: 'c1' });
-  await waitStatus(qmp, 'c1', 'null');
-  const commitEvents = summary(qmp.takeEvents());
+  await waitJobStatus(qmp, 'c1', 'null');
+  const commitEvents = jobEventSummary(qmp.takeEvents());
   const nodes = (await qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }))
     .map((n) => n['node-name'])
     .filter((n) => !n.startsWith('#'))

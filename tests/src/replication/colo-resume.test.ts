@@ -166,12 +166,15 @@ async function expectInSync(pri: Host, sec: Host) {
   expect(cmp.stdout.trim()).toBe('Images are identical.');
 }
 
-/** An image of SIZE with the given qemu-io writes, to compare a final disk against. */
-async function expected(dir: string, writes: string[]): Promise<string> {
-  const f = `${dir}/expected.raw`;
-  await qemuImg(['create', '-f', 'raw', f, String(SIZE)]);
-  await qemuIo(['-f', 'raw', f], writes);
-  return f;
+/** After a clean stop, the host's disk holds exactly these writes (qemu-img check and compare). */
+async function expectDiskHolds(h: Host, writes: string[]) {
+  expect(await h.d.stop()).toBe(0);
+  const want = h.file('expected.raw');
+  await qemuImg(['create', '-f', 'raw', want, String(SIZE)]);
+  await qemuIo(['-f', 'raw', want], writes);
+  expect((await qemuImg(['check', h.file('disk.qcow2')])).stdout).toContain('No errors were found');
+  const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', h.file('disk.qcow2'), want]);
+  expect(cmp.stdout.trim()).toBe('Images are identical.');
 }
 
 describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror between blockrepd', () => {
@@ -211,17 +214,13 @@ describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror be
     await b.d.kill();
     await secondaryFailover(c);
     await io(c.nbd, 'guest', ['read -P 0x23 10M 1M', 'read -P 0 12M 1M', 'read -P 0x31 14M 1M']);
-    expect(await c.d.stop()).toBe(0);
-    const want = await expected(c.file('.'), [
+    await expectDiskHolds(c, [
       'write -P 0x11 0 4M',
       'write -P 0x21 6M 1M',
       'write -P 0x22 8M 1M',
       'write -P 0x23 10M 1M',
       'write -P 0x31 14M 1M',
     ]);
-    expect((await qemuImg(['check', c.file('disk.qcow2')])).stdout).toContain('No errors were found');
-    const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', c.file('disk.qcow2'), want]);
-    expect(cmp.stdout.trim()).toBe('Images are identical.');
   });
 
   it('the secondary dies: the primary goes on, resyncs a new secondary, which later takes over', async () => {
@@ -254,16 +253,12 @@ describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror be
     await a.d.kill();
     await secondaryFailover(c);
     await io(c.nbd, 'guest', ['read -P 0x12 4M 1M', 'read -P 0 10M 1M', 'read -P 0x31 12M 1M']);
-    expect(await c.d.stop()).toBe(0);
-    const want = await expected(c.file('.'), [
+    await expectDiskHolds(c, [
       'write -P 0x11 0 4M',
       'write -P 0x12 4M 1M',
       'write -P 0x13 6M 1M',
       'write -P 0x14 8M 1M',
       'write -P 0x31 12M 1M',
     ]);
-    expect((await qemuImg(['check', c.file('disk.qcow2')])).stdout).toContain('No errors were found');
-    const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', c.file('disk.qcow2'), want]);
-    expect(cmp.stdout.trim()).toBe('Images are identical.');
   });
 });

@@ -1,4 +1,5 @@
 import { copyFileSync, rmSync } from 'node:fs';
+import type { QmpClient } from '@blockrep/qmp';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, medianAlternating, runPeer, startQmpDaemon, timeJob } from './util';
 
@@ -26,7 +27,16 @@ async function prepare(dir: string) {
   });
 }
 
-async function backup(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
+/**
+ * A daemon of one kind with copies of src.qcow2 and tgt.qcow2 added as nodes 'src' and 'tgt':
+ * `start` sends the job's command, and the result is the seconds until the job is gone.
+ */
+async function onPair(
+  kind: 'blockrepd' | 'qsd',
+  dir: string,
+  work: string,
+  start: (qmp: QmpClient, id: string) => Promise<void>,
+): Promise<number> {
   copyFileSync(`${dir}/src.qcow2`, `${work}/src.qcow2`);
   copyFileSync(`${dir}/tgt.qcow2`, `${work}/tgt.qcow2`);
   const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
@@ -39,34 +49,24 @@ async function backup(kind: 'blockrepd' | 'qsd', dir: string, work: string): Pro
       });
     }
     const t0 = process.hrtime.bigint();
-    await d.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 'src', target: 'tgt', sync: 'full' });
-    return await timeJob(d.qmp, 'b', 'null', t0);
+    await start(d.qmp, 'j');
+    return await timeJob(d.qmp, 'j', 'null', t0);
   } finally {
     await d.stop();
   }
 }
 
-async function mirror(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
-  copyFileSync(`${dir}/src.qcow2`, `${work}/src.qcow2`);
-  copyFileSync(`${dir}/tgt.qcow2`, `${work}/tgt.qcow2`);
-  const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
-  try {
-    for (const n of ['src', 'tgt']) {
-      await d.qmp.execute('blockdev-add', {
-        driver: 'qcow2',
-        'node-name': n,
-        file: { driver: 'file', filename: `${work}/${n}.qcow2` },
-      });
-    }
-    const t0 = process.hrtime.bigint();
-    await d.qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'src', target: 'tgt', sync: 'full' });
-    await d.qmp.waitEvent('BLOCK_JOB_READY', () => true, 600_000);
-    await d.qmp.execute('job-complete', { id: 'm' });
-    return await timeJob(d.qmp, 'm', 'null', t0);
-  } finally {
-    await d.stop();
-  }
-}
+const backup = (kind: 'blockrepd' | 'qsd', dir: string, work: string) =>
+  onPair(kind, dir, work, async (qmp, id) => {
+    await qmp.execute('blockdev-backup', { 'job-id': id, device: 'src', target: 'tgt', sync: 'full' });
+  });
+
+const mirror = (kind: 'blockrepd' | 'qsd', dir: string, work: string) =>
+  onPair(kind, dir, work, async (qmp, id) => {
+    await qmp.execute('blockdev-mirror', { 'job-id': id, device: 'src', target: 'tgt', sync: 'full' });
+    await qmp.waitEvent('BLOCK_JOB_READY', () => true, 600_000);
+    await qmp.execute('job-complete', { id });
+  });
 
 async function commit(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
   copyFileSync(`${dir}/base.qcow2`, `${work}/base.qcow2`);

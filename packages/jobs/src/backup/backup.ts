@@ -12,7 +12,7 @@ import {
   unblockOp,
 } from '@blockrep/block';
 import type { OnError } from '../block-error-policy';
-import { BlockJob, type BlockJobOptions } from '../block-job';
+import { BlockJob, type BlockJobOptions, setUpJob } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 import { CopyError } from './block-copy';
@@ -278,16 +278,8 @@ export async function startBackup(manager: JobManager, opts: BackupOptions): Pro
   }
   if (source.length !== target.length) throw new BlockError('Source and target image have different sizes');
   const job = new BackupJob(manager, opts);
-  // The job owns the bitmap until it ends (QEMU freezes it with a successor): no other operation
-  // may clear, remove, disable or merge into it meanwhile.
-  if (opts.bitmap) opts.bitmap.busy = true;
-  try {
-    await job.setup();
-  } catch (e) {
-    if (opts.bitmap) opts.bitmap.busy = false;
-    job.earlyFail();
-    throw e;
-  }
+  // The job owns the bitmap until it ends, as QEMU freezes it with a successor.
+  await setUpJob(job, () => job.setup(), opts.bitmap);
   // QEMU starts the job inside the drained section of its blockdev-backup transaction: it runs,
   // pauses at once, and resumes when the drain ends (the states users see: running, paused, running).
   job.pause();

@@ -15,7 +15,7 @@ import {
   unblockOp,
 } from '@blockrep/block';
 import type { OnError } from '../block-error-policy';
-import { BlockJob, type BlockJobOptions } from '../block-job';
+import { BlockJob, type BlockJobOptions, setUpJob } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 
@@ -339,12 +339,7 @@ export async function startCommit(
   const b2 = opBlocked(base, BlockOp.COMMIT_TARGET);
   if (b2) throw b2;
   const job = opts.active ? new ActiveCommitJob(manager, opts) : new CommitJob(manager, opts);
-  try {
-    await job.setup();
-  } catch (e) {
-    job.earlyFail();
-    throw e;
-  }
+  await setUpJob(job, () => job.setup());
   job.start();
   return job;
 }

@@ -13,7 +13,7 @@ import {
   ReqFlags,
 } from '@blockrep/block';
 import type { OnError } from '../block-error-policy';
-import { BlockJob, type BlockJobOptions } from '../block-job';
+import { BlockJob, type BlockJobOptions, setUpJob } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 import { type MirrorTopJob, mirrorTopDriver, setMirrorTopJob } from './mirror-top';
@@ -530,15 +530,7 @@ export async function startMirror(manager: JobManager, opts: MirrorOptions): Pro
     );
   }
   const job = new MirrorJob(manager, opts);
-  // The job owns its working bitmap until it ends: nobody may clear, remove or merge into it.
-  if (opts.bitmap) opts.bitmap.busy = true;
-  try {
-    await job.setup();
-  } catch (e) {
-    if (opts.bitmap) opts.bitmap.busy = false;
-    job.earlyFail();
-    throw e;
-  }
+  await setUpJob(job, () => job.setup(), opts.bitmap);
   job.start();
   return job;
 }
