@@ -66,7 +66,7 @@ export {
   permQapiNames,
   storageChildPerm,
 } from './perm';
-export { RangeLock } from './tracking';
+export { Mutex, RangeLock } from './tracking';
 export { fileDriver, nullDriver, rawDriver };
 
 /** The drivers this package provides. */

@@ -108,3 +108,21 @@ export class RangeLock {
     return false;
   }
 }
+
+/** Mutual exclusion for async sections (a metadata update that must not interleave with another). */
+export class Mutex {
+  private tail: Promise<void> = Promise.resolve();
+
+  /** Runs fn once every earlier run has finished; resolves with its result. */
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.tail;
+    let release!: () => void;
+    this.tail = new Promise((r) => (release = r));
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}

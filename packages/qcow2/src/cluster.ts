@@ -228,40 +228,62 @@ async function allocateAndWrite(img: Qcow2Image, offset: number, bytes: number, 
     const cEnd = Math.ceil((offset + bytes) / cs) * cs;
     const n = (cEnd - cStart) / cs;
     await prepareL2(img, cStart);
-    const { offset: host, fresh } = await img.refcounts.allocateRun(n);
-    if (img.overlapsMetadata(host, n * cs))
-      img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
-    const head = offset - cStart;
-    const tail = cEnd - (offset + bytes);
-    const parts: Buffer[] = [];
-    let writeAt = host;
-    if (head) {
-      const first = lookupCached(img, cStart, head) ?? (await lookup(img, cStart, head));
-      if (readsAsZero(img, first, cStart) && first.bytes >= head) {
-        if (fresh) writeAt += head;
-        else parts.push(zeroBuffer(head));
-      } else {
-        const hb = Buffer.allocUnsafe(head);
-        await readRange(img, cStart, head, [hb]);
-        parts.push(hb);
-      }
+    const { offset: host, fresh } = await img.allocator.allocateRun(n);
+    try {
+      await writeNewClusters(img, offset, bytes, iov, host, fresh, n);
+    } catch (e) {
+      // Never referenced: the clusters go back (a full disk, say, leaks nothing).
+      await img.refcounts.free(host, n).catch(() => {});
+      throw e;
     }
-    parts.push(...iov);
-    if (tail) {
-      const last = lookupCached(img, offset + bytes, tail) ?? (await lookup(img, offset + bytes, tail));
-      // Zeroes need no write into fresh clusters (past the end of the file they read as zeroes).
-      if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail)) {
-        const tb = Buffer.allocUnsafe(tail);
-        await readRange(img, offset + bytes, tail, [tb]);
-        parts.push(tb);
-      } else if (!fresh) parts.push(zeroBuffer(tail));
-    }
-    await img.storage.write(writeAt, parts);
     await setEntries(img, cStart, n, (k) => [host + k * cs, true, false]);
     return bytes;
   } finally {
     release();
   }
+}
+
+/** Writes a new run of n clusters at host: the data, and what its clusters keep around it. */
+async function writeNewClusters(
+  img: Qcow2Image,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+  host: number,
+  fresh: boolean,
+  n: number,
+): Promise<void> {
+  const cs = img.cs;
+  const cStart = Math.floor(offset / cs) * cs;
+  const cEnd = Math.ceil((offset + bytes) / cs) * cs;
+  if (img.overlapsMetadata(host, n * cs))
+    img.corruptEvent(`Allocated cluster ${hex(host)} overlaps metadata`);
+  const head = offset - cStart;
+  const tail = cEnd - (offset + bytes);
+  const parts: Buffer[] = [];
+  let writeAt = host;
+  if (head) {
+    const first = lookupCached(img, cStart, head) ?? (await lookup(img, cStart, head));
+    if (readsAsZero(img, first, cStart) && first.bytes >= head) {
+      if (fresh) writeAt += head;
+      else parts.push(zeroBuffer(head));
+    } else {
+      const hb = Buffer.allocUnsafe(head);
+      await readRange(img, cStart, head, [hb]);
+      parts.push(hb);
+    }
+  }
+  parts.push(...iov);
+  if (tail) {
+    const last = lookupCached(img, offset + bytes, tail) ?? (await lookup(img, offset + bytes, tail));
+    // Zeroes need no write into fresh clusters (they read as zeroes until written).
+    if (!(readsAsZero(img, last, offset + bytes) && last.bytes >= tail)) {
+      const tb = Buffer.allocUnsafe(tail);
+      await readRange(img, offset + bytes, tail, [tb]);
+      parts.push(tb);
+    } else if (!fresh) parts.push(zeroBuffer(tail));
+  }
+  await img.storage.write(writeAt, parts);
 }
 
 /**
@@ -332,16 +354,22 @@ async function l2ForWrite(img: Qcow2Image, l1i: number) {
     }
     const p = (async () => {
       const cs = img.cs;
-      const newOff = await img.refcounts.allocate(1);
+      const newOff = await img.allocator.allocate(1);
       let table: Buffer;
-      if (off) {
-        const old = await img.cache.get(off);
-        table = Buffer.from(old.table);
-        img.cache.unpin(old);
-      } else table = Buffer.alloc(cs);
-      await img.storage.write(newOff, table);
-      // The table (and its refcount) must be on disk before the L1 entry that points to it.
-      await img.storage.flush();
+      try {
+        if (off) {
+          const old = await img.cache.get(off);
+          table = Buffer.from(old.table);
+          img.cache.unpin(old);
+        } else table = Buffer.alloc(cs);
+        await img.storage.write(newOff, table);
+        // The table and its refcount must be on disk before the L1 entry that points to it.
+        await img.syncRefcounts();
+        await img.storage.flush();
+      } catch (e) {
+        await img.refcounts.free(newOff, 1).catch(() => {});
+        throw e;
+      }
       const entry = Buffer.alloc(8);
       writeU64(entry, 0, newOff);
       entry.writeUInt32BE((entry.readUInt32BE(0) | COPIED) >>> 0, 0);

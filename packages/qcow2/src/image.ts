@@ -1,4 +1,5 @@
-import { BlockError, RangeLock } from '@blockrep/block';
+import { BlockError, Mutex, RangeLock } from '@blockrep/block';
+import { Qcow2Allocator } from './allocate';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
 import {
@@ -12,7 +13,7 @@ import {
   withBackingFile,
   writeU64,
 } from './header';
-import { Mutex, Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
+import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
 import { type Qcow2Storage, readBuf } from './storage';
 
 /*
@@ -58,6 +59,9 @@ export class Qcow2Image {
   readonly metadataLock = new Mutex();
   /** Refcount write generation already made durable by a flush. */
   private syncedGen = 0;
+  /** One refcount write-back and flush at a time: a second waits for the first to be durable. */
+  private readonly syncLock = new Mutex();
+  readonly allocator: Qcow2Allocator;
 
   private constructor(
     readonly storage: Qcow2Storage,
@@ -74,6 +78,7 @@ export class Qcow2Image {
     this.l1 = l1;
     this.l1Offset = header.l1TableOffset;
     this.corrupt = (header.incompatible & Incompat.CORRUPT) !== 0n;
+    this.allocator = new Qcow2Allocator(refcounts);
     this.cache = new Qcow2L2Cache(
       cacheTables,
       (off) => readBuf(storage, off, this.cs),
@@ -214,17 +219,27 @@ export class Qcow2Image {
     });
   }
 
-  /** Makes the refcount writes done so far durable before metadata that relies on them is written. */
-  async syncRefcounts(): Promise<void> {
-    const g = this.refcounts.gen;
-    if (g === this.syncedGen) return;
-    await this.storage.flush();
-    if (g > this.syncedGen) this.syncedGen = g;
+  /**
+   * Makes the refcount increases made so far durable (written back, then flushed) before
+   * metadata that relies on them is written.
+   */
+  syncRefcounts(): Promise<void> {
+    return this.syncLock.run(async () => {
+      const g = this.refcounts.gen;
+      if (g === this.syncedGen) return;
+      await this.refcounts.writeBack();
+      await this.storage.flush();
+      if (g > this.syncedGen) this.syncedGen = g;
+    });
   }
 
   private async writeL2(e: Qcow2CacheEntry): Promise<void> {
+    // The table as it is now: every cluster it references was counted before the sync below
+    // begins, so the sync makes all of them durable. Entries set meanwhile wait for the next
+    // write-back (the entry stays dirty).
+    const table = Buffer.from(e.table);
     await this.syncRefcounts();
-    await this.storage.write(e.offset, e.table);
+    await this.storage.write(e.offset, table);
   }
 
   /** Writes cached metadata in dependency order, then releases clusters freed by it. */
@@ -241,13 +256,14 @@ export class Qcow2Image {
         await this.storage.flush();
         for (const [off, n] of frees) await this.refcounts.free(off, n);
       }
+      // Decreases too (frees, failed allocations): the flush to disk that follows covers them.
+      await this.refcounts.writeBack();
     });
   }
 
   async close(): Promise<void> {
     if (this.readOnly || this.corrupt) return;
     await this.flushMetadata();
-    await this.refcounts.releasePool();
     if (this.trimOnClose) {
       const end = (await this.refcounts.lastUsedCluster()) + 1;
       if ((await this.storage.length()) > end * this.cs) await this.storage.truncate(end * this.cs);
@@ -294,7 +310,7 @@ export class Qcow2Image {
   /** A larger L1 table: written, made durable, switched to in one header write, old one freed. */
   private async growL1(need: number): Promise<void> {
     const clusters = Math.ceil((need * 8) / this.cs);
-    const off = await this.refcounts.allocate(clusters);
+    const off = await this.allocator.allocate(clusters);
     const l1 = Buffer.alloc(clusters * this.cs);
     this.l1.copy(l1);
     await this.storage.write(off, l1);
@@ -338,8 +354,9 @@ async function emptyLocked(img: Qcow2Image): Promise<void> {
   await img.cache.drainWrites();
   img.cache.clear();
   img.pendingFree = [];
-  // Under the refcount mutex: a reservation made ahead in the background must not interleave.
-  await img.refcounts.mutex.run(() => rewriteTables(img));
+  // Under the refcount mutex (no allocation interleaves) and with no refcount write in flight
+  // (an older copy of a block landing after the rewrite would undo it).
+  await img.refcounts.mutex.run(() => img.refcounts.writes.run(() => rewriteTables(img)));
 }
 
 async function rewriteTables(img: Qcow2Image): Promise<void> {

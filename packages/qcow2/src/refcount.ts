@@ -1,43 +1,20 @@
-import { BlockError } from '@blockrep/block';
+import { BlockError, Mutex } from '@blockrep/block';
 import { HeaderField, writeU64 } from './header';
 import { type Qcow2Storage, readBuf } from './storage';
 
 /*
- * Reference counts and cluster allocation (QEMU's qcow2-refcount.c). Every refcount change is
- * written through at once, before the cluster is used (allocation) or after its last user is gone
- * from disk (free), so a crash can only leak clusters. Allocation reserves runs of clusters in one
- * refcount write and hands them out without further I/O; the unused rest is returned on close.
+ * Reference counts (QEMU's qcow2-refcount.c): the refcount table and its blocks, cached in memory
+ * and written back. A refcount change only marks its block dirty; dirty blocks reach the disk
+ * before any L2 table that may reference a newly counted cluster (`Qcow2Image.syncRefcounts`),
+ * and on flush and close. So a crash can only leak clusters counted but not yet referenced, and a
+ * cluster allocated and given back before the next write-back leaves no trace on disk.
  */
-
-/** Reserved clusters [start, end); those from freshFrom on lay past the file's end when reserved. */
-interface PoolRun {
-  start: number;
-  end: number;
-  freshFrom: number;
-}
 
 export interface RefcountLayout {
   clusterBits: number;
   refcountOrder: number;
   tableOffset: number;
   tableClusters: number;
-}
-
-/** Mutual exclusion for the few operations that change the refcount structure. */
-export class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise((r) => (release = r));
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
 }
 
 /** Reads entry i of a refcount block of the given width. */
@@ -108,24 +85,21 @@ export class Qcow2Refcounts {
   /** Loaded refcount blocks by index (all are kept: one block maps cs*8/bits clusters). */
   private readonly blocks = new Map<number, Buffer>();
   private readonly loading = new Map<number, Promise<Buffer | null>>();
+  /** Entries [from, to) of a block changed in memory and not written yet. */
+  private readonly dirty = new Map<number, [number, number]>();
   /** Host offsets of refcount blocks, for the metadata overlap check. */
   readonly blockOffsets = new Set<number>();
   /** No free cluster below this index. */
-  private hint = 0;
-  /** One past the last cluster in use or reserved: where new metadata can go. */
+  hint = 0;
+  /** One past the last cluster in use or ever allocated: where new metadata can go. */
   highWater: number;
-  /** Clusters reserved (refcount 1) and not yet handed out: [start, end). */
-  private pool: PoolRun = { start: 0, end: 0, freshFrom: 0 };
-  /** A run reserved ahead that does not follow the pool. */
-  private next: PoolRun | null = null;
-  /** A background reservation is queued or running. */
-  private ahead = false;
-  private target = 0;
-  private lastReserve = Number.NEGATIVE_INFINITY;
-  /** Bumped by reset(): background work queued before it must not touch the rewritten tables. */
-  private epoch = 0;
   readonly mutex = new Mutex();
-  /** Bumped after each refcount increase is written (L2 writes wait for a flush covering it). */
+  /**
+   * Writes of refcount blocks go one after another: two in flight over the same sectors could
+   * land in either order, an older copy last.
+   */
+  readonly writes = new Mutex();
+  /** Bumped by each refcount increase (an L2 write waits until a flush covers it). */
   gen = 0;
 
   constructor(
@@ -194,8 +168,9 @@ export class Qcow2Refcounts {
   }
 
   /**
-   * Adds delta to the refcount of each cluster in [first, first+count) and writes the changed
-   * blocks through. Caller holds the mutex.
+   * Adds delta to the refcount of each cluster in [first, first+count), in memory (the blocks
+   * are written back later). Caller holds the mutex. A change that would take a refcount below
+   * zero or past its maximum changes nothing and throws.
    */
   async update(first: number, count: number, delta: number): Promise<void> {
     const end = first + count;
@@ -212,187 +187,64 @@ export class Qcow2Refcounts {
       for (let k = c; k < stop; k++) {
         const v = refGet(b, k - base, this.bits) + delta;
         if (v < 0 || v > this.max) {
+          // Undo this call's changes so far: the caller sees nothing happened.
+          if (k > first) await this.update(first, k - first, -delta);
           throw this.corrupt(`Refcount of cluster ${k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
         }
         refSet(b, k - base, this.bits, v);
         if (v === 0 && k < this.hint) this.hint = k;
       }
-      await this.writeBlockRange(bi, b, c - base, stop - base);
+      this.markDirty(bi, c - base, stop - base);
       c = stop;
     }
     if (delta > 0) this.gen++;
   }
 
-  /** Writes entries [from, to) of block bi (rounded out to 512-byte sectors). */
-  private async writeBlockRange(bi: number, b: Buffer, from: number, to: number): Promise<void> {
-    const start = Math.floor((from * this.bits) / 8 / 512) * 512;
-    const end = Math.min(this.cs, Math.ceil((to * this.bits) / 8 / 512) * 512);
-    await this.storage.write(tableEntryOffset(this.table, bi) + start, b.subarray(start, end));
+  private markDirty(bi: number, from: number, to: number): void {
+    const d = this.dirty.get(bi);
+    if (d) {
+      d[0] = Math.min(d[0], from);
+      d[1] = Math.max(d[1], to);
+    } else this.dirty.set(bi, [from, to]);
+  }
+
+  /** Whether refcount changes wait to be written. */
+  get isDirty(): boolean {
+    return this.dirty.size > 0;
   }
 
   /**
-   * Host offset of n contiguous new clusters with refcount 1. Comes from the reserved run when it
-   * is long enough (no I/O); otherwise reserves a new run.
+   * Writes every changed part of the refcount blocks (rounded out to 512-byte sectors), from a
+   * copy taken now: changes made while the writes run wait for the next write-back.
    */
-  async allocate(n: number): Promise<number> {
-    return (await this.allocateRun(n)).offset;
+  writeBack(): Promise<void> {
+    return this.writes.run(() => this.writeBackLocked());
   }
 
-  /** Like allocate(); `fresh` says the clusters lie past the file's end (they read as zeroes). */
-  async allocateRun(n: number): Promise<{ offset: number; fresh: boolean }> {
-    for (;;) {
-      if (this.pool.end - this.pool.start < n && this.next && this.next.end - this.next.start >= n) {
-        this.switchToNext();
-      }
-      if (this.pool.end - this.pool.start >= n) {
-        const s = this.pool.start;
-        this.pool.start += n;
-        this.maybeReserveAhead();
-        return { offset: s * this.cs, fresh: s >= this.pool.freshFrom };
-      }
-      await this.mutex.run(() => this.reserve(n));
+  private async writeBackLocked(): Promise<void> {
+    if (!this.dirty.size) return;
+    const work: { bi: number; range: [number, number]; off: number; data: Buffer }[] = [];
+    for (const [bi, range] of this.dirty) {
+      const b = this.blocks.get(bi)!;
+      const start = Math.floor((range[0] * this.bits) / 8 / 512) * 512;
+      const end = Math.min(this.cs, Math.ceil((range[1] * this.bits) / 8 / 512) * 512);
+      const off = tableEntryOffset(this.table, bi) + start;
+      work.push({ bi, range, off, data: Buffer.from(b.subarray(start, end)) });
     }
-  }
-
-  /** Clusters reserved at a time when allocation is not streaming (8 MiB, 16 to 256 clusters). */
-  private baseTarget(): number {
-    return Math.max(16, Math.min(256, Math.floor((8 << 20) / this.cs)));
-  }
-
-  /**
-   * The size of the next reservation: doubles while reservations follow each other within 100 ms
-   * (a sequential write filling the image), up to 64 MiB or 4096 clusters; back to the base
-   * otherwise. Reserved clusters not yet used are what a crash can leak.
-   */
-  private nextTarget(): number {
-    const now = performance.now();
-    const base = this.baseTarget();
-    const max = Math.max(base, Math.min(4096, Math.floor((64 << 20) / this.cs)));
-    this.target = now - this.lastReserve < 100 ? Math.min(max, Math.max(base, this.target * 2)) : base;
-    this.lastReserve = now;
-    return this.target;
-  }
-
-  /**
-   * Starts reserving the next run in the background once the pool is half used, so that
-   * allocating writes do not wait for the refcount write (it queues behind their data writes).
-   */
-  private maybeReserveAhead(): void {
-    const left = this.pool.end - this.pool.start;
-    if (this.ahead || this.next || left === 0 || left * 2 >= this.target) return;
-    this.ahead = true;
-    const epoch = this.epoch;
-    this.mutex
-      .run(async () => {
-        if (epoch === this.epoch) await this.reserveAhead();
-      })
-      // A failure here (ENOSPC, EIO) reaches the writer that next needs clusters.
-      .catch(() => {})
-      .finally(() => {
-        this.ahead = false;
-      });
-  }
-
-  private async reserveAhead(): Promise<void> {
-    const left = this.pool.end - this.pool.start;
-    // Released (close, makeEmpty) or refilled meanwhile: nothing to do.
-    if (this.next || left === 0 || left * 2 >= this.target) return;
-    const run = await this.reserveRun(1, this.nextTarget());
-    if (run.start === this.pool.end) {
-      // Right after the pool (the image growing at its end): one longer run. Clusters past the
-      // file's end in either part stay fresh when the new part is fresh throughout.
-      const freshFrom =
-        run.freshFrom === run.start ? Math.min(this.pool.freshFrom, run.start) : run.freshFrom;
-      this.pool = { start: this.pool.start, end: run.end, freshFrom };
-    } else this.next = run;
-  }
-
-  /** Takes the reserved-ahead run as the pool; the old pool's few clusters are released. */
-  private switchToNext(): void {
-    const old = this.pool;
-    this.pool = this.next!;
-    this.next = null;
-    if (old.end > old.start) {
-      // Not after a reset (makeEmpty): those clusters may be in use again by then.
-      const epoch = this.epoch;
-      this.mutex
-        .run(async () => {
-          if (epoch === this.epoch) await this.update(old.start, old.end - old.start, -1);
-        })
-        .catch(() => {});
-    }
-  }
-
-  private async reserve(n: number): Promise<void> {
-    if (this.pool.end - this.pool.start >= n) return;
-    if (this.next && this.next.end - this.next.start >= n) return;
-    await this.releasePoolLocked();
-    this.pool = await this.reserveRun(n, Math.max(n, this.nextTarget()));
-  }
-
-  /**
-   * Finds at least n (up to `want`) free clusters, sets their refcounts to 1 and returns them as
-   * a run. Caller holds the mutex.
-   */
-  private async reserveRun(n: number, want: number): Promise<PoolRun> {
-    for (;;) {
-      const run = await this.findFreeRun(n, want);
-      const missing: number[] = [];
-      for (let bi = Math.floor(run.start / this.perBlock); bi * this.perBlock < run.start + run.len; bi++) {
-        if (!(await this.block(bi))) missing.push(bi);
-      }
-      if (missing.length) {
-        // New blocks go at the high-water mark, possibly inside the run: search again.
-        await this.addRefblocks(missing);
-        continue;
-      }
-      await this.update(run.start, run.len, 1);
-      const eof = Math.ceil((await this.storage.length()) / this.cs);
-      const end = run.start + run.len;
-      this.highWater = Math.max(this.highWater, end);
-      if (this.hint >= run.start) this.hint = end;
-      return { start: run.start, end, freshFrom: Math.max(run.start, eof) };
-    }
-  }
-
-  /** The first run of at least n free clusters from the hint, extended up to `want`. */
-  private async findFreeRun(n: number, want: number): Promise<{ start: number; len: number }> {
-    let start = this.hint;
-    let len = 0;
-    let c = this.hint;
-    let firstFree = -1;
-    for (;;) {
-      const bi = Math.floor(c / this.perBlock);
-      const b = await this.block(bi);
-      const blockEnd = (bi + 1) * this.perBlock;
-      if (!b) {
-        if (len === 0) start = c;
-        if (firstFree < 0) firstFree = c;
-        len += blockEnd - c;
-        c = blockEnd;
-      } else {
-        for (; c < blockEnd; c++) {
-          if (refGet(b, c - bi * this.perBlock, this.bits) === 0) {
-            if (firstFree < 0) firstFree = c;
-            if (len === 0) start = c;
-            len++;
-            if (len >= want) break;
-          } else {
-            if (len >= n) break;
-            len = 0;
-          }
-        }
-      }
-      if (len >= want || (len >= n && c < blockEnd)) break;
-    }
-    this.hint = firstFree;
-    return { start, len: Math.min(len, want) };
+    this.dirty.clear();
+    const results = await Promise.allSettled(work.map((w) => this.storage.write(w.off, w.data)));
+    const failed = results.findIndex((r) => r.status === 'rejected');
+    if (failed < 0) return;
+    // Still to be written: the next write-back tries again.
+    for (const [k, r] of results.entries())
+      if (r.status === 'rejected') this.markDirty(work[k]!.bi, ...work[k]!.range);
+    throw (results[failed] as PromiseRejectedResult).reason;
   }
 
   /**
    * Creates refcount blocks with the given indices, placed at the high-water mark and covering
-   * themselves; grows the refcount table (new table next to them) when it is too small.
-   * Caller holds the mutex.
+   * themselves; grows the refcount table (new table next to them) when it is too small. Written
+   * through at once. Caller holds the mutex.
    */
   async addRefblocks(indices: number[]): Promise<void> {
     const cs = this.cs;
@@ -430,11 +282,10 @@ export class Qcow2Refcounts {
       refSet(b, c % this.perBlock, this.bits, refGet(b, c % this.perBlock, this.bits) + 1);
       if (!newBlocks.has(bi)) touched.add(bi);
     }
-    // Refcounts first (new blocks, then existing ones), the table pointing to them last.
+    // Refcounts first (new blocks, then the changes to existing ones), the table pointing to them last.
     await Promise.all(order.map((bi, k) => this.storage.write((hw + k) * cs, newBlocks.get(bi)!)));
-    for (const bi of touched) {
-      await this.storage.write(tableEntryOffset(this.table, bi), this.blocks.get(bi)!);
-    }
+    for (const bi of touched) this.markDirty(bi, 0, this.perBlock);
+    await this.writeBack();
     // The blocks must be on disk before a table entry points to them.
     await this.storage.flush();
     if (!tableClusters) {
@@ -485,35 +336,21 @@ export class Qcow2Refcounts {
     return -1;
   }
 
-  /** Frees host clusters (their last reference is gone from disk). */
+  /** Frees host clusters (their last reference is gone from disk, or was never written). */
   free(hostOffset: number, clusters: number): Promise<void> {
     return this.mutex.run(() => this.update(Math.floor(hostOffset / this.cs), clusters, -1));
   }
 
-  private async releasePoolLocked(): Promise<void> {
-    const runs = [this.pool, this.next];
-    this.pool = { start: 0, end: 0, freshFrom: 0 };
-    this.next = null;
-    for (const r of runs) if (r && r.end > r.start) await this.update(r.start, r.end - r.start, -1);
-  }
-
-  /** Returns the reserved but unused clusters (on close, so that check finds no leaks). */
-  releasePool(): Promise<void> {
-    return this.mutex.run(() => this.releasePoolLocked());
-  }
-
-  /** Forgets every cached block and the reservation (after makeEmpty rewrote them on disk). */
+  /** Forgets every cached block and pending change (after makeEmpty rewrote them on disk). */
   reset(table: Buffer, fileLength: number): void {
     this.table = table;
     this.blocks.clear();
+    this.dirty.clear();
     this.blockOffsets.clear();
     for (let i = 0; i < this.tableEntries; i++) {
       const off = tableEntryOffset(table, i);
       if (off) this.blockOffsets.add(off);
     }
-    this.pool = { start: 0, end: 0, freshFrom: 0 };
-    this.next = null;
-    this.epoch++;
     this.hint = 0;
     this.highWater = Math.ceil(fileLength / this.cs);
   }
