@@ -23,7 +23,11 @@ export type Errno =
   | 'ESHUTDOWN'
   | 'ETIMEDOUT'
   | 'ENOTCONN'
-  | 'EAGAIN';
+  | 'EAGAIN'
+  | 'EFBIG'
+  | 'ENOMEM'
+  | 'EMFILE'
+  | 'ELOOP';
 
 /** Every error the block layer raises: a stable QMP class, a human sentence, and an errno. */
 export class BlockError extends Error {
@@ -61,6 +65,10 @@ const ERRNO_TEXT: Record<Errno, string> = {
   ETIMEDOUT: 'Connection timed out',
   ENOTCONN: 'Transport endpoint is not connected',
   EAGAIN: 'Resource temporarily unavailable',
+  EFBIG: 'File too large',
+  ENOMEM: 'Cannot allocate memory',
+  EMFILE: 'Too many open files',
+  ELOOP: 'Too many levels of symbolic links',
 };
 
 /** strerror() text for an errno, as QEMU prints it. */

@@ -140,7 +140,7 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
       for (let k = 0; k < cs / 8; k++) {
         const hi = l2.readUInt32BE(k * 8);
         const lo = l2.readUInt32BE(k * 8 + 4);
-        const type = entryType(hi, lo, h.version === 3);
+        const type = entryType(hi, lo);
         if (type === ClusterType.COMPRESSED) {
           const [first, n] = compressedClusters(hi, lo, { clusterBits: h.clusterBits, cs });
           inc(first, n * cs);
@@ -211,7 +211,7 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
       for (let k = 0; k < cs / 8; k++) {
         const hi = l2.readUInt32BE(k * 8);
         const lo = l2.readUInt32BE(k * 8 + 4);
-        const type = entryType(hi, lo, h.version === 3);
+        const type = entryType(hi, lo);
         if (type !== ClusterType.NORMAL && type !== ClusterType.ZERO_ALLOC) continue;
         const host = entryOffset(hi, lo);
         if (host % cs) continue;

@@ -33,10 +33,14 @@ export interface Run {
   lo: number;
 }
 
-export function entryType(hi: number, lo: number, v3: boolean): ClusterType {
+/**
+ * An L2 entry's type, as QEMU reads it whatever the version: a zero flag in a v2 image is a zero
+ * type too, and reading it is a corruption (v2 has no zero clusters).
+ */
+export function entryType(hi: number, lo: number): ClusterType {
   if (hi & COMPRESSED) return ClusterType.COMPRESSED;
   const off = (hi & 0xffffff) * 0x100000000 + (lo - (lo & 0x1ff));
-  if (v3 && lo & 1) return off ? ClusterType.ZERO_ALLOC : ClusterType.ZERO_PLAIN;
+  if (lo & 1) return off ? ClusterType.ZERO_ALLOC : ClusterType.ZERO_PLAIN;
   return off ? ClusterType.NORMAL : ClusterType.UNALLOCATED;
 }
 
@@ -109,17 +113,15 @@ function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, ma
   const limit = Math.min(maxBytes, (img.l2Entries - l2i) * cs - inCluster);
   const hi = t.readUInt32BE(l2i * 8);
   const lo = t.readUInt32BE(l2i * 8 + 4);
-  const type = entryType(hi, lo, img.v3);
+  const type = entryType(hi, lo);
   const copied = (hi & COPIED) !== 0;
   const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
+  if ((type === ClusterType.ZERO_PLAIN || type === ClusterType.ZERO_ALLOC) && !img.v3) {
+    img.corruptEvent(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+  }
   if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
     img.corruptEvent(
       `Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
-    );
-  }
-  if (type === ClusterType.NORMAL && host + cs > img.fileEnd) {
-    img.corruptEvent(
-      `Data cluster offset ${hex(host)} beyond end of file (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
     );
   }
   let n = 1;
@@ -129,12 +131,10 @@ function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, ma
     while (n < need) {
       const h2 = t.readUInt32BE((l2i + n) * 8);
       const l2 = t.readUInt32BE((l2i + n) * 8 + 4);
-      if (entryType(h2, l2, img.v3) !== type || ((h2 & COPIED) !== 0) !== copied) break;
+      if (entryType(h2, l2) !== type || ((h2 & COPIED) !== 0) !== copied) break;
       if (contiguous && entryOffset(h2, l2) !== host + n * cs) break;
       n++;
     }
-    if (type === ClusterType.NORMAL && host + n * cs > img.fileEnd)
-      n = Math.max(1, Math.floor((img.fileEnd - host) / cs));
   }
   return {
     type,
@@ -148,6 +148,7 @@ function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, ma
 
 /** Reads guest [offset, offset+bytes) into iov. */
 export async function readRange(img: Qcow2Image, offset: number, bytes: number, iov: IoVec): Promise<void> {
+  img.checkUsable();
   for (let done = 0; done < bytes; ) {
     const r =
       lookupCached(img, offset + done, bytes - done) ?? (await lookup(img, offset + done, bytes - done));
@@ -316,7 +317,7 @@ async function setEntries(
       const p = (l2i + k) * 8;
       const hi = t.readUInt32BE(p);
       const lo = t.readUInt32BE(p + 4);
-      const oldType = entryType(hi, lo, img.v3);
+      const oldType = entryType(hi, lo);
       const oldHost = oldType === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
       const [host, copied, zero] = entry(k, oldType, oldHost, (hi & COPIED) !== 0);
       writeU64(t, p, host);

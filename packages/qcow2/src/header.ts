@@ -20,7 +20,6 @@ export const MAX_VIRTUAL_SIZE = 2 ** 53 - 2 ** 21;
 
 export const Incompat = { DIRTY: 1n, CORRUPT: 2n, DATA_FILE: 4n, COMPRESSION: 8n, EXTENDED_L2: 16n } as const;
 export const Compat = { LAZY_REFCOUNTS: 1n } as const;
-const KNOWN_INCOMPAT = Incompat.DIRTY | Incompat.CORRUPT;
 
 export const Ext = {
   END: 0,
@@ -81,6 +80,14 @@ export function readU64(buf: Buffer, off: number): number {
   return hi * 0x100000000 + lo;
 }
 
+/**
+ * A 64-bit field as a number; values past 2^53 (which only a broken or hostile image holds)
+ * come back as at least 2^53, which every bound below treats as out of reach.
+ */
+function readOffset(buf: Buffer, off: number): number {
+  return Number(buf.readBigUInt64BE(off));
+}
+
 export function writeU64(buf: Buffer, off: number, v: number): void {
   buf.writeUInt32BE(Math.floor(v / 0x100000000), off);
   buf.writeUInt32BE(v % 0x100000000, off + 4);
@@ -97,6 +104,7 @@ function corrupt(msg: string): BlockError {
 }
 
 const isAligned = (v: number, cs: number) => v % cs === 0;
+const INT64_MAX = 2 ** 63 - 1;
 
 /** Number of L1 entries needed to map `size` bytes. */
 export function l1EntriesFor(size: number, clusterBits: number): number {
@@ -105,10 +113,48 @@ export function l1EntriesFor(size: number, clusterBits: number): number {
 }
 
 /**
- * Parses and validates the header at the start of `buf` (the first cluster, or at least the
- * first 64 KiB / the whole file when shorter). `fileLength` bounds every offset.
+ * QEMU's qcow2_validate_table: a table of `entries` entries of `entryLen` bytes at `offset` is at
+ * most `maxBytes` long, cluster aligned, and ends before 2^63. It may lie past the end of the
+ * file: what is missing there reads as zeroes.
  */
-export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
+function validateTable(offset: number, entries: number, entryLen: number, maxBytes: number, name: string, cs: number) {
+  if (entries > Math.floor(maxBytes / entryLen)) {
+    throw new BlockError(`${name} too large`, { errno: 'EFBIG' });
+  }
+  if (INT64_MAX - entries * entryLen < offset || !isAligned(offset, cs)) {
+    throw corrupt(`${name} offset invalid`);
+  }
+}
+
+/** The names QEMU's error gives unsupported incompatible features: the table's, then one hex for the rest. */
+function unsupportedFeatures(h: Qcow2Header, mask: bigint): string {
+  const names: string[] = [];
+  for (const [key, name] of h.featureNames) {
+    const [type, bit] = key.split(':').map(Number) as [number, number];
+    if (type !== 0 || bit > 63) continue;
+    const b = 1n << BigInt(bit);
+    if (mask & b) {
+      names.push(name.slice(0, 46));
+      mask &= ~b;
+    }
+  }
+  if (mask) names.push(`Unknown incompatible feature: ${mask.toString(16)}`);
+  return `Unsupported qcow2 feature(s): ${names.join(', ')}`;
+}
+
+export interface ParseHeaderOptions {
+  /**
+   * Opened for `check` (QEMU's BDRV_O_CHECK): an image without a refcount table and a broken
+   * snapshot table header are left for the check to report.
+   */
+  check?: boolean;
+}
+
+/**
+ * Parses and validates the header at the start of `buf` (the first cluster, or at least the
+ * first 64 KiB / the whole file when shorter), with QEMU's checks in QEMU's order and its texts.
+ */
+export function parseHeader(buf: Buffer, _fileLength: number, opts: ParseHeaderOptions = {}): Qcow2Header {
   if (buf.length < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && buf.readUInt32BE(0) === QCOW2_MAGIC) {
       throw corrupt(`qcow2 header is truncated (${buf.length} bytes, at least ${V2_HEADER_LENGTH} needed)`);
@@ -125,19 +171,21 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
     throw corrupt(`Unsupported cluster size: 2^${clusterBits}`);
   }
   const cs = 2 ** clusterBits;
+  const rawSize = buf.readBigUInt64BE(24);
   const h: Qcow2Header = {
     version,
-    backingFileOffset: readU64(buf, 8),
+    backingFileOffset: readOffset(buf, 8),
     backingFileSize: buf.readUInt32BE(16),
     clusterBits,
-    size: readU64(buf, 24),
+    // QEMU counts whole 512-byte sectors: a size that is not a multiple of 512 is rounded down.
+    size: Number(rawSize - (rawSize % 512n)),
     cryptMethod: buf.readUInt32BE(32),
     l1Size: buf.readUInt32BE(36),
-    l1TableOffset: readU64(buf, 40),
-    refcountTableOffset: readU64(buf, 48),
+    l1TableOffset: readOffset(buf, 40),
+    refcountTableOffset: readOffset(buf, 48),
     refcountTableClusters: buf.readUInt32BE(56),
     nbSnapshots: buf.readUInt32BE(60),
-    snapshotsOffset: readU64(buf, 64),
+    snapshotsOffset: readOffset(buf, 64),
     incompatible: 0n,
     compatible: 0n,
     autoclear: 0n,
@@ -155,83 +203,101 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
     h.refcountOrder = buf.readUInt32BE(96);
     h.headerLength = buf.readUInt32BE(100);
     if (h.headerLength < V3_HEADER_LENGTH) throw corrupt('qcow2 header too short');
-    if (h.headerLength > cs) throw corrupt('qcow2 header exceeds cluster size');
-    if (h.headerLength > buf.length) throw corrupt('qcow2 header is truncated');
-    if (h.headerLength > 104) h.compressionType = buf.readUInt8(104);
+  }
+  if (h.headerLength > cs) throw corrupt('qcow2 header exceeds cluster size');
+  if (h.headerLength > buf.length) throw corrupt('qcow2 header is truncated');
+  if (h.backingFileOffset > cs) throw corrupt('Invalid backing file offset');
+  if (h.headerLength > 104) h.compressionType = buf.readUInt8(104);
+  if (h.compressionType === 0) {
+    if (h.incompatible & Incompat.COMPRESSION) {
+      throw corrupt('qcow2: Compression type incompatible feature bit must not be set');
+    }
+  } else if (h.compressionType === 1) {
+    // zstd: QEMU reads it; Node's zlib has no zstd.
+    throw new BlockError('Unsupported compression type 1 (zstd; only zlib is supported)', { errno: 'ENOTSUP' });
+  } else {
+    throw new BlockError(`qcow2: unknown compression type: ${h.compressionType}`, { errno: 'ENOTSUP' });
+  }
+  const extEnd = h.backingFileOffset ? h.backingFileOffset : cs;
+  // Extended L2 entries (subclusters) are known to QEMU but not supported here: named like the rest.
+  const unsupported = h.incompatible & ~(QEMU_INCOMPAT_MASK & ~Incompat.EXTENDED_L2);
+  if (unsupported) {
+    // The feature names come from the extensions, read for this alone (errors in them do not count).
+    try {
+      parseExtensions(buf, h, extEnd);
+    } catch {
+      // Names as far as they could be read.
+    }
+    throw new BlockError(unsupportedFeatures(h, unsupported), { errno: 'ENOTSUP' });
   }
   if (h.refcountOrder > 6) throw corrupt('Reference count entry width too large; may not exceed 64 bits');
+  if (h.cryptMethod === 1 || h.cryptMethod === 2) {
+    // We hold no keys: QEMU asks for one the same way when none is given.
+    throw new BlockError("Parameter 'encrypt.key-secret' is required for cipher", { errno: 'EINVAL' });
+  } else if (h.cryptMethod !== 0) {
+    throw corrupt(`Unsupported encryption method ${h.cryptMethod}`);
+  }
+  if (h.refcountTableClusters === 0 && !opts.check) {
+    throw corrupt('Image does not contain a reference count table');
+  }
+  validateTable(h.refcountTableOffset, h.refcountTableClusters, cs, MAX_REFTABLE_BYTES, 'Reference count table', cs);
+  if (!opts.check) {
+    validateTable(h.snapshotsOffset, h.nbSnapshots, 40, 40 * 65536, 'Snapshot table', cs);
+  }
+  validateTable(h.l1TableOffset, h.l1Size, 8, MAX_L1_BYTES, 'Active L1 table', cs);
+  const l1Needed = l1EntriesFor(h.size, clusterBits);
+  if (l1Needed > 0x7fffffff) throw new BlockError('Image is too big', { errno: 'EFBIG' });
+  if (h.l1Size < l1Needed) throw corrupt('L1 table is too small');
   if (h.size > MAX_VIRTUAL_SIZE) throw new BlockError('Image too large', { errno: 'EINVAL' });
-  if (h.cryptMethod !== 0)
-    throw new BlockError('Encrypted qcow2 images are not supported', { errno: 'ENOTSUP' });
-  if (h.compressionType !== 0) {
-    throw new BlockError(`Unsupported compression type ${h.compressionType} (only zlib)`, {
-      errno: 'ENOTSUP',
-    });
-  }
 
-  parseExtensions(buf, h, cs);
-  const unknown = h.incompatible & ~KNOWN_INCOMPAT;
-  if (unknown) {
-    const names: string[] = [];
-    for (let bit = 0n; bit < 64n; bit++) {
-      if (unknown & (1n << bit))
-        names.push(
-          h.featureNames.get(`0:${bit}`) ?? `Unknown incompatible feature: ${(1n << bit).toString(16)}`,
-        );
-    }
-    throw new BlockError(`Unsupported qcow2 feature(s): ${names.join(', ')}`, { errno: 'ENOTSUP' });
+  parseExtensions(buf, h, extEnd);
+  if (h.incompatible & Incompat.DATA_FILE) {
+    throw new BlockError("'data-file' is required for this image", { errno: 'EINVAL' });
   }
+  if (h.autoclear & 2n) throw corrupt('data-file-raw requires a data file');
 
   if (h.backingFileOffset) {
-    if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileOffset + h.backingFileSize > cs) {
+    if (h.backingFileSize > Math.min(MAX_BACKING_NAME, cs - h.backingFileOffset)) {
       throw corrupt('Backing file name too long');
     }
     if (h.backingFileOffset + h.backingFileSize > buf.length) throw corrupt('qcow2 header is truncated');
     h.backingFile = buf.toString('utf8', h.backingFileOffset, h.backingFileOffset + h.backingFileSize);
   }
-
-  // Tables must be cluster aligned and inside the file, and of sane sizes.
-  if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt('Active L1 table too large');
-  if (h.l1Size < l1EntriesFor(h.size, clusterBits)) throw corrupt('L1 table is too small');
-  if (
-    h.l1Size &&
-    (!isAligned(h.l1TableOffset, cs) || h.l1TableOffset === 0 || h.l1TableOffset + h.l1Size * 8 > fileLength)
-  ) {
-    throw corrupt('Invalid L1 table offset');
-  }
-  if (h.refcountTableClusters * cs > MAX_REFTABLE_BYTES) throw corrupt('Reference count table too large');
-  if (
-    h.refcountTableClusters === 0 ||
-    h.refcountTableOffset === 0 ||
-    !isAligned(h.refcountTableOffset, cs) ||
-    h.refcountTableOffset + h.refcountTableClusters * cs > fileLength + cs
-  ) {
-    throw corrupt('Invalid reference count table offset');
-  }
-  if (h.nbSnapshots > 65536) throw corrupt('Too many snapshots');
-  if (h.nbSnapshots && (!isAligned(h.snapshotsOffset, cs) || h.snapshotsOffset >= fileLength)) {
-    throw corrupt('Invalid snapshot table offset');
-  }
   return h;
 }
 
-function parseExtensions(buf: Buffer, h: Qcow2Header, cs: number): void {
+/** Incompatible features QEMU 7.2 knows (dirty, corrupt, external data file, compression type, extended L2). */
+const QEMU_INCOMPAT_MASK = 0x1fn;
+
+/** QEMU's qcow2_read_extensions: from the header's end to `end` (the backing name or the cluster's end). */
+function parseExtensions(buf: Buffer, h: Qcow2Header, end: number): void {
+  h.extensions = [];
   let off = h.headerLength;
-  const end = Math.min(buf.length, h.backingFileOffset ? h.backingFileOffset : cs);
-  while (off + 8 <= end) {
+  while (off < end) {
+    if (off + 8 > buf.length) throw corrupt('Header extension too large');
     const type = buf.readUInt32BE(off);
     const len = buf.readUInt32BE(off + 4);
     off += 8;
+    if (off > end || len > end - off) throw corrupt('Header extension too large');
     if (type === Ext.END) return;
-    if (off + len > end) throw corrupt('Header extension too large');
+    if (off + len > buf.length) throw corrupt('Header extension too large');
     const data = Buffer.from(buf.subarray(off, off + len));
     h.extensions.push({ type, data });
-    if (type === Ext.BACKING_FORMAT) h.backingFormat = data.toString('utf8');
-    else if (type === Ext.FEATURE_NAMES) {
+    if (type === Ext.BACKING_FORMAT) {
+      if (len >= 16) throw corrupt(`ERROR: ext_backing_format: len=${len} too large (>=16)`);
+      h.backingFormat = data.toString('utf8');
+    } else if (type === Ext.FEATURE_NAMES) {
       for (let p = 0; p + 48 <= data.length; p += 48) {
         const name = data.toString('utf8', p + 2, p + 48).replace(/\0.*$/s, '');
+        if (!name) break;
         h.featureNames.set(`${data[p]}:${data[p + 1]}`, name);
       }
+    } else if (type === Ext.CRYPTO) {
+      if (h.cryptMethod !== 2) {
+        throw corrupt('CRYPTO header extension only expected with LUKS encryption method');
+      }
+    } else if (type === Ext.BITMAPS) {
+      if (len !== 24) throw corrupt('bitmaps_ext: Invalid extension length');
     }
     off += (len + 7) & ~7;
   }

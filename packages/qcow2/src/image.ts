@@ -1,4 +1,4 @@
-import { BlockError, Mutex, RangeLock } from '@blockrep/block';
+import { BlockError, errnoText, Mutex, RangeLock, toBlockError } from '@blockrep/block';
 import { Qcow2Allocator } from './allocate';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
@@ -50,6 +50,12 @@ export class Qcow2Image {
   /** Host clusters whose last on-disk reference goes away with the next L2 write-back. */
   pendingFree: [offset: number, clusters: number][] = [];
   corrupt: boolean;
+  /** A corruption was reported (later ones of the same weight are not). */
+  private signaledCorruption = false;
+  /** A fatal corruption: no request is served any more. */
+  private dead = false;
+  /** Told the text of each corruption reported (the driver emits BLOCK_IMAGE_CORRUPTED). */
+  onCorruption: ((text: string) => void) | null = null;
   /** makeEmpty left free clusters at the end of the file: cut them off on close. */
   trimOnClose = false;
   backing: BackingReader | null = null;
@@ -100,8 +106,10 @@ export class Qcow2Image {
       throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
     }
     if (header.incompatible & Incompat.DIRTY && !opts.readOnly) {
-      // Refcounts may be stale (lazy refcounts): recount them, then the image is clean again.
+      // Refcounts may be stale (lazy refcounts): recount them (a repair may rebuild the refcount
+      // structure, so the header is read again), then the image is clean again.
       await checkStorage(storage, { repair: 'all' });
+      header = parseHeader(await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)), fileLength);
       header.incompatible &= ~Incompat.DIRTY;
       const b = Buffer.alloc(8);
       b.writeBigUInt64BE(header.incompatible);
@@ -109,7 +117,10 @@ export class Qcow2Image {
       await storage.flush();
     }
     const cs = 2 ** header.clusterBits;
-    const l1 = await readBuf(storage, header.l1TableOffset, header.l1Size * 8);
+    // Tables may lie (partly) past the end of the file: what is not there reads as zeroes.
+    const l1 = await readBuf(storage, header.l1TableOffset, header.l1Size * 8).catch((e) => {
+      throw new BlockError(`Could not read L1 table: ${errnoText(toBlockError(e).errno)}`, { errno: 'EIO' });
+    });
     const refcounts = await Qcow2Refcounts.load(
       storage,
       {
@@ -119,7 +130,11 @@ export class Qcow2Image {
         tableClusters: header.refcountTableClusters,
       },
       fileLength,
-    );
+    ).catch((e) => {
+      throw new BlockError(`Could not initialize refcount handling: ${errnoText(toBlockError(e).errno)}`, {
+        errno: 'EIO',
+      });
+    });
     const wanted = Math.ceil(header.size / ((cs * cs) / 8)) * cs;
     const cacheBytes = opts.l2CacheSize ?? Math.min(32 << 20, Math.max(wanted, 4 * cs));
     const img = new Qcow2Image(
@@ -130,7 +145,6 @@ export class Qcow2Image {
       opts.readOnly,
       Math.max(2, Math.floor(cacheBytes / cs)),
     );
-    img.validateL1();
     if (!opts.readOnly) {
       // Autoclear bits name features we do not maintain: clearing them tells others so.
       if (header.autoclear) {
@@ -139,15 +153,6 @@ export class Qcow2Image {
       }
     }
     return img;
-  }
-
-  private validateL1(): void {
-    for (let i = 0; i < this.header.l1Size; i++) {
-      const off = tableEntryOffset(this.l1, i);
-      if (off && off % this.cs !== 0) {
-        this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`, false);
-      }
-    }
   }
 
   get size(): number {
@@ -159,25 +164,41 @@ export class Qcow2Image {
   }
 
   /**
-   * Records an inconsistency: the image is marked corrupt on disk (v3) and refuses writes from
-   * now on. Throws the error for the request that found it (unless `throwIt` is false).
+   * Records an inconsistency (QEMU's qcow2_signal_corruption) and throws EIO for the request
+   * that found it (unless `throwIt` is false). On a writable image it is fatal: the image is
+   * marked corrupt on disk (v3) and unusable from now on (requests fail with ENOMEDIUM, as QEMU
+   * drops the driver). The first event of each kind says so; later ones are suppressed.
    */
   corruptEvent(msg: string, throwIt = true): void {
-    const first = !this.corrupt;
-    this.corrupt = true;
-    if (first && this.v3 && !this.readOnly) {
-      this.header.incompatible |= Incompat.CORRUPT;
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(this.header.incompatible);
-      this.storage.write(HeaderField.INCOMPAT, b).catch(() => {});
+    const fatal = !this.readOnly;
+    let text = 'Input/output error';
+    if (!this.signaledCorruption || (fatal && !(this.header.incompatible & Incompat.CORRUPT))) {
+      text = fatal
+        ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
+        : `qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`;
+      this.signaledCorruption = true;
+      this.onCorruption?.(text);
     }
-    const text = first
-      ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
-      : `qcow2: Image is corrupt: ${msg}`;
+    if (fatal) {
+      if (this.v3 && !(this.header.incompatible & Incompat.CORRUPT)) {
+        this.header.incompatible |= Incompat.CORRUPT;
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(this.header.incompatible);
+        this.storage.write(HeaderField.INCOMPAT, b).catch(() => {});
+      }
+      this.corrupt = true;
+      this.dead = true;
+    }
     if (throwIt) throw new BlockError(text, { errno: 'EIO' });
   }
 
+  /** Throws once a fatal corruption made the image unusable. */
+  checkUsable(): void {
+    if (this.dead) throw new BlockError('No medium found', { errno: 'ENOMEDIUM' });
+  }
+
   checkWritable(): void {
+    this.checkUsable();
     if (this.corrupt) throw new BlockError('qcow2: Image is corrupt; writes are refused', { errno: 'EIO' });
     if (this.readOnly) throw new BlockError('qcow2: Image is read-only', { errno: 'EPERM' });
   }
@@ -199,8 +220,6 @@ export class Qcow2Image {
     const off = tableEntryOffset(this.l1, i);
     if (!off) return 0;
     if (off % this.cs !== 0) this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`);
-    if (off + this.cs > this.fileEnd)
-      this.corruptEvent(`L2 table offset ${hex(off)} beyond end of file (L1 index: ${hex(i)})`);
     if (off < this.cs || this.refcounts.overlapsMetadata(off, this.cs)) {
       this.corruptEvent(`L2 table at ${hex(off)} overlaps other metadata (L1 index: ${hex(i)})`);
     }
@@ -331,8 +350,9 @@ export class Qcow2Image {
   }
 }
 
+/** A number as C's %#x prints it (QEMU's messages): 0x-prefixed, but plain "0" for zero. */
 export function hex(v: number): string {
-  return `0x${v.toString(16)}`;
+  return v ? `0x${v.toString(16)}` : '0';
 }
 
 /**

@@ -149,8 +149,8 @@ export class Qcow2Refcounts {
     if (!off) return null;
     let p = this.loading.get(i);
     if (!p) {
-      if (off % this.cs !== 0 || off + this.cs > this.highWater * this.cs) {
-        throw this.corrupt(`Refblock offset ${off.toString(16)} is invalid (reftable index ${i})`);
+      if (off % this.cs !== 0) {
+        throw this.corrupt(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${i.toString(16)})`);
       }
       p = readBuf(this.storage, off, this.cs).then((buf) => {
         this.blocks.set(i, buf);

@@ -1,5 +1,5 @@
 import * as fsp from 'node:fs/promises';
-import type { BlockChild, IoVec } from '@blockrep/block';
+import { type BlockChild, BlockError, type IoVec } from '@blockrep/block';
 
 /**
  * What the qcow2 code needs from the file holding the image: positioned reads and writes, flush,
@@ -15,6 +15,8 @@ export interface Qcow2Storage {
 }
 
 export async function readBuf(s: Qcow2Storage, offset: number, bytes: number): Promise<Buffer> {
+  // Offsets past 2^53 (a hostile image's) are beyond any file: an I/O error, as the kernel gives QEMU.
+  if (offset + bytes > Number.MAX_SAFE_INTEGER) throw new BlockError('Input/output error', { errno: 'EIO' });
   const b = Buffer.allocUnsafe(bytes);
   await s.readv(offset, bytes, [b]);
   return b;
