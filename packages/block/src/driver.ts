@@ -60,6 +60,8 @@ export interface OpenChildOptions {
 /** What a driver's open() gets besides its options: the graph, and a way to open children. */
 export interface OpenContext {
   readonly graph: BlockGraph;
+  /** The nodes being opened, outermost first, this one last (a driver can refuse a loop). */
+  readonly opening: readonly BlockNode[];
   /** Opens a child (nested options, or a reference to an existing node by name) and attaches it. */
   openChild(name: string, ref: unknown, role: number, opts?: OpenChildOptions): Promise<BlockChild | null>;
 }

@@ -35,6 +35,8 @@ interface Inherited {
   autoReadOnly: boolean;
   discard?: string;
   noFlush?: boolean;
+  /** The nodes whose open is in progress above this one, outermost first. */
+  opening?: readonly BlockNode[];
 }
 
 /** The changes of one graph transaction, undone in reverse if permissions do not work out. */
@@ -305,10 +307,12 @@ export class BlockGraph {
     // Registered from the start so that permission refreshes see the edges to its children.
     node.extraRefs = 1;
     this.nodes.set(name, node);
+    const opening = [...(inherit.opening ?? []), node];
     const ctx: OpenContext = {
       graph: this,
+      opening,
       openChild: (childName, ref, role, o) =>
-        this.openChild(node, childName, ref, role, o?.optional ?? false),
+        this.openChild(node, childName, ref, role, o?.optional ?? false, opening),
     };
     try {
       const driverOpts: Options = {};
@@ -336,6 +340,7 @@ export class BlockGraph {
     ref: unknown,
     role: number,
     optional: boolean,
+    opening: readonly BlockNode[],
   ): Promise<BlockChild | null> {
     if (ref === undefined || ref === null) {
       if (optional) return null;
@@ -352,6 +357,7 @@ export class BlockGraph {
         autoReadOnly: parent.autoReadOnly,
         discard: parent.discardUnmap ? 'unmap' : 'ignore',
         noFlush: parent.noFlush,
+        opening,
       };
       child = await this.openNode(ref as Options, inherit);
       created = true;

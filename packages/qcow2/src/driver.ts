@@ -1,4 +1,4 @@
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
 import {
   type BlockChild,
@@ -9,6 +9,7 @@ import {
   ChildRole,
   opt,
   ReqFlags,
+  toBlockError,
   zeroBuffer,
 } from '@blockrep/block';
 import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
@@ -29,6 +30,33 @@ function headerBackingOptions(image: Qcow2Image, file: BlockChild): Record<strin
   const path = isAbsolute(name) || !base ? name : join(dirname(base), name);
   const format = image.header.backingFormat ?? probeFormat(path);
   return { driver: format, file: { driver: 'file', filename: path } };
+}
+
+/**
+ * A backing file that is already being opened further up the chain (an image naming itself, or
+ * a -> b -> a) would be opened again and again: refused.
+ */
+function refuseLoop(opening: readonly BlockNode[], ref: Record<string, unknown>): void {
+  const f = ref.file as Record<string, unknown> | undefined;
+  const name = typeof f?.filename === 'string' ? f.filename : undefined;
+  if (!name) return;
+  const id = fileId(name);
+  if (!id) return;
+  for (const n of opening) {
+    if (n.driver.protocol) continue;
+    const other = n.filename ? fileId(n.filename) : null;
+    if (other === id) throw new BlockError(`Backing file '${name}' creates an infinite loop.`, { errno: 'ELOOP' });
+  }
+}
+
+/** Device and inode of a file (null when it cannot be seen). */
+function fileId(path: string): string | null {
+  try {
+    const st = statSync(path);
+    return `${st.dev}:${st.ino}`;
+  } catch {
+    return null;
+  }
 }
 
 /** qcow2 or raw, by the magic (images without a backing format extension). */
@@ -87,7 +115,16 @@ export const qcow2Driver: BlockDriver = {
     }
     node.opaque = image;
     const ref = opts.backing === undefined ? headerBackingOptions(image, file) : opts.backing;
-    const backing = await ctx.openChild('backing', ref, ChildRole.COW, { optional: true });
+    let backing: BlockChild | null;
+    try {
+      if (ref && typeof ref === 'object') refuseLoop(ctx.opening, ref as Record<string, unknown>);
+      backing = await ctx.openChild('backing', ref, ChildRole.COW, { optional: true });
+    } catch (e) {
+      // As QEMU's bdrv_open_backing_file (a reference to an existing node is not opened here).
+      if (typeof ref === 'string') throw e;
+      const be = toBlockError(e);
+      throw new BlockError(`Could not open backing file: ${be.message}`, { errno: be.errno, hint: be.hint });
+    }
     if (backing) {
       image.backing = {
         readv: (offset, bytes, iov) => backing.readv(offset, bytes, iov),

@@ -2,7 +2,8 @@ import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
-import { backingChain, forceShare, imageGraph, openImage, qcow2Of } from '../image';
+import { CliFailure } from '../failure';
+import { forceShare, imageGraph, openImage, qcow2Of } from '../image';
 import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
 /** QEMU's size_to_str: three significant digits and a binary unit. */
@@ -77,18 +78,26 @@ export async function infoCommand(args: string[]): Promise<number> {
   const file = p.positional[0];
   if (!file) throw new Error('Expecting one image file name');
   const g = imageGraph();
+  const chain = p.opts.has('--backing-chain');
   try {
-    const top = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
-    const chain = p.opts.has('--backing-chain') ? backingChain(top) : [top];
+    // Each image is opened on its own, without its backing file, as qemu-img info does; the
+    // chain is walked by name, and a name seen before is a loop.
     const infos: Record<string, unknown>[] = [];
-    let name = file;
-    for (const node of chain) {
+    const seen = new Set<string>();
+    let name: string | undefined = file;
+    let format = optString(p, '-f');
+    while (name) {
+      if (seen.has(name)) throw new CliFailure(`Backing file '${name}' creates an infinite loop.`);
+      seen.add(name);
+      const node = await openImage(g, name, { format, forceShare: forceShare(p), backing: null });
       const info = await imageInfo(node, name);
       infos.push(info);
-      name = (info['full-backing-filename'] as string | undefined) ?? '';
+      if (!chain) break;
+      name = info['full-backing-filename'] as string | undefined;
+      format = info['backing-filename-format'] as string | undefined;
     }
     if (optString(p, '--output') === 'json') {
-      const out = p.opts.has('--backing-chain') ? infos : infos[0];
+      const out = chain ? infos : infos[0];
       process.stdout.write(`${JSON.stringify(out, null, 4)}\n`);
     } else {
       process.stdout.write(infos.map(humanInfo).join('\n'));
