@@ -93,6 +93,12 @@ export async function openImage(
   }
 }
 
+/** What QEMU warns about an image it opens, on stderr: the first line as the program's warning. */
+export function printWarnings(node: BlockNode): void {
+  const w = qcow2Of(node)?.header.warnings ?? [];
+  if (w.length) process.stderr.write(`blockrep: warning: ${w.join('\n')}\n`);
+}
+
 /** A backend on node with the permissions a reader (or writer) needs. */
 export function attachBackend(graph: BlockGraph, node: BlockNode, write: boolean): BlockBackend {
   const blk = new BlockBackend(graph, {

@@ -117,7 +117,9 @@ function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, ma
   const copied = (hi & COPIED) !== 0;
   const host = type === ClusterType.COMPRESSED ? 0 : entryOffset(hi, lo);
   if ((type === ClusterType.ZERO_PLAIN || type === ClusterType.ZERO_ALLOC) && !img.v3) {
-    img.corruptEvent(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`);
+    img.corruptEvent(
+      `Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
+    );
   }
   if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
     img.corruptEvent(

@@ -45,7 +45,8 @@ function refuseLoop(opening: readonly BlockNode[], ref: Record<string, unknown>)
   for (const n of opening) {
     if (n.driver.protocol) continue;
     const other = n.filename ? fileId(n.filename) : null;
-    if (other === id) throw new BlockError(`Backing file '${name}' creates an infinite loop.`, { errno: 'ELOOP' });
+    if (other === id)
+      throw new BlockError(`Backing file '${name}' creates an infinite loop.`, { errno: 'ELOOP' });
   }
 }
 

@@ -71,6 +71,8 @@ export interface Qcow2Header {
   backingFormat?: string;
   /** Feature names from the feature-name table: "type:bit" -> name. */
   featureNames: Map<string, string>;
+  /** What QEMU warns about when it opens the image (lines for stderr, after "warning: "). */
+  warnings: string[];
 }
 
 export function readU64(buf: Buffer, off: number): number {
@@ -117,7 +119,14 @@ export function l1EntriesFor(size: number, clusterBits: number): number {
  * most `maxBytes` long, cluster aligned, and ends before 2^63. It may lie past the end of the
  * file: what is missing there reads as zeroes.
  */
-function validateTable(offset: number, entries: number, entryLen: number, maxBytes: number, name: string, cs: number) {
+function validateTable(
+  offset: number,
+  entries: number,
+  entryLen: number,
+  maxBytes: number,
+  name: string,
+  cs: number,
+) {
   if (entries > Math.floor(maxBytes / entryLen)) {
     throw new BlockError(`${name} too large`, { errno: 'EFBIG' });
   }
@@ -194,6 +203,7 @@ export function parseHeader(buf: Buffer, _fileLength: number, opts: ParseHeaderO
     compressionType: 0,
     extensions: [],
     featureNames: new Map(),
+    warnings: [],
   };
   if (version === 3) {
     if (buf.length < V3_HEADER_LENGTH) throw corrupt('qcow2 header is truncated');
@@ -214,7 +224,9 @@ export function parseHeader(buf: Buffer, _fileLength: number, opts: ParseHeaderO
     }
   } else if (h.compressionType === 1) {
     // zstd: QEMU reads it; Node's zlib has no zstd.
-    throw new BlockError('Unsupported compression type 1 (zstd; only zlib is supported)', { errno: 'ENOTSUP' });
+    throw new BlockError('Unsupported compression type 1 (zstd; only zlib is supported)', {
+      errno: 'ENOTSUP',
+    });
   } else {
     throw new BlockError(`qcow2: unknown compression type: ${h.compressionType}`, { errno: 'ENOTSUP' });
   }
@@ -240,7 +252,14 @@ export function parseHeader(buf: Buffer, _fileLength: number, opts: ParseHeaderO
   if (h.refcountTableClusters === 0 && !opts.check) {
     throw corrupt('Image does not contain a reference count table');
   }
-  validateTable(h.refcountTableOffset, h.refcountTableClusters, cs, MAX_REFTABLE_BYTES, 'Reference count table', cs);
+  validateTable(
+    h.refcountTableOffset,
+    h.refcountTableClusters,
+    cs,
+    MAX_REFTABLE_BYTES,
+    'Reference count table',
+    cs,
+  );
   if (!opts.check) {
     validateTable(h.snapshotsOffset, h.nbSnapshots, 40, 40 * 65536, 'Snapshot table', cs);
   }

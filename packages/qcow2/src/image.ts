@@ -1,5 +1,6 @@
 import { BlockError, errnoText, Mutex, RangeLock, toBlockError } from '@blockrep/block';
 import { Qcow2Allocator } from './allocate';
+import { dropStaleBitmaps, openBitmaps } from './bitmaps';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
 import {
@@ -105,11 +106,15 @@ export class Qcow2Image {
     if (header.incompatible & Incompat.CORRUPT && !opts.readOnly) {
       throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
     }
+    await openBitmaps(storage, header);
     if (header.incompatible & Incompat.DIRTY && !opts.readOnly) {
       // Refcounts may be stale (lazy refcounts): recount them (a repair may rebuild the refcount
       // structure, so the header is read again), then the image is clean again.
       await checkStorage(storage, { repair: 'all' });
-      header = parseHeader(await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)), fileLength);
+      header = parseHeader(
+        await readBuf(storage, 0, Math.min(fileLength, 2 ** header.clusterBits)),
+        fileLength,
+      );
       header.incompatible &= ~Incompat.DIRTY;
       const b = Buffer.alloc(8);
       b.writeBigUInt64BE(header.incompatible);
@@ -146,6 +151,7 @@ export class Qcow2Image {
       Math.max(2, Math.floor(cacheBytes / cs)),
     );
     if (!opts.readOnly) {
+      await dropStaleBitmaps(storage, header);
       // Autoclear bits name features we do not maintain: clearing them tells others so.
       if (header.autoclear) {
         await storage.write(HeaderField.AUTOCLEAR, Buffer.alloc(8));

@@ -1,3 +1,4 @@
+export { type BitmapDirEntry, openBitmaps } from './bitmaps';
 export { checkQcow2Image, type Qcow2CheckOptions, type Qcow2CheckResult } from './check';
 export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';

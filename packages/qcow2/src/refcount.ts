@@ -150,7 +150,9 @@ export class Qcow2Refcounts {
     let p = this.loading.get(i);
     if (!p) {
       if (off % this.cs !== 0) {
-        throw this.corrupt(`Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${i.toString(16)})`);
+        throw this.corrupt(
+          `Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${i.toString(16)})`,
+        );
       }
       p = readBuf(this.storage, off, this.cs).then((buf) => {
         this.blocks.set(i, buf);

@@ -45,8 +45,30 @@ function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: n
       `${alloc}/${total} = ${pct(alloc, total)}% allocated, ${pct(r['fragmented-clusters'] ?? 0, alloc)}% fragmented, ${pct(r['compressed-clusters'] ?? 0, alloc)}% compressed clusters`,
     );
   }
-  out.push(`Image end offset: ${r['image-end-offset']}`);
+  if (r['image-end-offset'] !== undefined) out.push(`Image end offset: ${r['image-end-offset']}`);
   return `${out.join('\n')}\n`;
+}
+
+/** The fields of `--output=json` in the order qemu-img prints them (zero counts left out). */
+const JSON_ORDER = [
+  'image-end-offset',
+  'total-clusters',
+  'corruptions',
+  'corruptions-fixed',
+  'check-errors',
+  'leaks',
+  'leaks-fixed',
+  'allocated-clusters',
+  'filename',
+  'format',
+  'fragmented-clusters',
+  'compressed-clusters',
+] as const;
+
+function jsonReport(r: Qcow2CheckResult): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const k of JSON_ORDER) if (r[k] !== undefined) out[k] = r[k];
+  return out;
 }
 
 /** blockrep check [-f fmt] [--output=json] [-r leaks|all] [-q] [-U] FILE */
@@ -63,15 +85,18 @@ export async function checkCommand(args: string[]): Promise<number> {
 
   let r: Qcow2CheckResult;
   let fixed: { leaks: number; corruptions: number } | null = null;
-  // Findings go to stderr line by line, as qemu-img's driver check prints them.
+  // Findings go to stderr line by line, as qemu-img's driver check prints them; the ones QEMU
+  // reports as errors of the program carry its name; a check that could not finish says so.
   const tell = (found: Qcow2CheckResult) => {
-    if (found.messages.length) process.stderr.write(`${found.messages.join('\n')}\n`);
+    const lines = found.messages.map((m, i) => (found.reported?.includes(i) ? `blockrep: ${m}` : m));
+    if (lines.length) process.stderr.write(`${lines.join('\n')}\n`);
+    if (found.failed) throw new CliFailure(`Check failed: ${found.failed}`);
   };
   try {
     const share = forceShare(p);
     r = await checkQcow2Image(file, repair ? { repair, forceShare: share } : { forceShare: share });
     tell(r);
-    if (repair) {
+    if (repair && (r['leaks-fixed'] || r['corruptions-fixed'])) {
       // Report what the fixed image looks like now, with what was fixed (as qemu-img does).
       fixed = { leaks: r['leaks-fixed'] ?? 0, corruptions: r['corruptions-fixed'] ?? 0 };
       const again = await checkQcow2Image(file, { forceShare: share });
@@ -81,12 +106,12 @@ export async function checkCommand(args: string[]): Promise<number> {
       if (fixed.corruptions) r['corruptions-fixed'] = fixed.corruptions;
     }
   } catch (e) {
+    if (e instanceof CliFailure) throw e;
     throw openFailure(file, e);
   }
   r.filename = file;
   if (optString(p, '--output') === 'json') {
-    const { messages: _messages, ...json } = r;
-    process.stdout.write(`${JSON.stringify(json, null, 4)}\n`);
+    process.stdout.write(`${JSON.stringify(jsonReport(r), null, 4)}\n`);
   } else if (!p.opts.has('-q')) {
     process.stdout.write(humanReport(r, fixed));
   }

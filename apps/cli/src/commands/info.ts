@@ -3,7 +3,7 @@ import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
-import { forceShare, imageGraph, openImage, qcow2Of } from '../image';
+import { forceShare, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
 import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
 /** QEMU's size_to_str: three significant digits and a binary unit. */
@@ -90,6 +90,7 @@ export async function infoCommand(args: string[]): Promise<number> {
       if (seen.has(name)) throw new CliFailure(`Backing file '${name}' creates an infinite loop.`);
       seen.add(name);
       const node = await openImage(g, name, { format, forceShare: forceShare(p), backing: null });
+      printWarnings(node);
       const info = await imageInfo(node, name);
       infos.push(info);
       if (!chain) break;
