@@ -1,4 +1,4 @@
-import { BlockBackend, blockStatusAbove, Perm, PERM_ALL } from '@blockrep/block';
+import { BlockBackend, blockStatusAbove, PERM_ALL, Perm } from '@blockrep/block';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createQcow2Image, type Qcow2Image } from '../src/index';
