@@ -222,3 +222,27 @@ describe('corrupt tables', () => {
     await h.close();
   });
 });
+
+describe('writes to damaged images change what QEMU would', () => {
+  it('a data cluster whose refcount was forced to 0: a write goes in place (COPIED), no metadata changes', async () => {
+    const f = makeTempDir().file('rc0.qcow2');
+    await qemu(['create', '-q', '-f', 'qcow2', f, '8M']);
+    const w = await openQcow2(f);
+    await w.blk.write(0, Buffer.alloc(128 << 10, 0x55));
+    await w.close();
+    // The refcount block is at cluster 2 (16-bit entries); the first data cluster is cluster 5.
+    patch(f, 2 * 65536 + 5 * 2, Buffer.from([0, 0]));
+    const before = await qemu(['check', f], [2]);
+    const meta = (b: Buffer) => Buffer.concat([b.subarray(0, 5 * 65536), b.subarray(6 * 65536)]);
+    const { readFileSync } = await import('node:fs');
+    const metaBefore = meta(readFileSync(f));
+    const h = await openQcow2(f);
+    await h.blk.write(0, Buffer.alloc(4096, 1));
+    await h.close();
+    // Only the data cluster changed; qemu-img check says exactly what it said before.
+    expect(meta(readFileSync(f)).equals(metaBefore)).toBe(true);
+    const after = await qemu(['check', f], [2]);
+    expect(after.stdout).toBe(before.stdout);
+    expect(after.stderr).toBe(before.stderr);
+  });
+});
