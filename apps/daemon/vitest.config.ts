@@ -1,3 +1,3 @@
 import { sharedConfig } from '@blockrep/test-kit/vitest';
 
-export default sharedConfig({ testTimeout: 60_000 });
+export default sharedConfig();

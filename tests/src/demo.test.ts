@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 
 const root = join(import.meta.dirname, '..', '..');
 
-describe.runIf(hasPeer('qemu-img') && hasPeer('qemu-io') && hasPeer('nbdinfo'))('pnpm demo', () => {
+describe.runIf(hasPeer('qemu-img', 'qemu-io', 'nbdinfo'))('pnpm demo', () => {
   it('serves a qcow2 image, then replicates, checkpoints and fails over a COLO pair', async () => {
     const { stdout } = await promisify(execFile)(
       process.execPath,

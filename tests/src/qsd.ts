@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { QmpClient } from '@blockrep/qmp';
+import { waitForPidFile } from '@blockrep/test-kit';
 
 /** A qemu-storage-daemon with a QMP monitor on a Unix socket, for side-by-side sessions. */
 export async function startQsd(
@@ -9,17 +9,24 @@ export async function startQsd(
 ): Promise<{ proc: ChildProcess; qmp: QmpClient; stop(): Promise<void> }> {
   const proc = spawn(
     'qemu-storage-daemon',
-    ['--chardev', `socket,id=qmp0,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=qmp0', ...args],
+    [
+      '--chardev',
+      `socket,id=qmp0,path=${qmpPath},server=on,wait=off`,
+      '--monitor',
+      'chardev=qmp0',
+      '--pidfile',
+      `${qmpPath}.pid`,
+      ...args,
+    ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   let err = '';
   proc.stderr!.on('data', (d: Buffer) => {
     err += d.toString();
   });
-  for (let i = 0; i < 200 && !existsSync(qmpPath); i++) {
-    if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited: ${err}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
+  await waitForPidFile(`${qmpPath}.pid`, proc).catch((e: Error) => {
+    throw new Error(`${e.message}: ${err}`);
+  });
   const qmp = await QmpClient.connect({ path: qmpPath });
   return {
     proc,

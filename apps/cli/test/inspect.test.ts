@@ -3,7 +3,7 @@ import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { blockrep, blockrepJson, damageQcow2, makeChain, qemuImg, qemuImgJson, qemuIo } from './helpers';
 
-const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
+const qemu = hasPeer('qemu-img', 'qemu-io');
 
 describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
   it('info --output=json, with and without --backing-chain, field by field', async () => {

@@ -1,6 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { makeTempDir } from '@blockrep/test-kit';
+import { makeTempDir, waitForPidFile } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { blockrep, qemuImg, run } from './helpers';
 
@@ -17,9 +16,11 @@ describe('image locks', () => {
     const f = d.file('busy.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', f, '1M']);
     const sock = d.file('nbd.sock');
-    const h = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, f], { stdio: 'ignore' });
+    const h = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, '--pid-file', d.file('nbd.pid'), f], {
+      stdio: 'ignore',
+    });
     holders.push(h);
-    for (let i = 0; i < 200 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 25));
+    await waitForPidFile(d.file('nbd.pid'), h);
     const q = await run('qemu-img', ['info', f], { okCodes: [1] });
     const ours = await blockrep(['info', f], [1]);
     expect(ours.stderr).toBe(q.stderr.replace(/^qemu-img:/, 'blockrep:'));

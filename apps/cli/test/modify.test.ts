@@ -4,7 +4,7 @@ import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { bin, blockrep, blockrepJson, makeChain, qemuImg, qemuImgJson, qemuIo, run } from './helpers';
 
-const qemu = hasPeer('qemu-img') && hasPeer('qemu-io');
+const qemu = hasPeer('qemu-img', 'qemu-io');
 
 describe.runIf(qemu)('convert, resize, commit, create, bench verified with qemu-img', () => {
   it('convert flattens a chain to raw and qcow2: qemu-img compare identical, check clean', async () => {

@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { hasPeer, makeTempDir, type TempDir } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, type TempDir, waitFor } from '@blockrep/test-kit';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { completeCommand } from '../src/commands/qmp-shell';
 import { parseShellLine } from '../src/qmp-args';
@@ -155,13 +155,16 @@ describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrep
       out += d.toString();
     });
     const until = async (re: RegExp) => {
-      for (let i = 0; i < 300 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+      await waitFor(() => re.test(out), { on: [shell.stdout!, 'data'], what: `${re} on the terminal` }).catch(
+        () => {},
+      );
       expect(out).toMatch(re);
     };
     await until(/\(blockrep\) /);
-    // Keys one chunk at a time: readline takes a Tab within pasted text literally.
+    // Keys one chunk at a time: readline takes a Tab within pasted text literally. Its echo says
+    // it has taken the first chunk.
     shell.stdin!.write('query-versi');
-    await new Promise((r) => setTimeout(r, 200));
+    await until(/query-versi/);
     shell.stdin!.write('\t');
     await until(/query-version/);
     shell.stdin!.write('\r');

@@ -1,7 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { QmpClient } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 
 const bin = new URL('../bin/blockrepd.mjs', import.meta.url).pathname;
@@ -136,7 +136,7 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
     const qmp = await QmpClient.connect({ path: qmpSock });
     expect((await qmp.execute<{ qemu: { major: number } }>('query-version')).qemu.major).toBe(7);
     await qmp.execute('quit');
-    for (let i = 0; i < 100 && existsSync(pid); i++) await new Promise((res) => setTimeout(res, 20));
+    await waitFor(() => !existsSync(pid), { intervalMs: 20, what: 'the pid file removed' }).catch(() => {});
     expect(existsSync(pid)).toBe(false);
   });
 });

@@ -1,7 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import { makeTempDir } from '@blockrep/test-kit';
-import { describe, expect, it } from 'vitest';
+import { makeTempDir, waitFor } from '@blockrep/test-kit';
+import { describe, expect, it, vi } from 'vitest';
 import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
 import { sparse } from '../src/drivers/file/sparse';
 import { BlockBackend, createGraph, iovIsZero, Perm, ReqFlags } from '../src/index';
@@ -140,22 +140,34 @@ describe('inline writes after a back-off', () => {
     const f = makeTempDir().file('backoff.img');
     writeFileSync(f, Buffer.alloc(8 << 20));
     const { g, blk, node } = await backend(f);
-    // A write just took 5 ms: writes go to the thread pool for the next 200 ms.
-    const t = performance.now();
-    writeGate.took(t - 5, t);
-    let stop = false;
-    const buf = Buffer.alloc(4096, 7);
-    const loops = Array.from({ length: 16 }, async (_, k) => {
-      for (let i = 0; !stop; i++) await blk.write(((i * 16 + k) % 2048) * 4096, buf);
-    });
-    await new Promise((r) => setTimeout(r, 100));
-    const during = fileWriteCounts(node);
-    expect(during.inline).toBe(0);
-    expect(during.pool).toBeGreaterThan(0);
-    await new Promise((r) => setTimeout(r, 300));
-    stop = true;
-    await Promise.all(loops);
-    expect(fileWriteCounts(node).inline).toBeGreaterThan(0);
+    // The gate's clock (performance.now) is faked: the back-off ends when the test moves it on,
+    // however slow the machine, and no write is slow on it (which would start another back-off).
+    vi.useFakeTimers({ toFake: ['performance'] });
+    try {
+      // A write just took 5 ms: writes go to the thread pool for the next 200 ms.
+      const t = performance.now();
+      writeGate.took(t - 5, t);
+      let stop = false;
+      const buf = Buffer.alloc(4096, 7);
+      const loops = Array.from({ length: 16 }, async (_, k) => {
+        for (let i = 0; !stop; i++) {
+          await blk.write(((i * 16 + k) % 2048) * 4096, buf);
+          // An inline write ends without the event loop: let it run (and the test see the counts).
+          await new Promise((r) => setImmediate(r));
+        }
+      });
+      await waitFor(() => fileWriteCounts(node).pool >= 32, { what: 'writes in the thread pool' });
+      const during = fileWriteCounts(node);
+      expect(during.inline).toBe(0);
+      expect(during.pool).toBeGreaterThan(0);
+      vi.advanceTimersByTime(200);
+      await waitFor(() => fileWriteCounts(node).inline > 0, { what: 'an inline write after the back-off' });
+      stop = true;
+      await Promise.all(loops);
+      expect(fileWriteCounts(node).inline).toBeGreaterThan(0);
+    } finally {
+      vi.useRealTimers();
+    }
     await g.closeAll();
   });
 });

@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
-import { makeTempDir, runPeer } from '@blockrep/test-kit';
+import { makeTempDir, runPeer, waitForPidFile } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { sparse } from '../src/drivers/file/sparse';
 import { BlockBackend, BlockError, createGraph, Perm } from '../src/index';
@@ -34,9 +34,11 @@ async function writer(f: string, extra: Record<string, unknown> = {}) {
 /** qemu-nbd serving the image writable on a Unix socket: QEMU holding it open for writing. */
 async function qemuNbdHolding(f: string): Promise<void> {
   const sock = `${f}.sock`;
-  const child = spawn('qemu-nbd', ['-f', 'raw', '-k', sock, f], { stdio: 'ignore' });
+  const child = spawn('qemu-nbd', ['-f', 'raw', '-k', sock, '--pid-file', `${f}.pid`, f], {
+    stdio: 'ignore',
+  });
   children.push(child);
-  for (let i = 0; i < 200 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 25));
+  await waitForPidFile(`${f}.pid`, child);
   expect(existsSync(sock)).toBe(true);
 }
 

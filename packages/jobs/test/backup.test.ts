@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { addDirtyBitmap, type BlockError, blockStatus, findDirtyBitmap } from '@blockrep/block';
+import { waitFor } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { type BackupJob, startBackup } from '../src/index';
 import {
@@ -13,6 +14,7 @@ import {
   SIZE,
   writer,
 } from './backup-commit-helpers';
+import { waitStatus } from './helpers';
 
 describe('backup', () => {
   it('writes inside the filter when the job ends still complete (the filter leaves drained)', async () => {
@@ -41,10 +43,14 @@ describe('backup', () => {
       }
     };
     const loops = Array.from({ length: 8 }, (_, k) => guestLoop(k));
-    await new Promise((r) => setTimeout(r, 40));
+    // Each loop counts a write before issuing it: past 8, one has got through the filter (its
+    // copy done) while the others wait there for theirs.
+    await waitFor(() => n > 8, { what: 'guest writes through the filter' });
     job.cancel(true);
     await job.whenConcluded();
-    await new Promise((r) => setTimeout(r, 40));
+    // ...and they go on once it is gone.
+    const atEnd = n;
+    await waitFor(() => n > atEnd + 8, { what: 'guest writes after the job' });
     stop = true;
     await Promise.all(loops);
     expect(failures).toEqual([]);
@@ -290,7 +296,7 @@ describe('backup errors (blkdebug)', () => {
 
     it(`on-${where}-error=stop pauses the job until resumed, then retries`, async () => {
       const { job, events, dir } = await failing('stop', where);
-      for (let i = 0; i < 100 && job.status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 10));
+      await waitStatus(job, 'paused');
       expect(job.status).toBe('paused');
       expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'stop')).toBe(true);
       job.userResume();

@@ -13,6 +13,7 @@ import {
   SIZE,
   writer,
 } from './backup-commit-helpers';
+import { waitStatus } from './helpers';
 
 /** qcow2 mid (over base.raw, node 'base') and qcow2 top over it. */
 async function overlays({ dir, graph }: ReturnType<typeof env>) {
@@ -98,7 +99,7 @@ describe('commit', () => {
       active: true,
     });
     const writing = randomWrites(guest, 200, 9);
-    for (let i = 0; i < 300 && job.status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+    await waitStatus(job, 'ready');
     expect(job.status).toBe('ready');
     await writing;
     await guest.write(4096, Buffer.alloc(4096, 0x77));
@@ -125,7 +126,7 @@ describe('commit', () => {
       base: graph.findNode('base'),
       active: true,
     });
-    for (let i = 0; i < 300 && job.status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+    await waitStatus(job, 'ready');
     await job.userCancel(false);
     await job.whenConcluded();
     expect(guest.node!.nodeName).toBe('top');
@@ -235,7 +236,7 @@ describe('commit errors (blkdebug on the base)', () => {
 
   it('on-error=stop pauses until resumed, then retries and completes', async () => {
     const { job, events, graph } = await failing('stop');
-    for (let i = 0; i < 200 && job.status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 10));
+    await waitStatus(job, 'paused');
     expect(job.status).toBe('paused');
     expect(events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data.action === 'stop')).toBe(true);
     job.userResume();

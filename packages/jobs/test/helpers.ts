@@ -1,3 +1,6 @@
+import { setTimeout as realDelay } from 'node:timers/promises';
+import { waitFor } from '@blockrep/test-kit';
+import { vi } from 'vitest';
 import { BlockJob, Job, type JobEvent, type JobManager, type JobOptions, type JobStatus } from '../src/index';
 
 export interface StepPlan {
@@ -121,23 +124,39 @@ export function timeline(events: JobEvent[]): string[] {
   return events.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? (e.data.status as string) : e.event));
 }
 
-/** Resolves when the job reaches a status (rejects after timeoutMs). */
-export function waitStatus(job: Job, status: JobStatus, timeoutMs = 5000): Promise<void> {
-  if (job.status === status) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      job.manager.off('event', onEvent);
-      reject(new Error(`job stayed in ${job.status}, expected ${status}`));
-    }, timeoutMs);
-    const onEvent = () => {
-      if (job.status === status) {
-        clearTimeout(timer);
-        job.manager.off('event', onEvent);
-        resolve();
-      }
-    };
-    job.manager.on('event', onEvent);
+/** Resolves when the job reaches a status (rejects after timeoutMs, sized for a loaded CI machine). */
+export async function waitStatus(job: Job, status: JobStatus, timeoutMs = 30_000): Promise<void> {
+  await waitFor(() => job.status === status, {
+    on: [job.manager, 'event'],
+    timeoutMs,
+    what: () => `job ${job.id} ${status} (it stayed in ${job.status})`,
   });
 }
 
 export const tick = (ms = 0) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Runs fn with setTimeout frozen (faked, never advanced): no timer set meanwhile runs out, so a
+ * job that gets past a sleep inside fn was woken by something else, whatever the machine's pace.
+ * Real time still bounds fn: a job waiting for its timer fails the test instead of hanging it.
+ */
+export async function withFrozenTimers<T>(fn: () => Promise<T>, timeoutMs = 30_000): Promise<T> {
+  vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+  const deadline = new AbortController();
+  try {
+    return await Promise.race([
+      fn(),
+      realDelay(timeoutMs, undefined, { signal: deadline.signal }).then(() => {
+        throw new Error(`still waiting after ${timeoutMs} ms with timers frozen: a timer had to run out`);
+      }),
+    ]);
+  } finally {
+    deadline.abort();
+    vi.useRealTimers();
+  }
+}
+
+/** Resolves once a started job waits in a sleep, yield or pause (without timers: see above). */
+export async function untilIdle(job: Job): Promise<void> {
+  while (!job.started || job.busy) await new Promise((r) => setImmediate(r));
+}

@@ -1,7 +1,17 @@
 import { BlockError } from '@blockrep/block';
+import { waitFor } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { JOB_VERBS, JobManager, type JobStatus, type JobVerb, verbAllowed } from '../src/index';
-import { recordEvents, TestBlockJob, TestJob, tick, timeline, waitStatus } from './helpers';
+import {
+  recordEvents,
+  TestBlockJob,
+  TestJob,
+  tick,
+  timeline,
+  untilIdle,
+  waitStatus,
+  withFrozenTimers,
+} from './helpers';
 
 /** Builds a job and drives it into the given state. */
 async function jobIn(status: JobStatus): Promise<{ m: JobManager; job: TestBlockJob }> {
@@ -236,13 +246,14 @@ describe('job life cycle', () => {
     const m = new JobManager();
     const ev = recordEvents(m);
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, stepMs: 60_000 } });
-    job.start();
-    await tick(10);
-    expect(job.busy).toBe(false);
-    const t0 = Date.now();
-    await job.userCancel(false);
-    await job.whenConcluded();
-    expect(Date.now() - t0).toBeLessThan(1000);
+    // Timers frozen: the 60 s sleep cannot run out, so the job ends only if the cancel ends it.
+    await withFrozenTimers(async () => {
+      job.start();
+      await untilIdle(job);
+      expect(job.busy).toBe(false);
+      await job.userCancel(false);
+      await job.whenConcluded();
+    });
     expect(timeline(ev)).toEqual([
       'created',
       'running',
@@ -293,7 +304,7 @@ describe('job life cycle', () => {
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, prepareMs: 50 } });
     job.start();
     await waitStatus(job, 'pending');
-    await tick(10);
+    await waitFor(() => job.log.includes('prepare'));
     expect(job.log).toEqual(['prepare']);
     await job.userCancel(true);
     await job.whenConcluded();
@@ -325,12 +336,13 @@ describe('job life cycle', () => {
   it('a pause interrupts a long sleep', async () => {
     const m = new JobManager();
     const job = new TestBlockJob(m, { id: 'j', plan: { steps: 1, stepMs: 60_000 } });
-    job.start();
-    await tick(10);
-    const t0 = Date.now();
-    job.userPause();
-    await waitStatus(job, 'paused');
-    expect(Date.now() - t0).toBeLessThan(1000);
+    // Timers frozen: the 60 s sleep cannot run out, so only the pause can wake the job.
+    await withFrozenTimers(async () => {
+      job.start();
+      await untilIdle(job);
+      job.userPause();
+      await waitStatus(job, 'paused');
+    });
     await job.userCancel(true);
     await job.whenConcluded();
   });
@@ -433,7 +445,7 @@ describe('pausing', () => {
     expect(job.progressCurrent).toBe(before);
     job.resume();
     await waitStatus(job, 'running');
-    await tick(30);
+    await waitFor(() => job.progressCurrent > before, { what: 'progress after the last resume' });
     expect(job.progressCurrent).toBeGreaterThan(before);
     await job.userCancel(true);
     await job.whenConcluded();
@@ -504,11 +516,11 @@ describe('job sleep', () => {
   it('a zero sleep only yields (no 1 ms timer per call), and can still be cancelled', async () => {
     const m = new JobManager();
     const fast = new TestJob(m, { id: 'fast' }, 2000, 0);
-    const t0 = performance.now();
-    fast.start();
-    await waitStatus(fast, 'null', 10_000);
-    // 2000 setTimeout(0) sleeps take over 2 s; yields take a few ms.
-    expect(performance.now() - t0).toBeLessThan(1000);
+    // Timers frozen: one setTimeout(0) among the 2000 sleeps would never fire.
+    await withFrozenTimers(async () => {
+      fast.start();
+      await waitStatus(fast, 'null');
+    });
     expect(fast.progressCurrent).toBe(2000);
     const long = new TestJob(m, { id: 'long' }, 1e9, 0);
     long.start();

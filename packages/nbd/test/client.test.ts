@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { BlockBackend, BlockError, Perm } from '@blockrep/block';
-import { freePort, makeTempDir, patternBuffer, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { freePort, makeTempDir, patternBuffer, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdTlsCreds, registerTlsCreds, unregisterTlsCreds } from '../src/index';
 import { makeCerts } from './certs';
@@ -21,12 +21,13 @@ async function startPeer(cmd: string, args: string[], ready: () => Promise<boole
         child.kill('SIGTERM');
       }),
   );
-  for (let i = 0; i < 100; i++) {
-    if (child.exitCode !== null) throw new Error(`${cmd} exited: ${stderr}`);
-    if (await ready()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`${cmd} did not start: ${stderr}`);
+  await waitFor(
+    async () => {
+      if (child.exitCode !== null) throw new Error(`${cmd} exited: ${stderr}`);
+      return ready();
+    },
+    { intervalMs: 50, what: () => `${cmd} accepting connections (stderr: ${stderr})` },
+  );
 }
 
 async function canConnect(port: number): Promise<boolean> {

@@ -40,7 +40,7 @@ export class RawConn {
   }
 
   /** Waits until n lines have arrived in total; returns them parsed. */
-  async waitLines(n: number, timeoutMs = 5000): Promise<any[]> {
+  async waitLines(n: number, timeoutMs = 30_000): Promise<any[]> {
     const deadline = Date.now() + timeoutMs;
     while (this.lines.length < n) {
       if (this.closed) throw new Error(`connection closed after ${this.lines.length} lines`);

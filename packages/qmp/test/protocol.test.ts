@@ -1,4 +1,5 @@
 import { statSync } from 'node:fs';
+import { waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { QmpClient, QmpError, type QmpServer } from '../src/index';
 import { negotiatedRaw, RawConn, startServer } from './helpers';
@@ -116,7 +117,7 @@ describe('greeting and negotiation', () => {
     server = s.server;
     const c = await QmpClient.connect({ path: s.path });
     expect(await c.execute('quit')).toEqual({});
-    await new Promise((r) => setTimeout(r, 20));
+    await waitFor(() => quit, { what: 'the quit hook' });
     expect(quit).toBe(true);
     await c.close();
   });
@@ -238,7 +239,7 @@ describe('framing and hostile input', () => {
     });
     const gone = await negotiatedRaw(path);
     gone.send('{"execute":"x-test-slow"}\n');
-    await new Promise((res) => setTimeout(res, 30));
+    await waitFor(() => release, { what: 'x-test-slow running' });
     gone.close();
     await new Promise((res) => setTimeout(res, 30));
     release();

@@ -1,9 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { createGraph } from '@blockrep/block';
 import { JobManager } from '@blockrep/jobs';
-import { hasPeer, makeTempDir } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, waitFor, waitForPidFile } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createBlockQmpServer, QmpClient } from '../src/index';
 
@@ -38,12 +38,17 @@ function common(a: unknown, b: unknown): [unknown, unknown] {
 async function startQsd(sock: string): Promise<ChildProcess> {
   const p = spawn(
     'qemu-storage-daemon',
-    ['--chardev', `socket,path=${sock},server=on,wait=off,id=c`, '--monitor', 'chardev=c'],
-    {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    },
+    [
+      '--chardev',
+      `socket,path=${sock},server=on,wait=off,id=c`,
+      '--monitor',
+      'chardev=c',
+      '--pidfile',
+      `${sock}.pid`,
+    ],
+    { stdio: ['ignore', 'ignore', 'ignore'] },
   );
-  for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+  await waitForPidFile(`${sock}.pid`, p);
   return p;
 }
 
@@ -176,6 +181,17 @@ function lineReader(sock: Socket) {
   });
   sock.on('error', () => {});
   return lines;
+}
+
+/** Whether every job the lines report on has reached concluded or null: it sends nothing more by itself. */
+function jobsSettled(lines: string[]): boolean {
+  const last = new Map<string, string>();
+  for (const l of lines) {
+    if (!l.includes('"JOB_STATUS_CHANGE"')) continue;
+    const { data } = JSON.parse(l);
+    last.set(data.id, data.status);
+  }
+  return [...last.values()].every((s) => s === 'concluded' || s === 'null');
 }
 
 /**
@@ -326,17 +342,24 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('byte for byte against qemu-sto
       `{"execute":"query-block"}\n`,
     ];
     try {
-      await new Promise((r) => setTimeout(r, 200));
+      await waitFor(() => tl.length > 0 && ol.length > 0, { what: 'both greetings' });
       expect(tl.length).toBe(1);
       expect(ol.length).toBe(1);
       for (const input of inputs) {
         const [t0, o0] = [tl.length, ol.length];
         theirs.write(input);
         ours.write(input);
-        for (let i = 0; i < 100 && (tl.length === t0 || ol.length < tl.length - t0 + o0); i++) {
-          await new Promise((r) => setTimeout(r, 10));
-        }
-        await new Promise((r) => setTimeout(r, 30));
+        // Answered: QEMU said something (to a whole line: a part of one gets no answer), we said
+        // as many lines, and every job has sent its last event (no late one lands in the next
+        // input's answer). Answers that never match fall through to the comparison below.
+        await waitFor(
+          () =>
+            (tl.length > t0 || !input.endsWith('\n')) &&
+            ol.length - o0 === tl.length - t0 &&
+            jobsSettled(tl) &&
+            jobsSettled(ol),
+          { what: `the answers to ${JSON.stringify(input)}` },
+        ).catch(() => {});
         expect(ol.slice(o0).map(normalize), JSON.stringify(input)).toEqual(tl.slice(t0).map(normalize));
       }
     } finally {

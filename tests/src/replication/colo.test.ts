@@ -6,7 +6,7 @@
  *   secondary: export "sec-disk" -> secondary disk;  export "sec-view" -> replication(secondary) -> active -> hidden -> secondary disk
  */
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
-import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type Daemon, killAll, startDaemon } from '../daemon';
 
@@ -132,11 +132,11 @@ describe.runIf(hasPeer('qemu-io'))('COLO block replication between two blockrepd
     // The primary host dies; the secondary fails over.
     await pri.d.kill();
     await sec.d.qmp.execute('xen-set-replication', { enable: false, primary: false, failover: true });
-    for (let i = 0; i < 200; i++) {
-      const [s] = await sec.d.qmp.execute<{ stage: string }[]>('query-replication');
-      if (s!.stage !== 'failover') break;
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    await waitFor(
+      async () =>
+        (await sec.d.qmp.execute<{ stage: string }[]>('query-replication'))[0]!.stage !== 'failover',
+      { intervalMs: 25, what: 'the failover done' },
+    ).catch(() => {});
     expect(await sec.d.qmp.execute('query-replication')).toEqual([
       { 'node-name': 'sec-repl', mode: 'secondary', stage: 'done' },
     ]);

@@ -1,13 +1,17 @@
 export { patternBuffer, randomBuffer } from './data';
 export {
   hasPeer,
+  MissingPeerError,
   PeerError,
   type PeerResult,
+  peersRequired,
   qemuImg,
   qemuImgJson,
   qemuIo,
   type RunPeerOptions,
   runPeer,
+  waitForPidFile,
 } from './peers';
 export { freePort } from './ports';
 export { makeTempDir, type TempDir, withTempDir } from './temp';
+export { type WaitForOptions, waitFor } from './wait';
