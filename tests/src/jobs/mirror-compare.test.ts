@@ -5,7 +5,7 @@
  */
 import { copyFileSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
 import { jobEventSummary, waitJobStatus } from '../job-events';
@@ -68,7 +68,15 @@ async function session(qmp: QmpClient, dir: string, peerSock: string) {
   const completeEvents = jobEventSummary(qmp.takeEvents());
   // After the pivot the guest writes to tgt only.
   await guest(['write -P 0x33 0 4k']);
-  await qmp.execute('block-export-del', { id: 'e0' });
+  // qemu-io has gone, but the server may not have seen its connection close yet.
+  await waitFor(
+    () =>
+      qmp.execute('block-export-del', { id: 'e0' }).then(
+        () => true,
+        (e: { desc?: string }) => (e.desc?.includes('still in use') ? false : Promise.reject(e)),
+      ),
+    { what: "export e0's client gone" },
+  );
   await qmp.waitEvent('BLOCK_EXPORT_DELETED', undefined, 30_000);
 
   // 2. A cancel after READY: src becomes a copy of tgt, nothing moves.
