@@ -11,7 +11,7 @@ import {
 import { dropStaleBitmaps, openBitmaps } from './bitmaps';
 import { ClusterType, compressedExtent, entryOffset, entryType } from './cluster';
 import { Ext, HeaderField, Incompat, parseHeader, type Qcow2Header, writeU64 } from './header';
-import { refGet, refMax, refSet } from './refcount';
+import { entryAligned, refGet, refMax, refSet, reftableEntryOffset } from './refcount';
 import { FileStorage, type Qcow2Storage, readBuf } from './storage';
 
 /*
@@ -199,9 +199,9 @@ class Checker {
   async stored(c: number): Promise<number | null> {
     const bi = Math.floor(c / this.perBlock);
     if (bi >= this.reftable.length / 8) return 0;
-    const off = Number(this.reftable.readBigUInt64BE(bi * 8) & 0x00fffffffffffe00n);
+    const off = reftableEntryOffset(this.reftable, bi);
     if (!off) return 0;
-    if (off % this.cs) return null;
+    if (!entryAligned(this.reftable, bi, this.cs)) return null;
     const b = await this.block(off);
     return b ? refGet(b, c % this.perBlock, this.bits) : null;
   }
@@ -223,8 +223,8 @@ class Checker {
   async adjust(c: number, delta: number): Promise<boolean> {
     const bi = Math.floor(c / this.perBlock);
     if (bi >= this.reftable.length / 8) return false;
-    const off = Number(this.reftable.readBigUInt64BE(bi * 8) & 0x00fffffffffffe00n);
-    if (!off || off % this.cs) return false;
+    const off = reftableEntryOffset(this.reftable, bi);
+    if (!off || !entryAligned(this.reftable, bi, this.cs)) return false;
     const b = await this.block(off);
     if (!b) return false;
     const i = c % this.perBlock;
@@ -289,7 +289,7 @@ class Checker {
       }
       const l2 = entryOffset(hi, lo);
       this.inc(l2, this.cs);
-      if (l2 % this.cs) {
+      if (!entryAligned(l1, i, this.cs)) {
         this.say(`ERROR l2_offset=${l2.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         this.res.corruptions++;
       }
@@ -335,7 +335,7 @@ class Checker {
         }
       } else if (type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) {
         const off = entryOffset(hi, lo);
-        if (off % this.cs) {
+        if (!entryAligned(t, k, this.cs)) {
           this.res.corruptions++;
           if (type === ClusterType.ZERO_ALLOC) {
             this.say(
@@ -404,14 +404,14 @@ class Checker {
     let rebuild = false;
     for (let i = 0; i < this.reftable.length / 8; i++) {
       const lo = this.reftable.readUInt32BE(i * 8 + 4);
-      const off = Number(this.reftable.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n);
+      const off = reftableEntryOffset(this.reftable, i);
       if (lo & REFT_RESERVED_LO) {
         this.say(`ERROR refcount table entry ${i} has reserved bits set`);
         this.res.corruptions++;
         rebuild = true;
         continue;
       }
-      if (off % this.cs) {
+      if (!entryAligned(this.reftable, i, this.cs)) {
         this.say(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
         this.res.corruptions++;
         rebuild = true;
@@ -422,8 +422,19 @@ class Checker {
         this.res.corruptions++;
         this.say(`${fix.errors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
         if (fix.errors) {
-          // Make the file long enough for the block (it reads as zeroes).
-          await this.s.truncate(off + this.cs);
+          // Make the file long enough for the block (it reads as zeroes), if it can be.
+          try {
+            if (off > 2 ** 63 - 1 - this.cs || off + this.cs > Number.MAX_SAFE_INTEGER) {
+              throw new FailedCheck('EINVAL');
+            }
+            await this.s.truncate(off + this.cs);
+          } catch (e) {
+            const errno = e instanceof FailedCheck ? e.errno : toBlockError(e).errno;
+            rebuild = true;
+            this.say(`ERROR could not resize image: ${errnoText(errno)}`);
+            continue;
+          }
+          this.fileLength = off + this.cs;
           this.nbClusters = c + 1;
           this.refs.grow(this.nbClusters);
           this.res.corruptions--;

@@ -121,7 +121,7 @@ function scanTable(img: Qcow2Image, t: Buffer, l2off: number, offset: number, ma
       `Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
     );
   }
-  if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && host % cs !== 0) {
+  if ((type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC) && lo & ~0x1ff & (cs - 1)) {
     img.corruptEvent(
       `Cluster allocation offset ${hex(host)} unaligned (L2 offset: ${hex(l2off)}, L2 index: ${hex(l2i)})`,
     );

@@ -14,7 +14,7 @@ import {
   withBackingFile,
   writeU64,
 } from './header';
-import { Qcow2Refcounts, refSet, tableEntryOffset } from './refcount';
+import { entryAligned, Qcow2Refcounts, refSet, reftableEntryOffset, tableEntryOffset } from './refcount';
 import { type Qcow2Storage, readBuf } from './storage';
 
 /*
@@ -225,7 +225,9 @@ export class Qcow2Image {
     if (i >= this.header.l1Size) return 0;
     const off = tableEntryOffset(this.l1, i);
     if (!off) return 0;
-    if (off % this.cs !== 0) this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`);
+    if (!entryAligned(this.l1, i, this.cs)) {
+      this.corruptEvent(`L2 table offset ${hex(off)} unaligned (L1 index: ${hex(i)})`);
+    }
     if (off < this.cs || this.refcounts.overlapsMetadata(off, this.cs)) {
       this.corruptEvent(`L2 table at ${hex(off)} overlaps other metadata (L1 index: ${hex(i)})`);
     }
@@ -401,7 +403,7 @@ async function rewriteTables(img: Qcow2Image): Promise<void> {
   use(rc.tableOffset, rc.tableClusters * cs);
   const blocks: [number, number][] = [];
   for (let i = 0; i < rc.tableEntries; i++) {
-    const off = tableEntryOffset(rc.table, i);
+    const off = reftableEntryOffset(rc.table, i);
     if (off) {
       use(off, cs);
       blocks.push([i, off]);

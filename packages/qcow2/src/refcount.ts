@@ -73,6 +73,20 @@ export function tableEntryOffset(buf: Buffer, i: number): number {
   return hi * 0x100000000 + (lo - (lo & 0x1ff));
 }
 
+/** Host offset in a refcount table entry: bits 9-63 (QEMU's REFT_OFFSET_MASK). */
+export function reftableEntryOffset(buf: Buffer, i: number): number {
+  const lo = buf.readUInt32BE(i * 8 + 4);
+  return buf.readUInt32BE(i * 8) * 0x100000000 + (lo - (lo & 0x1ff));
+}
+
+/**
+ * Whether the offset in entry i of a table is aligned to cs (a power of two below 2^32): read
+ * from the low word, exact whatever the offset's size.
+ */
+export function entryAligned(buf: Buffer, i: number, cs: number): boolean {
+  return (buf.readUInt32BE(i * 8 + 4) & ~0x1ff & (cs - 1)) === 0;
+}
+
 export class Qcow2Refcounts {
   readonly cs: number;
   readonly bits: number;
@@ -117,7 +131,7 @@ export class Qcow2Refcounts {
     this.tableClusters = layout.tableClusters;
     this.highWater = Math.ceil(fileLength / this.cs);
     for (let i = 0; i < this.tableEntries; i++) {
-      const off = tableEntryOffset(table, i);
+      const off = reftableEntryOffset(table, i);
       if (off) this.blockOffsets.add(off);
     }
   }
@@ -145,11 +159,11 @@ export class Qcow2Refcounts {
     const b = this.blocks.get(i);
     if (b) return b;
     if (i >= this.tableEntries) return null;
-    const off = tableEntryOffset(this.table, i);
+    const off = reftableEntryOffset(this.table, i);
     if (!off) return null;
     let p = this.loading.get(i);
     if (!p) {
-      if (off % this.cs !== 0) {
+      if (!entryAligned(this.table, i, this.cs)) {
         throw this.corrupt(
           `Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${i.toString(16)})`,
         );
@@ -230,7 +244,7 @@ export class Qcow2Refcounts {
       const b = this.blocks.get(bi)!;
       const start = Math.floor((range[0] * this.bits) / 8 / 512) * 512;
       const end = Math.min(this.cs, Math.ceil((range[1] * this.bits) / 8 / 512) * 512);
-      const off = tableEntryOffset(this.table, bi) + start;
+      const off = reftableEntryOffset(this.table, bi) + start;
       work.push({ bi, range, off, data: Buffer.from(b.subarray(start, end)) });
     }
     this.dirty.clear();
@@ -250,7 +264,9 @@ export class Qcow2Refcounts {
    */
   async addRefblocks(indices: number[]): Promise<void> {
     const cs = this.cs;
-    const needed = new Set(indices.filter((i) => i >= this.tableEntries || !tableEntryOffset(this.table, i)));
+    const needed = new Set(
+      indices.filter((i) => i >= this.tableEntries || !reftableEntryOffset(this.table, i)),
+    );
     if (!needed.size) return;
     const hw = this.highWater;
     let tableClusters = 0;
@@ -265,7 +281,7 @@ export class Qcow2Refcounts {
       const end = hw + needed.size + tableClusters;
       let grew = false;
       for (let bi = Math.floor(hw / this.perBlock); bi * this.perBlock < end; bi++) {
-        const have = bi < this.tableEntries && tableEntryOffset(this.table, bi) !== 0;
+        const have = bi < this.tableEntries && reftableEntryOffset(this.table, bi) !== 0;
         if (!have && !needed.has(bi)) {
           needed.add(bi);
           grew = true;
@@ -350,7 +366,7 @@ export class Qcow2Refcounts {
     this.dirty.clear();
     this.blockOffsets.clear();
     for (let i = 0; i < this.tableEntries; i++) {
-      const off = tableEntryOffset(table, i);
+      const off = reftableEntryOffset(table, i);
       if (off) this.blockOffsets.add(off);
     }
     this.hint = 0;

@@ -1,5 +1,5 @@
 import * as fsp from 'node:fs/promises';
-import { type BlockChild, BlockError, type IoVec } from '@blockrep/block';
+import { type BlockChild, BlockError, type IoVec, iovLength } from '@blockrep/block';
 
 /**
  * What the qcow2 code needs from the file holding the image: positioned reads and writes, flush,
@@ -14,9 +14,26 @@ export interface Qcow2Storage {
   readonly filename: string;
 }
 
+/** QEMU's BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB. */
+const MAX_REQUEST_OFFSET = 2 ** 63 - 2 ** 30;
+
+/**
+ * A hostile image's offsets, before they reach the file: past QEMU's largest request offset (its
+ * BDRV_MAX_LENGTH) an I/O error; past 2^53 still beyond any file: a read gets zeroes, as past the
+ * end of a file, and a write EFBIG, as the kernel answers QEMU there. null: an ordinary request.
+ */
+function outOfReach(offset: number, bytes: number, write: boolean): 'zeroes' | null {
+  if (offset + bytes > MAX_REQUEST_OFFSET) throw new BlockError('Input/output error', { errno: 'EIO' });
+  if (offset + bytes <= Number.MAX_SAFE_INTEGER) return null;
+  if (write) throw new BlockError('File too large', { errno: 'EFBIG' });
+  return 'zeroes';
+}
+
+function zeroFill(iov: IoVec): void {
+  for (const b of iov) b.fill(0);
+}
+
 export async function readBuf(s: Qcow2Storage, offset: number, bytes: number): Promise<Buffer> {
-  // Offsets past 2^53 (a hostile image's) are beyond any file: an I/O error, as the kernel gives QEMU.
-  if (offset + bytes > Number.MAX_SAFE_INTEGER) throw new BlockError('Input/output error', { errno: 'EIO' });
   const b = Buffer.allocUnsafe(bytes);
   await s.readv(offset, bytes, [b]);
   return b;
@@ -25,8 +42,14 @@ export async function readBuf(s: Qcow2Storage, offset: number, bytes: number): P
 /** The driver's storage: its file child. */
 export function childStorage(child: BlockChild): Qcow2Storage {
   return {
-    readv: (offset, bytes, iov) => child.readv(offset, bytes, iov),
-    write: (offset, data) => child.write(offset, data),
+    readv: async (offset, bytes, iov) => {
+      if (outOfReach(offset, bytes, false)) zeroFill(iov);
+      else await child.readv(offset, bytes, iov);
+    },
+    write: async (offset, data) => {
+      outOfReach(offset, iovLength(Buffer.isBuffer(data) ? [data] : data), true);
+      await child.write(offset, data);
+    },
     flush: () => child.flush(),
     length: async () => child.getLength(),
     truncate: (length) => child.truncate(length, { exact: true, prealloc: 'off' }),
@@ -51,6 +74,7 @@ export class FileStorage implements Qcow2Storage {
   }
 
   async readv(offset: number, bytes: number, iov: IoVec): Promise<void> {
+    if (outOfReach(offset, bytes, false)) return zeroFill(iov);
     let done = 0;
     for (const b of iov) {
       const { bytesRead } = await this.fh.read(b, 0, b.length, offset + done);
@@ -62,6 +86,7 @@ export class FileStorage implements Qcow2Storage {
 
   async write(offset: number, data: Buffer | IoVec): Promise<void> {
     const iov = Buffer.isBuffer(data) ? [data] : data;
+    outOfReach(offset, iovLength(iov), true);
     let pos = offset;
     for (const b of iov) {
       let n = 0;
