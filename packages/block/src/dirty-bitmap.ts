@@ -173,6 +173,44 @@ export class DirtyBitmap {
     }
   }
 
+  /** Bits in the bitmap (granules of the node). */
+  get size(): number {
+    return this.nbits;
+  }
+
+  /**
+   * `bytes` bytes of the bitmap from bit `firstBit` (a multiple of 32), bit i of the run in bit
+   * i%8 of byte i/8 (the little-endian order qcow2 stores bitmaps in); bits past the end are 0.
+   */
+  toBytes(firstBit: number, bytes: number): Buffer {
+    const out = Buffer.alloc(bytes);
+    const w0 = firstBit >>> 5;
+    const n = Math.min(Math.ceil(bytes / 4), Math.max(0, this.words.length - w0));
+    for (let i = 0; i < n; i++) {
+      const w = this.words[w0 + i]!;
+      if (w && i * 4 + 4 <= bytes) out.writeUInt32LE(w, i * 4);
+      else if (w) for (let b = 0; b < bytes - i * 4; b++) out[i * 4 + b] = (w >>> (8 * b)) & 0xff;
+    }
+    return out;
+  }
+
+  /** Sets the bits of a run read as toBytes writes it (bits already set stay set). */
+  orBytes(firstBit: number, data: Buffer): void {
+    const w0 = firstBit >>> 5;
+    const n = Math.min(Math.ceil(data.length / 4), Math.max(0, this.words.length - w0));
+    for (let i = 0; i < n; i++) {
+      let v = 0;
+      for (let b = 0; b < 4 && i * 4 + b < data.length; b++) v |= data[i * 4 + b]! << (8 * b);
+      if (!v) continue;
+      const old = this.words[w0 + i]!;
+      let nv = (old | v) >>> 0;
+      // Bits past the node's end are never set.
+      if (w0 + i === this.words.length - 1 && this.nbits % 32) nv &= (2 ** (this.nbits % 32) - 1) >>> 0;
+      this.bitCount += popcount(nv) - popcount(old);
+      this.words[w0 + i] = nv;
+    }
+  }
+
   /** A copy (for snapshotting a bitmap, e.g. an incremental backup's frozen view). */
   copy(name?: string): DirtyBitmap {
     const b = new DirtyBitmap(this.length, this.granularity, name);

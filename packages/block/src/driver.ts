@@ -140,6 +140,11 @@ export interface BlockDriver {
   /** x-blockdev-change: detach one child (quorum). */
   delChild?(node: BlockNode, child: BlockChild): void;
 
+  /** A persistent bitmap may be added (block-dirty-bitmap-add persistent); throws why not. Absent: none can. */
+  canStoreBitmap?(node: BlockNode, name: string, granularity: number): void;
+  /** A persistent bitmap was removed from the node: drop it from the image too. */
+  removePersistentBitmap?(node: BlockNode, name: string): Promise<void>;
+
   /** Format-specific information for query-named-block-nodes / info. */
   info?(node: BlockNode): Record<string, unknown> | undefined;
   /** The file name QEMU reports for the node (protocols: the path; formats: their file's). */

@@ -76,3 +76,25 @@ describe('DirtyBitmap', () => {
     expect(bm.count()).toBe(3 * 4096);
   });
 });
+
+describe('DirtyBitmap bytes (qcow2 persistent bitmaps)', () => {
+  it('toBytes and orBytes round-trip, little-endian bit order, nothing past the end', () => {
+    // 100 granules of 512 bytes: 100 bits, the last word partly used.
+    const b = new DirtyBitmap(100 * 512, 512);
+    b.set(0, 512); // bit 0
+    b.set(9 * 512, 512); // bit 9
+    b.set(99 * 512, 512); // bit 99, the last
+    const bytes = b.toBytes(0, 16);
+    expect(bytes[0]).toBe(0x01);
+    expect(bytes[1]).toBe(0x02);
+    expect(bytes[12]).toBe(0x08);
+    const c = new DirtyBitmap(100 * 512, 512);
+    c.orBytes(0, bytes);
+    expect([...c.dirtyExtents()]).toEqual([...b.dirtyExtents()]);
+    expect(c.count()).toBe(3 * 512);
+    // All ones in: bits past the 100th stay clear, the count is exact.
+    const d = new DirtyBitmap(100 * 512, 512);
+    d.orBytes(0, Buffer.alloc(16, 0xff));
+    expect(d.count()).toBe(100 * 512);
+  });
+});

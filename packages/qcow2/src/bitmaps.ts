@@ -1,5 +1,6 @@
-import { BlockError, errnoText, toBlockError } from '@blockrep/block';
+import { BlockError, DirtyBitmap, errnoText, toBlockError } from '@blockrep/block';
 import { Ext, type Qcow2Header, withBackingFile } from './header';
+import type { Qcow2Image } from './image';
 import { type Qcow2Storage, readBuf } from './storage';
 
 /*
@@ -29,6 +30,8 @@ export interface BitmapDirEntry {
   flags: number;
   granularityBits: number;
   name: string;
+  /** Written by this store (not kept as it was): internal to storeBitmaps. */
+  fresh?: boolean;
 }
 
 function invalid(msg: string): BlockError {
@@ -161,4 +164,161 @@ export async function dropStaleBitmaps(s: Qcow2Storage, h: Qcow2Header): Promise
   const cluster = await readBuf(s, 0, cs);
   await s.write(0, withBackingFile(cluster, h, h.backingFile, h.backingFormat));
   await s.flush();
+}
+
+// ---- persistent bitmaps of an open image ----
+
+const BME_FLAG_AUTO = 2;
+
+/** The host clusters an entry's table and data take (to free them once replaced). */
+export async function entryClusters(img: Qcow2Image, e: BitmapDirEntry): Promise<[number, number][]> {
+  const out: [number, number][] = [[e.tableOffset, Math.ceil((e.tableSize * 8) / img.cs)]];
+  const t = await readBuf(img.storage, e.tableOffset, e.tableSize * 8);
+  for (let i = 0; i < e.tableSize; i++) {
+    const off = Number(t.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n);
+    if (off) out.push([off, 1]);
+  }
+  return out;
+}
+
+/**
+ * The image's bitmaps as DirtyBitmaps for its node: data read from the bitmap tables; recording
+ * when the "auto" flag says so; one found "in use" (its writer never stored it: it may have
+ * missed writes) is inconsistent, as in QEMU.
+ */
+export async function loadBitmaps(img: Qcow2Image): Promise<DirtyBitmap[]> {
+  const out: DirtyBitmap[] = [];
+  const bitsPerCluster = img.cs * 8;
+  for (const e of img.bitmapDir) {
+    const bm = new DirtyBitmap(img.size, 2 ** e.granularityBits, e.name);
+    bm.persistent = true;
+    bm.enabled = (e.flags & BME_FLAG_AUTO) !== 0;
+    if (e.flags & BME_FLAG_IN_USE) {
+      bm.inconsistent = true;
+      bm.enabled = false;
+    } else {
+      const t = await readBuf(img.storage, e.tableOffset, e.tableSize * 8);
+      for (let i = 0; i < e.tableSize; i++) {
+        const hi = t.readUInt32BE(i * 8);
+        const lo = t.readUInt32BE(i * 8 + 4);
+        const off = Number(t.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n);
+        if (off) bm.orBytes(i * bitsPerCluster, await readBuf(img.storage, off, img.cs));
+        else if (lo & 1 && !hi) bm.orBytes(i * bitsPerCluster, Buffer.alloc(img.cs, 0xff));
+      }
+    }
+    out.push(bm);
+  }
+  return out;
+}
+
+/** Serialises a directory (entries in order, each padded to 8 bytes). */
+function directoryBytes(entries: BitmapDirEntry[]): Buffer {
+  const parts: Buffer[] = [];
+  for (const e of entries) {
+    const name = Buffer.from(e.name);
+    const len = Math.ceil((DIR_ENTRY + name.length) / 8) * 8;
+    const b = Buffer.alloc(len);
+    b.writeBigUInt64BE(BigInt(e.tableOffset), 0);
+    b.writeUInt32BE(e.tableSize, 8);
+    b.writeUInt32BE(e.flags, 12);
+    b.writeUInt8(1, 16);
+    b.writeUInt8(e.granularityBits, 17);
+    b.writeUInt16BE(name.length, 18);
+    name.copy(b, DIR_ENTRY);
+    parts.push(b);
+  }
+  return Buffer.concat(parts);
+}
+
+/**
+ * A writer marks the bitmaps it loaded "in use" on disk (the directory rewritten in place), so
+ * that a crash before they are stored leaves them inconsistent rather than silently stale.
+ */
+export async function markBitmapsInUse(img: Qcow2Image): Promise<void> {
+  if (!img.bitmapDir.length || img.bitmapDir.every((e) => e.flags & BME_FLAG_IN_USE)) return;
+  for (const e of img.bitmapDir) e.flags |= BME_FLAG_IN_USE;
+  const ext = bitmapsExtension(img.header, img.cs)!;
+  await img.storage.write(ext.directoryOffset, directoryBytes(img.bitmapDir));
+  await img.storage.flush();
+}
+
+/**
+ * Stores a node's persistent bitmaps in the image (QEMU's qcow2_store_persistent_dirty_bitmaps):
+ * the data of each (clusters that are all zeroes are left out), its table and a new directory go
+ * into new clusters, made durable before the header points at them; then the old ones are
+ * freed. Inconsistent bitmaps are stored as they were found (in use). With none left, the
+ * extension goes.
+ */
+export async function storeBitmaps(img: Qcow2Image, bitmaps: DirtyBitmap[]): Promise<void> {
+  const old = img.bitmapDir;
+  const entries: BitmapDirEntry[] = [];
+  const cs = img.cs;
+  const bitsPerCluster = cs * 8;
+  for (const bm of bitmaps) {
+    const kept = bm.inconsistent ? old.find((e) => e.name === bm.name) : undefined;
+    if (kept) {
+      entries.push({ ...kept, flags: kept.flags | BME_FLAG_IN_USE, fresh: false });
+      continue;
+    }
+    const tableSize = Math.max(1, Math.ceil(bm.size / bitsPerCluster));
+    const table = Buffer.alloc(Math.ceil((tableSize * 8) / cs) * cs);
+    for (let i = 0; i < tableSize; i++) {
+      const data = bm.toBytes(i * bitsPerCluster, cs);
+      if (data.every((b) => b === 0)) continue;
+      const off = await img.allocator.allocate(1);
+      await img.storage.write(off, data);
+      table.writeBigUInt64BE(BigInt(off), i * 8);
+    }
+    const tableOffset = await img.allocator.allocate(table.length / cs);
+    await img.storage.write(tableOffset, table);
+    entries.push({
+      tableOffset,
+      tableSize,
+      flags: bm.enabled ? BME_FLAG_AUTO : 0,
+      granularityBits: Math.log2(bm.granularity),
+      name: bm.name ?? '',
+      fresh: true,
+    });
+  }
+  let ext: Buffer | null = null;
+  if (entries.length) {
+    const dir = directoryBytes(entries);
+    const dirOffset = await img.allocator.allocate(Math.ceil(dir.length / cs));
+    await img.storage.write(dirOffset, dir);
+    ext = Buffer.alloc(24);
+    ext.writeUInt32BE(entries.length, 0);
+    ext.writeBigUInt64BE(BigInt(dir.length), 8);
+    ext.writeBigUInt64BE(BigInt(dirOffset), 16);
+  }
+  // Everything the new header will point at, and its refcounts, on disk before the header.
+  await img.syncRefcounts();
+  await img.storage.flush();
+  const oldExt = bitmapsExtension(img.header, cs);
+  await writeBitmapsExtension(img, ext);
+  // The old directory, tables and data (what is not kept as it was) go.
+  const frees: [number, number][] = [];
+  if (oldExt) frees.push([oldExt.directoryOffset, Math.ceil(oldExt.directorySize / cs)]);
+  for (const e of old) {
+    if (entries.some((n) => !n.fresh && n.tableOffset === e.tableOffset)) continue;
+    frees.push(...(await entryClusters(img, e)));
+  }
+  for (const [off, n] of frees) await img.refcounts.free(off, n);
+  // The frees made durable too: a store happens rarely (close, a removal), and a crash after a
+  // removal would otherwise leak what the bitmap held.
+  await img.refcounts.writeBack();
+  await img.storage.flush();
+  img.bitmapDir = entries.map(({ fresh: _f, ...e }) => e);
+}
+
+/** Writes the header with the given bitmaps extension (null: none) and autoclear bit 0 to match. */
+async function writeBitmapsExtension(img: Qcow2Image, ext: Buffer | null): Promise<void> {
+  const h = img.header;
+  const others = h.extensions.filter((e) => e.type !== Ext.BITMAPS);
+  h.extensions = ext ? [...others, { type: Ext.BITMAPS, data: ext }] : others;
+  h.autoclear = ext ? h.autoclear | 1n : h.autoclear & ~1n;
+  const cluster = await readBuf(img.storage, 0, img.cs);
+  const updated = withBackingFile(cluster, h, h.backingFile, h.backingFormat);
+  updated.writeBigUInt64BE(h.autoclear, 88);
+  await img.storage.write(0, updated);
+  await img.storage.flush();
 }

@@ -12,6 +12,7 @@ import {
   toBlockError,
   zeroBuffer,
 } from '@blockrep/block';
+import { loadBitmaps, MAX_BITMAPS, markBitmapsInUse, storeBitmaps } from './bitmaps';
 import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
 import { QCOW2_MAGIC } from './header';
 import { makeImageEmpty, Qcow2Image } from './image';
@@ -115,6 +116,9 @@ export const qcow2Driver: BlockDriver = {
       } else throw e;
     }
     node.opaque = image;
+    // Persistent bitmaps live on the node from now on; a writer marks them in use on disk.
+    node.dirtyBitmaps.push(...(await loadBitmaps(image)));
+    if (!node.readOnly) await markBitmapsInUse(image);
     const ref = opts.backing === undefined ? headerBackingOptions(image, file) : opts.backing;
     let backing: BlockChild | null;
     try {
@@ -135,7 +139,26 @@ export const qcow2Driver: BlockDriver = {
   },
 
   async close(node) {
-    await img(node)?.close();
+    const image = img(node);
+    if (!image) return;
+    await storeNodeBitmaps(node);
+    await image.close();
+  },
+
+  canStoreBitmap(node, name) {
+    const image = img(node);
+    const fail = (why: string) =>
+      new BlockError(`Can't make bitmap '${name}' persistent in '${node.nodeName}': ${why}`);
+    if (!image.v3) throw fail('Cannot store dirty bitmaps in qcow2 v2 files');
+    if (Buffer.byteLength(name) > 1023) throw fail('Name length exceeds maximum (1023 characters)');
+    if (node.dirtyBitmaps.filter((b) => b.persistent).length >= MAX_BITMAPS) {
+      throw fail(`Maximum number of persistent bitmaps is already reached`);
+    }
+  },
+
+  async removePersistentBitmap(node) {
+    // The directory is written again without it (QEMU removes it from the image at once).
+    await storeNodeBitmaps(node);
   },
 
   limits: (node) => {
@@ -219,7 +242,10 @@ export const qcow2Driver: BlockDriver = {
 
   async reopenPrepare(state) {
     const image = img(state.node);
-    if (state.readOnly && !state.node.readOnly) await image.close();
+    if (state.readOnly && !state.node.readOnly) {
+      await storeNodeBitmaps(state.node);
+      await image.close();
+    }
     if (!state.readOnly && state.node.readOnly) {
       if (image.corrupt)
         throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
@@ -230,6 +256,8 @@ export const qcow2Driver: BlockDriver = {
   reopenCommit(state) {
     const image = img(state.node);
     image.readOnly = state.readOnly;
+    // A writer again: the bitmaps are in use until stored (errors surface at the next store).
+    if (!state.readOnly) markBitmapsInUse(image).catch(() => {});
   },
 
   info(node) {
@@ -239,5 +267,21 @@ export const qcow2Driver: BlockDriver = {
 
 /** The "format-specific" data of `qemu-img info` for an open image. */
 export function qcow2FormatSpecific(image: Qcow2Image): Record<string, unknown> {
-  return formatSpecificData(image.header, image.corrupt);
+  return formatSpecificData(image.header, image.corrupt, image.bitmapDir);
+}
+
+/**
+ * Stores the node's persistent bitmaps (writable, uncorrupted images): those the image held in
+ * its order, then new ones newest first, as QEMU lists them.
+ */
+async function storeNodeBitmaps(node: BlockNode): Promise<void> {
+  const image = img(node);
+  if (image.readOnly || image.corrupt) return;
+  const persistent = node.dirtyBitmaps.filter((b) => b.persistent);
+  if (!persistent.length && !image.bitmapDir.length) return;
+  const ordered = [
+    ...image.bitmapDir.map((e) => persistent.find((b) => b.name === e.name)).filter((b) => b !== undefined),
+    ...[...persistent].reverse().filter((b) => !image.bitmapDir.some((e) => e.name === b.name)),
+  ];
+  await storeBitmaps(image, ordered);
 }

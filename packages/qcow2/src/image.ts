@@ -1,6 +1,12 @@
 import { BlockError, errnoText, Mutex, RangeLock, toBlockError } from '@blockrep/block';
 import { Qcow2Allocator } from './allocate';
-import { dropStaleBitmaps, openBitmaps } from './bitmaps';
+import {
+  type BitmapDirEntry,
+  bitmapsExtension,
+  dropStaleBitmaps,
+  entryClusters,
+  openBitmaps,
+} from './bitmaps';
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
 import {
@@ -55,6 +61,8 @@ export class Qcow2Image {
   private signaledCorruption = false;
   /** A fatal corruption: no request is served any more. */
   private dead = false;
+  /** The persistent bitmaps' directory as it is on disk (empty: none). */
+  bitmapDir: BitmapDirEntry[] = [];
   /** Told the text of each corruption reported (the driver emits BLOCK_IMAGE_CORRUPTED). */
   onCorruption: ((text: string) => void) | null = null;
   /** makeEmpty left free clusters at the end of the file: cut them off on close. */
@@ -106,7 +114,7 @@ export class Qcow2Image {
     if (header.incompatible & Incompat.CORRUPT && !opts.readOnly) {
       throw new BlockError('qcow2: Image is corrupt; cannot be opened read/write', { errno: 'EACCES' });
     }
-    await openBitmaps(storage, header);
+    const bitmapDir = await openBitmaps(storage, header);
     if (header.incompatible & Incompat.DIRTY && !opts.readOnly) {
       // Refcounts may be stale (lazy refcounts): recount them (a repair may rebuild the refcount
       // structure, so the header is read again), then the image is clean again.
@@ -150,12 +158,15 @@ export class Qcow2Image {
       opts.readOnly,
       Math.max(2, Math.floor(cacheBytes / cs)),
     );
+    img.bitmapDir = bitmapDir ?? [];
     if (!opts.readOnly) {
       await dropStaleBitmaps(storage, header);
-      // Autoclear bits name features we do not maintain: clearing them tells others so.
-      if (header.autoclear) {
-        await storage.write(HeaderField.AUTOCLEAR, Buffer.alloc(8));
-        header.autoclear = 0n;
+      // Autoclear bits name features we do not maintain: clearing them tells others so. Bit 0
+      // (bitmaps) stays while the image has bitmaps: they are kept.
+      const keep = img.bitmapDir.length ? header.autoclear & 1n : 0n;
+      if (header.autoclear !== keep) {
+        await storage.write(HeaderField.AUTOCLEAR, u64Buffer(Number(keep)));
+        header.autoclear = keep;
       }
     }
     return img;
@@ -401,6 +412,10 @@ async function rewriteTables(img: Qcow2Image): Promise<void> {
   use(0, cs);
   if (img.header.l1Size) use(img.l1Offset, img.header.l1Size * 8);
   use(rc.tableOffset, rc.tableClusters * cs);
+  // Persistent bitmaps stay: their directory, tables and data are still in use.
+  const ext = bitmapsExtension(img.header, cs);
+  if (ext) use(ext.directoryOffset, ext.directorySize);
+  for (const e of img.bitmapDir) for (const [off, n] of await entryClusters(img, e)) use(off, n * cs);
   const blocks: [number, number][] = [];
   for (let i = 0; i < rc.tableEntries; i++) {
     const off = reftableEntryOffset(rc.table, i);

@@ -1,20 +1,34 @@
 import { dirname, isAbsolute, join } from 'node:path';
+import type { BitmapDirEntry } from './bitmaps';
 import { Compat, Incompat, parseHeader, type Qcow2Header } from './header';
 import { FileStorage, readBuf } from './storage';
 
 /* `qemu-img info` for a qcow2 file, without a block graph (for the CLI). */
 
 /** The `format-specific` data of `qemu-img info --output=json`. */
-export function formatSpecificData(h: Qcow2Header, corrupt: boolean): Record<string, unknown> {
+export function formatSpecificData(
+  h: Qcow2Header,
+  corrupt: boolean,
+  bitmaps: BitmapDirEntry[] = [],
+): Record<string, unknown> {
   if (h.version === 2) return { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
-  return {
+  const data: Record<string, unknown> = {
     compat: '1.1',
     'compression-type': 'zlib',
     'lazy-refcounts': (h.compatible & Compat.LAZY_REFCOUNTS) !== 0n,
-    'refcount-bits': 2 ** h.refcountOrder,
-    corrupt,
-    'extended-l2': false,
   };
+  // The image's persistent bitmaps, as QEMU lists them (between lazy refcounts and refcount bits).
+  if (bitmaps.length) {
+    data.bitmaps = bitmaps.map((e) => ({
+      flags: [...(e.flags & 1 ? ['in-use'] : []), ...(e.flags & 2 ? ['auto'] : [])],
+      name: e.name,
+      granularity: 2 ** e.granularityBits,
+    }));
+  }
+  data['refcount-bits'] = 2 ** h.refcountOrder;
+  data.corrupt = corrupt;
+  data['extended-l2'] = false;
+  return data;
 }
 
 export interface Qcow2Info {

@@ -20,7 +20,7 @@ export { registerReplicationCommands } from './commands/replication';
 export { type BlockrepDaemon, createBlockrepDaemon, referenceRegistry } from './daemon-server';
 export { renderCommandReference } from './docs';
 export { QmpError, type QmpErrorClass } from './errors';
-export { JsonStreamer, parseQmpJson, qdictOrder, type StreamItem, toQmpJson } from './json';
+export { JsonStreamer, parseQmpJson, qdictOrder, type StreamItem, toQemuPrettyJson, toQmpJson } from './json';
 export { type CommandContext, type CommandDef, CommandRegistry, type EventDef } from './registry';
 export {
   EMPTY_OBJECT,

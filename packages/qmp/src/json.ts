@@ -437,6 +437,27 @@ export function toQmpJson(v: unknown): string {
   }
 }
 
+/**
+ * Pretty-prints like QEMU's qobject_to_json_pretty (what `qemu-img ... --output=json` prints):
+ * four spaces per level, keys in QDict order, an empty list or object still on two lines.
+ */
+export function toQemuPrettyJson(v: unknown, level = 0): string {
+  const pad = (n: number) => '    '.repeat(n);
+  if (v === null || typeof v !== 'object') return toQmpJson(v);
+  const items = Array.isArray(v)
+    ? v.map((x) => `${pad(level + 1)}${toQemuPrettyJson(x, level + 1)}`)
+    : qdictOrder(Object.keys(v as Record<string, unknown>))
+        .filter((k) => (v as Record<string, unknown>)[k] !== undefined)
+        .map(
+          (k) =>
+            `${pad(level + 1)}${quote(k)}: ${toQemuPrettyJson((v as Record<string, unknown>)[k], level + 1)}`,
+        );
+  const [open, close] = Array.isArray(v) ? ['[', ']'] : ['{', '}'];
+  return items.length
+    ? `${open}\n${items.join(',\n')}\n${pad(level)}${close}`
+    : `${open}\n${pad(level)}${close}`;
+}
+
 /** Parses one complete JSON text with QMP's reader (for tests and the client). */
 export function parseQmpJson(text: string): StreamItem[] {
   const out: StreamItem[] = [];

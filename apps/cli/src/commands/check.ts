@@ -2,6 +2,7 @@ import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { checkFormat, forceShare, openFailure, probeFormat } from '../image';
+import { qemuJson } from '../json';
 
 /** qemu-img check's exit codes. */
 const EXIT = { ok: 0, checkErrors: 1, corruptions: 2, leaks: 3, unsupported: 63 } as const;
@@ -49,25 +50,24 @@ function humanReport(r: Qcow2CheckResult, fixed: { leaks: number; corruptions: n
   return `${out.join('\n')}\n`;
 }
 
-/** The fields of `--output=json` in the order qemu-img prints them (zero counts left out). */
-const JSON_ORDER = [
-  'image-end-offset',
-  'total-clusters',
-  'corruptions',
-  'corruptions-fixed',
-  'check-errors',
-  'leaks',
-  'leaks-fixed',
-  'allocated-clusters',
-  'filename',
-  'format',
-  'fragmented-clusters',
-  'compressed-clusters',
-] as const;
-
+/** The fields of `--output=json` (ImageCheck, in QAPI member order; zero counts left out). */
 function jsonReport(r: Qcow2CheckResult): Record<string, unknown> {
+  const keys = [
+    'filename',
+    'format',
+    'check-errors',
+    'image-end-offset',
+    'corruptions',
+    'leaks',
+    'corruptions-fixed',
+    'leaks-fixed',
+    'total-clusters',
+    'allocated-clusters',
+    'fragmented-clusters',
+    'compressed-clusters',
+  ] as const;
   const out: Record<string, unknown> = {};
-  for (const k of JSON_ORDER) if (r[k] !== undefined) out[k] = r[k];
+  for (const k of keys) if (r[k] !== undefined) out[k] = r[k];
   return out;
 }
 
@@ -111,7 +111,7 @@ export async function checkCommand(args: string[]): Promise<number> {
   }
   r.filename = file;
   if (optString(p, '--output') === 'json') {
-    process.stdout.write(`${JSON.stringify(jsonReport(r), null, 4)}\n`);
+    process.stdout.write(`${await qemuJson(jsonReport(r))}\n`);
   } else if (!p.opts.has('-q')) {
     process.stdout.write(humanReport(r, fixed));
   }

@@ -4,6 +4,7 @@ import type { BlockNode } from '@blockrep/block';
 import { optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { forceShare, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
+import { qemuJson } from '../json';
 import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
 /** QEMU's size_to_str: three significant digits and a binary unit. */
@@ -46,6 +47,23 @@ export async function imageInfo(node: BlockNode, filename: string): Promise<Reco
   return info;
 }
 
+/**
+ * Nested data as qemu-img prints it (QEMU's dump_qobject): a key per line with '-' shown as ' ',
+ * four spaces per level, list items as "[i]:", objects and lists on the lines below their key.
+ */
+function dumpValue(v: Record<string, unknown> | unknown[], level: number, lines: string[]): void {
+  const pad = '    '.repeat(level);
+  const entries: [string, unknown][] = Array.isArray(v)
+    ? v.map((x, i) => [`[${i}]`, x])
+    : Object.entries(v).map(([k, x]) => [k.replace(/-/g, ' '), x]);
+  for (const [k, x] of entries) {
+    if (x !== null && typeof x === 'object') {
+      lines.push(`${pad}${k}:`);
+      dumpValue(x as Record<string, unknown> | unknown[], level + 1, lines);
+    } else lines.push(`${pad}${k}: ${x}`);
+  }
+}
+
 function humanInfo(info: Record<string, unknown>): string {
   const lines = [
     `image: ${info.filename}`,
@@ -67,7 +85,7 @@ function humanInfo(info: Record<string, unknown>): string {
   const fs = info['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fs) {
     lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${v}`);
+    dumpValue(fs.data, 1, lines);
   }
   return `${lines.join('\n')}\n`;
 }
@@ -99,7 +117,7 @@ export async function infoCommand(args: string[]): Promise<number> {
     }
     if (optString(p, '--output') === 'json') {
       const out = chain ? infos : infos[0];
-      process.stdout.write(`${JSON.stringify(out, null, 4)}\n`);
+      process.stdout.write(`${await qemuJson(out)}\n`);
     } else {
       process.stdout.write(infos.map(humanInfo).join('\n'));
     }

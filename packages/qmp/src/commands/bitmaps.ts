@@ -66,7 +66,10 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       node: req(t.str, 'Name of the node (or device)'),
       name: req(t.str, 'Name of the new bitmap'),
       granularity: opt(t.uint32, 'Bytes per bit: a power of 2, at least 512 (default 65536)'),
-      persistent: opt(t.bool, 'Store the bitmap in the image (not supported yet: no driver can)'),
+      persistent: opt(
+        t.bool,
+        'Store the bitmap in the image (qcow2 v3): it survives a restart and QEMU reads it',
+      ),
       disabled: opt(t.bool, 'Create the bitmap not recording (default false)'),
     }),
     doc: 'Creates a dirty bitmap on a node: from then on every write through the node marks it.',
@@ -79,23 +82,28 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     }) {
       const node = graph.lookup(a.node);
       if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
-      if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
       const g = a.granularity ?? 65536;
       if (g < 512 || (g & (g - 1)) !== 0)
         throw new BlockError('Granularity must be power of 2 and at least 512');
       if (a.persistent) {
-        throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
+        // The format says whether it can keep the bitmap (qcow2 v3 can), as QEMU asks it first.
+        if (!node.driver.canStoreBitmap) {
+          throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
+        }
+        node.driver.canStoreBitmap(node, a.name, g);
       }
+      if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
       const b = addDirtyBitmap(node, { name: a.name, granularity: g });
       if (a.disabled) b.enabled = false;
+      b.persistent = !!a.persistent;
     },
   });
 
   r.registerCommand({
     name: 'block-dirty-bitmap-remove',
     args: BlockDirtyBitmap,
-    doc: 'Deletes a dirty bitmap that no operation is using.',
-    handler(a: { node: string; name: string }) {
+    doc: 'Deletes a dirty bitmap that no operation is using (a persistent one from the image too).',
+    async handler(a: { node: string; name: string }) {
       const { node, bitmap } = lookupBitmap(graph, a.node, a.name);
       if (bitmap.busy) {
         throw new BlockError(
@@ -103,6 +111,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
         );
       }
       removeDirtyBitmap(node, bitmap);
+      if (bitmap.persistent) await node.driver.removePersistentBitmap?.(node, a.name);
     },
   });
 
