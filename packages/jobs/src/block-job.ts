@@ -1,5 +1,6 @@
 import {
   BlockBackend,
+  type BlockDriver,
   BlockError,
   type BlockNode,
   BlockOp,
@@ -111,6 +112,47 @@ export abstract class BlockJob extends Job {
       this.#opBlockedNodes.push(node);
     }
     return blk;
+  }
+
+  /**
+   * Puts a filter node (opened from `options`, with `filterNodeName` as its name when given)
+   * above `source` for the job's life: drained, so no write in flight slips past it; `take`
+   * then takes the job's nodes. On any failure the graph is as it was and nothing is held.
+   */
+  protected async insertFilter(
+    source: BlockNode,
+    driver: BlockDriver,
+    options: Record<string, unknown>,
+    filterNodeName: string | undefined,
+    take: (filter: BlockNode) => void,
+  ): Promise<BlockNode> {
+    const g = source.graph;
+    if (!g.driver(driver.name)) g.registerDriver(driver);
+    const filter = await g.open({
+      driver: driver.name,
+      ...options,
+      ...(filterNodeName !== undefined ? { 'node-name': filterNodeName } : {}),
+    });
+    try {
+      await g.drained(source, () => g.replaceNode(source, filter));
+      take(filter);
+    } catch (e) {
+      await g.replaceNode(filter, source).catch(() => {});
+      await this.releaseNodes();
+      await g.close(filter);
+      throw e;
+    }
+    return filter;
+  }
+
+  /**
+   * Takes a filter out again: its users go back to what it filters, drained (a write still
+   * inside it finishes first), and it is closed.
+   */
+  protected async removeFilter(filter: BlockNode): Promise<void> {
+    const g = filter.graph;
+    await g.drained(filter, () => g.replaceNode(filter, filter.filtered!.node));
+    await g.close(filter);
   }
 
   /** Releases every node the job holds (called from clean). */

@@ -1,6 +1,5 @@
 import {
   BlockError,
-  type BlockGraph,
   type BlockNode,
   BlockOp,
   blockAllOps,
@@ -66,32 +65,18 @@ export class BackupJob extends BlockJob {
     this.blocker = new Error(`block device is in use by block job: ${this.type}`);
   }
 
-  private get graph(): BlockGraph {
-    return this.source.graph;
-  }
-
   /** Inserts the filter and takes the nodes; on failure nothing stays changed. */
   async setup(): Promise<void> {
-    const g = this.graph;
-    if (!g.driver(cbwDriver.name)) g.registerDriver(cbwDriver);
-    const filterOpts: Record<string, unknown> = {
-      driver: cbwDriver.name,
-      file: this.source.nodeName,
-      target: this.target.nodeName,
-    };
-    if (this.opts.filterNodeName !== undefined) filterOpts['node-name'] = this.opts.filterNodeName;
-    const filter = await g.open(filterOpts);
-    try {
-      // Drained: no write may be in flight past the point where the filter starts copying.
-      await g.drained(this.source, () => g.replaceNode(this.source, filter));
-      this.useNode(filter, { perm: 0, allowDrainedIo: true });
-      this.useNode(this.target, { perm: 0, allowDrainedIo: true });
-    } catch (e) {
-      await g.replaceNode(filter, this.source).catch(() => {});
-      await this.releaseNodes();
-      await g.close(filter);
-      throw e;
-    }
+    const filter = await this.insertFilter(
+      this.source,
+      cbwDriver,
+      { file: this.source.nodeName, target: this.target.nodeName },
+      this.opts.filterNodeName,
+      (f) => {
+        this.useNode(f, { perm: 0, allowDrainedIo: true });
+        this.useNode(this.target, { perm: 0, allowDrainedIo: true });
+      },
+    );
     this.filter = filter;
     for (const n of [filter, this.target]) {
       blockAllOps(n, this.blocker);
@@ -235,7 +220,6 @@ export class BackupJob extends BlockJob {
   }
 
   protected override async clean(): Promise<void> {
-    const g = this.graph;
     if (this.opts.bitmap) this.opts.bitmap.busy = false;
     if (this.filter) {
       cbwState(this.filter).bcs.onCopied = null;
@@ -246,10 +230,9 @@ export class BackupJob extends BlockJob {
     if (this.filter) {
       const filter = this.filter;
       this.filter = null;
-      // Drained: a write still inside the filter (copying old data first) finishes before the
-      // filter loses its parents and, with them, its permissions on the source.
-      await g.drained(filter, () => g.replaceNode(filter, this.source));
-      await g.close(filter);
+      // A write still inside the filter (copying old data first) finishes before the filter
+      // loses its parents and, with them, its permissions on the source.
+      await this.removeFilter(filter);
     }
     this.opts.onComplete?.(this.err);
   }

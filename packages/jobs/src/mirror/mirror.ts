@@ -161,36 +161,27 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
 
   /** Inserts the filter and takes the nodes; on failure nothing stays changed. */
   async setup(): Promise<void> {
-    const g = this.graph;
-    if (!g.driver(mirrorTopDriver.name)) g.registerDriver(mirrorTopDriver);
-    const filterOpts: Record<string, unknown> = {
-      driver: mirrorTopDriver.name,
-      backing: this.source.nodeName,
-      'read-only': this.source.readOnly,
-    };
-    if (this.opts.filterNodeName !== undefined) filterOpts['node-name'] = this.opts.filterNodeName;
-    const filter = await g.open(filterOpts);
-    try {
-      await g.drained(this.source, () => g.replaceNode(this.source, filter));
-      this.sourceBlk = this.useNode(filter, {
-        perm: Perm.CONSISTENT_READ,
-        shared: PERM_ALL & ~Perm.RESIZE,
-        allowDrainedIo: true,
-        blockOperations: true,
-      });
-      // Nobody else may read the target while it is being filled: it is consistent with nothing.
-      this.targetBlk = this.useNode(this.target, {
-        perm: Perm.WRITE,
-        shared: Perm.WRITE_UNCHANGED,
-        allowDrainedIo: true,
-        blockOperations: true,
-      });
-    } catch (e) {
-      await g.replaceNode(filter, this.source).catch(() => {});
-      await this.releaseNodes();
-      await g.close(filter);
-      throw e;
-    }
+    const filter = await this.insertFilter(
+      this.source,
+      mirrorTopDriver,
+      { backing: this.source.nodeName, 'read-only': this.source.readOnly },
+      this.opts.filterNodeName,
+      (f) => {
+        this.sourceBlk = this.useNode(f, {
+          perm: Perm.CONSISTENT_READ,
+          shared: PERM_ALL & ~Perm.RESIZE,
+          allowDrainedIo: true,
+          blockOperations: true,
+        });
+        // Nobody else may read the target while it is being filled: it is consistent with nothing.
+        this.targetBlk = this.useNode(this.target, {
+          perm: Perm.WRITE,
+          shared: Perm.WRITE_UNCHANGED,
+          allowDrainedIo: true,
+          blockOperations: true,
+        });
+      },
+    );
     this.filter = filter;
     setMirrorTopJob(filter, this);
   }
@@ -506,7 +497,6 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
   }
 
   protected override async clean(): Promise<void> {
-    const g = this.graph;
     if (this.opts.bitmap) this.opts.bitmap.busy = false;
     await this.releaseNodes();
     const filter = this.filter;
@@ -514,8 +504,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
       this.filter = null;
       setMirrorTopJob(filter, null);
       // The filter's users go back to what it filters: the source, or the target after a pivot.
-      await g.drained(filter, () => g.replaceNode(filter, filter.filtered!.node));
-      await g.close(filter);
+      await this.removeFilter(filter);
     }
     this.opts.onComplete?.(this.err);
   }
