@@ -67,7 +67,7 @@ async function killedJob(
         'query-jobs',
       );
     const j = jobs[0];
-    if (!j || j.status !== 'running' || j['current-progress'] >= fraction * j['total-progress']) break;
+    if (j?.status !== 'running' || j['current-progress'] >= fraction * j['total-progress']) break;
     await new Promise((r) => setTimeout(r, 5));
   }
   daemon.proc.kill('SIGKILL');

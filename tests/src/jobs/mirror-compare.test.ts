@@ -5,7 +5,7 @@
  */
 import { copyFileSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuImgCompare, qemuIo, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
 import { jobEventSummary, waitJobStatus } from '../job-events';
@@ -208,22 +208,15 @@ describe.runIf(hasPeer('qemu-storage-daemon'))('mirror: qemu-storage-daemon 7.2 
     expect(mine.leftover).toEqual(theirs.leftover);
     for (const f of ['src.qcow2', 'tgt.qcow2']) {
       expect((await qemuImg(['check', db.file(f)])).stdout).toContain('No errors were found');
-      const cmp = await qemuImg(['compare', db.file(f), dq.file(f)]);
-      expect(cmp.stdout.trim(), f).toBe('Images are identical.');
+      expect(await qemuImgCompare(db.file(f), dq.file(f)), f).toBe('Images are identical.');
     }
-    const peerCmp = await qemuImg([
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      db.file('peer.raw'),
-      dq.file('peer.raw'),
-    ]);
-    expect(peerCmp.stdout.trim()).toBe('Images are identical.');
+    expect(await qemuImgCompare(db.file('peer.raw'), dq.file('peer.raw'), { a: 'raw', b: 'raw' })).toBe(
+      'Images are identical.',
+    );
     // The peer holds what tgt holds: the source after the guest's writes, and the write after the pivot.
-    const copy = await qemuImg(['compare', '-F', 'raw', db.file('tgt.qcow2'), db.file('peer.raw')]);
-    expect(copy.stdout.trim()).toBe('Images are identical.');
+    expect(await qemuImgCompare(db.file('tgt.qcow2'), db.file('peer.raw'), { b: 'raw' })).toBe(
+      'Images are identical.',
+    );
   });
 });
 

@@ -4,7 +4,7 @@
  * the commit, the base reads as the top did.
  */
 import type { QmpClient } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuImgCompare, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
 
@@ -64,8 +64,7 @@ describe.runIf(hasPeer('qemu-io'))('block jobs under concurrent NBD writes', () 
       await waitStatus(d.qmp, 'b', 'null');
       expect(await d.stop()).toBe(0);
       expect((await qemuImg(['check', tgt])).stdout).toContain('No errors were found');
-      const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', tgt, expected]);
-      expect(cmp.stdout.trim()).toBe('Images are identical.');
+      expect(await qemuImgCompare(tgt, expected, { a: 'qcow2', b: 'raw' })).toBe('Images are identical.');
       // The guest's writes did land in the source.
       const r = await qemuIo(['-f', 'qcow2', src], ['read -P 0x77 0 64k']);
       expect(r.stdout).not.toMatch(/fail|mismatch/i);
@@ -99,11 +98,9 @@ describe.runIf(hasPeer('qemu-io'))('block jobs under concurrent NBD writes', () 
     await d.qmp.execute('job-complete', { id: 'c' });
     await waitStatus(d.qmp, 'c', 'null');
     // The export now sits on the base and still serves the same data.
-    const after = await qemuImg(['compare', '-f', 'raw', '-F', 'raw', uri, view]);
-    expect(after.stdout.trim()).toBe('Images are identical.');
+    expect(await qemuImgCompare(uri, view, { a: 'raw', b: 'raw' })).toBe('Images are identical.');
     expect(await d.stop()).toBe(0);
     expect((await qemuImg(['check', base])).stdout).toContain('No errors were found');
-    const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', base, view]);
-    expect(cmp.stdout.trim()).toBe('Images are identical.');
+    expect(await qemuImgCompare(base, view, { a: 'qcow2', b: 'raw' })).toBe('Images are identical.');
   });
 });

@@ -4,7 +4,7 @@
  */
 import { copyFileSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuImgCompare, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll, startDaemon } from '../daemon';
 import { jobEventSummary, waitJobStatus } from '../job-events';
@@ -112,8 +112,7 @@ describe.runIf(hasPeer('qemu-storage-daemon'))(
       expect(mine.nodes).toEqual(theirs.nodes);
       for (const f of ['tgt.qcow2', 'base.qcow2', 'top.qcow2']) {
         expect((await qemuImg(['check', db.file(f)])).stdout).toContain('No errors were found');
-        const cmp = await qemuImg(['compare', db.file(f), dq.file(f)]);
-        expect(cmp.stdout.trim(), f).toBe('Images are identical.');
+        expect(await qemuImgCompare(db.file(f), dq.file(f)), f).toBe('Images are identical.');
       }
     });
   },

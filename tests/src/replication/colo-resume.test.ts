@@ -12,7 +12,7 @@
  * replication (mode secondary) -> active -> hidden -> parent0.
  */
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
-import { hasPeer, makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuImgCompare, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type Daemon, killAll, startDaemon } from '../daemon';
 
@@ -154,16 +154,20 @@ async function primaryFailover(pri: Host) {
 
 /** Both sides' disks hold the same bytes. */
 async function expectInSync(pri: Host, sec: Host) {
-  const cmp = await qemuImg([
-    'compare',
-    '-f',
-    'raw',
-    '-F',
-    'raw',
-    uri(pri.nbd, 'guest'),
-    uri(sec.nbd, 'parent0'),
-  ]);
-  expect(cmp.stdout.trim()).toBe('Images are identical.');
+  expect(await qemuImgCompare(uri(pri.nbd, 'guest'), uri(sec.nbd, 'parent0'), { a: 'raw', b: 'raw' })).toBe(
+    'Images are identical.',
+  );
+}
+
+/** A new secondary host on a fresh disk, resynced from the primary, then protecting it. */
+async function reprotect(pri: Host, name: string): Promise<Host> {
+  const sec = await host(name);
+  await prepareSecondary(sec);
+  await resync(pri, sec);
+  await expectInSync(pri, sec);
+  await startSecondary(sec);
+  await protect(pri, sec);
+  return sec;
 }
 
 /** After a clean stop, the host's disk holds exactly these writes (qemu-img check and compare). */
@@ -173,8 +177,9 @@ async function expectDiskHolds(h: Host, writes: string[]) {
   await qemuImg(['create', '-f', 'raw', want, String(SIZE)]);
   await qemuIo(['-f', 'raw', want], writes);
   expect((await qemuImg(['check', h.file('disk.qcow2')])).stdout).toContain('No errors were found');
-  const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', h.file('disk.qcow2'), want]);
-  expect(cmp.stdout.trim()).toBe('Images are identical.');
+  expect(await qemuImgCompare(h.file('disk.qcow2'), want, { a: 'qcow2', b: 'raw' })).toBe(
+    'Images are identical.',
+  );
 }
 
 describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror between blockrepd', () => {
@@ -197,12 +202,7 @@ describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror be
     await io(b.nbd, 'guest', ['write -P 0x22 8M 1M']);
 
     // A new secondary on a fresh disk; b resyncs it, then protects its guest with it.
-    const c = await host('c');
-    await prepareSecondary(c);
-    await resync(b, c);
-    await expectInSync(b, c);
-    await startSecondary(c);
-    await protect(b, c);
+    const c = await reprotect(b, 'c');
     expect(await b.d.qmp.execute('query-xen-replication-status')).toEqual({ error: false });
     await io(b.nbd, 'guest', ['write -P 0x23 10M 1M']);
     await checkpoint(b, c);
@@ -238,12 +238,7 @@ describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror be
     await primaryFailover(a);
     await io(a.nbd, 'guest', ['write -P 0x13 6M 1M', 'read -P 0x12 4M 1M']);
 
-    const c = await host('c');
-    await prepareSecondary(c);
-    await resync(a, c);
-    await expectInSync(a, c);
-    await startSecondary(c);
-    await protect(a, c);
+    const c = await reprotect(a, 'c');
     await io(a.nbd, 'guest', ['write -P 0x14 8M 1M']);
     await checkpoint(a, c);
     await expectInSync(a, c);

@@ -6,7 +6,7 @@
  *   secondary: export "sec-disk" -> secondary disk;  export "sec-view" -> replication(secondary) -> active -> hidden -> secondary disk
  */
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
-import { hasPeer, makeTempDir, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
+import { hasPeer, makeTempDir, qemuImg, qemuImgCompare, qemuIo, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type Daemon, killAll, startDaemon } from '../daemon';
 
@@ -103,16 +103,9 @@ describe.runIf(hasPeer('qemu-io'))('COLO block replication between two blockrepd
 
     // Epoch 1: the primary guest writes; both disks get it, the secondary view does not yet.
     await io(pri.nbd, 'guest', ['write -P 0x11 0 4M', 'write -P 0x12 8M 1M', 'flush']);
-    const cmp1 = await qemuImg([
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      uri(pri.nbd, 'guest'),
-      uri(sec.nbd, 'sec-disk'),
-    ]);
-    expect(cmp1.stdout.trim()).toBe('Images are identical.');
+    expect(
+      await qemuImgCompare(uri(pri.nbd, 'guest'), uri(sec.nbd, 'sec-disk'), { a: 'raw', b: 'raw' }),
+    ).toBe('Images are identical.');
     await io(sec.nbd, 'sec-view', ['read -P 0 0 4M']);
     // The secondary VM writes into its active disk only.
     await io(sec.nbd, 'sec-view', ['write -P 0x21 2M 1M', 'read -P 0x21 2M 1M']);
@@ -151,8 +144,9 @@ describe.runIf(hasPeer('qemu-io'))('COLO block replication between two blockrepd
       ['write -P 0x11 0 4M', 'write -P 0x12 8M 1M', 'write -P 0x22 12M 1M'],
     );
     expect((await qemuImg(['check', dir.file('sec-disk.qcow2')])).stdout).toContain('No errors were found');
-    const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', dir.file('sec-disk.qcow2'), expected]);
-    expect(cmp.stdout.trim()).toBe('Images are identical.');
+    expect(await qemuImgCompare(dir.file('sec-disk.qcow2'), expected, { a: 'qcow2', b: 'raw' })).toBe(
+      'Images are identical.',
+    );
   });
 
   it('the primary keeps serving its guest when the secondary goes away, and reports the error', async () => {

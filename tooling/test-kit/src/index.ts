@@ -6,6 +6,7 @@ export {
   type PeerResult,
   peersRequired,
   qemuImg,
+  qemuImgCompare,
   qemuImgJson,
   qemuIo,
   type RunPeerOptions,

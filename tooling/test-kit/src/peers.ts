@@ -134,6 +134,22 @@ export async function qemuImgJson<T = any>(args: string[]): Promise<T> {
   return JSON.parse(r.stdout) as T;
 }
 
+/**
+ * qemu-img compare's verdict on two images (trimmed stdout, e.g. 'Images are identical.'), with
+ * their formats given explicitly when known so no probing happens.
+ */
+export async function qemuImgCompare(
+  a: string,
+  b: string,
+  formats: { a?: string; b?: string } = {},
+): Promise<string> {
+  const args = ['compare'];
+  if (formats.a) args.push('-f', formats.a);
+  if (formats.b) args.push('-F', formats.b);
+  const r = await runPeer('qemu-img', [...args, a, b], { okCodes: [0, 1] });
+  return r.stdout.trim();
+}
+
 /** qemu-io with the given image options; each command becomes its own -c. */
 export function qemuIo(imageArgs: string[], commands: string[], opts?: RunPeerOptions): Promise<PeerResult> {
   const args = [...imageArgs];
