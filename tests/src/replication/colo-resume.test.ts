@@ -159,6 +159,19 @@ async function expectInSync(pri: Host, sec: Host) {
   );
 }
 
+/** Primary a protecting its guest with secondary b; the guest's first 4M (0x11) are checkpointed. */
+async function protectedPair(): Promise<{ a: Host; b: Host }> {
+  const a = await host('a');
+  const b = await host('b');
+  await prepareSecondary(b);
+  await startSecondary(b);
+  await preparePrimary(a);
+  await protect(a, b);
+  await io(a.nbd, 'guest', ['write -P 0x11 0 4M']);
+  await checkpoint(a, b);
+  return { a, b };
+}
+
 /** A new secondary host on a fresh disk, resynced from the primary, then protecting it. */
 async function reprotect(pri: Host, name: string): Promise<Host> {
   const sec = await host(name);
@@ -184,14 +197,7 @@ async function expectDiskHolds(h: Host, writes: string[]) {
 
 describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror between blockrepd', () => {
   it('the primary dies: the secondary takes over, resyncs a new secondary, and fails over to it later', async () => {
-    const a = await host('a');
-    const b = await host('b');
-    await prepareSecondary(b);
-    await startSecondary(b);
-    await preparePrimary(a);
-    await protect(a, b);
-    await io(a.nbd, 'guest', ['write -P 0x11 0 4M']);
-    await checkpoint(a, b);
+    const { a, b } = await protectedPair();
     await io(a.nbd, 'guest', ['write -P 0x12 4M 1M']); // lost with the primary
     await io(b.nbd, 'guest', ['write -P 0x21 6M 1M']); // the secondary VM's own
 
@@ -224,14 +230,7 @@ describe.runIf(hasPeer('qemu-io'))('COLO resume replication with drive-mirror be
   });
 
   it('the secondary dies: the primary goes on, resyncs a new secondary, which later takes over', async () => {
-    const a = await host('a');
-    const b = await host('b');
-    await prepareSecondary(b);
-    await startSecondary(b);
-    await preparePrimary(a);
-    await protect(a, b);
-    await io(a.nbd, 'guest', ['write -P 0x11 0 4M']);
-    await checkpoint(a, b);
+    const { a, b } = await protectedPair();
 
     await b.d.kill();
     await io(a.nbd, 'guest', ['write -P 0x12 4M 1M']);
