@@ -306,11 +306,21 @@ export class Qcow2Refcounts {
     await this.writeBack();
     // The blocks must be on disk before a table entry points to them.
     await this.storage.flush();
+    // The new blocks are known in memory only once the table on disk points to them: a dirty
+    // block without a table entry would be written back over the header.
+    const adopt = () => {
+      order.forEach((bi, k) => {
+        this.blocks.set(bi, newBlocks.get(bi)!);
+        this.blockOffsets.add((hw + k) * cs);
+      });
+      this.highWater = Math.max(this.highWater, hw + used);
+    };
     if (!tableClusters) {
       for (const [k, bi] of order.entries()) {
         writeU64(this.table, bi * 8, (hw + k) * cs);
         await this.storage.write(this.tableOffset + bi * 8, this.table.subarray(bi * 8, bi * 8 + 8));
       }
+      adopt();
     } else {
       const table = Buffer.alloc(tableClusters * cs);
       this.table.copy(table);
@@ -328,18 +338,9 @@ export class Qcow2Refcounts {
       this.table = table;
       this.tableOffset = tableOffset;
       this.tableClusters = tableClusters;
-      this.highWater = hw + used;
-      order.forEach((bi, k) => {
-        this.blocks.set(bi, newBlocks.get(bi)!);
-        this.blockOffsets.add((hw + k) * cs);
-      });
+      adopt();
       await this.update(oldOffset / cs, oldClusters, -1);
     }
-    order.forEach((bi, k) => {
-      this.blocks.set(bi, newBlocks.get(bi)!);
-      this.blockOffsets.add((hw + k) * cs);
-    });
-    this.highWater = Math.max(this.highWater, hw + used);
     this.gen++;
   }
 
