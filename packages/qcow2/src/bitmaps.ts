@@ -1,4 +1,4 @@
-import { BlockError, DirtyBitmap, errnoText, toBlockError } from '@blockrep/block';
+import { BlockError, DirtyBitmap, errnoText, iovIsZero, toBlockError } from '@blockrep/block';
 import { Ext, type Qcow2Header, withBackingFile } from './header';
 import type { Qcow2Image } from './image';
 import { type Qcow2Storage, readBuf } from './storage';
@@ -264,7 +264,7 @@ export async function storeBitmaps(img: Qcow2Image, bitmaps: DirtyBitmap[]): Pro
     const table = Buffer.alloc(Math.ceil((tableSize * 8) / cs) * cs);
     for (let i = 0; i < tableSize; i++) {
       const data = bm.toBytes(i * bitsPerCluster, cs);
-      if (data.every((b) => b === 0)) continue;
+      if (iovIsZero([data])) continue;
       const off = await img.allocator.allocate(1);
       await img.storage.write(off, data);
       table.writeBigUInt64BE(BigInt(off), i * 8);

@@ -66,7 +66,7 @@ export function refMax(bits: number): number {
   return bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
 }
 
-/** Host offset in a refcount table / L1 entry (bits 9-55 for L1, 9-63 for the reftable). */
+/** Host offset in an L1 (or L2) table entry: bits 9-55 (refcount tables: `reftableEntryOffset`). */
 export function tableEntryOffset(buf: Buffer, i: number): number {
   const hi = buf.readUInt32BE(i * 8) & 0x00ffffff;
   const lo = buf.readUInt32BE(i * 8 + 4);
