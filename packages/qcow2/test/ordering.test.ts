@@ -62,7 +62,7 @@ const recorderDriver: BlockDriver = {
   childPerm: (_n, _c, perm, shared) => filterChildPerm(perm, shared),
   getLength: (node) => file(node).node.length,
   read: (node, offset, bytes, iov) => file(node).readv(offset, bytes, iov),
-  async write(node, offset, bytes, iov, flags) {
+  async write(node, offset, _bytes, iov, flags) {
     const r = rec(node);
     const data = Buffer.from(iovToBuffer(iov));
     r.onWrite?.(offset, data);
