@@ -152,7 +152,7 @@ export const blkdebugDriver: BlockDriver = {
     if (opts.config !== undefined)
       throw new BlockError('blkdebug: config files are not supported; use inject-error');
     const align = (opts.align as number | undefined) ?? 1;
-    if (align & (align - 1)) throw new BlockError('Cannot meet constraints with align ' + align);
+    if (align & (align - 1)) throw new BlockError(`Cannot meet constraints with align ${align}`);
     const inject = ((opts['inject-error'] as Record<string, unknown>[] | undefined) ?? []).map(
       (r): InjectRule => ({
         event: r.event as string,
