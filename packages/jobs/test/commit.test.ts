@@ -1,4 +1,5 @@
 import { writeFileSync } from 'node:fs';
+import { BlockBackend, PERM_ALL, Perm } from '@blockrep/block';
 import { createQcow2Image } from '@blockrep/qcow2';
 import { qemuImg, qemuImgJson } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
@@ -186,6 +187,44 @@ describe('commit', () => {
     ).rejects.toThrow("Node 'mid' is busy: block device is in use by block job: commit");
     await j.cancel(true);
     await j.whenConcluded();
+  });
+});
+
+describe('commit permissions on the base', () => {
+  it('a user of the base that does not share resize is fine unless the base must grow', async () => {
+    const { graph, manager } = await chain3();
+    // Writes to the base, shares everything but resize (as the replication node's edge does).
+    const holder = new BlockBackend(graph, { perm: Perm.WRITE, shared: PERM_ALL & ~Perm.RESIZE });
+    holder.attach(graph.findNode('base'));
+    const job = await startCommit(manager, {
+      id: 'c',
+      top: graph.findNode('top'),
+      base: graph.findNode('base'),
+      active: true,
+      autoComplete: true,
+    });
+    await job.whenConcluded();
+    expect(job.err).toBeNull();
+    await holder.detach();
+  });
+
+  it('a base shorter than the top needs resize: a user not sharing it makes the commit fail', async () => {
+    const e = env();
+    const { dir, graph, manager } = e;
+    await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE / 2, 3));
+    await overlays(e);
+    const holder = new BlockBackend(graph, { perm: Perm.WRITE, shared: PERM_ALL & ~Perm.RESIZE });
+    holder.attach(graph.findNode('base'));
+    await expect(
+      startCommit(manager, {
+        id: 'c',
+        top: graph.findNode('top'),
+        base: graph.findNode('base'),
+        active: true,
+      }),
+    ).rejects.toThrow(/Permission conflict on node 'base': permissions 'resize'/);
+    expect(manager.query()).toEqual([]);
+    await holder.detach();
   });
 });
 

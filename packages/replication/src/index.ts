@@ -1,3 +1,4 @@
+export { type ColoServer, coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from './colo';
 export {
   type ReplicationInfo,
   ReplicationManager,
@@ -6,4 +7,3 @@ export {
   type ReplicationState,
   replicationInfo,
 } from './replication';
-export { type ColoServer, coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from './colo';

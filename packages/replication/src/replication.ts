@@ -1,5 +1,4 @@
 import {
-  BlockBackend,
   type BlockChild,
   type BlockDriver,
   BlockError,
@@ -7,13 +6,13 @@ import {
   type BlockNode,
   BlockOp,
   blockAllOps,
+  ChildRole,
   type Errno,
   errnoText,
   type IoVec,
   iovSlice,
   isAllocatedAbove,
   opt,
-  PERM_ALL,
   Perm,
   toBlockError,
   unblockAllOps,
@@ -40,7 +39,12 @@ export interface ReplicationState {
   readonly mode: ReplicationMode;
   stage: ReplicationStage;
   readonly topId: string | undefined;
-  activeDisk: BlockChild | null;
+  /**
+   * The replication node's own edges to the hidden and secondary disks (children "hidden disk"
+   * and "secondary disk", as QEMU attaches them on start): a checkpoint empties the hidden disk
+   * through its edge, and a write after a failed failover reaches the secondary disk through its
+   * edge. Dropped when a failover has collapsed the chain, or when the node closes.
+   */
   hiddenDisk: BlockChild | null;
   secondaryDisk: BlockChild | null;
   backupJob: BackupJob | null;
@@ -50,8 +54,6 @@ export interface ReplicationState {
   origSecondaryReadOnly: boolean;
   /** The recorded error (errno), 0 for none. */
   error: Errno | 0;
-  /** Writes straight into the secondary disk on the failover-failed path. */
-  secondaryBlk: BlockBackend | null;
   /** The backup job's cleanup, running once the job ended. */
   backupCleanup: Promise<void>;
 }
@@ -165,13 +167,21 @@ export class ReplicationManager {
     if (!active.node.driver.makeEmpty || !hidden.node.driver.makeEmpty) {
       throw err("Active disk or hidden disk doesn't support make_empty");
     }
-    s.activeDisk = active;
-    s.hiddenDisk = hidden;
-    s.secondaryDisk = secondary;
+    // Writable first: the edges below take WRITE on both disks.
     await this.reopenBackingFiles(s, true);
+    try {
+      s.hiddenDisk = g.attachChild(node, hidden.node, 'hidden disk', ChildRole.DATA);
+      s.secondaryDisk = g.attachChild(node, secondary.node, 'secondary disk', ChildRole.DATA);
+    } catch (e) {
+      await this.dropDisks(s);
+      await this.reopenBackingFiles(s, false).catch(() => {});
+      throw e;
+    }
     s.blocker = new Error('Block device is in use by internal backup job');
     const top = this.findTop(g, s);
     if (!top) {
+      // QEMU keeps the edges here; dropped, a later start can attach them again.
+      await this.dropDisks(s);
       await this.reopenBackingFiles(s, false).catch(() => {});
       throw err('No top_bs or it is invalid');
     }
@@ -191,8 +201,22 @@ export class ReplicationManager {
       })) as BackupJob;
     } catch (e) {
       await this.backupCleanup(s);
+      await this.dropDisks(s);
       throw e;
     }
+  }
+
+  /** Detaches the node's edges to the hidden and secondary disks (QEMU's bdrv_unref_child). */
+  private async dropDisks(s: ReplicationState): Promise<void> {
+    const g = s.node.graph;
+    const edges = [s.secondaryDisk, s.hiddenDisk].filter((c) => c !== null && c.parent === s.node);
+    s.secondaryDisk = null;
+    s.hiddenDisk = null;
+    // Both at once (a disk nothing else holds is closed after).
+    g.update((tx) => {
+      for (const c of edges) tx.removeChild(c!);
+    });
+    await g.collectGarbage();
   }
 
   /** top-id must name a root node (or a device) that has this replication node below it. */
@@ -208,10 +232,13 @@ export class ReplicationManager {
     return below(top) ? top : null;
   }
 
-  /** Hidden and secondary disks go read-write for the job, and back to what they were after. */
+  /**
+   * Hidden and secondary disks go read-write for the job, and back to what they were after.
+   * Found down the chain below the active disk, as the node's own edges may not exist yet.
+   */
   private async reopenBackingFiles(s: ReplicationState, writable: boolean): Promise<void> {
-    const hidden = s.hiddenDisk?.node;
-    const secondary = s.secondaryDisk?.node;
+    const hidden = s.node.file?.node.backing?.node;
+    const secondary = hidden?.backing?.node;
     if (!hidden || !secondary) return;
     if (writable) {
       s.origHiddenReadOnly = hidden.readOnly;
@@ -255,18 +282,12 @@ export class ReplicationManager {
   private async secondaryCheckpoint(s: ReplicationState): Promise<void> {
     if (!s.backupJob) throw err('Backup job was cancelled unexpectedly');
     s.backupJob.doCheckpoint();
-    const active = s.activeDisk!;
+    const active = file(s.node);
     if (active.node.closed) throw err(`Active disk ${active.node.nodeName} is ejected`);
     await active.makeEmpty();
     const hidden = s.hiddenDisk!;
     if (hidden.node.closed) throw err(`Hidden disk ${hidden.node.nodeName} is ejected`);
-    const blk = new BlockBackend(s.node.graph, { perm: Perm.WRITE, shared: PERM_ALL });
-    try {
-      blk.attach(hidden.node);
-      await blk.makeEmpty();
-    } finally {
-      await blk.detach();
-    }
+    await hidden.makeEmpty();
   }
 
   async checkpoint(s: ReplicationState): Promise<void> {
@@ -300,23 +321,24 @@ export class ReplicationManager {
     this.setStage(s, 'failover');
     s.commitJob = await startCommit(this.jobs, {
       internal: true,
-      top: s.activeDisk!.node,
+      top: file(s.node).node,
       base: s.secondaryDisk!.node,
       active: true,
       autoComplete: true,
       onError: 'report',
-      onComplete: (e) => this.failoverDone(s, e),
+      onComplete: (e) => {
+        void this.failoverDone(s, e).catch((x: unknown) => this.recordError(s, toBlockError(x).errno));
+      },
     });
   }
 
-  private failoverDone(s: ReplicationState, e: Error | null): void {
+  private async failoverDone(s: ReplicationState, e: Error | null): Promise<void> {
     s.commitJob = null;
     if (!e) {
-      s.activeDisk = null;
-      s.hiddenDisk = null;
-      s.secondaryDisk = null;
-      s.error = 0;
       this.setStage(s, 'done');
+      // The chain is collapsed into the secondary disk, which is the node's file now.
+      await this.dropDisks(s);
+      s.error = 0;
     } else {
       this.setStage(s, 'failover-failed');
       this.recordError(s, 'EIO');
@@ -336,8 +358,6 @@ export class ReplicationManager {
       await job.cancel(true);
       await job.whenConcluded();
     }
-    if (s.secondaryBlk) await s.secondaryBlk.detach();
-    s.secondaryBlk = null;
     this.unregister(s);
   }
 }
@@ -386,20 +406,12 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
     iov: IoVec,
   ): Promise<void> {
     const top = file(s.node);
-    const base = s.secondaryDisk!.node;
-    if (!s.secondaryBlk) {
-      s.secondaryBlk = new BlockBackend(base.graph, {
-        perm: Perm.WRITE | Perm.CONSISTENT_READ,
-        shared: PERM_ALL,
-      });
-      s.secondaryBlk.attach(base);
-    }
+    const base = s.secondaryDisk!;
     let done = 0;
     while (done < bytes) {
-      const a = await isAllocatedAbove(top.node, base, false, offset + done, bytes - done);
+      const a = await isAllocatedAbove(top.node, base.node, false, offset + done, bytes - done);
       const part = iovSlice(iov, done, a.bytes);
-      if (a.allocated) await top.write(offset + done, part);
-      else await s.secondaryBlk.write(offset + done, part);
+      await (a.allocated ? top : base).write(offset + done, part);
       done += a.bytes;
     }
   }
@@ -417,7 +429,7 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
     supportedWriteFlags: 0,
 
     async open(node, opts, ctx) {
-      await ctx.openChild('file', opts.file, 0x04 | 0x10 /* FILTERED | PRIMARY */);
+      await ctx.openChild('file', opts.file, ChildRole.FILTERED | ChildRole.PRIMARY);
       const mode = opts.mode as string | undefined;
       const topId = opts['top-id'] as string | undefined;
       if (mode === undefined) throw err('Missing the option mode');
@@ -433,7 +445,6 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
         mode,
         stage: 'none',
         topId: mode === 'secondary' ? topId : undefined,
-        activeDisk: null,
         hiddenDisk: null,
         secondaryDisk: null,
         backupJob: null,
@@ -442,7 +453,6 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
         origHiddenReadOnly: false,
         origSecondaryReadOnly: false,
         error: 0,
-        secondaryBlk: null,
         backupCleanup: Promise.resolve(),
       };
       node.opaque = s;
@@ -453,8 +463,9 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
       await mgr.close(st(node));
     },
 
-    childPerm(node) {
-      let perm: number = Perm.CONSISTENT_READ;
+    childPerm(node, child) {
+      // The file child is read through; the hidden and secondary disks are only written.
+      let perm: number = child.role & ChildRole.PRIMARY ? Perm.CONSISTENT_READ : 0;
       if (!node.readOnly) perm |= Perm.WRITE;
       return [perm, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED];
     },

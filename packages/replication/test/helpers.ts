@@ -50,7 +50,7 @@ export async function startPrimary(env: Env) {
  * The secondary of test-replication.c: the local disk (qcow2, filled with 0x11, its own named
  * BlockBackend) below hidden and active disks, with replication(secondary) on top.
  */
-export async function startSecondary(env: Env) {
+export async function startSecondary(env: Env, opts: { topId?: string } = {}) {
   const local = env.dir.file('s_local_disk.qcow2');
   const active = env.dir.file('s_active_disk.qcow2');
   const hidden = env.dir.file('s_hidden_disk.qcow2');
@@ -59,7 +59,7 @@ export async function startSecondary(env: Env) {
   const localBlk = namedBackend(env.graph, 'secondary-local-disk-id', localNode);
   await writePattern(localBlk, 0x11, 0, IMG_SIZE);
   const top = await env.graph.open(
-    'driver=replication,mode=secondary,top-id=secondary-id,' +
+    `driver=replication,mode=secondary,top-id=${opts.topId ?? 'secondary-id'},` +
       `file.driver=qcow2,file.file.filename=${active},file.file.locking=off,` +
       `file.backing.driver=qcow2,file.backing.file.filename=${hidden},file.backing.file.locking=off,` +
       'file.backing.backing=secondary-local-disk-id',

@@ -97,7 +97,8 @@ abstract class CommitBase extends BlockJob {
     try {
       this.topBlk = this.useNode(this.top, { perm: Perm.CONSISTENT_READ, allowDrainedIo: true });
       this.baseBlk = this.useNode(this.base, {
-        perm: Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE,
+        // Resizing only when the base must grow to the top's length (as QEMU asks for it).
+        perm: Perm.CONSISTENT_READ | Perm.WRITE | (this.base.length < this.top.length ? Perm.RESIZE : 0),
         allowDrainedIo: true,
         allowBeyondEof: true,
       });
