@@ -1,0 +1,14 @@
+export { type Arbiter, type ArbiterLease, ArbiterUnavailable } from './arbiter/arbiter';
+export { LockFileArbiter, type LockFileArbiterOptions } from './arbiter/lock-file';
+export {
+  type ColoAddress,
+  type ColoArbiterConfig,
+  type ColoConfig,
+  ColoConfigError,
+  type ColoHost,
+  formatColoAddress,
+  loadColoConfig,
+  parseColoAddress,
+  parseColoConfig,
+  TLS_FILES,
+} from './config';

@@ -1,0 +1,1 @@
+export { default } from '@blockrep/tsconfig/tsup.mjs';

@@ -1,0 +1,3 @@
+import { sharedConfig } from '@blockrep/test-kit/vitest';
+
+export default sharedConfig();
