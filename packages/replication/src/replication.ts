@@ -335,10 +335,11 @@ export class ReplicationManager {
   private async failoverDone(s: ReplicationState, e: Error | null): Promise<void> {
     s.commitJob = null;
     if (!e) {
+      // The backup job's cancel recorded an error; the finished failover clears it.
+      s.error = 0;
       this.setStage(s, 'done');
       // The chain is collapsed into the secondary disk, which is the node's file now.
       await this.dropDisks(s);
-      s.error = 0;
     } else {
       this.setStage(s, 'failover-failed');
       this.recordError(s, 'EIO');

@@ -36,6 +36,8 @@ describe('replication node edges', () => {
     await env.repl.stopAll(true);
     await env.repl.waitFailover(s);
     expect(s.stage).toBe('done');
+    // As soon as it is done: no error left from the backup job's cancel.
+    expect(env.repl.query()).toEqual([{ 'node-name': s.node.nodeName, mode: 'secondary', stage: 'done' }]);
     expect(childNames(env)).toEqual(['file']);
     expect(s.node.file!.node).toBe(disk);
   });
