@@ -155,7 +155,7 @@ export class ReplicationManager {
     const node = s.node;
     const g = node.graph;
     const active = node.file;
-    if (!active || !active.node.backing) throw err("Active disk doesn't have backing file");
+    if (!active?.node.backing) throw err("Active disk doesn't have backing file");
     const hidden = active.node.backing;
     if (!hidden.node.backing) throw err("Hidden disk doesn't have backing file");
     const secondary = hidden.node.backing;
