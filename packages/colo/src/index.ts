@@ -1,4 +1,5 @@
 export { type Arbiter, type ArbiterLease, ArbiterUnavailable } from './arbiter/arbiter';
+export { EtcdArbiter, type EtcdArbiterOptions } from './arbiter/etcd';
 export { LockFileArbiter, type LockFileArbiterOptions } from './arbiter/lock-file';
 export {
   type ColoAddress,
