@@ -13,3 +13,4 @@ export {
   parseColoConfig,
   TLS_FILES,
 } from './config';
+export { type ColoActions, ColoPair, type ColoPairOptions, type ColoRole, type PeerState } from './pair';

@@ -59,5 +59,12 @@ export async function startEtcd(): Promise<EtcdServer> {
     await gone;
   };
   await launch();
-  return { endpoint, stop, restart: async () => (await stop(), await launch()) };
+  return {
+    endpoint,
+    stop,
+    restart: async () => {
+      await stop();
+      await launch();
+    },
+  };
 }

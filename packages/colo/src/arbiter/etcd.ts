@@ -193,8 +193,14 @@ class KeepaliveStream {
         timeout,
       );
       this.waiters.push({
-        resolve: (ttl) => (clearTimeout(timer), resolve(ttl)),
-        reject: (e) => (clearTimeout(timer), reject(e)),
+        resolve: (ttl) => {
+          clearTimeout(timer);
+          resolve(ttl);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
       });
       this.stream.write({ ID: leaseId });
     });
