@@ -12,6 +12,8 @@ export type Action =
 
 export interface DaemonArgs {
   actions: Action[];
+  /** --colo FILE: run as one host of a COLO pair. */
+  colo?: string;
   pidfile?: string;
   daemonize: boolean;
   logLevel: 'debug' | 'info' | 'warn' | 'error';
@@ -40,6 +42,7 @@ blockrep storage daemon (the qemu-storage-daemon command line, for what blockrep
                              export a node over NBD
   --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server|client[,verify-peer=on|off]
                              TLS credentials
+  --colo <file>              run as one host of a COLO pair (JSON config; see @blockrep/colo)
   --pidfile <path>           write the process id to a file (removed on exit)
   --daemonize                run in the background once set up
   --log-level debug|info|warn|error
@@ -56,6 +59,7 @@ const WITH_VALUE: Record<string, string | undefined> = {
   '--monitor': 'chardev',
   '--qmp': undefined,
   '--pidfile': undefined,
+  '--colo': undefined,
   '--log-level': undefined,
 };
 
@@ -121,6 +125,9 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
       }
       case '--pidfile':
         out.pidfile = value;
+        break;
+      case '--colo':
+        out.colo = value;
         break;
       case '--log-level':
         if (!['debug', 'info', 'warn', 'error'].includes(value))

@@ -1,4 +1,5 @@
 import { BlockError, coerceValue, type Options } from '@blockrep/block';
+import { loadColoConfig } from '@blockrep/colo';
 import { NbdTlsCreds, registerTlsCreds } from '@blockrep/nbd';
 import { type BlockrepDaemon, createBlockrepDaemon, toNbdAddress } from '@blockrep/qmp';
 import type { DaemonArgs } from './args';
@@ -23,6 +24,8 @@ export interface Running {
 
 /** Carries out a parsed command line in order, as qemu-storage-daemon does. */
 export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => void): Promise<Running> {
+  // A bad COLO config is refused before anything starts.
+  const colo = args.colo !== undefined ? loadColoConfig(args.colo) : null;
   const daemon = createBlockrepDaemon({ onQuit });
   const sockets: string[] = [];
   const chardevs = new Map<string, Options>();
@@ -123,6 +126,11 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
         break;
       }
     }
+  }
+  if (colo) {
+    await daemon.startColo(colo, (level, msg, fields) => log.log(level, msg, { colo: colo.pair, ...fields }));
+    for (const a of [colo.guest.address, colo.host.channel, colo.host.replication])
+      if (a.type === 'unix') sockets.push(a.path);
   }
   return { daemon, sockets };
 }

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { QmpClient } from '@blockrep/qmp';
 import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -116,6 +116,34 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
     expect(bad.stderr).toContain("Cannot find device='nope' nor node-name='nope'");
     const opt = await runPeer(process.execPath, [bin, '--frobnicate'], { okCodes: [1] });
     expect(opt.stderr).toContain("invalid option -- 'frobnicate'");
+  });
+
+  it('refuses a bad --colo config with the key named, before anything starts', async () => {
+    const dir = makeTempDir();
+    const conf = dir.file('colo.json');
+    writeFileSync(
+      conf,
+      JSON.stringify({
+        pair: 'vm1',
+        host: { name: 'a', replication: 'unix:/tmp/r', channel: 'unix:/tmp/c' },
+        peer: { name: 'b', replication: 'unix:/tmp/r2', channel: 'unix:/tmp/c2' },
+        disk: 'disk.qcow2',
+        active: 'active.qcow2',
+        hidden: 'hidden.qcow2',
+        'state-dir': 'state',
+        guest: { address: 'unix:/tmp/g', export: 'guest' },
+        heartbeat: { interval: 500, timeout: 100 },
+        arbiter: { type: 'lock-file', path: 'lease' },
+      }),
+    );
+    const qmpSock = dir.file('q.sock');
+    const bad = await runPeer(process.execPath, [bin, '--qmp', `unix:${qmpSock}`, '--colo', conf], {
+      okCodes: [1],
+    });
+    expect(bad.stderr).toContain(
+      `blockrepd: ${conf}: 'heartbeat.timeout' must be longer than 'heartbeat.interval' (100 <= 500)`,
+    );
+    expect(existsSync(qmpSock)).toBe(false);
   });
 
   it('--daemonize returns once serving, and the daemon keeps running', async () => {

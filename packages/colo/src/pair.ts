@@ -37,11 +37,15 @@ export interface ColoActions {
   /** Primary: resync the ready secondary from what it missed, then protect the guest with it again. */
   reprotect(peer: PeerState): Promise<void>;
   checkpoint(): Promise<void>;
+  /** Secondary or fenced side: stop following, set up to be resynced and protect again. */
+  rejoin(): Promise<void>;
 }
 
 export interface ColoPairOptions {
   /** This side's name (the lease holder's name). */
   name: string;
+  /** The peer's name, for the sentences before it is first heard. */
+  peerName?: string;
   role: ColoRole;
   arbiter: Arbiter;
   actions: ColoActions;
@@ -53,6 +57,13 @@ export interface ColoPairOptions {
   leaseMargin?: number;
   /** A monotonic clock in milliseconds. */
   now?: () => number;
+  /**
+   * Whether this secondary protects the primary (replicating, with a checkpoint); only then may
+   * it take over. Default: yes.
+   */
+  isProtecting?: () => boolean;
+  /** Called on every role change, before the cycle's sentence is returned. */
+  onRoleChange?: (role: ColoRole, previous: ColoRole, reason: string) => void;
 }
 
 export class ColoPair {
@@ -64,6 +75,10 @@ export class ColoPair {
   private peer: PeerState | null = null;
   private peerSeenAt = Number.NEGATIVE_INFINITY;
   private lastCheckpoint: number;
+  /** A fenced side has set itself up to be resynced. */
+  private rejoined = false;
+  /** Why the peer counts as gone when it did not fall silent (a failover on request). */
+  private lostWhy: string | null = null;
   private readonly opts: ColoPairOptions;
   private readonly now: () => number;
 
@@ -77,6 +92,13 @@ export class ColoPair {
 
   get role(): ColoRole {
     return this.roleValue;
+  }
+
+  private setRole(role: ColoRole, reason: string): void {
+    const prev = this.roleValue;
+    if (prev === role) return;
+    this.roleValue = role;
+    this.opts.onRoleChange?.(role, prev, reason);
   }
 
   /** The epoch of the lease this side last held or followed. */
@@ -98,18 +120,45 @@ export class ColoPair {
     return (r === 'primary' || r === 'standalone') && this.now() < this.leaseValidUntil;
   }
 
+  /** The role and epoch a restarted side had (no role-change callback). */
+  restore(role: ColoRole, epoch: number): void {
+    this.roleValue = role;
+    this.epochValue = epoch;
+    // A fenced side comes back set up to be resynced.
+    this.rejoined = role === 'fenced';
+  }
+
   /** A heartbeat from the peer. */
   peerHeard(state: PeerState): void {
     this.peer = state;
     this.peerSeenAt = this.now();
+    this.lostWhy = null;
     if (this.roleValue === 'secondary' && state.epoch > this.epochValue) this.epochValue = state.epoch;
   }
 
   /** A secondary again (after the primary re-protected this side). */
   becameSecondary(epoch: number): void {
-    this.roleValue = 'secondary';
     this.leaseValidUntil = Number.NEGATIVE_INFINITY;
     this.epochValue = Math.max(this.epochValue, epoch);
+    // What the primary said before it re-protected this side is stale now.
+    if (this.peer) this.peer = { ...this.peer, role: 'primary', ready: false, epoch: this.epochValue };
+    this.setRole('secondary', `protecting the primary of epoch ${this.epochValue}`);
+  }
+
+  /**
+   * A primary hands over on request: it stops acknowledging guest writes and gives the lease
+   * back, so that its secondary can take it at once.
+   */
+  async stepDown(): Promise<void> {
+    if (this.roleValue !== 'primary' && this.roleValue !== 'standalone') return;
+    this.fence('stepped down on request');
+    await this.opts.arbiter.release(this.name).catch(() => {});
+  }
+
+  /** A secondary told that its primary is gone (a manual failover): the next cycle takes over. */
+  peerLost(why: string): void {
+    this.peerSeenAt = Number.NEGATIVE_INFINITY;
+    this.lostWhy = why;
   }
 
   /** One cycle: observe, decide one action, act. Returns what it did and why. */
@@ -121,6 +170,11 @@ export class ColoPair {
       case 'secondary':
         return this.secondaryCycle();
       case 'fenced':
+        if (!this.rejoined) {
+          await this.opts.actions.rejoin();
+          this.rejoined = true;
+          return `fenced in epoch ${this.epochValue}: set up to be resynced by ${this.peerName()}`;
+        }
         return `fenced since epoch ${this.epochValue}: not acknowledging guest writes, waiting to be made a secondary`;
     }
   }
@@ -130,6 +184,7 @@ export class ColoPair {
   }
 
   private silentFor(): string {
+    if (this.lostWhy) return this.lostWhy;
     return this.peerSeenAt === Number.NEGATIVE_INFINITY
       ? 'never heard'
       : `silent for ${Math.round(this.now() - this.peerSeenAt)} ms`;
@@ -142,7 +197,7 @@ export class ColoPair {
   }
 
   private peerName(): string {
-    return this.peer?.name ?? 'the peer';
+    return this.peer?.name ?? this.opts.peerName ?? 'the peer';
   }
 
   /** Asks for the lease; updates the local validity. Returns the outcome for the caller's sentence. */
@@ -170,13 +225,15 @@ export class ColoPair {
   private async primaryCycle(): Promise<string> {
     const lease = await this.holdLease();
     if (lease.kind === 'taken') {
-      this.fence();
-      return `fenced: ${lease.by} holds the lease; stopped acknowledging guest writes`;
+      const why = `fenced: ${lease.by} holds the lease; stopped acknowledging guest writes`;
+      this.fence(why);
+      return why;
     }
     if (lease.kind === 'unreachable') {
       if (!this.canAcknowledgeWrites()) {
-        this.fence();
-        return `fenced: the arbiter is unreachable and the lease ran out (${lease.why})`;
+        const why = `fenced: the arbiter is unreachable and the lease ran out (${lease.why})`;
+        this.fence(why);
+        return why;
       }
       const left = Math.round(this.leaseValidUntil - this.now());
       return `arbiter unreachable (${lease.why}); acknowledging guest writes for ${left} ms more`;
@@ -184,17 +241,23 @@ export class ColoPair {
     const renewed = lease.fresh
       ? `took the lease in epoch ${this.epochValue}`
       : `lease renewed (epoch ${this.epochValue})`;
-    if (this.roleValue === 'primary' && !this.peerAlive()) {
+    const waiting = this.peerAlive() ? this.peerWaitsForProtection() : null;
+    if (this.roleValue === 'primary' && (!this.peerAlive() || waiting)) {
+      // Silent, or back from a restart and no longer following: either way it misses writes now.
+      const why = waiting ? 'came back unprotected' : this.silentFor();
       await this.opts.actions.dropSecondary();
-      this.roleValue = 'standalone';
-      return `dropped secondary ${this.peerName()} (${this.silentFor()}); recording what it misses; ${renewed}`;
+      const what = `dropped secondary ${this.peerName()} (${why}); recording what it misses; ${renewed}`;
+      this.setRole('standalone', what);
+      return what;
     }
-    const waiting = this.peerWaitsForProtection();
-    if (this.roleValue === 'standalone' && this.peerAlive() && waiting) {
+    if (this.roleValue === 'standalone' && waiting) {
       await this.opts.actions.reprotect(waiting);
-      this.roleValue = 'primary';
+      // What it said before the resync is stale now: it follows this side.
+      this.peer = { ...waiting, role: 'secondary', ready: false, epoch: this.epochValue };
       this.lastCheckpoint = this.now();
-      return `re-protected by ${waiting.name}: resynced what it missed; ${renewed}`;
+      const what = `re-protected by ${waiting.name}: resynced what it missed; ${renewed}`;
+      this.setRole('primary', what);
+      return what;
     }
     const interval = this.opts.checkpointInterval ?? 0;
     if (this.roleValue === 'primary' && interval > 0 && this.now() - this.lastCheckpoint >= interval) {
@@ -207,7 +270,17 @@ export class ColoPair {
   }
 
   private async secondaryCycle(): Promise<string> {
-    if (this.peerAlive()) return `secondary following ${this.peerName()} (epoch ${this.epochValue})`;
+    const protecting = this.opts.isProtecting?.() ?? true;
+    if (this.peerAlive()) {
+      if (this.peer?.role === 'standalone' && protecting) {
+        await this.opts.actions.rejoin();
+        return `primary ${this.peerName()} goes on without this side: set up to be resynced`;
+      }
+      return `secondary following ${this.peerName()} (epoch ${this.epochValue})`;
+    }
+    if (!protecting) {
+      return `primary ${this.peerName()} ${this.silentFor()}, but this side is not protecting it yet: not promoting`;
+    }
     const lease = await this.holdLease();
     if (lease.kind === 'unreachable') {
       return `primary ${this.peerName()} ${this.silentFor()}, but the arbiter is unreachable: not promoting (${lease.why})`;
@@ -216,8 +289,9 @@ export class ColoPair {
       return `primary ${this.peerName()} ${this.silentFor()}, but ${lease.by} holds the lease: waiting`;
     }
     await this.opts.actions.promote(this.epochValue);
-    this.roleValue = 'standalone';
-    return `promoted self to primary in epoch ${this.epochValue}: primary ${this.peerName()} ${this.silentFor()}`;
+    const what = `promoted self to primary in epoch ${this.epochValue}: primary ${this.peerName()} ${this.silentFor()}`;
+    this.setRole('standalone', what);
+    return what;
   }
 
   /** A checkpoint now (on the timer, or asked for by the VM-level COLO framework). */
@@ -226,8 +300,9 @@ export class ColoPair {
     this.lastCheckpoint = this.now();
   }
 
-  private fence(): void {
-    this.roleValue = 'fenced';
+  private fence(why: string): void {
     this.leaseValidUntil = Number.NEGATIVE_INFINITY;
+    this.rejoined = false;
+    this.setRole('fenced', why);
   }
 }

@@ -24,6 +24,7 @@ interface Side {
   pair: ColoPair;
   crashed: boolean;
   arbiterReachable: boolean;
+  ready: boolean;
   log: string[];
   actions: string[];
 }
@@ -47,7 +48,15 @@ class Sim {
   private makeSide(name: string, role: ColoRole): Side {
     const now = () => this.t;
     const real = new LockFileArbiter({ path: this.dir.file('lease'), leaseTtl: TTL, now });
-    const side = { name, crashed: false, arbiterReachable: true, log: [], actions: [] } as unknown as Side;
+    const side = {
+      name,
+      crashed: false,
+      arbiterReachable: true,
+      // Set up to be resynced, not protecting anyone yet (a side back from a crash or a fence).
+      ready: role === 'fenced',
+      log: [],
+      actions: [],
+    } as unknown as Side;
     const gate = <T>(f: () => Promise<T>): Promise<T> =>
       side.arbiterReachable ? f() : Promise.reject(new ArbiterUnavailable('lock-file', 'partitioned'));
     const arbiter: Arbiter = {
@@ -62,9 +71,15 @@ class Sim {
       promote: async (epoch) => void side.actions.push(`promote ${epoch}`),
       reprotect: async (peer) => {
         side.actions.push(`reprotect ${peer.name}`);
-        this.side(peer.name).pair.becameSecondary(side.pair.epoch);
+        const p = this.side(peer.name);
+        p.pair.becameSecondary(side.pair.epoch);
+        p.ready = false;
       },
       checkpoint: async () => void side.actions.push('checkpoint'),
+      rejoin: async () => {
+        side.actions.push('rejoin');
+        side.ready = true;
+      },
     };
     side.pair = new ColoPair({
       name,
@@ -74,6 +89,7 @@ class Sim {
       heartbeatTimeout: TIMEOUT,
       checkpointInterval: 0,
       now,
+      isProtecting: () => !side.ready,
     });
     return side;
   }
@@ -99,7 +115,7 @@ class Sim {
           name: from.name,
           role: from.pair.role,
           epoch: from.pair.epoch,
-          ready: from.pair.role === 'secondary' || from.pair.role === 'fenced',
+          ready: from.ready,
         });
       }
     }

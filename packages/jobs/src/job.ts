@@ -74,6 +74,7 @@ export abstract class Job {
   /** The ending (prepare, commit/abort, clean) has begun; it runs once. */
   private ending = false;
   private readonly doneWaiters: (() => void)[] = [];
+  private readonly readyWaiters: { resolve(): void; reject(e: Error): void }[] = [];
 
   constructor(
     readonly manager: JobManager,
@@ -139,8 +140,11 @@ export abstract class Job {
     if (!this.internal && from !== to) {
       this.manager.emitEvent('JOB_STATUS_CHANGE', { id: this.id, status: to });
     }
+    if (to === 'ready') for (const w of this.readyWaiters.splice(0)) w.resolve();
     if (to === 'null' || to === 'concluded') {
       for (const w of this.doneWaiters.splice(0)) w();
+      const why = this.#err ?? new Error(`job '${this.id ?? '<internal>'}' ended before it was ready`);
+      for (const w of this.readyWaiters.splice(0)) w.reject(why);
     }
   }
 
@@ -506,6 +510,17 @@ export abstract class Job {
     this.clearTimer();
     this.transition('null');
     this.manager.unregister(this);
+  }
+
+  /** Resolves once the job is ready (in sync); rejects with its error if it ends first. */
+  whenReady(): Promise<void> {
+    if (this.#status === 'ready' || this.#status === 'standby') return Promise.resolve();
+    if (this.#status === 'concluded' || this.#status === 'null') {
+      return Promise.reject(
+        this.#err ?? new Error(`job '${this.id ?? '<internal>'}' ended before it was ready`),
+      );
+    }
+    return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
   }
 
   /** Resolves once the job has concluded (or is gone). */

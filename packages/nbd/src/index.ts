@@ -25,7 +25,7 @@ export {
   unregisterTlsCreds,
 } from './tls';
 export * as nbdProtocol from './protocol';
-export { nbdDriver, parseNbdUri } from './client/driver';
+export { nbdBreakConnection, nbdDriver, parseNbdUri } from './client/driver';
 export {
   NbdClientConnection,
   NbdConnectionLost,

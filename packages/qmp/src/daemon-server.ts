@@ -1,4 +1,5 @@
-import { type BlockGraph, createGraph } from '@blockrep/block';
+import { BlockError, type BlockGraph, createGraph } from '@blockrep/block';
+import { type ColoConfig, ColoService } from '@blockrep/colo';
 import { filterDrivers } from '@blockrep/filters';
 import { JobManager } from '@blockrep/jobs';
 import { nbdDriver } from '@blockrep/nbd';
@@ -6,6 +7,7 @@ import { qcow2Driver } from '@blockrep/qcow2';
 import { ReplicationManager } from '@blockrep/replication';
 import { createBlockQmpServer } from './block-server';
 import { registerBlockJobCommands } from './commands/block-jobs';
+import { type ColoHolder, registerColoCommands } from './commands/colo';
 import type { BlockdevCreators } from './commands/create';
 import { registerMirrorCommands } from './commands/mirror';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
@@ -22,6 +24,12 @@ export interface BlockrepDaemon {
   nbd: NbdServerHolder;
   qmp: QmpServer;
   creators: BlockdevCreators;
+  colo: ColoHolder;
+  /** Runs this daemon as one host of a COLO pair (blockrepd --colo FILE). */
+  startColo(
+    config: ColoConfig,
+    log?: ConstructorParameters<typeof ColoService>[0]['log'],
+  ): Promise<ColoService>;
   /** Clean shutdown: stop accepting, cancel jobs, drop exports, flush and close every node. */
   shutdown(): Promise<void>;
 }
@@ -41,6 +49,8 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   registerBlockJobCommands(server.registry, graph, jobs);
   registerMirrorCommands(server.registry, graph, jobs);
   registerReplicationCommands(server.registry, graph, replication);
+  const colo: ColoHolder = { service: null };
+  registerColoCommands(server.registry, colo);
   // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
   const declared = new Set(server.registry.events().map((e) => e.name));
   const unsubscribe = graph.onEvent((name, data) => {
@@ -50,6 +60,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   const shutdown = () => {
     down ??= (async () => {
       unsubscribe();
+      await colo.service?.stop().catch(() => {});
       await server.close().catch(() => {});
       await jobs.cancelAll().catch(() => {});
       if (nbd.server) await nbd.stop().catch(() => {});
@@ -57,7 +68,27 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
     })();
     return down;
   };
-  return { graph, jobs, replication, nbd, qmp: server, creators, shutdown };
+  const startColo: BlockrepDaemon['startColo'] = async (config, log) => {
+    if (colo.service) throw new BlockError('COLO is already running');
+    const svc = new ColoService({
+      config,
+      graph,
+      jobs,
+      replication,
+      log,
+      emitEvent: (name, data) => server.emitEvent(name, data),
+    });
+    colo.service = svc;
+    try {
+      await svc.start();
+    } catch (e) {
+      colo.service = null;
+      await svc.stop().catch(() => {});
+      throw e;
+    }
+    return svc;
+  };
+  return { graph, jobs, replication, nbd, qmp: server, creators, colo, startColo, shutdown };
 }
 
 /** The registry of a whole daemon: what docs/qmp-commands.md documents. */

@@ -254,3 +254,12 @@ export const nbdDriver: BlockDriver = {
     return { export: s.exportName, server: s.address };
   },
 };
+
+/**
+ * Drops an nbd node's connection as a network failure would: requests in flight fail at once
+ * instead of waiting for TCP to give up (a COLO primary cutting off a partitioned secondary).
+ */
+export function nbdBreakConnection(node: BlockNode): void {
+  if (node.driver !== nbdDriver) throw new BlockError(`'${node.nodeName}' is not an nbd node`);
+  st(node)?.session.breakConnection();
+}
