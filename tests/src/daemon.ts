@@ -36,11 +36,13 @@ function exited(p: ChildProcess): Promise<number | null> {
     : new Promise((r) => p.once('exit', (c) => r(c)));
 }
 
-/** Starts blockrepd with a QMP socket (plus extra arguments) and connects a QMP client. */
-export async function startDaemon(qmpPath: string, args: string[] = []): Promise<Daemon> {
-  const proc = spawn(process.execPath, [BLOCKREPD, '--qmp', `unix:${qmpPath}`, ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+/**
+ * Starts blockrepd with a QMP socket (plus extra arguments) and connects a QMP client; `prefix`
+ * runs it under another command (`ip netns exec NS`: a host of its own).
+ */
+export async function startDaemon(qmpPath: string, args: string[] = [], prefix: string[] = []): Promise<Daemon> {
+  const cmd = [...prefix, process.execPath, BLOCKREPD, '--qmp', `unix:${qmpPath}`, ...args];
+  const proc = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
   running.add(proc);
   let log = '';
   await new Promise<void>((resolve, reject) => {

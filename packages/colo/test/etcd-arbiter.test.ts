@@ -1,7 +1,6 @@
-import { hasPeer } from '@blockrep/test-kit';
+import { type EtcdServer, hasPeer, startEtcd } from '@blockrep/test-kit';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ArbiterUnavailable, EtcdArbiter } from '../src/index';
-import { type EtcdServer, startEtcd } from './etcd-server';
 
 describe.runIf(hasPeer('etcd'))('etcd arbiter (a real etcd)', () => {
   let etcd: EtcdServer;

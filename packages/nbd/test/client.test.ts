@@ -1,9 +1,16 @@
 import { spawn } from 'node:child_process';
 import { BlockBackend, BlockError, Perm } from '@blockrep/block';
-import { freePort, makeTempDir, patternBuffer, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
+import {
+  freePort,
+  makeCerts,
+  makeTempDir,
+  patternBuffer,
+  qemuImg,
+  qemuIo,
+  waitFor,
+} from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdTlsCreds, registerTlsCreds, unregisterTlsCreds } from '../src/index';
-import { makeCerts } from './certs';
 import { newGraph, onCleanup, serveImage } from './helpers';
 
 /** Starts a QEMU NBD server process and waits until it accepts connections. */

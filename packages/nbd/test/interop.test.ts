@@ -1,9 +1,8 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { addDirtyBitmap } from '@blockrep/block';
-import { hasPeer, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
+import { hasPeer, makeCerts, qemuImg, qemuIo, runPeer } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { NbdTlsCreds } from '../src/index';
-import { makeCerts } from './certs';
 import { serveImage } from './helpers';
 
 describe('our server with QEMU and libnbd tools', () => {

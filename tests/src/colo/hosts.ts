@@ -1,5 +1,6 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { NbdClientConnection } from '@blockrep/nbd';
 import type { QmpEvent } from '@blockrep/qmp';
 import { makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
 import { expect } from 'vitest';
@@ -86,8 +87,8 @@ export function localSpecs(): [HostSpec, HostSpec] {
   })) as [HostSpec, HostSpec];
 }
 
-export async function startHost(h: ColoHost): Promise<Daemon> {
-  h.d = await startDaemon(h.file('qmp.sock'), ['--colo', h.config]);
+export async function startHost(h: ColoHost, prefix: string[] = []): Promise<Daemon> {
+  h.d = await startDaemon(h.file('qmp.sock'), ['--colo', h.config], prefix);
   return h.d;
 }
 
@@ -145,4 +146,50 @@ export async function guestIo(h: ColoHost, cmds: string[]): Promise<string> {
 export async function expectGuestIo(h: ColoHost, cmds: string[]): Promise<void> {
   const out = await guestIo(h, cmds);
   expect(out, out).not.toMatch(/fail|error|mismatch|Could not/i);
+}
+
+/** One acknowledged guest write. */
+export interface Ack {
+  side: string;
+  seq: number;
+  offset: number;
+  /** performance.now() when the reply came. */
+  at: number;
+}
+
+/**
+ * A guest writing 4 KiB blocks to a host's guest export as fast as it is answered, reconnecting
+ * after errors, logging every acknowledged write. Block i of `slots` at `base`, pattern seq & 0xff.
+ */
+export function startWriter(h: ColoHost, side: string, log: Ack[], base: number, slots = 256) {
+  let stopped = false;
+  let seq = 0;
+  const g = h.spec.guest;
+  const server = g.startsWith('unix:')
+    ? ({ type: 'unix', path: g.slice(5) } as const)
+    : ({ type: 'inet', host: g.split(':')[0]!, port: g.split(':')[1]! } as const);
+  const run = (async () => {
+    while (!stopped) {
+      let c: NbdClientConnection | null = null;
+      try {
+        c = await NbdClientConnection.connect({ server, export: 'guest' });
+        while (!stopped) {
+          const s = seq++;
+          const offset = base + (s % slots) * 4096;
+          await c.write(offset, [Buffer.alloc(4096, s & 0xff)], 4096);
+          log.push({ side, seq: s, offset, at: performance.now() });
+        }
+      } catch {
+        await new Promise((r) => setTimeout(r, 20));
+      } finally {
+        c?.destroy();
+      }
+    }
+  })();
+  return {
+    async stop() {
+      stopped = true;
+      await run;
+    },
+  };
 }

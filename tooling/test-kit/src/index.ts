@@ -1,4 +1,7 @@
+export { type CertOptions, makeCerts } from './certs';
 export { patternBuffer, randomBuffer } from './data';
+export { type EtcdOptions, type EtcdServer, startEtcd } from './etcd';
+export { type HostNetwork, makeHostNetwork } from './netns';
 export {
   hasPeer,
   MissingPeerError,
