@@ -11,6 +11,9 @@ export const BLOCKREPD = join(
   'blockrepd.mjs',
 );
 
+/** The blockrep CLI bin of the workspace. */
+export const BLOCKREP = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.mjs');
+
 export interface Daemon {
   proc: ChildProcess;
   qmp: QmpClient;

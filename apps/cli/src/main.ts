@@ -19,6 +19,8 @@ Daemon commands (a blockrepd QMP socket):
   qmp --socket PATH COMMAND [JSON | key=value ...]
   qmp-shell --socket PATH [-p]
   graph --socket PATH [--format dot|svg|png] [-o FILE]
+  colo status|checkpoint|failover --socket PATH [--output=human|json]
+                                     a COLO pair host (blockrepd --colo)
 
   demo                               create, write and inspect a demo image
 `;
@@ -39,6 +41,7 @@ const commands: Record<string, () => Promise<Command>> = {
   qmp: async () => (await import('./commands/qmp')).qmpCommand,
   'qmp-shell': async () => (await import('./commands/qmp-shell')).qmpShellCommand,
   graph: async () => (await import('./commands/graph')).graphCommand,
+  colo: async () => (await import('./commands/colo')).coloCommand,
   demo: async () => (await import('./commands/demo')).demoCommand,
 };
 

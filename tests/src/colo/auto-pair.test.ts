@@ -4,9 +4,9 @@
  * the primary (the secondary takes over with the last checkpoint plus its own writes), the old
  * primary's return (fenced, resynced, protecting again), and a failover on request back.
  */
-import { hasPeer, qemuImg, qemuImgCompare } from '@blockrep/test-kit';
+import { hasPeer, qemuImg, qemuImgCompare, runPeer } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
-import { killAll } from '../daemon';
+import { BLOCKREP, killAll } from '../daemon';
 import {
   expectGuestIo,
   guestIo,
@@ -32,7 +32,21 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair (lock-file arbiter, o
     await waitRole(a, 'primary', 'protected');
     expect((await status(b)).role).toBe('secondary');
     await expectGuestIo(a, ['write -P 0x22 4M 1M']);
-    await a.d!.qmp.execute('colo-checkpoint');
+    const cli = (h: typeof a, ...args: string[]) =>
+      runPeer(process.execPath, [BLOCKREP, 'colo', ...args, '--socket', h.file('qmp.sock')]);
+    await cli(a, 'checkpoint');
+    const human = (await cli(a, 'status')).stdout;
+    expect(human).toContain('pair vm1, host a: primary (epoch 1), protected');
+    expect(human).toContain('peer b: alive, secondary (epoch 1)');
+    expect(human).toMatch(/last resync: b, 16777216 bytes \(full\) in \d+ ms/);
+    const bad = await runPeer(
+      process.execPath,
+      [BLOCKREP, 'colo', 'promote', '--socket', a.file('qmp.sock')],
+      {
+        okCodes: [1],
+      },
+    );
+    expect(bad.stderr).toContain("Unknown colo command 'promote' (status, checkpoint, failover)");
     const s = await status(a);
     expect(s.checkpoints).toBeGreaterThanOrEqual(2);
     expect(s['peer-missing-bytes']).toBe(0);
@@ -57,7 +71,7 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair (lock-file arbiter, o
 
     // Fail back on request: b steps down, a takes over with everything.
     const back = roleChange(a, 'standalone');
-    await b.d!.qmp.execute('colo-failover');
+    expect((await cli(b, 'failover')).stdout).toBe('stepped down; the secondary takes over\n');
     await back;
     await expectGuestIo(a, ['read -P 0x11 0 4M', 'read -P 0x22 4M 1M', 'read -P 0x33 8M 64k']);
     await waitRole(a, 'primary', 'protected');
