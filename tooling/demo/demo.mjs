@@ -2,17 +2,20 @@
 // The main job (`pnpm demo`): blockrepd, started with a qemu-storage-daemon command line, serves a
 // qcow2 image over NBD; real clients (nbdinfo, qemu-io) use it; QMP shows the graph; the image is
 // locked against QEMU's tools while in use; on SIGTERM the daemon shuts down cleanly and qemu-img
-// finds the image consistent. Then colo.mjs runs a COLO replication pair through a failover.
+// finds the image consistent. Then colo.mjs runs a COLO replication pair through a failover, and
+// auto-pair.mjs the self-running pair (blockrepd --colo) through an automatic failover.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { autoPairDemo } from './auto-pair.mjs';
 import { coloDemo } from './colo.mjs';
 
 const require = createRequire(import.meta.url);
 const { QmpClient } = await import('@blockrep/qmp');
 const blockrepd = join(dirname(require.resolve('@blockrep/daemon/package.json')), 'bin', 'blockrepd.mjs');
+const blockrep = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.mjs');
 
 const dir = mkdtempSync(join(tmpdir(), 'blockrep-demo-'));
 const img = join(dir, 'demo.qcow2');
@@ -99,9 +102,11 @@ try {
   run('qemu-img', ['check', img]);
   run('qemu-io', ['-f', 'qcow2', img, '-c', 'read -P 0xcd 128M 64k']);
   await coloDemo({ dir, run, blockrepd, QmpClient });
+  await autoPairDemo({ dir, run, blockrepd, blockrep, QmpClient });
   console.log(
     'demo done: blockrepd served a qcow2 image over NBD to nbdinfo and qemu-io and QEMU read what it wrote;' +
-      ' a COLO pair replicated a guest disk, checkpointed and failed over to the last checkpoint.',
+      ' a COLO pair replicated a guest disk, checkpointed and failed over to the last checkpoint;' +
+      ' a self-running pair failed over on its own when its primary was killed, re-protected, and failed back.',
   );
 } finally {
   if (daemon.exitCode === null) daemon.kill('SIGKILL');

@@ -271,25 +271,28 @@ export class ColoPair {
 
   private async secondaryCycle(): Promise<string> {
     const protecting = this.opts.isProtecting?.() ?? true;
-    if (this.peerAlive()) {
+    // A primary that fenced itself (stepped down, or lost the arbiter) is as good as gone.
+    const stepped = this.peerAlive() && this.peer?.role === 'fenced';
+    if (this.peerAlive() && !stepped) {
       if (this.peer?.role === 'standalone' && protecting) {
         await this.opts.actions.rejoin();
         return `primary ${this.peerName()} goes on without this side: set up to be resynced`;
       }
       return `secondary following ${this.peerName()} (epoch ${this.epochValue})`;
     }
+    const gone = stepped ? 'fenced itself' : this.silentFor();
     if (!protecting) {
-      return `primary ${this.peerName()} ${this.silentFor()}, but this side is not protecting it yet: not promoting`;
+      return `primary ${this.peerName()} ${gone}, but this side is not protecting it yet: not promoting`;
     }
     const lease = await this.holdLease();
     if (lease.kind === 'unreachable') {
-      return `primary ${this.peerName()} ${this.silentFor()}, but the arbiter is unreachable: not promoting (${lease.why})`;
+      return `primary ${this.peerName()} ${gone}, but the arbiter is unreachable: not promoting (${lease.why})`;
     }
     if (lease.kind === 'taken') {
-      return `primary ${this.peerName()} ${this.silentFor()}, but ${lease.by} holds the lease: waiting`;
+      return `primary ${this.peerName()} ${gone}, but ${lease.by} holds the lease: waiting`;
     }
     await this.opts.actions.promote(this.epochValue);
-    const what = `promoted self to primary in epoch ${this.epochValue}: primary ${this.peerName()} ${this.silentFor()}`;
+    const what = `promoted self to primary in epoch ${this.epochValue}: primary ${this.peerName()} ${gone}`;
     this.setRole('standalone', what);
     return what;
   }

@@ -232,6 +232,24 @@ describe('COLO pair loop (fake clock)', () => {
     );
   });
 
+  it('a primary that steps down: its secondary takes over at the next heartbeat, not after the timeout', async () => {
+    const sim = new Sim();
+    await sim.steps(5);
+    const a = sim.side('a');
+    await a.pair.stepDown();
+    expect(a.pair.canAcknowledgeWrites()).toBe(false);
+    await sim.step();
+    const b = sim.side('b');
+    expect(b.pair.role).toBe('standalone');
+    expect(b.pair.epoch).toBe(2);
+    expect(
+      b.log.some((l) => l.includes('promoted self to primary in epoch 2: primary a fenced itself')),
+    ).toBe(true);
+    await sim.steps(3);
+    expect(b.pair.role).toBe('primary');
+    expect(a.pair.role).toBe('secondary');
+  });
+
   it('the arbiter gone for the secondary: it never promotes, whatever the primary does', async () => {
     const sim = new Sim();
     await sim.steps(5);
