@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import * as net from 'node:net';
 import { join } from 'node:path';
@@ -19,6 +20,13 @@ import type { PeerState } from './pair';
 export interface Heartbeat extends PeerState {
   /** A side waiting to be resynced: extents it wrote that the peer may lack ('all': unknown). */
   missing?: 'all' | Array<[number, number]>;
+  /**
+   * Grows with each heartbeat a side sends (set by the channel): an answer to a request carries
+   * the sender's next number, so that the asker can drop heartbeats sent before the change.
+   */
+  seq?: number;
+  /** Random per process: numbering starts again when the peer restarts. */
+  boot?: string;
 }
 
 type Line =
@@ -86,6 +94,9 @@ export class PeerChannel {
   private timer: NodeJS.Timeout | null = null;
   private closed = false;
   private nextId = 1;
+  private nextSeq = 1;
+  /** Random per channel (per process): the heartbeat numbering's generation. */
+  readonly boot = randomBytes(6).toString('hex');
   private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
   private readonly incoming = new Set<net.Socket>();
   private readonly creds: { ca: Buffer; server: [Buffer, Buffer]; client: [Buffer, Buffer] } | null;
@@ -143,7 +154,19 @@ export class PeerChannel {
       this.connect();
       return;
     }
-    if (this.outReady) send(this.out, { type: 'heartbeat', state: this.opts.heartbeat() });
+    if (this.outReady) this.sendHeartbeat(this.out);
+  }
+
+  private sendHeartbeat(sock: net.Socket): void {
+    send(sock, {
+      type: 'heartbeat',
+      state: { ...this.opts.heartbeat(), seq: this.nextSeq++, boot: this.boot },
+    });
+  }
+
+  /** The number the next heartbeat will carry: heartbeats from it on say what is true now. */
+  get heartbeatSeq(): number {
+    return this.nextSeq;
   }
 
   private connect(): void {
@@ -166,7 +189,7 @@ export class PeerChannel {
       if (this.out !== sock) return;
       this.outReady = true;
       send(sock, { type: 'hello', pair: this.opts.pair, name: this.opts.name });
-      send(sock, { type: 'heartbeat', state: this.opts.heartbeat() });
+      this.sendHeartbeat(sock);
     };
     sock.once(c ? 'secureConnect' : 'connect', up);
     readLines(
@@ -258,7 +281,7 @@ export class PeerChannel {
 
   /** Sends a heartbeat now (after a role change, so the peer need not wait for the interval). */
   beat(): void {
-    if (this.out && this.outReady) send(this.out, { type: 'heartbeat', state: this.opts.heartbeat() });
+    if (this.out && this.outReady) this.sendHeartbeat(this.out);
   }
 
   async close(): Promise<void> {

@@ -26,6 +26,8 @@ export interface PeerState {
   epoch: number;
   /** A secondary (or fenced side) whose disks are set up to be resynced and protected. */
   ready: boolean;
+  /** A primary replicating to this host (by name): its peer is protecting it. */
+  protects?: string;
 }
 
 /** What the loop does to the graph; each resolves once done. */
@@ -79,6 +81,8 @@ export class ColoPair {
   private rejoined = false;
   /** Why the peer counts as gone when it did not fall silent (a failover on request). */
   private lostWhy: string | null = null;
+  /** The replication link failed a write: the secondary missed it, whatever its heartbeat says. */
+  private linkFailure: string | null = null;
   private readonly opts: ColoPairOptions;
   private readonly now: () => number;
 
@@ -153,6 +157,11 @@ export class ColoPair {
     if (this.roleValue !== 'primary' && this.roleValue !== 'standalone') return;
     this.fence('stepped down on request');
     await this.opts.arbiter.release(this.name).catch(() => {});
+  }
+
+  /** A primary's replication link failed a guest write: the next cycle drops the secondary. */
+  replicationFailed(why: string): void {
+    if (this.roleValue === 'primary') this.linkFailure ??= why;
   }
 
   /** A secondary told that its primary is gone (a manual failover): the next cycle takes over. */
@@ -242,9 +251,11 @@ export class ColoPair {
       ? `took the lease in epoch ${this.epochValue}`
       : `lease renewed (epoch ${this.epochValue})`;
     const waiting = this.peerAlive() ? this.peerWaitsForProtection() : null;
-    if (this.roleValue === 'primary' && (!this.peerAlive() || waiting)) {
-      // Silent, or back from a restart and no longer following: either way it misses writes now.
-      const why = waiting ? 'came back unprotected' : this.silentFor();
+    if (this.roleValue === 'primary' && (!this.peerAlive() || waiting || this.linkFailure)) {
+      // Silent, back from a restart and no longer following, or its link failed a write: either
+      // way it misses writes now.
+      const why = this.linkFailure ?? (waiting ? 'came back unprotected' : this.silentFor());
+      this.linkFailure = null;
       await this.opts.actions.dropSecondary();
       const what = `dropped secondary ${this.peerName()} (${why}); recording what it misses; ${renewed}`;
       this.setRole('standalone', what);
@@ -274,7 +285,7 @@ export class ColoPair {
     // A primary that fenced itself (stepped down, or lost the arbiter) is as good as gone.
     const stepped = this.peerAlive() && this.peer?.role === 'fenced';
     if (this.peerAlive() && !stepped) {
-      if (this.peer?.role === 'standalone' && protecting) {
+      if (this.peer?.role === 'standalone' && this.peer.protects !== this.name && protecting) {
         await this.opts.actions.rejoin();
         return `primary ${this.peerName()} goes on without this side: set up to be resynced`;
       }

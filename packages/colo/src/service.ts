@@ -137,12 +137,15 @@ export class ColoService {
   private stage = 'starting';
   private lastCycle = '';
   private loop: NodeJS.Timeout | null = null;
+  private unsubscribe: (() => void) | null = null;
   private cycling: Promise<void> | null = null;
   private stopped = false;
   private lastCheckpoint: { at: number; ms: number } | null = null;
   private checkpoints = 0;
   private resyncJob: MirrorJob | null = null;
   private lastResync: ColoStatus['last-resync'] | undefined;
+  /** Heartbeats numbered below this were sent before the peer's last answer (stale). */
+  private minPeerSeq = { boot: '', seq: 0 };
   private readonly log: NonNullable<ColoServiceOptions['log']>;
   private readonly emit: NonNullable<ColoServiceOptions['emitEvent']>;
   /** Serialises the graph changes of the loop and of requests from the peer and the monitor. */
@@ -269,6 +272,7 @@ export class ColoService {
     this.pair.restore(role, this.state.epoch);
     this.saveState();
     this.log('info', 'COLO host up', { pair: c.pair, host: c.host.name, role, epoch: this.state.epoch });
+    this.unsubscribe = this.graph.onEvent((name, data) => this.graphEvent(name, data));
     await this.channel.start();
     this.loop = setInterval(() => this.cycle(), c.heartbeat.interval);
     this.cycle();
@@ -287,6 +291,20 @@ export class ColoService {
         this.cycling = null;
       }
     })();
+  }
+
+  /** Replication errors go to the log; a failed write on the replication link drops the peer. */
+  private graphEvent(name: string, data: Record<string, unknown>): void {
+    if (name === 'REPLICATION_ERROR') this.log('warn', 'replication error', data);
+    if (
+      name === 'QUORUM_REPORT_BAD' &&
+      data['node-name'] === COLO_NODES.replication &&
+      data.type !== 'read'
+    ) {
+      this.log('warn', 'the replication link failed a guest write', data);
+      this.pair.replicationFailed(`its replication link failed a ${data.type}: ${data.error ?? 'error'}`);
+      this.cycle();
+    }
   }
 
   /** Whether a cycle's sentence says something new (not just a later time than the last one). */
@@ -318,11 +336,6 @@ export class ColoService {
 
   private get bitmap(): DirtyBitmap {
     return findDirtyBitmap(this.disk, BITMAP)!;
-  }
-
-  /** Clears the bitmap with no write in flight (a write racing the clear could be lost from it). */
-  private async clearBitmap(): Promise<void> {
-    await this.graph.drained(this.disk, () => this.bitmap.clear());
   }
 
   // ---- graph shapes ----
@@ -476,7 +489,11 @@ export class ColoService {
       this.resyncJob = job;
       await job.whenReady();
       // From here every guest write reaches the peer before it is acknowledged.
-      await this.channel.request('start-secondary', { epoch: this.pair.epoch });
+      const answer = (await this.channel.request('start-secondary', { epoch: this.pair.epoch })) as {
+        seq: number;
+        boot: string;
+      };
+      this.minPeerSeq = { boot: answer.boot, seq: answer.seq };
       const child = coloPrimaryChildOptions({
         nodeName: COLO_NODES.replication,
         server: { type: 'unix', path: '' },
@@ -492,6 +509,9 @@ export class ColoService {
       await job.cancel(false);
       await job.whenConcluded();
       this.resyncJob = null;
+    } catch (e) {
+      await this.dropSecondary().catch(() => {});
+      throw e;
     } finally {
       if (this.resyncJob) {
         await this.resyncJob.cancel(true).catch(() => {});
@@ -500,8 +520,15 @@ export class ColoService {
       }
       await this.delNode(COLO_NODES.resync);
     }
-    this.state.peerSynced = true;
-    await this.doCheckpoint();
+    try {
+      this.state.peerSynced = true;
+      await this.doCheckpoint();
+    } catch (e) {
+      // Not protected after all: back to standalone with the replication child gone; the
+      // bitmap still marks everything since the last checkpoint.
+      await this.dropSecondary();
+      throw e;
+    }
     this.lastResync = { peer: peer.name, bytes, full, 'duration-ms': Math.round(performance.now() - t0) };
     this.stage = 'protected';
   }
@@ -511,9 +538,16 @@ export class ColoService {
     if (this.pair.role !== 'primary' && this.stage !== 'resync') {
       throw new BlockError(`COLO checkpoint: this side is ${this.pair.role}, not a protected primary`);
     }
-    await this.repl.checkpointAll();
-    await this.channel.request('checkpoint', { epoch: this.pair.epoch });
-    await this.clearBitmap();
+    // No guest write in flight (as QEMU's COLO stops the VM): the secondary's checkpoint and
+    // the bitmap's clear see the same moment.
+    const quorum = this.graph.lookup(COLO_NODES.guest);
+    await this.graph.drained(quorum, async () => {
+      await this.repl.checkpointAll();
+      // Guest writes wait meanwhile: a peer that does not answer soon is given up on.
+      const limit = Math.max(5000, 2 * this.config.heartbeat.timeout);
+      await this.channel.request('checkpoint', { epoch: this.pair.epoch }, limit);
+      this.bitmap.clear();
+    });
     this.lastCheckpoint = { at: Date.now(), ms: performance.now() - t0 };
     this.checkpoints++;
   }
@@ -534,6 +568,8 @@ export class ColoService {
       ready: this.ready,
     };
     if (this.ready) h.missing = this.bitmapTrusted() ? extents(this.bitmap) : 'all';
+    const r = this.repl.all().find((x) => x.node.nodeName === COLO_NODES.replication);
+    if (r?.stage === 'running') h.protects = this.config.peer.name;
     return h;
   }
 
@@ -544,6 +580,8 @@ export class ColoService {
 
   private peerHeartbeat(h: Heartbeat): void {
     if (h.name !== this.config.peer.name) return;
+    // Sent before the peer answered a request that changed it: stale.
+    if (h.boot === this.minPeerSeq.boot && (h.seq ?? 0) < this.minPeerSeq.seq) return;
     this.pair.peerHeard(h);
   }
 
@@ -561,14 +599,16 @@ export class ColoService {
           this.state.peerSynced = true;
           this.stage = 'secondary';
           this.saveState();
+          return { seq: this.channel.heartbeatSeq, boot: this.channel.boot };
         });
       case 'checkpoint':
         return this.serial(async () => {
           const t0 = performance.now();
           if (this.pair.role !== 'secondary')
             throw new BlockError(`${this.config.host.name} is not a secondary`);
+          // The primary is drained: no replicated write is in flight.
           await this.repl.checkpointAll();
-          await this.clearBitmap();
+          this.bitmap.clear();
           this.protecting = true;
           this.lastCheckpoint = { at: Date.now(), ms: performance.now() - t0 };
           this.checkpoints++;
@@ -674,6 +714,7 @@ export class ColoService {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.loop) clearInterval(this.loop);
+    this.unsubscribe?.();
     await this.cycling;
     await this.channel.close();
     await this.tearDown().catch(() => {});

@@ -289,3 +289,31 @@ function mulberry32(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+describe('COLO pair loop: what a secondary makes of a standalone primary', () => {
+  it('rejoins only when the standalone primary does not replicate to it (a heartbeat from before the re-protect)', async () => {
+    const dir = makeTempDir();
+    let t = 0;
+    const actions: string[] = [];
+    const pair = new ColoPair({
+      name: 'b',
+      role: 'secondary',
+      arbiter: new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL, now: () => t }),
+      actions: {
+        dropSecondary: async () => {},
+        promote: async () => {},
+        reprotect: async () => {},
+        checkpoint: async () => {},
+        rejoin: async () => void actions.push('rejoin'),
+      },
+      heartbeatTimeout: TIMEOUT,
+      now: () => t,
+    });
+    pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false, protects: 'b' });
+    expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
+    t += HEARTBEAT;
+    pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
+    expect(await pair.runCycle()).toBe('primary a goes on without this side: set up to be resynced');
+    expect(actions).toEqual(['rejoin']);
+  });
+});

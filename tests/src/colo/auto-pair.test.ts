@@ -8,17 +8,23 @@ import { hasPeer, qemuImg, qemuImgCompare, runPeer } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { BLOCKREP, killAll } from '../daemon';
 import {
+  type Ack,
+  dumpLogsIfFailed,
   expectGuestIo,
   guestIo,
   localSpecs,
   makePair,
   roleChange,
   startHost,
+  startWriter,
   status,
   waitRole,
 } from './hosts';
 
-afterEach(() => killAll());
+afterEach((ctx) => {
+  dumpLogsIfFailed(ctx);
+  killAll();
+});
 
 describe.runIf(hasPeer('qemu-io'))('self-running COLO pair (lock-file arbiter, one machine)', () => {
   it('brings up, fails over on kill -9, re-protects the returning host, and fails back on request', async () => {
@@ -142,3 +148,39 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair: restarts keep role, 
     expect(await qemuImgCompare(a.file('disk.qcow2'), b.file('disk.qcow2'))).toBe('Images are identical.');
   });
 });
+
+describe.runIf(hasPeer('qemu-io'))('self-running COLO pair: checkpoints on the timer', () => {
+  it('checkpoints every interval under guest writes; after a kill -9 the secondary holds every write before the last one', async () => {
+    const [a, b] = await makePair(localSpecs(), { checkpointInterval: 300 });
+    await startHost(a);
+    await waitRole(a, 'standalone');
+    await startHost(b);
+    await waitRole(a, 'primary', 'protected');
+    const acks: Ack[] = [];
+    const w = startWriter(a, 'a', acks, 0, 64);
+    const first = (await status(a)).checkpoints;
+    await until(async () => (await status(a)).checkpoints >= first + 3);
+    await w.stop();
+    // One more checkpoint after the last acknowledged write, then the primary dies.
+    const after = (await status(a)).checkpoints;
+    await until(async () => (await status(a)).checkpoints > after);
+    const promoted = roleChange(b, 'standalone');
+    await a.d!.kill();
+    await promoted;
+    const last = new Map<number, number>();
+    for (const x of acks) last.set(x.offset, x.seq & 0xff);
+    expect(last.size).toBe(64);
+    await expectGuestIo(
+      b,
+      [...last].map(([off, p]) => `read -P ${p} ${off} 4k`),
+    );
+  });
+});
+
+async function until(cond: () => Promise<boolean>, timeout = 60_000): Promise<void> {
+  const end = Date.now() + timeout;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}

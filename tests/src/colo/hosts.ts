@@ -87,9 +87,20 @@ export function localSpecs(): [HostSpec, HostSpec] {
   })) as [HostSpec, HostSpec];
 }
 
+const started: Array<{ name: string; d: Daemon }> = [];
+
 export async function startHost(h: ColoHost, prefix: string[] = []): Promise<Daemon> {
   h.d = await startDaemon(h.file('qmp.sock'), ['--colo', h.config], prefix);
+  started.push({ name: h.name, d: h.d });
   return h.d;
+}
+
+/** For afterEach: a failed test prints the logs of the daemons it started (what CI shows). */
+export function dumpLogsIfFailed(ctx: { task: { result?: { state?: string } } }): void {
+  if (ctx.task.result?.state === 'fail') {
+    for (const { name, d } of started) process.stderr.write(`---- blockrepd ${name} ----\n${d.log()}\n`);
+  }
+  started.length = 0;
 }
 
 export interface ColoStatus {

@@ -21,6 +21,7 @@ import { killAll } from '../daemon';
 import {
   type Ack,
   type ColoHost,
+  dumpLogsIfFailed,
   expectGuestIo,
   makePair,
   roleChange,
@@ -34,7 +35,8 @@ const isRoot = process.getuid?.() === 0;
 let net: HostNetwork | null = null;
 let etcd: EtcdServer | null = null;
 
-afterEach(async () => {
+afterEach(async (ctx) => {
+  dumpLogsIfFailed(ctx);
   killAll();
   await etcd?.stop();
   etcd = null;
