@@ -109,7 +109,11 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
       expect(ev.data?.reason).toMatch(/promoted self to primary in epoch 2: primary a silent for \d+ ms/);
       expect(took).toBeGreaterThan(1000);
       expect(took).toBeLessThan(2000 + 1000 + 1500);
-      console.log(`kill -9 -> promoted in ${Math.round(took)} ms (${ev.data?.reason})`);
+      const noticed = /primary a silent for (\d+) ms, but a \(epoch 1\) holds the lease/.exec(b.d!.log());
+    expect(noticed).not.toBeNull();
+    console.log(
+      `kill -9 -> detected at ${noticed![1]} ms of silence, promoted ${Math.round(took)} ms after the kill (${ev.data?.reason})`,
+    );
       await expectGuestIo(b, ['read -P 0x11 0 4M']);
 
       // a returns: fenced (b holds epoch 2), resynced from b, protecting again.
