@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import * as tls from 'node:tls';
 import { BlockError } from '@blockrep/block';
 import type { ColoAddress } from './config';
+import { withDeadline } from './deadline';
 import type { PeerState } from './pair';
 
 /*
@@ -265,16 +266,7 @@ export class PeerChannel {
         this.pending.delete(id);
         reject(new BlockError(`${this.opts.peerName} did not answer '${op}' in ${timeoutMs} ms`));
       }, timeoutMs);
-      this.pending.set(id, {
-        resolve: (v) => {
-          clearTimeout(timer);
-          resolve(v);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
+      this.pending.set(id, withDeadline(timer, resolve, reject));
       send(sock, { type: 'request', id, op, args });
     });
   }

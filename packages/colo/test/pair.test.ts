@@ -4,7 +4,7 @@
  * every schedule: never two sides acknowledging guest writes at the same moment, nor in the same
  * epoch.
  */
-import { makeTempDir } from '@blockrep/test-kit';
+import { makeTempDir, prng } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import {
   type Arbiter,
@@ -262,7 +262,7 @@ describe('COLO pair loop (fake clock)', () => {
 
   it('seeded random schedules: never two sides acknowledging writes, never two in one epoch', async () => {
     for (let seed = 1; seed <= 12; seed++) {
-      const rand = mulberry32(seed);
+      const rand = prng(seed);
       const sim = new Sim();
       for (let i = 0; i < 300; i++) {
         const r = rand();
@@ -278,17 +278,6 @@ describe('COLO pair loop (fake clock)', () => {
     }
   });
 });
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 describe('COLO pair loop: what a secondary makes of a standalone primary', () => {
   it('rejoins only when the standalone primary does not replicate to it (a heartbeat from before the re-protect)', async () => {

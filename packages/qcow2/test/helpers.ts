@@ -64,17 +64,7 @@ export function firstDiff(a: Buffer, b: Buffer): number {
   return -1;
 }
 
-/** A small seeded PRNG (mulberry32) so failures reproduce. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from '@blockrep/test-kit';
 
 export interface Workload {
   blk: import('@blockrep/block').BlockBackend;

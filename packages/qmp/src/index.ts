@@ -1,3 +1,4 @@
+export type { ColoStatus } from '@blockrep/colo';
 export { type BlockQmpServerOptions, createBlockQmpServer } from './block-server';
 export { type QmpAddress, QmpClient, type QmpClientOptions, type QmpEvent } from './client';
 export { registerBitmapCommands } from './commands/bitmaps';

@@ -1,5 +1,5 @@
 export { type CertOptions, makeCerts } from './certs';
-export { patternBuffer, randomBuffer } from './data';
+export { patternBuffer, prng, randomBuffer } from './data';
 export { type EtcdOptions, type EtcdServer, startEtcd } from './etcd';
 export { type HostNetwork, makeHostNetwork } from './netns';
 export {

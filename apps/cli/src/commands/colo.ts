@@ -1,25 +1,7 @@
+import type { ColoStatus } from '@blockrep/qmp';
 import { optString } from '../args';
 import { CliFailure } from '../failure';
 import { connectQmp, executeQmp } from './qmp';
-
-interface ColoStatus {
-  pair: string;
-  name: string;
-  role: string;
-  epoch: number;
-  stage: string;
-  peer: { name: string; alive: boolean; role?: string; epoch?: number; ready?: boolean };
-  'lease-valid': boolean;
-  'last-checkpoint'?: { time: string; 'duration-ms': number };
-  checkpoints: number;
-  'peer-missing-bytes': number;
-  'bitmap-trusted': boolean;
-  resync?: { offset: number; len: number };
-  'last-resync'?: { peer: string; bytes: number; full: boolean; 'duration-ms': number };
-  'writes-acknowledged': number;
-  'writes-refused': number;
-  'last-cycle': string;
-}
 
 const mib = (n: number) => `${(n / 1048576).toFixed(1)} MiB`;
 

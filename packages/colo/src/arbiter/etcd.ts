@@ -1,5 +1,6 @@
 import { noop } from 'cockatiel';
 import { Etcd3, type IDuplexStream, type ILeaseKeepAliveRequest, type ILeaseKeepAliveResponse } from 'etcd3';
+import { withDeadline } from '../deadline';
 import { type Arbiter, type ArbiterLease, ArbiterUnavailable } from './arbiter';
 
 /*
@@ -192,16 +193,7 @@ class KeepaliveStream {
         () => this.fail(new Error(`no keepalive answer within ${timeout} ms`)),
         timeout,
       );
-      this.waiters.push({
-        resolve: (ttl) => {
-          clearTimeout(timer);
-          resolve(ttl);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
+      this.waiters.push(withDeadline(timer, resolve, reject));
       this.stream.write({ ID: leaseId });
     });
   }
