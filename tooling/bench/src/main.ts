@@ -36,7 +36,10 @@ function print(r: BenchRow) {
   const fmt = (v: number) => (Number.isNaN(v) ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(12);
   const ratio = Number.isNaN(r.qemu) ? '-' : (r.ours / r.qemu).toFixed(2);
   const anchor = r.anchor ? `  (anchor: ${r.anchor})` : '';
-  console.log(`${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${ratio}${anchor}`);
+  const notes = r.notes ? `  ${r.notes}` : '';
+  console.log(
+    `${r.name.padEnd(44)} ${fmt(r.ours)} ${fmt(r.qemu)}  ${r.unit.padEnd(6)} ${ratio}${anchor}${notes}`,
+  );
 }
 
 main().catch((e) => {

@@ -1,30 +1,33 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
-import * as net from 'node:net';
-import { type BlockDriver, createGraph } from '@blockrep/block';
-import { NbdServer } from '@blockrep/nbd';
+import { copyFileSync, existsSync, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 import { freePort } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, runPeer } from './util';
+import { BENCH_ENV, makeTempDirPlain, medianOfSides, runPeer } from './util';
 
 /*
- * fio's nbd engine (libnbd, one connection) against our NbdServer (in this process) and against
- * qemu-storage-daemon and qemu-nbd serving the same kind of image: 1 MiB sequential at depth 8
- * (MiB/s) and 4 KiB random at depth 16 (IOPS), reads and writes, raw and qcow2.
+ * fio's nbd engine (libnbd, one connection) against the shipped servers, each on its own copy of
+ * the same image full of data: blockrepd, qemu-storage-daemon (QEMU's anchor) and, for raw,
+ * nbdkit's file plugin (the C ceiling). 1 MiB sequential at depth 8 (MiB/s) and 4 KiB random at
+ * depth 16 (IOPS), reads and writes, raw and qcow2.
+ *
+ * Fair by construction: every server runs under the same GLIBC_TUNABLES (QEMU 7.2 maps a fresh
+ * buffer per large request; this VM's page faults would be measured otherwise); one column shows
+ * qemu-storage-daemon with glibc's default allocator for reference. Unix sockets first (no
+ * TCP_NODELAY question: QEMU 7.2 does not set it); TCP as a second column. Each figure is the
+ * median of three runs, the order of the servers reversed every other round, `sync` before each.
  */
 
 const SIZE = '256M';
 const RUNTIME_MS = 2500;
 const RAMP_MS = 500;
-/** Each side runs each workload this many times, interleaved; the best run counts. */
-const REPEATS = 2;
 
 interface Workload {
   name: string;
   rw: string;
   bs: string;
   depth: number;
-  /** 'bw' in MiB/s or 'iops'. */
   metric: 'bw' | 'iops';
 }
 
@@ -35,9 +38,13 @@ const WORKLOADS: Workload[] = [
   { name: '4k rand read qd16', rw: 'randread', bs: '4k', depth: 16, metric: 'iops' },
 ];
 
+const BLOCKREPD = join(
+  dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json')),
+  'bin',
+  'blockrepd.mjs',
+);
+
 async function fio(uri: string, w: Workload): Promise<number> {
-  // Each run starts with no dirty page cache left by the run before (whichever server that was).
-  await runPeer('sync', []);
   const r = await runPeer('fio', [
     '--name=bench',
     '--ioengine=nbd',
@@ -58,137 +65,153 @@ async function fio(uri: string, w: Workload): Promise<number> {
   return w.metric === 'bw' ? side.bw / 1024 : side.iops;
 }
 
-function waitPort(port: number, child: ChildProcess): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const deadline = Date.now() + 10_000;
-    const attempt = () => {
-      if (child.exitCode !== null)
-        return reject(new Error(`${child.spawnfile} exited with ${child.exitCode}`));
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve();
-      });
-      s.once('error', () => {
-        if (Date.now() > deadline) reject(new Error(`${child.spawnfile} did not listen on ${port}`));
-        else setTimeout(attempt, 50);
-      });
-    };
-    attempt();
+type Server = 'blockrepd' | 'qsd' | 'qsd-default-malloc' | 'nbdkit';
+
+interface Running {
+  uri: string;
+  stop(): Promise<void>;
+}
+
+/** Waits until a Unix socket exists or the TCP port accepts, or the server died. */
+async function listening(child: ChildProcess, check: () => Promise<boolean>, what: string): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`${what} did not start listening`);
+}
+
+async function tcpOpen(port: number): Promise<boolean> {
+  const net = await import('node:net');
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
   });
 }
 
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  await new Promise<void>((r) => {
-    child.once('exit', () => r());
-    child.kill('SIGTERM');
-  });
-}
-
-/** A QEMU NBD server process over a copy of the image; returns its URI and a stop function. */
-async function startQemu(kind: 'qsd' | 'qemu-nbd', format: string, file: string) {
-  const port = await freePort();
+/** A server of one kind on its own copy of the image, on a Unix socket or TCP. */
+async function start(
+  kind: Server,
+  format: string,
+  image: string,
+  dir: string,
+  tcp: boolean,
+): Promise<Running> {
+  const file = join(dir, `${kind}${tcp ? '-tcp' : ''}.${format}`);
+  copyFileSync(image, file);
+  const sock = join(dir, `${kind}.sock`);
+  const port = tcp ? await freePort() : 0;
+  const addr = tcp
+    ? `addr.type=inet,addr.host=127.0.0.1,addr.port=${port}`
+    : `addr.type=unix,addr.path=${sock}`;
+  const qsdArgs = [
+    '--blockdev',
+    `driver=file,filename=${file},node-name=file0`,
+    '--blockdev',
+    `driver=${format},file=file0,node-name=disk`,
+    '--nbd-server',
+    addr,
+    '--export',
+    'type=nbd,id=e0,node-name=disk,name=disk,writable=on',
+  ];
+  const { GLIBC_TUNABLES: _, ...defaultEnv } = BENCH_ENV;
   const child =
-    kind === 'qsd'
-      ? spawn(
-          'qemu-storage-daemon',
-          [
-            '--blockdev',
-            `driver=file,filename=${file},node-name=file0`,
-            '--blockdev',
-            `driver=${format},file=file0,node-name=disk`,
-            '--nbd-server',
-            `addr.type=inet,addr.host=127.0.0.1,addr.port=${port}`,
-            '--export',
-            'type=nbd,id=e0,node-name=disk,name=disk,writable=on',
-          ],
-          { stdio: 'ignore' },
-        )
-      : spawn('qemu-nbd', ['-f', format, '-x', 'disk', '-b', '127.0.0.1', '-p', String(port), '-t', file], {
+    kind === 'blockrepd'
+      ? spawn(process.execPath, [BLOCKREPD, ...qsdArgs, '--log-level', 'warn'], {
           stdio: 'ignore',
-        });
-  await waitPort(port, child);
-  return { uri: `nbd://127.0.0.1:${port}/disk`, stop: () => stop(child) };
-}
-
-/** Our server over the image, in this process. */
-async function startOurs(format: string, file: string, drivers: BlockDriver[]) {
-  const graph = createGraph(drivers);
-  const node = await graph.open({
-    driver: format,
-    'node-name': 'disk',
-    file: { driver: 'file', filename: file },
-  });
-  const server = new NbdServer(graph);
-  const addr = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
-  server.addExport({ node, name: 'disk', writable: true });
-  const port = addr.type === 'inet' ? addr.port : 0;
+          env: BENCH_ENV,
+        })
+      : kind === 'nbdkit'
+        ? spawn(
+            'nbdkit',
+            [
+              '-f',
+              ...(tcp ? ['-i', '127.0.0.1', '-p', String(port)] : ['-U', sock]),
+              '-e',
+              'disk',
+              'file',
+              file,
+            ],
+            {
+              stdio: 'ignore',
+              env: BENCH_ENV,
+            },
+          )
+        : spawn('qemu-storage-daemon', qsdArgs, {
+            stdio: 'ignore',
+            env: kind === 'qsd' ? BENCH_ENV : defaultEnv,
+          });
+  await listening(child, tcp ? () => tcpOpen(port) : async () => existsSync(sock), kind);
   return {
-    uri: `nbd://127.0.0.1:${port}/disk`,
+    uri: tcp ? `nbd://127.0.0.1:${port}/disk` : `nbd+unix:///disk?socket=${sock}`,
     stop: async () => {
-      await server.close();
-      await graph.closeAll();
+      if (child.exitCode === null) {
+        const gone = new Promise((r) => child.once('exit', r));
+        child.kill('SIGTERM');
+        await gone;
+      }
+      rmSync(file, { force: true });
     },
   };
 }
 
-/**
- * An image full of data: reads then read data on every server (a preallocated but unwritten file
- * reads as holes, which a server may answer without reading at all).
- */
-async function makeImage(dir: string, format: string, name: string): Promise<string> {
-  const file = `${dir}/${name}.${format}`;
+/** An image full of data: reads read data on every server, writes overwrite allocated clusters. */
+async function makeImage(dir: string, format: string): Promise<string> {
+  const file = join(dir, `image.${format}`);
   await runPeer('qemu-img', ['create', '-q', '-f', format, file, SIZE]);
   await runPeer('qemu-io', ['-f', format, '-c', `write -P 0xa5 0 ${SIZE}`, file]);
   return file;
 }
 
-async function loadQcow2(): Promise<BlockDriver | null> {
+/** The figures of each server for each workload, servers started once and kept for all workloads. */
+async function measure(servers: Server[], format: string, image: string, dir: string, tcp: boolean) {
+  const running = new Map<Server, Running>();
   try {
-    const mod = (await import('@blockrep/qcow2')) as { qcow2Driver?: BlockDriver };
-    return mod.qcow2Driver ?? null;
-  } catch {
-    return null;
+    for (const s of servers) running.set(s, await start(s, format, image, dir, tcp));
+    const out = new Map<string, Record<Server, number>>();
+    for (const w of WORKLOADS)
+      out.set(w.name, await medianOfSides(servers, (s) => fio(running.get(s)!.uri, w)));
+    return out;
+  } finally {
+    for (const r of running.values()) await r.stop();
   }
 }
 
 export async function run(): Promise<BenchRow[]> {
   const rows: BenchRow[] = [];
   const dir = makeTempDirPlain();
+  const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2));
   try {
-    const qcow2 = await loadQcow2();
-    const formats: { format: string; drivers: BlockDriver[]; withQemuNbd: boolean }[] = [
-      { format: 'raw', drivers: [], withQemuNbd: true },
-    ];
-    if (qcow2) formats.push({ format: 'qcow2', drivers: [qcow2], withQemuNbd: true });
-    else process.stderr.write('nbd bench: @blockrep/qcow2 has no qcow2Driver yet, raw only\n');
-    for (const f of formats) {
-      const ours = await startOurs(f.format, await makeImage(dir, f.format, 'ours'), f.drivers);
-      const qsd = await startQemu('qsd', f.format, await makeImage(dir, f.format, 'qsd'));
-      const qnbd = f.withQemuNbd
-        ? await startQemu('qemu-nbd', f.format, await makeImage(dir, f.format, 'qnbd'))
-        : null;
-      try {
-        for (const w of WORKLOADS) {
-          const unit = w.metric === 'bw' ? 'MiB/s' : 'IOPS';
-          // Interleaved, best of REPEATS: a noisy neighbour hurts all sides alike.
-          let a = 0;
-          let b = 0;
-          let c = 0;
-          for (let i = 0; i < REPEATS; i++) {
-            a = Math.max(a, await fio(ours.uri, w));
-            b = Math.max(b, await fio(qsd.uri, w));
-            if (qnbd) c = Math.max(c, await fio(qnbd.uri, w));
-          }
-          rows.push({ name: `nbd ${f.format} ${w.name}`, ours: a, qemu: b, unit });
-          if (qnbd) rows.push({ name: `nbd ${f.format} ${w.name} vs qemu-nbd`, ours: a, qemu: c, unit });
-        }
-      } finally {
-        await ours.stop();
-        await qsd.stop();
-        await qnbd?.stop();
+    for (const format of ['raw', 'qcow2']) {
+      const image = await makeImage(dir, format);
+      const unixSides: Server[] = ['blockrepd', 'qsd', 'qsd-default-malloc'];
+      if (format === 'raw') unixSides.push('nbdkit');
+      const unix = await measure(unixSides, format, image, dir, false);
+      const tcp = await measure(['blockrepd', 'qsd'], format, image, dir, true);
+      for (const w of WORKLOADS) {
+        const u = unix.get(w.name)!;
+        const t = tcp.get(w.name)!;
+        const notes = [
+          `tcp ${fmt(t.blockrepd)}/${fmt(t.qsd)} = ${(t.blockrepd / t.qsd).toFixed(2)}`,
+          `qsd default malloc ${fmt(u['qsd-default-malloc'])}`,
+          ...(format === 'raw'
+            ? [`nbdkit ${fmt(u.nbdkit)} (ours/nbdkit ${(u.blockrepd / u.nbdkit).toFixed(2)})`]
+            : []),
+        ].join('; ');
+        rows.push({
+          name: `nbd ${format} ${w.name}`,
+          ours: u.blockrepd,
+          qemu: u.qsd,
+          unit: w.metric === 'bw' ? 'MiB/s' : 'IOPS',
+          notes,
+        });
       }
+      rmSync(image, { force: true });
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });

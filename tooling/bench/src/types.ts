@@ -6,4 +6,6 @@ export interface BenchRow {
   unit: string;
   /** What `qemu` measured when it is not QEMU (e.g. "replication off"); NaN when there is no anchor. */
   anchor?: string;
+  /** Further figures printed after the ratio (other anchors, another transport). */
+  notes?: string;
 }

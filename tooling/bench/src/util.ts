@@ -21,23 +21,32 @@ function median(v: number[]): number {
 }
 
 /**
- * Runs one measurement per side `rounds` times (at least 3), the order alternated each round
- * and `sync` before each side, so neither pays for the other's dirty page cache; returns the
- * median of each side.
+ * Runs one measurement per side `rounds` times (at least 3), the order of the sides reversed
+ * every other round and `sync` before each, so no side pays for another's dirty page cache;
+ * returns the median of each side.
  */
-export async function medianAlternating(
+export async function medianOfSides<S extends string>(
+  sides: readonly S[],
+  run: (side: S) => Promise<number>,
+  rounds = 3,
+): Promise<Record<S, number>> {
+  const got = new Map<S, number[]>(sides.map((s) => [s, []]));
+  for (let i = 0; i < Math.max(3, rounds); i++) {
+    const order = i % 2 ? [...sides] : [...sides].reverse();
+    for (const side of order) {
+      execFileSync('sync');
+      got.get(side)!.push(await run(side));
+    }
+  }
+  return Object.fromEntries([...got].map(([s, v]) => [s, median(v)])) as Record<S, number>;
+}
+
+/** medianOfSides for ours beside QEMU. */
+export function medianAlternating(
   run: (side: 'ours' | 'qemu') => Promise<number>,
   rounds = 3,
 ): Promise<{ ours: number; qemu: number }> {
-  const got = { ours: [] as number[], qemu: [] as number[] };
-  for (let i = 0; i < Math.max(3, rounds); i++) {
-    const order: ('ours' | 'qemu')[] = i % 2 ? ['ours', 'qemu'] : ['qemu', 'ours'];
-    for (const side of order) {
-      execFileSync('sync');
-      got[side].push(await run(side));
-    }
-  }
-  return { ours: median(got.ours), qemu: median(got.qemu) };
+  return medianOfSides(['ours', 'qemu'] as const, run, rounds);
 }
 
 /** A temp directory the caller removes (benchmarks run outside vitest's cleanup). */
