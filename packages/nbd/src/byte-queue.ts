@@ -14,6 +14,9 @@ export class ByteQueue {
   private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | null = null;
   private failure: Error | null = null;
 
+  /** Told of each chunk once it is consumed or dropped (the memory it views may be reused). */
+  constructor(private readonly onDrop?: (chunk: Buffer) => void) {}
+
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.chunks.push(chunk);
@@ -104,8 +107,9 @@ export class ByteQueue {
     this.head += k;
     this.length -= k;
     if (this.head === this.chunks[0]!.length) {
-      this.chunks.shift();
+      const gone = this.chunks.shift()!;
       this.head = 0;
+      this.onDrop?.(gone);
     }
   }
 
@@ -135,14 +139,15 @@ export class ByteQueue {
       this.head = 0;
       return;
     }
-    const b = this.take(this.length);
-    const copy = Buffer.from(b);
+    const copy = Buffer.allocUnsafe(this.length);
+    this.copyTo(copy, 0, this.length);
     this.chunks = [copy];
     this.head = 0;
     this.length = copy.length;
   }
 
   clear(): void {
+    if (this.onDrop) for (const c of this.chunks) this.onDrop(c);
     this.chunks = [];
     this.head = 0;
     this.length = 0;

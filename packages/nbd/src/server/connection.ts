@@ -4,8 +4,8 @@ import { type DirtyBitmap, ReqFlags, toBlockError } from '@blockrep/block';
 import { replyBuffers } from '../buffer-pool';
 import { ByteQueue } from '../byte-queue';
 import {
-  CmdFlag,
   Cmd,
+  CmdFlag,
   CONTEXT_DIRTY_BITMAP_PREFIX,
   errnoToNbd,
   FLAG_C_FIXED_NEWSTYLE,
@@ -18,13 +18,13 @@ import {
   MAX_STRING,
   NBDMAGIC,
   NbdErr,
-  Opt,
   OPT_REPLY_MAGIC,
-  Rep,
+  Opt,
   REPLY_FLAG_DONE,
-  ReplyType,
   REQUEST_MAGIC,
   REQUEST_SIZE,
+  Rep,
+  ReplyType,
   SIMPLE_REPLY_MAGIC,
   STATE_DIRTY,
   STATE_HOLE,
@@ -33,6 +33,7 @@ import {
 } from '../protocol';
 import type { NbdTlsCreds } from '../tls';
 import type { BlockSizeConstraints, ExportClient, ExportContext, NbdExport } from './export';
+import type { RecvBuffers } from './recv-buffers';
 
 /** What a connection needs from its server. */
 export interface ConnectionContext {
@@ -79,7 +80,7 @@ interface MetaContext extends ExportContext {
  */
 export class NbdServerConnection implements ExportClient {
   private socket: net.Socket;
-  private readonly queue = new ByteQueue();
+  private readonly queue: ByteQueue;
   private phase: 'handshake' | 'transmission' | 'disconnecting' | 'closed' = 'handshake';
   private exp: NbdExport | null = null;
   private structured = false;
@@ -110,7 +111,10 @@ export class NbdServerConnection implements ExportClient {
     socket: net.Socket,
     private readonly ctx: ConnectionContext,
     private readonly onGone: (c: NbdServerConnection) => void,
+    /** The slabs the socket reads into, when it does (see RecvBuffers). */
+    private readonly recv: RecvBuffers | null = null,
   ) {
+    this.queue = new ByteQueue(recv ? (c) => recv.release([c]) : undefined);
     this.socket = socket;
     socket.setNoDelay(true);
     this.attach(socket);
@@ -167,6 +171,8 @@ export class NbdServerConnection implements ExportClient {
       if (this.socket.destroyed) return r();
       this.socket.once('close', () => r());
       this.socket.end();
+      // Read on (and drop) until the client closes: a paused socket never sees its end.
+      this.socket.resume();
     });
     clearTimeout(timer);
   }
@@ -483,6 +489,7 @@ export class NbdServerConnection implements ExportClient {
     exp.clients.add(this);
     this.sizes = exp.blockSizes();
     this.phase = 'transmission';
+    if (this.recv) this.recv.recycling = true;
     // Requests may already have arrived behind the last option.
     setImmediate(() => this.pump());
   }
@@ -665,13 +672,17 @@ export class NbdServerConnection implements ExportClient {
   ): void {
     // inFlightBytes already counts the payload since its header arrived.
     this.inFlight++;
+    // The payload's receive memory stays ours until the write has completed.
+    this.recv?.hold(iov);
     const rf = flags & CmdFlag.FUA || this.exp!.writethrough ? ReqFlags.FUA : 0;
     this.exp!.backend.write(offset, iov, rf).then(
       () => {
+        this.recv?.release(iov);
         this.replySimple(hi, lo, 0);
         this.end(length);
       },
       (e) => {
+        this.recv?.release(iov);
         this.replyFailure(hi, lo, e);
         this.end(length);
       },

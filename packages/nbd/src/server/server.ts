@@ -5,6 +5,7 @@ import { BlockError, type BlockGraph } from '@blockrep/block';
 import type { NbdTlsCreds } from '../tls';
 import { NbdServerConnection } from './connection';
 import { NbdExport, type NbdExportInfo, type NbdExportOptions } from './export';
+import { RecvBuffers } from './recv-buffers';
 
 /** Where a server listens (QAPI's SocketAddress, the inet and unix variants). */
 export type NbdSocketAddress =
@@ -64,8 +65,17 @@ export class NbdServer extends EventEmitter {
       tlsCreds: opts.tlsCreds,
       handshakeTimeoutMs: this.handshakeTimeoutMs,
     };
-    const server = net.createServer((socket) => {
-      const conn = new NbdServerConnection(socket, ctx, (c) => this.connections.delete(c));
+    // Without TLS, each connection reads into recycled slabs (see withSlabReads).
+    const slabs = !opts.tlsCreds;
+    const server = net.createServer({ pauseOnConnect: slabs }, (accepted) => {
+      const recv = slabs ? new RecvBuffers() : null;
+      const socket = recv ? withSlabReads(accepted, recv) : accepted;
+      const conn = new NbdServerConnection(
+        socket,
+        ctx,
+        (c) => this.connections.delete(c),
+        socket === accepted ? null : recv,
+      );
       this.connections.add(conn);
       conn.start();
     });
@@ -185,4 +195,34 @@ export class NbdServer extends EventEmitter {
     await Promise.all(stopped);
     for (const e of [...this.exportMap.values()]) await this.deleteExport(e);
   }
+}
+
+/**
+ * Moves the accepted socket's handle to a socket that reads into `recv`'s slabs (Node's `onread`
+ * with a buffer function): one read takes all the client has sent, not Node's 64 KiB, and no
+ * ArrayBuffer is allocated per read. Falls back to the accepted socket where its handle is not
+ * reachable (then it reads as usual).
+ */
+function withSlabReads(accepted: net.Socket, recv: RecvBuffers): net.Socket {
+  const holder = accepted as unknown as { _handle: unknown };
+  const handle = holder._handle;
+  if (!handle) {
+    accepted.resume();
+    return accepted;
+  }
+  const socket: net.Socket = new net.Socket({
+    handle,
+    onread: {
+      buffer: () => recv.next(),
+      callback: (n: number) => {
+        socket.emit('data', recv.received(n));
+        return true;
+      },
+    },
+  } as net.SocketConstructorOpts);
+  // The accepted socket no longer owns the handle; destroying it once the new one has closed
+  // only tells the server that the connection is gone (its count, maxConnections, close()).
+  holder._handle = null;
+  socket.once('close', () => accepted.destroy());
+  return socket;
 }
