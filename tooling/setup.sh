@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils qemu-system-common libnbd-bin python3-libnbd fio openssl graphviz etcd-server iproute2 nbdkit)
+packages=(qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd fio openssl graphviz etcd-server iproute2 nbdkit)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,7 +34,7 @@ function print(r: BenchRow) {
     header = true;
   }
   const fmt = (v: number) => (Number.isNaN(v) ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(2)).padStart(12);
-  const ratio = Number.isNaN(r.qemu) ? '-' : (r.ours / r.qemu).toFixed(2);
+  const ratio = Number.isNaN(r.qemu) ? '-' : (r.lowerIsBetter ? r.qemu / r.ours : r.ours / r.qemu).toFixed(2);
   const anchor = r.anchor ? `  (anchor: ${r.anchor})` : '';
   const notes = r.notes ? `  ${r.notes}` : '';
   console.log(

@@ -2,14 +2,23 @@ import { rmSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, type QmpProcess, runPeer, startQmpDaemon } from './util';
+import { makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, startQmpDaemon } from './util';
 
 /*
- * COLO replication in blockrepd: the primary guest's write throughput and 4 KiB IOPS through
- * quorum + replication -> NBD -> secondary, beside qemu-storage-daemon running the same data path
- * (see qemuSecondary) and beside our primary with replication off; the secondary's checkpoint time after 1 MiB and after 256 MiB were dirtied; the
- * failover (active commit) time of 256 MiB. fio's nbd engine drives the guest export.
+ * COLO block replication, blockrepd beside QEMU's own: the same headless pair on each side (the
+ * secondary's disk exported over NBD, its replication node over active and hidden images, started
+ * with xen-set-replication; the primary's quorum over its disk and the replication child, started
+ * likewise), QEMU's side in qemu-system-x86_64 -M none (qemu-storage-daemon has the replication
+ * driver but no command that starts it). fio's nbd engine writes through the primary's guest
+ * export: 1 MiB sequential at depth 8 and 4 KiB random at depth 16, the median of three runs with
+ * the order alternated, each side also with replication off (a primary without the replication
+ * child). Then the secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side (ours
+ * rewrites the emptied images' tables and leaves the freed clusters at the file's end until close;
+ * QEMU truncates the file at once, which is most of its time for 256 MiB), and our failover
+ * (active commit) of 256 MiB (QEMU's runs as an internal job, not timed from outside).
  */
+
+type Kind = 'blockrepd' | 'qemu-system';
 
 const SIZE = 1 << 30;
 const RUNTIME = 3;
@@ -40,7 +49,7 @@ async function qcow2(dir: string, name: string) {
  * blockrepd or qemu-storage-daemon (`tag` names its files) with a new qcow2 image added as node
  * `disk` and an NBD server on a Unix socket.
  */
-async function daemonWithDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string, disk: string) {
+async function daemonWithDisk(kind: Kind, dir: string, tag: string, disk: string) {
   await qcow2(dir, `${tag}-disk`);
   const nbd = `${dir}/${tag}-nbd.sock`;
   const d = await startQmpDaemon(kind, `${dir}/${tag}-qmp.sock`);
@@ -60,7 +69,7 @@ function exportNode(q: QmpClient, id: string, node: string, name = node) {
 }
 
 /** The secondary disk, exported, and beside it a new image for the hidden disk. */
-async function secondaryDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string) {
+async function secondaryDisk(kind: Kind, dir: string, tag: string) {
   const s = await daemonWithDisk(kind, dir, tag, 'sec-disk');
   await exportNode(s.q, 'e-sec', 'sec-disk');
   await qcow2(dir, `${tag}-hidden`);
@@ -69,7 +78,7 @@ async function secondaryDisk(kind: 'blockrepd' | 'qsd', dir: string, tag: string
 
 /** The primary's guest disk: a quorum over its local disk and `more` nodes, exported as "guest". */
 async function guestDisk(
-  kind: 'blockrepd' | 'qsd',
+  kind: Kind,
   dir: string,
   tag: string,
   more: { 'node-name': string; [k: string]: unknown }[],
@@ -83,14 +92,14 @@ async function guestDisk(
   return { ...p, uri: `nbd+unix:///guest?socket=${p.nbd}` };
 }
 
-async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  const { d, q, nbd, hiddenFile } = await secondaryDisk('blockrepd', dir, 'sec');
-  await qcow2(dir, 'active');
+async function secondary(kind: Kind, dir: string, tag: string): Promise<{ d: QmpProcess; nbd: string }> {
+  const { d, q, nbd, hiddenFile } = await secondaryDisk(kind, dir, tag);
+  await qcow2(dir, `${tag}-active`);
   await q.execute(
     'blockdev-add',
     coloSecondaryOptions({
       nodeName: 'sec-repl',
-      activeFile: `${dir}/active.qcow2`,
+      activeFile: `${dir}/${tag}-active.qcow2`,
       hiddenFile,
       secondaryDisk: 'sec-disk',
     }),
@@ -100,8 +109,13 @@ async function secondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
   return { d, nbd };
 }
 
-async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProcess; uri: string }> {
-  const { d, q, uri } = await guestDisk('blockrepd', dir, secNbd ? 'pri' : 'solo', []);
+async function primary(
+  kind: Kind,
+  dir: string,
+  tag: string,
+  secNbd: string | null,
+): Promise<{ d: QmpProcess; uri: string }> {
+  const { d, q, uri } = await guestDisk(kind, dir, tag, []);
   if (secNbd) {
     await q.execute(
       'blockdev-add',
@@ -114,36 +128,6 @@ async function primary(dir: string, secNbd: string | null): Promise<{ d: QmpProc
     await q.execute('x-blockdev-change', { parent: 'colo', node: 'pri-repl' });
     await q.execute('xen-set-replication', { enable: true, primary: true });
   }
-  return { d, uri };
-}
-
-/*
- * QEMU's anchor for the same data path. qemu-storage-daemon has the replication driver but no
- * command that starts it (COLO starts it from the migration code), so the anchor is the path a
- * started pair runs, built from the parts it uses: the secondary exports its disk with a
- * sync=none backup job (the copy-before-write filter) into a hidden qcow2 backed by it, and the
- * primary's quorum writes to its local disk and, through the nbd driver, to that export.
- */
-async function qemuSecondary(dir: string): Promise<{ d: QmpProcess; nbd: string }> {
-  const { d, q, nbd, hiddenFile } = await secondaryDisk('qsd', dir, 'q-sec');
-  await q.execute('blockdev-add', {
-    driver: 'qcow2',
-    'node-name': 'hidden',
-    file: { driver: 'file', filename: hiddenFile },
-    backing: 'sec-disk',
-  });
-  await q.execute('blockdev-backup', { 'job-id': 'cbw', device: 'sec-disk', target: 'hidden', sync: 'none' });
-  return { d, nbd };
-}
-
-async function qemuPrimary(dir: string, secNbd: string): Promise<{ d: QmpProcess; uri: string }> {
-  const sec = {
-    driver: 'nbd',
-    'node-name': 'sec',
-    server: { type: 'unix', path: secNbd },
-    export: 'sec-disk',
-  };
-  const { d, uri } = await guestDisk('qsd', dir, 'q-pri', [sec]);
   return { d, uri };
 }
 
@@ -166,45 +150,72 @@ async function waitDone(q: QmpClient) {
 export async function run(): Promise<BenchRow[]> {
   const dir = makeTempDirPlain();
   const procs: QmpProcess[] = [];
+  const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2));
   try {
-    const sec = await secondary(dir);
-    procs.push(sec.d);
-    const pri = await primary(dir, sec.nbd);
-    procs.push(pri.d);
-    const solo = await primary(dir, null);
-    procs.push(solo.d);
-    const qSec = await qemuSecondary(dir);
-    procs.push(qSec.d);
-    const qPri = await qemuPrimary(dir, qSec.nbd);
-    procs.push(qPri.d);
+    const sides = {} as Record<Kind, { sec: { d: QmpProcess; nbd: string }; on: string; off: string }>;
+    for (const [kind, t] of [
+      ['blockrepd', 'b'],
+      ['qemu-system', 'q'],
+    ] as const) {
+      const sec = await secondary(kind, dir, `${t}-sec`);
+      procs.push(sec.d);
+      const pri = await primary(kind, dir, `${t}-pri`, sec.nbd);
+      procs.push(pri.d);
+      const solo = await primary(kind, dir, `${t}-solo`, null);
+      procs.push(solo.d);
+      sides[kind] = { sec, on: pri.uri, off: solo.uri };
+    }
     const rows: BenchRow[] = [];
     for (const [name, bs, depth, unit] of [
       ['colo primary 1M seq write qd8', '1M', 8, 'MiB/s'],
       ['colo primary 4k rand write qd16', '4k', 16, 'IOPS'],
     ] as const) {
       const rw = bs === '4k' ? 'randwrite' : 'write';
-      const on = await fio(pri.uri, rw, bs, depth);
-      const qemu = await fio(qPri.uri, rw, bs, depth);
-      const off = await fio(solo.uri, rw, bs, depth);
-      rows.push({ name, ours: on, qemu, unit });
-      rows.push({ name: `${name}, on/off`, ours: on, qemu: off, unit, anchor: 'replication off' });
-    }
-    await sec.d.qmp.execute('xen-colo-do-checkpoint');
-    const secUri = (n: string) => `nbd+unix:///${n}?socket=${sec.nbd}`;
-    // Checkpoints after 1 MiB and 256 MiB of primary writes (copied to hidden) and VM writes (active).
-    for (const mib of [1, 256]) {
-      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x42 0 ${mib / 2}M`, secUri('sec-disk')]);
-      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x43 512M ${mib / 2}M`, secUri('sec-view')]);
-      const t = await timed(() => sec.d.qmp.execute('xen-colo-do-checkpoint'));
+      const m = await medianOfSides(['ours-on', 'qemu-on', 'ours-off', 'qemu-off'] as const, (s) =>
+        fio(
+          s.startsWith('ours')
+            ? sides.blockrepd[s.endsWith('on') ? 'on' : 'off']
+            : sides['qemu-system'][s.endsWith('on') ? 'on' : 'off'],
+          rw,
+          bs,
+          depth,
+        ),
+      );
       rows.push({
-        name: `colo checkpoint, ${mib} MiB dirtied`,
-        ours: t * 1000,
-        qemu: Number.NaN,
-        unit: 'ms',
+        name,
+        ours: m['ours-on'],
+        qemu: m['qemu-on'],
+        unit,
+        notes: `on/off: ours ${fmt(m['ours-on'])}/${fmt(m['ours-off'])} = ${(m['ours-on'] / m['ours-off']).toFixed(2)}, QEMU ${fmt(m['qemu-on'])}/${fmt(m['qemu-off'])} = ${(m['qemu-on'] / m['qemu-off']).toFixed(2)}`,
       });
     }
-    await runPeer('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 256M', secUri('sec-view')]);
-    await pri.d.stop();
+    // Checkpoints after 1 MiB and 256 MiB of primary writes (copied to hidden) and VM writes (active).
+    const checkpoint = async (kind: Kind, mib: number) => {
+      const sec = sides[kind].sec;
+      const uri = (n: string) => `nbd+unix:///${n}?socket=${sec.nbd}`;
+      await sec.d.qmp.execute('xen-colo-do-checkpoint');
+      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x42 0 ${mib / 2}M`, uri('sec-disk')]);
+      await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x43 512M ${mib / 2}M`, uri('sec-view')]);
+      return (await timed(() => sec.d.qmp.execute('xen-colo-do-checkpoint'))) * 1000;
+    };
+    for (const mib of [1, 256]) {
+      const m = await medianOfSides(['blockrepd', 'qemu-system'] as const, (k) => checkpoint(k, mib));
+      rows.push({
+        name: `colo checkpoint, ${mib} MiB dirtied`,
+        ours: m.blockrepd,
+        qemu: m['qemu-system'],
+        unit: 'ms',
+        lowerIsBetter: true,
+      });
+    }
+    const sec = sides.blockrepd.sec;
+    await runPeer('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x44 0 256M',
+      `nbd+unix:///sec-view?socket=${sec.nbd}`,
+    ]);
     const t = await timed(async () => {
       await sec.d.qmp.execute('xen-set-replication', { enable: false, primary: false, failover: true });
       const stage = await waitDone(sec.d.qmp);

@@ -72,19 +72,39 @@ const BLOCKREPD = joinPath(
   'blockrepd.mjs',
 );
 
-/** Starts blockrepd or qemu-storage-daemon with a QMP socket and connects to it. */
-export async function startQmpDaemon(kind: 'blockrepd' | 'qsd', qmpPath: string): Promise<QmpProcess> {
+/**
+ * Starts blockrepd, qemu-storage-daemon or QEMU's system emulator without a guest (`-M none`: a
+ * block layer with QMP, the one QEMU process that can start block replication) with a QMP socket
+ * and connects to it.
+ */
+export async function startQmpDaemon(
+  kind: 'blockrepd' | 'qsd' | 'qemu-system',
+  qmpPath: string,
+): Promise<QmpProcess> {
+  const monitor = ['--chardev', `socket,id=q,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=q'];
   const proc =
     kind === 'blockrepd'
       ? spawn(process.execPath, [BLOCKREPD, '--qmp', `unix:${qmpPath}`, '--log-level', 'warn'], {
           stdio: 'ignore',
           env: BENCH_ENV,
         })
-      : spawn(
-          'qemu-storage-daemon',
-          ['--chardev', `socket,id=q,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=q'],
-          { stdio: 'ignore', env: BENCH_ENV },
-        );
+      : kind === 'qsd'
+        ? spawn('qemu-storage-daemon', monitor, { stdio: 'ignore', env: BENCH_ENV })
+        : spawn(
+            'qemu-system-x86_64',
+            [
+              '-M',
+              'none',
+              '-nodefaults',
+              '-display',
+              'none',
+              '-chardev',
+              `socket,id=q,path=${qmpPath},server=on,wait=off`,
+              '-mon',
+              'chardev=q,mode=control',
+            ],
+            { stdio: 'ignore', env: BENCH_ENV },
+          );
   for (let i = 0; i < 400 && !existsSync(qmpPath); i++) {
     if (proc.exitCode !== null) throw new Error(`${kind} exited early`);
     await new Promise((r) => setTimeout(r, 25));
