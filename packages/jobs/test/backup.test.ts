@@ -58,6 +58,46 @@ describe('backup', () => {
     expect(guest.node!.nodeName).toBe('src');
   });
 
+  it('copy-before-write holds the cluster lock while copying, not for the guest write itself', async () => {
+    const { graph, manager } = env();
+    // A source whose write at offset 0 waits until released; every other request answers at once.
+    let release: () => void = () => {};
+    const held = new Promise<void>((r) => (release = r));
+    graph.registerDriver({
+      name: 'gated',
+      options: {},
+      async open(node) {
+        node.opaque = null;
+      },
+      getLength: () => SIZE,
+      read: async (_n, _o, _b, iov) => {
+        for (const b of iov) b.fill(0);
+      },
+      write: async (_n, offset) => {
+        if (offset === 0) await held;
+      },
+    } as unknown as Parameters<typeof graph.registerDriver>[0]);
+    await graph.blockdevAdd({ driver: 'gated', 'node-name': 'src' });
+    await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'tgt', size: SIZE });
+    const guest = writer(graph, 'src');
+    const job = await startBackup(manager, {
+      id: 'b-lock',
+      source: graph.findNode('src'),
+      target: graph.findNode('tgt'),
+      sync: 'none',
+    });
+    let firstDone = false;
+    // Its cluster is copied, then it waits in the source.
+    const first = guest.write(0, Buffer.alloc(4096, 1)).then(() => (firstDone = true));
+    // The same 64 KiB cluster, already copied: it must not wait for the first write.
+    await guest.write(4096, Buffer.alloc(4096, 2));
+    expect(firstDone).toBe(false);
+    release();
+    await first;
+    await job.cancel(true);
+    await job.whenConcluded();
+  });
+
   it('sync=none: the target (backed by the source) keeps the point-in-time image under writes', async () => {
     const { dir, graph, manager } = env();
     const initial = randomData(SIZE, 1);

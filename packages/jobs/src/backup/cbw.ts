@@ -33,7 +33,12 @@ export const CBW_CLUSTER = 65536;
 const st = (node: BlockNode) => node.opaque as CbwState;
 const file = (node: BlockNode) => node.file as BlockChild;
 
-/** Copies what a write to [offset, offset+bytes) is about to overwrite, then runs the write. */
+/**
+ * Copies what a write to [offset, offset+bytes) is about to overwrite, then runs the write. The
+ * cluster lock is held only while the old data is copied (as QEMU waits only for copies in
+ * flight): once a cluster is copied its bit is clear, so nobody copies it again, and the guest
+ * write itself needs no lock.
+ */
 async function beforeWrite(
   node: BlockNode,
   offset: number,
@@ -41,22 +46,19 @@ async function beforeWrite(
   write: () => Promise<void>,
 ): Promise<void> {
   const s = st(node);
+  // Always through the lock: it also waits for a copy in flight (whose bit is already clear).
   const unlock = await s.bcs.lockRange(offset, bytes);
   try {
-    if (!s.snapshotError) {
-      try {
-        await s.bcs.copyLocked(offset, bytes);
-      } catch (e) {
-        const cause = (e as { error?: Error }).error ?? (e as Error);
-        s.onCopyError?.(cause);
-        if (s.onCbwError === 'break-guest-write') throw cause;
-        s.snapshotError = cause;
-      }
-    }
-    await write();
+    if (!s.snapshotError) await s.bcs.copyLocked(offset, bytes);
+  } catch (e) {
+    const cause = (e as { error?: Error }).error ?? (e as Error);
+    s.onCopyError?.(cause);
+    if (s.onCbwError === 'break-guest-write') throw cause;
+    s.snapshotError = cause;
   } finally {
     unlock();
   }
+  await write();
 }
 
 export const cbwDriver: BlockDriver = {
