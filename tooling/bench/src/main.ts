@@ -5,7 +5,7 @@
  */
 import type { BenchRow } from './types';
 
-const MODULES = ['block', 'qcow2', 'nbd', 'jobs', 'replication'];
+const MODULES = ['block', 'qcow2', 'nbd', 'load', 'jobs', 'replication'];
 
 async function main() {
   const filter = process.argv[2];

@@ -19,7 +19,7 @@ import { BENCH_ENV, makeTempDirPlain, medianOfSides, runPeer } from './util';
  * median of three runs, the order of the servers reversed every other round, `sync` before each.
  */
 
-const SIZE = '256M';
+export const SIZE = '256M';
 const RUNTIME_MS = 2500;
 const RAMP_MS = 500;
 
@@ -65,10 +65,12 @@ async function fio(uri: string, w: Workload): Promise<number> {
   return w.metric === 'bw' ? side.bw / 1024 : side.iops;
 }
 
-type Server = 'blockrepd' | 'qsd' | 'qsd-default-malloc' | 'nbdkit';
+export type Server = 'blockrepd' | 'qsd' | 'qsd-default-malloc' | 'nbdkit';
 
-interface Running {
+export interface Running {
   uri: string;
+  /** The server's process id (its memory is read from /proc). */
+  pid: number;
   stop(): Promise<void>;
 }
 
@@ -95,7 +97,7 @@ async function tcpOpen(port: number): Promise<boolean> {
 }
 
 /** A server of one kind on its own copy of the image, on a Unix socket or TCP. */
-async function start(
+export async function start(
   kind: Server,
   format: string,
   image: string,
@@ -149,6 +151,7 @@ async function start(
   await listening(child, tcp ? () => tcpOpen(port) : async () => existsSync(sock), kind);
   return {
     uri: tcp ? `nbd://127.0.0.1:${port}/disk` : `nbd+unix:///disk?socket=${sock}`,
+    pid: child.pid!,
     stop: async () => {
       if (child.exitCode === null) {
         const gone = new Promise((r) => child.once('exit', r));
@@ -161,7 +164,7 @@ async function start(
 }
 
 /** An image full of data: reads read data on every server, writes overwrite allocated clusters. */
-async function makeImage(dir: string, format: string): Promise<string> {
+export async function makeImage(dir: string, format: string): Promise<string> {
   const file = join(dir, `image.${format}`);
   await runPeer('qemu-img', ['create', '-q', '-f', format, file, SIZE]);
   await runPeer('qemu-io', ['-f', format, '-c', `write -P 0xa5 0 ${SIZE}`, file]);
