@@ -7,6 +7,7 @@ import {
   patternBuffer,
   qemuImg,
   qemuIo,
+  tcpAccepts,
   waitFor,
 } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
@@ -35,18 +36,6 @@ async function startPeer(cmd: string, args: string[], ready: () => Promise<boole
     },
     { intervalMs: 50, what: () => `${cmd} accepting connections (stderr: ${stderr})` },
   );
-}
-
-async function canConnect(port: number): Promise<boolean> {
-  const net = await import('node:net');
-  return new Promise((r) => {
-    const s = net.connect(port, '127.0.0.1');
-    s.once('connect', () => {
-      s.destroy();
-      r(true);
-    });
-    s.once('error', () => r(false));
-  });
 }
 
 function openBackend(
@@ -125,7 +114,7 @@ describe('nbd client driver', () => {
         '--export',
         'type=nbd,id=e0,node-name=f,name=s,writable=on',
       ],
-      () => canConnect(port),
+      () => tcpAccepts(port),
     );
     const g = newGraph();
     const node = await g.open({

@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { freePort } from '@blockrep/test-kit';
+import { freePort, tcpAccepts } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
 import { BENCH_ENV, makeTempDirPlain, medianOfSides, runPeer } from './util';
 
@@ -84,18 +84,6 @@ async function listening(child: ChildProcess, check: () => Promise<boolean>, wha
   throw new Error(`${what} did not start listening`);
 }
 
-async function tcpOpen(port: number): Promise<boolean> {
-  const net = await import('node:net');
-  return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
-
 /** A server of one kind on its own copy of the image, on a Unix socket or TCP. */
 export async function start(
   kind: Server,
@@ -148,7 +136,7 @@ export async function start(
             stdio: 'ignore',
             env: kind === 'qsd' ? BENCH_ENV : defaultEnv,
           });
-  await listening(child, tcp ? () => tcpOpen(port) : async () => existsSync(sock), kind);
+  await listening(child, tcp ? () => tcpAccepts(port) : async () => existsSync(sock), kind);
   return {
     uri: tcp ? `nbd://127.0.0.1:${port}/disk` : `nbd+unix:///disk?socket=${sock}`,
     pid: child.pid!,
