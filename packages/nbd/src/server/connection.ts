@@ -1,6 +1,6 @@
 import type * as net from 'node:net';
 import * as tls from 'node:tls';
-import { type DirtyBitmap, ReqFlags, toBlockError } from '@blockrep/block';
+import { ReqFlags, toBlockError } from '@blockrep/block';
 import { replyBuffers } from '../buffer-pool';
 import { ByteQueue } from '../byte-queue';
 import {
@@ -25,15 +25,22 @@ import {
   REQUEST_SIZE,
   Rep,
   ReplyType,
-  SIMPLE_REPLY_MAGIC,
-  STATE_DIRTY,
-  STATE_HOLE,
-  STATE_ZERO,
-  STRUCTURED_REPLY_MAGIC,
 } from '../protocol';
 import type { NbdTlsCreds } from '../tls';
 import type { BlockSizeConstraints, ExportClient, ExportContext, NbdExport } from './export';
+import { bitmapExtents, chainExtents, readRuns } from './extents';
 import type { RecvBuffers } from './recv-buffers';
+import {
+  errorChunk,
+  OFFSET_DATA_HEADER,
+  offsetDataHeader,
+  offsetHoleChunk,
+  SIMPLE_HEADER,
+  STRUCTURED_HEADER,
+  simpleReply,
+  structuredHeader,
+  writeSimpleHeader,
+} from './replies';
 
 /** What a connection needs from its server. */
 export interface ConnectionContext {
@@ -700,29 +707,7 @@ export class NbdServerConnection implements ExportClient {
 
   private replySimple(hi: number, lo: number, err: number): void {
     if (this.phase === 'closed') return;
-    const b = Buffer.allocUnsafe(16);
-    b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-    b.writeUInt32BE(err, 4);
-    b.writeUInt32BE(hi, 8);
-    b.writeUInt32BE(lo, 12);
-    this.send(b);
-  }
-
-  private structuredHeader(
-    b: Buffer,
-    at: number,
-    flags: number,
-    type: number,
-    hi: number,
-    lo: number,
-    len: number,
-  ): void {
-    b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, at);
-    b.writeUInt16BE(flags, at + 4);
-    b.writeUInt16BE(type, at + 6);
-    b.writeUInt32BE(hi, at + 8);
-    b.writeUInt32BE(lo, at + 12);
-    b.writeUInt32BE(len, at + 16);
+    this.send(simpleReply(hi, lo, err));
   }
 
   /** An error reply: a structured error chunk (with the message) when negotiated, else simple. */
@@ -732,13 +717,7 @@ export class NbdServerConnection implements ExportClient {
       this.replySimple(hi, lo, err);
       return;
     }
-    const msg = Buffer.from(message.slice(0, 1024));
-    const b = Buffer.allocUnsafe(20 + 6 + msg.length);
-    this.structuredHeader(b, 0, REPLY_FLAG_DONE, ReplyType.ERROR, hi, lo, 6 + msg.length);
-    b.writeUInt32BE(err, 20);
-    b.writeUInt16BE(msg.length, 24);
-    msg.copy(b, 26);
-    this.send(b);
+    this.send(errorChunk(hi, lo, err, message));
   }
 
   private replyFailure(hi: number, lo: number, e: unknown): void {
@@ -751,14 +730,14 @@ export class NbdServerConnection implements ExportClient {
     if (this.structured && length >= SPARSE_READ_MIN && !(flags & CmdFlag.DF)) {
       if (await this.sparseRead(hi, lo, offset, length)) return;
     }
-    const hdr = this.structured ? 28 : 16;
+    const hdr = this.structured ? OFFSET_DATA_HEADER : SIMPLE_HEADER;
     if (length === 0) {
       if (!this.structured) {
         this.replySimple(hi, lo, 0);
         return;
       }
-      const b = Buffer.allocUnsafe(20);
-      this.structuredHeader(b, 0, REPLY_FLAG_DONE, ReplyType.NONE, hi, lo, 0);
+      const b = Buffer.allocUnsafe(STRUCTURED_HEADER);
+      structuredHeader(b, 0, REPLY_FLAG_DONE, ReplyType.NONE, hi, lo, 0);
       this.send(b);
       return;
     }
@@ -775,16 +754,8 @@ export class NbdServerConnection implements ExportClient {
       replyBuffers.release(buf);
       return;
     }
-    if (this.structured) {
-      this.structuredHeader(buf, 0, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, hi, lo, 8 + length);
-      buf.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
-      buf.writeUInt32BE(offset >>> 0, 24);
-    } else {
-      buf.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-      buf.writeUInt32BE(0, 4);
-      buf.writeUInt32BE(hi, 8);
-      buf.writeUInt32BE(lo, 12);
-    }
+    if (this.structured) offsetDataHeader(buf, REPLY_FLAG_DONE, hi, lo, offset, length);
+    else writeSimpleHeader(buf, hi, lo, 0);
     this.send(buf, () => replyBuffers.release(buf));
   }
 
@@ -794,27 +765,14 @@ export class NbdServerConnection implements ExportClient {
    */
   private async sparseRead(hi: number, lo: number, offset: number, length: number): Promise<boolean> {
     const backend = this.exp!.backend;
-    const extents: { offset: number; bytes: number; zero: boolean }[] = [];
-    try {
-      for (let pos = offset; pos < offset + length; ) {
-        const st = await backend.blockStatus(pos, offset + length - pos);
-        if (st.bytes <= 0) return false;
-        const zero = st.zero;
-        const last = extents[extents.length - 1];
-        if (last && last.zero === zero) last.bytes += st.bytes;
-        else extents.push({ offset: pos, bytes: st.bytes, zero });
-        pos += st.bytes;
-      }
-    } catch {
-      return false;
-    }
-    if (!extents.some((e) => e.zero)) return false;
+    const runs = await readRuns(backend, offset, length);
+    if (!runs?.some((r) => r.zero)) return false;
     const chunks: Buffer[] = [];
     try {
       await Promise.all(
-        extents.map(async (e, i) => {
-          const b = Buffer.allocUnsafe(e.zero ? 32 : 28 + e.bytes);
-          if (!e.zero) await backend.readv(e.offset, [b.subarray(28)]);
+        runs.map(async (r, i) => {
+          const b = Buffer.allocUnsafe(r.zero ? 32 : OFFSET_DATA_HEADER + r.bytes);
+          if (!r.zero) await backend.readv(r.offset, [b.subarray(OFFSET_DATA_HEADER)]);
           chunks[i] = b;
         }),
       );
@@ -822,17 +780,10 @@ export class NbdServerConnection implements ExportClient {
       this.replyFailure(hi, lo, e);
       return true;
     }
-    extents.forEach((e, i) => {
-      const b = chunks[i]!;
-      const done = i === extents.length - 1 ? REPLY_FLAG_DONE : 0;
-      if (e.zero) {
-        this.structuredHeader(b, 0, done, ReplyType.OFFSET_HOLE, hi, lo, 12);
-        b.writeUInt32BE(e.bytes, 28);
-      } else {
-        this.structuredHeader(b, 0, done, ReplyType.OFFSET_DATA, hi, lo, 8 + e.bytes);
-      }
-      b.writeUInt32BE(Math.floor(e.offset / 0x100000000), 20);
-      b.writeUInt32BE(e.offset >>> 0, 24);
+    runs.forEach((r, i) => {
+      const done = i === runs.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (r.zero) offsetHoleChunk(chunks[i]!, done, hi, lo, r.offset, r.bytes);
+      else offsetDataHeader(chunks[i]!, done, hi, lo, r.offset, r.bytes);
     });
     if (this.phase === 'closed') return true;
     for (const b of chunks) this.send(b);
@@ -851,9 +802,9 @@ export class NbdServerConnection implements ExportClient {
     try {
       for (const c of this.contexts) {
         const ext = c.bitmap
-          ? this.bitmapExtents(c.bitmap, offset, length, max)
-          : await this.chainExtents(c.kind === 'depth', offset, length, max);
-        const b = Buffer.allocUnsafe(20 + 4 + 8 * (ext.length / 2));
+          ? bitmapExtents(c.bitmap, offset, length, max)
+          : await chainExtents(this.exp!.backend, c.kind === 'depth', offset, length, max);
+        const b = Buffer.allocUnsafe(STRUCTURED_HEADER + 4 + 8 * (ext.length / 2));
         b.writeUInt32BE(c.id, 20);
         for (let i = 0; i < ext.length; i++) b.writeUInt32BE(ext[i]!, 24 + 4 * i);
         payloads.push(b);
@@ -864,57 +815,9 @@ export class NbdServerConnection implements ExportClient {
     }
     payloads.forEach((b, i) => {
       const done = i === payloads.length - 1 ? REPLY_FLAG_DONE : 0;
-      this.structuredHeader(b, 0, done, ReplyType.BLOCK_STATUS, hi, lo, b.length - 20);
+      structuredHeader(b, 0, done, ReplyType.BLOCK_STATUS, hi, lo, b.length - STRUCTURED_HEADER);
     });
     if (this.phase === 'closed') return;
     for (const b of payloads) this.send(b);
-  }
-
-  /**
-   * base:allocation (hole/zero) or qemu:allocation-depth (1 + the backing-chain layer holding the
-   * data, 0 for none) descriptors, as [length, flags, length, flags, ...].
-   */
-  private async chainExtents(depth: boolean, offset: number, length: number, max: number): Promise<number[]> {
-    const backend = this.exp!.backend;
-    const out: number[] = [];
-    const end = offset + length;
-    for (let pos = offset; pos < end; ) {
-      const st = await backend.blockStatus(pos, end - pos);
-      if (st.bytes <= 0) break;
-      const f = depth
-        ? st.allocated
-          ? st.depth + 1
-          : 0
-        : (st.data ? 0 : STATE_HOLE) | (st.zero ? STATE_ZERO : 0);
-      const n = out.length;
-      if (n > 0 && out[n - 1] === f) out[n - 2]! += st.bytes;
-      else {
-        if (n / 2 >= max) break;
-        out.push(st.bytes, f);
-      }
-      pos += st.bytes;
-    }
-    if (out.length === 0) out.push(length, 0);
-    return out;
-  }
-
-  /** qemu:dirty-bitmap descriptors: dirty extents flagged 1, clean ones 0. */
-  private bitmapExtents(bm: DirtyBitmap, offset: number, length: number, max: number): number[] {
-    const out: number[] = [];
-    const end = offset + length;
-    let pos = offset;
-    const add = (bytes: number, f: number) => {
-      if (bytes <= 0 || out.length / 2 >= max) return;
-      out.push(bytes, f);
-    };
-    for (const [s, n] of bm.dirtyExtents(offset, length)) {
-      add(s - pos, 0);
-      add(n, STATE_DIRTY);
-      pos = s + n;
-      if (out.length / 2 >= max) break;
-    }
-    if (pos < end) add(end - pos, 0);
-    if (out.length === 0) out.push(length, 0);
-    return out;
   }
 }
