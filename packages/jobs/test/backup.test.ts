@@ -1,5 +1,12 @@
 import { readFileSync } from 'node:fs';
-import { addDirtyBitmap, type BlockError, blockStatus, findDirtyBitmap } from '@blockrep/block';
+import {
+  addDirtyBitmap,
+  type BlockDriver,
+  type BlockError,
+  type BlockNode,
+  blockStatus,
+  findDirtyBitmap,
+} from '@blockrep/block';
 import { waitFor } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { type BackupJob, startBackup } from '../src/index';
@@ -63,20 +70,21 @@ describe('backup', () => {
     // A source whose write at offset 0 waits until released; every other request answers at once.
     let release: () => void = () => {};
     const held = new Promise<void>((r) => (release = r));
-    graph.registerDriver({
+    const gated: BlockDriver = {
       name: 'gated',
       options: {},
-      async open(node) {
+      async open(node: BlockNode) {
         node.opaque = null;
       },
       getLength: () => SIZE,
-      read: async (_n, _o, _b, iov) => {
+      read: async (_n: BlockNode, _o: number, _b: number, iov: Buffer[]) => {
         for (const b of iov) b.fill(0);
       },
-      write: async (_n, offset) => {
+      write: async (_n: BlockNode, offset: number) => {
         if (offset === 0) await held;
       },
-    } as unknown as Parameters<typeof graph.registerDriver>[0]);
+    };
+    graph.registerDriver(gated);
     await graph.blockdevAdd({ driver: 'gated', 'node-name': 'src' });
     await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'tgt', size: SIZE });
     const guest = writer(graph, 'src');
