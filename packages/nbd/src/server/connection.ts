@@ -6,19 +6,15 @@ import { ByteQueue } from '../byte-queue';
 import {
   Cmd,
   CmdFlag,
-  CONTEXT_DIRTY_BITMAP_PREFIX,
   errnoToNbd,
   FLAG_C_FIXED_NEWSTYLE,
   FLAG_C_NO_ZEROES,
   FLAG_FIXED_NEWSTYLE,
   FLAG_NO_ZEROES,
   IHAVEOPT,
-  Info,
   MAX_OPTION_LENGTH,
-  MAX_STRING,
   NBDMAGIC,
   NbdErr,
-  OPT_REPLY_MAGIC,
   Opt,
   REPLY_FLAG_DONE,
   REQUEST_MAGIC,
@@ -27,8 +23,16 @@ import {
   ReplyType,
 } from '../protocol';
 import type { NbdTlsCreds } from '../tls';
-import type { BlockSizeConstraints, ExportClient, ExportContext, NbdExport } from './export';
+import type { BlockSizeConstraints, ExportClient, NbdExport } from './export';
 import { bitmapExtents, chainExtents, readRuns } from './extents';
+import {
+  infoOption,
+  listOption,
+  type MetaContext,
+  metaContextOption,
+  type OptionReplies,
+  optionReply,
+} from './options';
 import type { RecvBuffers } from './recv-buffers';
 import {
   errorChunk,
@@ -74,10 +78,6 @@ const SPARSE_READ_MIN = 256 << 10;
 /** Most descriptors in one block status reply chunk. */
 const MAX_EXTENTS = 2048;
 
-/** A selected context: its id on the wire is its position in the export's list, plus one. */
-interface MetaContext extends ExportContext {
-  id: number;
-}
 
 /**
  * One client connection: the fixed newstyle handshake (async, small), then the transmission
@@ -224,17 +224,17 @@ export class NbdServerConnection implements ExportClient {
   };
 
   private optReply(opt: number, type: number, data?: Buffer): void {
-    const h = Buffer.allocUnsafe(20);
-    h.writeBigUInt64BE(OPT_REPLY_MAGIC, 0);
-    h.writeUInt32BE(opt, 8);
-    h.writeUInt32BE(type >>> 0, 12);
-    h.writeUInt32BE(data ? data.length : 0, 16);
-    this.send(data ? Buffer.concat([h, data]) : h);
+    this.send(optionReply(opt, type, data));
   }
 
   private optError(opt: number, type: number, message: string): void {
     this.optReply(opt, type, Buffer.from(message));
   }
+
+  private readonly optReplies: OptionReplies = {
+    reply: (opt, type, data) => this.optReply(opt, type, data),
+    error: (opt, type, message) => this.optError(opt, type, message),
+  };
 
   private async negotiate(): Promise<void> {
     const hello = Buffer.allocUnsafe(18);
@@ -284,22 +284,7 @@ export class NbdServerConnection implements ExportClient {
           this.socket.end();
           return;
         case Opt.LIST:
-          if (len !== 0) {
-            this.optError(opt, Rep.ERR_INVALID, 'NBD_OPT_LIST takes no data');
-            break;
-          }
-          for (const exp of this.ctx.listExports()) {
-            const name = Buffer.from(exp.name);
-            const b = Buffer.allocUnsafe(4 + name.length);
-            b.writeUInt32BE(name.length, 0);
-            name.copy(b, 4);
-            this.optReply(
-              opt,
-              Rep.SERVER,
-              exp.description ? Buffer.concat([b, Buffer.from(exp.description)]) : b,
-            );
-          }
-          this.optReply(opt, Rep.ACK);
+          listOption(opt, len, this.ctx, this.optReplies);
           break;
         case Opt.STARTTLS:
           if (!this.ctx.tlsCreds) this.optError(opt, Rep.ERR_POLICY, 'TLS not configured');
@@ -355,137 +340,19 @@ export class NbdServerConnection implements ExportClient {
 
   /** NBD_OPT_INFO / NBD_OPT_GO; returns true when the client moved to transmission. */
   private handleInfo(opt: number, data: Buffer): boolean {
-    if (data.length < 6) {
-      this.optError(opt, Rep.ERR_INVALID, 'option too short');
-      return false;
-    }
-    const nameLen = data.readUInt32BE(0);
-    if (nameLen > MAX_STRING || 4 + nameLen + 2 > data.length) {
-      this.optError(opt, Rep.ERR_INVALID, 'bad export name length');
-      return false;
-    }
-    const name = data.toString('utf8', 4, 4 + nameLen);
-    const nreq = data.readUInt16BE(4 + nameLen);
-    if (4 + nameLen + 2 + 2 * nreq !== data.length) {
-      this.optError(opt, Rep.ERR_INVALID, 'bad number of information requests');
-      return false;
-    }
-    const reqs = new Set<number>();
-    for (let i = 0; i < nreq; i++) reqs.add(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
-    const exp = this.ctx.findExport(name);
-    if (!exp) {
-      this.optError(opt, Rep.ERR_UNKNOWN, `export '${name}' not present`);
-      return false;
-    }
-    if (opt === Opt.GO && !exp.acceptsClient()) {
-      this.optError(opt, Rep.ERR_POLICY, `export '${name}' has reached its connection limit`);
-      return false;
-    }
-    const ex = Buffer.allocUnsafe(12);
-    ex.writeUInt16BE(Info.EXPORT, 0);
-    ex.writeBigUInt64BE(BigInt(exp.size()), 2);
-    ex.writeUInt16BE(exp.transmissionFlags(this.structured), 10);
-    this.optReply(opt, Rep.INFO, ex);
-    if (reqs.has(Info.NAME)) {
-      const n = Buffer.from(exp.name);
-      const b = Buffer.allocUnsafe(2 + n.length);
-      b.writeUInt16BE(Info.NAME, 0);
-      n.copy(b, 2);
-      this.optReply(opt, Rep.INFO, b);
-    }
-    if (reqs.has(Info.DESCRIPTION) && exp.description) {
-      const d = Buffer.from(exp.description);
-      const b = Buffer.allocUnsafe(2 + d.length);
-      b.writeUInt16BE(Info.DESCRIPTION, 0);
-      d.copy(b, 2);
-      this.optReply(opt, Rep.INFO, b);
-    }
-    // Block sizes go out whether asked for or not (the spec allows it; clients use them).
-    const sizes = exp.blockSizes();
-    const bs = Buffer.allocUnsafe(14);
-    bs.writeUInt16BE(Info.BLOCK_SIZE, 0);
-    bs.writeUInt32BE(sizes.min, 2);
-    bs.writeUInt32BE(sizes.preferred, 6);
-    bs.writeUInt32BE(sizes.max, 10);
-    this.optReply(opt, Rep.INFO, bs);
-    this.optReply(opt, Rep.ACK);
-    if (opt !== Opt.GO) return false;
-    this.blockSizeAcked = reqs.has(Info.BLOCK_SIZE);
-    if (this.contextExport !== name) this.contexts = [];
-    this.enterTransmission(exp);
+    const go = infoOption(opt, data, this.structured, this.ctx, this.optReplies);
+    if (!go) return false;
+    this.blockSizeAcked = go.blockSizeAcked;
+    if (this.contextExport !== go.name) this.contexts = [];
+    this.enterTransmission(go.exp);
     return true;
   }
 
   private handleMetaContext(opt: number, data: Buffer): void {
-    const list = opt === Opt.LIST_META_CONTEXT;
-    if (!this.structured) {
-      this.optError(opt, Rep.ERR_INVALID, 'request structured replies first');
-      return;
-    }
-    const bad = (why: string) => this.optError(opt, Rep.ERR_INVALID, why);
-    if (data.length < 8) {
-      bad('option too short');
-      return;
-    }
-    const nameLen = data.readUInt32BE(0);
-    if (nameLen > MAX_STRING || 4 + nameLen + 4 > data.length) {
-      bad('bad export name length');
-      return;
-    }
-    const name = data.toString('utf8', 4, 4 + nameLen);
-    const nq = data.readUInt32BE(4 + nameLen);
-    const queries: string[] = [];
-    let pos = 8 + nameLen;
-    for (let i = 0; i < nq; i++) {
-      if (pos + 4 > data.length) {
-        bad('truncated query list');
-        return;
-      }
-      const ql = data.readUInt32BE(pos);
-      if (ql > MAX_STRING || pos + 4 + ql > data.length) {
-        bad('bad query length');
-        return;
-      }
-      queries.push(data.toString('utf8', pos + 4, pos + 4 + ql));
-      pos += 4 + ql;
-    }
-    if (pos !== data.length) {
-      bad('trailing data after the queries');
-      return;
-    }
-    const exp = this.ctx.findExport(name);
-    if (!exp) {
-      this.optError(opt, Rep.ERR_UNKNOWN, `export '${name}' not present`);
-      return;
-    }
-    const offered = exp.contexts().map((c, i) => ({ ...c, id: i + 1 }));
-    const selected: MetaContext[] = [];
-    const pick = (c: MetaContext) => {
-      if (!selected.includes(c)) selected.push(c);
-    };
-    if (list && queries.length === 0) offered.forEach(pick);
-    for (const q of queries) {
-      for (const c of offered) {
-        // A bare namespace lists everything in it; selection needs exact names.
-        const prefixMatch =
-          list &&
-          (q === 'base:' || q === 'qemu:' || q === CONTEXT_DIRTY_BITMAP_PREFIX) &&
-          c.name.startsWith(q);
-        if (c.name === q || prefixMatch) pick(c);
-      }
-    }
-    const ctxs = selected;
-    for (const c of ctxs) {
-      const nb = Buffer.from(c.name);
-      const b = Buffer.allocUnsafe(4 + nb.length);
-      b.writeUInt32BE(list ? 0 : c.id, 0);
-      nb.copy(b, 4);
-      this.optReply(opt, Rep.META_CONTEXT, b);
-    }
-    this.optReply(opt, Rep.ACK);
-    if (!list) {
-      this.contexts = ctxs;
-      this.contextExport = name;
+    const set = metaContextOption(opt, data, this.structured, this.ctx, this.optReplies);
+    if (set) {
+      this.contexts = set.contexts;
+      this.contextExport = set.exportName;
     }
   }
 
