@@ -252,7 +252,7 @@ export class ColoService {
     for (const f of [c.active, c.hidden]) {
       if (!existsSync(f)) await createQcow2Image(f, { size: this.disk.length });
     }
-    this.openBitmap();
+    await this.openBitmap();
     if (c.tls) {
       registerTlsCreds(new NbdTlsCreds({ id: TLS_CLIENT_ID, endpoint: 'client', dir: c.tls.dir }));
     }
@@ -316,12 +316,12 @@ export class ColoService {
   }
 
   /** The persistent bitmap of what the peer may lack; inconsistent after an unclean stop. */
-  private openBitmap(): void {
+  private async openBitmap(): Promise<void> {
     let bm = findDirtyBitmap(this.disk, BITMAP);
     if (bm?.inconsistent) {
       this.log('warn', `bitmap '${BITMAP}' was not stored cleanly: the next resync copies the whole disk`);
       removeDirtyBitmap(this.disk, bm);
-      void this.disk.driver.removePersistentBitmap?.(this.disk, BITMAP);
+      await this.disk.driver.removePersistentBitmap?.(this.disk, BITMAP);
       bm = undefined;
       this.state.peerSynced = false;
     }
