@@ -226,9 +226,16 @@ export class PeerChannel {
       return;
     }
     this.incoming.add(sock);
-    sock.once('close', () => this.incoming.delete(sock));
     sock.on('error', () => {});
     let hello = false;
+    // A connection that does not say who it is soon is dropped (it holds nothing of ours).
+    const helloTimer = setTimeout(() => {
+      if (!hello) sock.destroy();
+    }, 10 * this.opts.interval);
+    sock.once('close', () => {
+      clearTimeout(helloTimer);
+      this.incoming.delete(sock);
+    });
     readLines(
       sock,
       (l) => {
