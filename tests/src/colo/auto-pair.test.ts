@@ -4,7 +4,7 @@
  * the primary (the secondary takes over with the last checkpoint plus its own writes), the old
  * primary's return (fenced, resynced, protecting again), and a failover on request back.
  */
-import { hasPeer, qemuImg, qemuImgCompare, runPeer } from '@blockrep/test-kit';
+import { hasPeer, qemuImg, qemuImgCompare, runPeer, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { BLOCKREP, killAll } from '../daemon';
 import {
@@ -20,6 +20,8 @@ import {
   status,
   waitRole,
 } from './hosts';
+
+const UNTIL = { timeoutMs: 60_000, intervalMs: 50, what: 'checkpoints on the timer' };
 
 afterEach((ctx) => {
   dumpLogsIfFailed(ctx);
@@ -159,11 +161,11 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair: checkpoints on the t
     const acks: Ack[] = [];
     const w = startWriter(a, 'a', acks, 0, 64);
     const first = (await status(a)).checkpoints;
-    await until(async () => (await status(a)).checkpoints >= first + 3);
+    await waitFor(async () => (await status(a)).checkpoints >= first + 3, UNTIL);
     await w.stop();
     // One more checkpoint after the last acknowledged write, then the primary dies.
     const after = (await status(a)).checkpoints;
-    await until(async () => (await status(a)).checkpoints > after);
+    await waitFor(async () => (await status(a)).checkpoints > after, UNTIL);
     const promoted = roleChange(b, 'standalone');
     await a.d!.kill();
     await promoted;
@@ -176,11 +178,3 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair: checkpoints on the t
     );
   });
 });
-
-async function until(cond: () => Promise<boolean>, timeout = 60_000): Promise<void> {
-  const end = Date.now() + timeout;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}

@@ -2,7 +2,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdClientConnection } from '@blockrep/nbd';
 import type { QmpEvent } from '@blockrep/qmp';
-import { makeTempDir, qemuImg, qemuIo } from '@blockrep/test-kit';
+import { makeTempDir, qemuImg, qemuIo, waitFor } from '@blockrep/test-kit';
 import { expect } from 'vitest';
 import { type Daemon, startDaemon } from '../daemon';
 
@@ -133,14 +133,19 @@ export async function waitRole(
   stage?: string,
   timeout = 60_000,
 ): Promise<ColoStatus> {
-  const until = Date.now() + timeout;
-  for (;;) {
-    const s = await status(h);
-    if (s.role === role && (stage === undefined || s.stage === stage)) return s;
-    if (Date.now() > until)
-      throw new Error(`${h.name}: waited for ${role}/${stage}, have ${JSON.stringify(s)}`);
-    await h.d!.qmp.waitEvent('COLO_ROLE_CHANGE', () => true, 200).catch(() => {});
-  }
+  let last: ColoStatus | null = null;
+  const got = await waitFor(
+    async () => {
+      last = await status(h);
+      return last.role === role && (stage === undefined || last.stage === stage) ? last : undefined;
+    },
+    {
+      timeoutMs: timeout,
+      intervalMs: 50,
+      what: () => `${h.name} to be ${role}/${stage} (have ${JSON.stringify(last)})`,
+    },
+  );
+  return got!;
 }
 
 /** The guest URI of a host's export (its config's guest address). */

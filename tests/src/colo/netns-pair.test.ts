@@ -15,6 +15,7 @@ import {
   qemuImg,
   qemuImgCompare,
   startEtcd,
+  waitFor,
 } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { killAll } from '../daemon';
@@ -32,6 +33,8 @@ import {
 } from './hosts';
 
 const isRoot = process.getuid?.() === 0;
+/** Guest writes and log lines are polled for; a deadline sized for a busy CI machine. */
+const LONG = { timeoutMs: 60_000, intervalMs: 20 };
 let net: HostNetwork | null = null;
 let etcd: EtcdServer | null = null;
 
@@ -110,10 +113,10 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
       expect(took).toBeGreaterThan(1000);
       expect(took).toBeLessThan(2000 + 1000 + 1500);
       const noticed = /primary a silent for (\d+) ms, but a \(epoch 1\) holds the lease/.exec(b.d!.log());
-    expect(noticed).not.toBeNull();
-    console.log(
-      `kill -9 -> detected at ${noticed![1]} ms of silence, promoted ${Math.round(took)} ms after the kill (${ev.data?.reason})`,
-    );
+      expect(noticed).not.toBeNull();
+      console.log(
+        `kill -9 -> detected at ${noticed![1]} ms of silence, promoted ${Math.round(took)} ms after the kill (${ev.data?.reason})`,
+      );
       await expectGuestIo(b, ['read -P 0x11 0 4M']);
 
       // a returns: fenced (b holds epoch 2), resynced from b, protecting again.
@@ -181,7 +184,7 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
       const acks: Ack[] = [];
       const wa = startWriter(a, 'a', acks, 0);
       const wb = startWriter(b, 'b', acks, 8 << 20);
-      await waitFor(() => acks.length > 20);
+      await waitFor(() => acks.length > 20, LONG);
       // The link between the hosts goes, and a loses etcd too: a must stop acknowledging before
       // b may take the lease; b promotes and its writer gets answers.
       const promoted = roleChange(b, 'standalone');
@@ -190,7 +193,7 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
       n().setArbiterLink('a', false);
       await fenced;
       await promoted;
-      await waitFor(() => acks.some((x) => x.side === 'b'));
+      await waitFor(() => acks.some((x) => x.side === 'b'), LONG);
       await wa.stop();
       await wb.stop();
       const lastA = Math.max(...acks.filter((x) => x.side === 'a').map((x) => x.at));
@@ -224,7 +227,7 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
         });
       await etcd!.restart();
       const before = acks.length;
-      await waitFor(() => acks.length > before + 50);
+      await waitFor(() => acks.length > before + 50, LONG);
       await w.stop();
       expect(changes).toEqual([]);
       expect((await status(a)).role).toBe('primary');
@@ -245,7 +248,10 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
       conf.tls = { dir: rogue };
       writeFileSync(b.config, JSON.stringify(conf));
       await s.run(b);
-      await waitFor(() => /refused a peer channel connection/.test(a.d!.log()), 30_000);
+      await waitFor(() => /refused a peer channel connection/.test(a.d!.log()), {
+        ...LONG,
+        timeoutMs: 30_000,
+      });
       const st = await status(a);
       expect(st.role).toBe('standalone');
       expect(st.peer.alive).toBe(false);
@@ -262,12 +268,4 @@ describe.runIf(isRoot && hasPeer('ip', 'etcd', 'openssl', 'qemu-io'))(
 
 function n(): HostNetwork {
   return net!;
-}
-
-async function waitFor(cond: () => boolean, timeout = 60_000): Promise<void> {
-  const until = Date.now() + timeout;
-  while (!cond()) {
-    if (Date.now() > until) throw new Error('timed out');
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
