@@ -12,7 +12,6 @@ import {
 import { type JobManager, type MirrorJob, startMirror } from '@blockrep/jobs';
 import {
   NbdServer,
-  type NbdSocketAddress,
   NbdTlsCreds,
   nbdBreakConnection,
   registerTlsCreds,
@@ -96,10 +95,6 @@ export interface ColoServiceOptions {
   log?: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
   /** COLO_ROLE_CHANGE and friends. */
   emitEvent?: (name: string, data: Record<string, unknown>) => void;
-}
-
-function nbdAddr(a: ColoAddress): NbdSocketAddress {
-  return a.type === 'unix' ? { type: 'unix', path: a.path } : { type: 'inet', host: a.host, port: a.port };
 }
 
 function nbdServerOpt(a: ColoAddress): Record<string, unknown> {
@@ -257,8 +252,8 @@ export class ColoService {
       registerTlsCreds(new NbdTlsCreds({ id: TLS_CLIENT_ID, endpoint: 'client', dir: c.tls.dir }));
     }
     const serverCreds = c.tls ? new NbdTlsCreds({ endpoint: 'server', dir: c.tls.dir }) : undefined;
-    await this.peerNbd.listen(nbdAddr(c.host.replication), { tlsCreds: serverCreds });
-    await this.guestNbd.listen(nbdAddr(c.guest.address));
+    await this.peerNbd.listen(c.host.replication, { tlsCreds: serverCreds });
+    await this.guestNbd.listen(c.guest.address);
 
     let role = this.state.role;
     if (fresh) {

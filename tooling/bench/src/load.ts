@@ -18,7 +18,7 @@ const RUNTIME = '3s';
 async function fio(args: string[]): Promise<{ jobs: Array<Record<string, any>> }> {
   const r = await runPeer('fio', [
     '--ioengine=nbd',
-    '--size=' + SIZE,
+    `--size=${SIZE}`,
     `--runtime=${RUNTIME}`,
     '--ramp_time=500ms',
     '--time_based',

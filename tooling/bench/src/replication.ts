@@ -152,7 +152,9 @@ export async function run(): Promise<BenchRow[]> {
   const procs: QmpProcess[] = [];
   const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(2));
   try {
-    const sides = {} as Record<Kind, { sec: { d: QmpProcess; nbd: string }; on: string; off: string }>;
+    const sides = {} as Record<Kind, { d: QmpProcess; nbd: string }>;
+    /** The guest export of each primary: ours and QEMU's, with replication on and off. */
+    const uri = {} as Record<'ours-on' | 'ours-off' | 'qemu-on' | 'qemu-off', string>;
     for (const [kind, t] of [
       ['blockrepd', 'b'],
       ['qemu-system', 'q'],
@@ -163,7 +165,10 @@ export async function run(): Promise<BenchRow[]> {
       procs.push(pri.d);
       const solo = await primary(kind, dir, `${t}-solo`, null);
       procs.push(solo.d);
-      sides[kind] = { sec, on: pri.uri, off: solo.uri };
+      sides[kind] = sec;
+      const side = kind === 'blockrepd' ? 'ours' : 'qemu';
+      uri[`${side}-on`] = pri.uri;
+      uri[`${side}-off`] = solo.uri;
     }
     const rows: BenchRow[] = [];
     for (const [name, bs, depth, unit] of [
@@ -172,14 +177,7 @@ export async function run(): Promise<BenchRow[]> {
     ] as const) {
       const rw = bs === '4k' ? 'randwrite' : 'write';
       const m = await medianOfSides(['ours-on', 'qemu-on', 'ours-off', 'qemu-off'] as const, (s) =>
-        fio(
-          s.startsWith('ours')
-            ? sides.blockrepd[s.endsWith('on') ? 'on' : 'off']
-            : sides['qemu-system'][s.endsWith('on') ? 'on' : 'off'],
-          rw,
-          bs,
-          depth,
-        ),
+        fio(uri[s], rw, bs, depth),
       );
       rows.push({
         name,
@@ -191,7 +189,7 @@ export async function run(): Promise<BenchRow[]> {
     }
     // Checkpoints after 1 MiB and 256 MiB of primary writes (copied to hidden) and VM writes (active).
     const checkpoint = async (kind: Kind, mib: number) => {
-      const sec = sides[kind].sec;
+      const sec = sides[kind];
       const uri = (n: string) => `nbd+unix:///${n}?socket=${sec.nbd}`;
       await sec.d.qmp.execute('xen-colo-do-checkpoint');
       await runPeer('qemu-io', ['-f', 'raw', '-c', `write -P 0x42 0 ${mib / 2}M`, uri('sec-disk')]);
@@ -208,7 +206,7 @@ export async function run(): Promise<BenchRow[]> {
         lowerIsBetter: true,
       });
     }
-    const sec = sides.blockrepd.sec;
+    const sec = sides.blockrepd;
     await runPeer('qemu-io', [
       '-f',
       'raw',

@@ -41,20 +41,23 @@ export class RecvBuffers {
 
   /** Where the next read goes. */
   next(): Buffer {
-    for (const s of this.candidates) {
-      if (s.refs === 0 && this.recycling && this.free.length < KEEP) this.free.push(s);
-    }
+    for (const s of this.candidates) this.recycle(s);
     this.candidates.clear();
     if (this.cur.buf.length - this.pos < MIN_READ) {
       const old = this.cur;
       old.retired = true;
-      if (old.refs === 0 && this.recycling && this.free.length < KEEP) this.free.push(old);
+      this.recycle(old);
       const s = this.free.pop();
       if (s) s.retired = false;
       this.cur = s ?? this.make();
       this.pos = 0;
     }
     return this.cur.buf.subarray(this.pos);
+  }
+
+  /** A retired slab nothing views goes back to the free list (when there is room). */
+  private recycle(s: Slab): void {
+    if (s.refs === 0 && this.recycling && this.free.length < KEEP) this.free.push(s);
   }
 
   /** The n bytes just read into the region `next()` gave, as a chunk the queue holds (one reference). */
