@@ -42,11 +42,24 @@ interface Inherited {
 /** The changes of one graph transaction, undone in reverse if permissions do not work out. */
 export class GraphTransaction {
   readonly undo: (() => void)[] = [];
+  /**
+   * The nodes whose parents, children or flags this transaction changed: only they and what lies
+   * below them can get other permissions, so only that part of the graph is recomputed.
+   */
+  readonly touched = new Set<BlockNode>();
+  /** Set by apply(), whose change is opaque: the whole graph is recomputed. */
+  touchedAll = false;
 
   constructor(readonly graph: BlockGraph) {}
 
+  private touch(p: BlockParent | BlockNode): void {
+    if (p.kind === 'node') this.touched.add(p);
+  }
+
   addChild(parent: BlockParent, node: BlockNode, name: string, role: number): BlockChild {
     if (parent.kind === 'node') this.graph.checkNoCycle(parent, node);
+    this.touch(parent);
+    this.touch(node);
     const c = new BlockChild(parent, node, name, role);
     if (parent.kind === 'node') parent.children.push(c);
     node.parents.push(c);
@@ -59,6 +72,8 @@ export class GraphTransaction {
 
   removeChild(c: BlockChild): void {
     const parent = c.parent;
+    this.touch(parent);
+    this.touch(c.node);
     const ci = parent.kind === 'node' ? parent.children.indexOf(c) : -1;
     const pi = c.node.parents.indexOf(c);
     if (parent.kind === 'node' && ci >= 0) parent.children.splice(ci, 1);
@@ -74,6 +89,9 @@ export class GraphTransaction {
   setChildNode(c: BlockChild, node: BlockNode): void {
     if (c.parent.kind === 'node') this.graph.checkNoCycle(c.parent, node);
     const old = c.node;
+    this.touch(c.parent);
+    this.touch(old);
+    this.touch(node);
     const pi = old.parents.indexOf(c);
     old.parents.splice(pi, 1);
     node.parents.push(c);
@@ -87,6 +105,7 @@ export class GraphTransaction {
   }
 
   setReadOnly(node: BlockNode, readOnly: boolean): void {
+    this.touch(node);
     const old = node.readOnly;
     node.readOnly = readOnly;
     this.undo.push(() => {
@@ -96,20 +115,28 @@ export class GraphTransaction {
 
   setBackendPerm(blk: BlockBackend, perm: number, shared: number): void {
     const [op, os] = [blk.perm, blk.shared];
+    const root = blk.root;
+    const [rp, rs] = root ? [root.perm, root.shared] : [0, 0];
     blk.perm = perm;
     blk.shared = shared;
-    if (blk.root) {
-      blk.root.perm = perm;
-      blk.root.shared = shared;
+    if (root) {
+      this.touch(root.node);
+      root.perm = perm;
+      root.shared = shared;
     }
     this.undo.push(() => {
       blk.perm = op;
       blk.shared = os;
+      if (root) {
+        root.perm = rp;
+        root.shared = rs;
+      }
     });
   }
 
   /** Runs any graph mutation with an undo step. */
   apply(doIt: () => void, undoIt: () => void): void {
+    this.touchedAll = true;
     doIt();
     this.undo.push(undoIt);
   }
@@ -419,15 +446,20 @@ export class BlockGraph {
   }
 
   /**
-   * Runs a graph change as one transaction: apply it, recompute every permission, and on any
-   * error undo the change and restore all permissions exactly as they were.
+   * Runs a graph change as one transaction: apply it, recompute the permissions of the part of
+   * the graph it touched (the changed nodes and everything below them; nothing else can change),
+   * and on any error undo the change and restore those permissions exactly as they were.
    */
   update<T>(fn: (tx: GraphTransaction) => T): T {
-    const saved = this.allEdges().map((c) => [c, c.perm, c.shared] as const);
     const tx = new GraphTransaction(this);
+    let saved: (readonly [BlockChild, number, number])[] = [];
+    let roots: Iterable<BlockNode> = [];
     try {
       const r = fn(tx);
-      this.refreshPerms();
+      roots = tx.touchedAll ? this.allReachable() : tx.touched;
+      const order = this.topoOrder(roots);
+      saved = order.flatMap((n) => n.children.map((c) => [c, c.perm, c.shared] as const));
+      this.refreshPerms(order);
       return r;
     } catch (e) {
       for (let i = tx.undo.length - 1; i >= 0; i--) tx.undo[i]!();
@@ -435,14 +467,14 @@ export class BlockGraph {
         c.perm = p;
         c.shared = s;
       }
-      this.reapplyDriverPerms();
+      this.reapplyDriverPerms(this.topoOrder(roots));
       throw e;
     }
   }
 
   /** Gives drivers back the permissions restored by an undone change (going back cannot conflict). */
-  private reapplyDriverPerms(): void {
-    for (const node of this.topoOrder()) {
+  private reapplyDriverPerms(order: BlockNode[]): void {
+    for (const node of order) {
       if (node.closed || !node.driver.applyPerm) continue;
       const [perm, shared] = node.cumulativePerm();
       try {
@@ -453,36 +485,33 @@ export class BlockGraph {
     }
   }
 
-  private allEdges(): BlockChild[] {
-    const out = new Set<BlockChild>();
-    for (const n of this.nodes.values()) {
-      for (const c of n.children) out.add(c);
-      for (const c of n.parents) out.add(c);
-    }
-    for (const b of this.backends) if (b.root) out.add(b.root);
-    return [...out];
-  }
-
-  /** All nodes reachable from the graph's nodes and backends, parents before children. */
-  private topoOrder(): BlockNode[] {
+  /** The graph's nodes and the nodes of its backends. */
+  private allReachable(): Set<BlockNode> {
     const all = new Set<BlockNode>(this.nodes.values());
     for (const b of this.backends) if (b.root) all.add(b.root.node);
-    for (const n of [...all]) for (const c of n.children) all.add(c.node);
+    return all;
+  }
+
+  /** The given nodes and everything below them, parents before children. */
+  private topoOrder(roots: Iterable<BlockNode>): BlockNode[] {
     const order: BlockNode[] = [];
-    const state = new Map<BlockNode, number>();
+    const seen = new Set<BlockNode>();
     const visit = (n: BlockNode) => {
-      if (state.get(n) === 2) return;
-      state.set(n, 2);
+      if (seen.has(n)) return;
+      seen.add(n);
       for (const c of n.children) visit(c.node);
       order.push(n);
     };
-    for (const n of all) visit(n);
+    for (const n of roots) visit(n);
     return order.reverse();
   }
 
-  /** Recomputes the permissions of every edge top-down and checks each node's parents agree. */
-  refreshPerms(): void {
-    for (const node of this.topoOrder()) {
+  /**
+   * Recomputes the permissions of the edges below the given nodes (parents before children; by
+   * default the whole graph) and checks each node's parents agree.
+   */
+  refreshPerms(order: BlockNode[] = this.topoOrder(this.allReachable())): void {
+    for (const node of order) {
       const [perm, shared] = node.cumulativePerm();
       this.checkNodePerms(node, perm);
       if (!node.closed) node.driver.applyPerm?.(node, perm, shared);

@@ -2,7 +2,7 @@ import { writeFileSync } from 'node:fs';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { BlockBackend, BlockError, ChildRole, createGraph, PERM_ALL, Perm } from '../src/index';
-import { expectBlockError, testGraph } from './helpers';
+import { expectBlockError, memDriver, testGraph } from './helpers';
 
 function rawFile(size = 1 << 20): string {
   const f = makeTempDir().file('disk.img');
@@ -176,6 +176,25 @@ describe('permissions', () => {
     );
     expect(snapshot()).toEqual(before);
     expect(blk.shared).toBe(PERM_ALL);
+  });
+
+  it('a change recomputes only the nodes it touched and those below them', async () => {
+    const g = testGraph();
+    const applied: string[] = [];
+    g.registerDriver({ ...memDriver, name: 'test-seen', applyPerm: (n) => void applied.push(n.nodeName) });
+    for (const n of ['a', 'b']) await g.open({ driver: 'test-seen', 'node-name': n });
+    const fa = await g.open({ driver: 'raw', 'node-name': 'fa', file: 'a' });
+    await g.open({ driver: 'raw', 'node-name': 'fb', file: 'b' });
+    applied.length = 0;
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+    blk.attach(fa);
+    expect(applied).toEqual(['a']);
+    expect(g.lookup('a').cumulativePerm()[0] & Perm.WRITE).toBe(Perm.WRITE);
+    expect(g.lookup('b').cumulativePerm()[0] & Perm.WRITE).toBe(0);
+    applied.length = 0;
+    blk.setPerm(Perm.CONSISTENT_READ, PERM_ALL);
+    expect(applied).toEqual(['a']);
+    expect(g.lookup('a').cumulativePerm()[0] & Perm.WRITE).toBe(0);
   });
 
   it('refuses cycles and write perms on read-only nodes', async () => {

@@ -1,11 +1,5 @@
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
-import {
-  bestOfRounds,
-  type ImgBenchWorkload,
-  imgBenchRow,
-  oursImgBench,
-  qemuImgBench,
-} from './qemu-img-bench';
+import { type ImgBenchWorkload, imgBenchRow, oursImgBench, qemuImgBench, warmMedian } from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain, runPeer } from './util';
 
@@ -53,10 +47,9 @@ export async function run(): Promise<BenchRow[]> {
   const rows: BenchRow[] = [];
   try {
     for (const w of workloads) {
-      const secs = await bestOfRounds(async () => ({
-        qemu: await qemuImgBench(file, { format: 'raw', ...w }),
-        ours: await oursBench(file, w),
-      }));
+      const secs = await warmMedian((side) =>
+        side === 'qemu' ? qemuImgBench(file, { format: 'raw', ...w }) : oursBench(file, w),
+      );
       rows.push(imgBenchRow(w, secs));
     }
   } finally {

@@ -1,14 +1,22 @@
 import { copyFileSync, rmSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, medianAlternating, runPeer, startQmpDaemon, timeJob } from './util';
+import {
+  makeTempDirPlain,
+  medianAlternating,
+  runPeer,
+  settlePageCache,
+  startQmpDaemon,
+  timeJob,
+} from './util';
 
 /*
  * Block jobs, ours (blockrepd) beside qemu-storage-daemon, both driven over QMP on copies of the
  * same images: a full backup of a 1 GiB qcow2 image full of data, an active commit of 512 MiB
  * of data from an overlay into its base, and a full mirror of the 1 GiB image into an empty
  * qcow2 (READY, then job-complete). Figures are MiB/s of the job's data (wall clock from the
- * command to the job's end), the median of three runs per side with the order alternated.
+ * command to the job's end), the median of three runs per side with the order alternated, each
+ * started with the image copies on disk and the page cache emptied (settlePageCache).
  */
 
 const GiB = 1 << 30;
@@ -39,6 +47,8 @@ async function onPair(
 ): Promise<number> {
   copyFileSync(`${dir}/src.qcow2`, `${work}/src.qcow2`);
   copyFileSync(`${dir}/tgt.qcow2`, `${work}/tgt.qcow2`);
+  // The copies' dirty pages go to disk before the clock starts, not during the job.
+  settlePageCache();
   const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
   try {
     for (const n of ['src', 'tgt']) {
@@ -71,6 +81,7 @@ const mirror = (kind: 'blockrepd' | 'qsd', dir: string, work: string) =>
 async function commit(kind: 'blockrepd' | 'qsd', dir: string, work: string): Promise<number> {
   copyFileSync(`${dir}/base.qcow2`, `${work}/base.qcow2`);
   copyFileSync(`${dir}/top.qcow2`, `${work}/top.qcow2`);
+  settlePageCache();
   const d = await startQmpDaemon(kind, `${work}/${kind}.sock`);
   try {
     await d.qmp.execute('blockdev-add', {

@@ -3,13 +3,7 @@ import { rmSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockBackend, createGraph, Perm } from '@blockrep/block';
 import { createQcow2Image, qcow2Driver } from '@blockrep/qcow2';
-import {
-  bestOfRounds,
-  type ImgBenchWorkload,
-  imgBenchRow,
-  oursImgBench,
-  qemuImgBench,
-} from './qemu-img-bench';
+import { type ImgBenchWorkload, imgBenchRow, oursImgBench, qemuImgBench, warmMedian } from './qemu-img-bench';
 import type { BenchRow } from './types';
 import { makeTempDirPlain } from './util';
 
@@ -130,18 +124,14 @@ export async function run(): Promise<BenchRow[]> {
     await freshQcow2(shared, DATA_SIZE);
     await oursBench(shared, { ...workloads[0]!, count: DATA_SIZE >> 20, size: DATA_SIZE });
     for (const w of workloads) {
-      const secs = await bestOfRounds(async (i) => {
-        const qf = w.fresh ? `${dir}/q${i}.qcow2` : shared;
-        const of = w.fresh ? `${dir}/o${i}.qcow2` : shared;
-        if (w.fresh) await freshQcow2(qf, w.size);
-        const qemu = await qemuImgBench(qf, { format: 'qcow2', ...w });
-        if (w.fresh) await freshQcow2(of, w.size);
-        const ours = await oursBench(of, w);
-        if (w.fresh) {
-          rmSync(qf, { force: true });
-          rmSync(of, { force: true });
+      const secs = await warmMedian(async (side, i) => {
+        const f = w.fresh ? `${dir}/${side}${i}.qcow2` : shared;
+        if (w.fresh) await freshQcow2(f, w.size);
+        try {
+          return side === 'qemu' ? await qemuImgBench(f, { format: 'qcow2', ...w }) : await oursBench(f, w);
+        } finally {
+          if (w.fresh) rmSync(f, { force: true });
         }
-        return { qemu, ours };
       });
       rows.push(imgBenchRow(w, secs));
     }

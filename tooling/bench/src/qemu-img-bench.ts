@@ -1,5 +1,5 @@
-import { runPeer } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
+import { BENCH_ENV, medianAlternating, runPeer } from './util';
 
 export interface ImgBenchOptions {
   format: 'raw' | 'qcow2';
@@ -28,7 +28,7 @@ export async function qemuImgBench(file: string, o: ImgBenchOptions): Promise<nu
   if (o.write) args.push('-w');
   if (o.flushInterval) args.push(`--flush-interval=${o.flushInterval}`);
   args.push(file);
-  const r = await runPeer('qemu-img', args, { timeoutMs: 300_000 });
+  const r = await runPeer('qemu-img', args, { timeoutMs: 300_000, env: BENCH_ENV });
   const m = /Run completed in ([\d.]+) seconds/.exec(r.stdout);
   if (!m) throw new Error(`unexpected qemu-img bench output: ${r.stdout}`);
   return Number(m[1]);
@@ -79,23 +79,19 @@ export async function oursImgBench(
 }
 
 /**
- * Runs a round (both sides once) three times and keeps each side's best seconds. The first round
- * is a warm-up, not counted: a daemon runs with its code compiled by the JIT, so our first run of
- * a workload (interpreted at first) would measure start-up rather than throughput. Alternating
- * the sides means a noisy neighbour on the shared machine hurts both alike.
+ * Runs each side once uncounted (a warm-up: a daemon runs with its code compiled by the JIT, so
+ * our first run of a workload, interpreted at first, would measure start-up rather than
+ * throughput), then the median of three runs per side with the order alternated and `sync`
+ * before each (so neither side pays for the page cache the other left dirty). `run` gets the
+ * side and the run's number (-1 for the warm-up).
  */
-export async function bestOfRounds(
-  round: (i: number) => Promise<{ qemu: number; ours: number }>,
+export async function warmMedian(
+  run: (side: 'ours' | 'qemu', i: number) => Promise<number>,
 ): Promise<{ qemu: number; ours: number }> {
-  let qemu = Number.POSITIVE_INFINITY;
-  let ours = Number.POSITIVE_INFINITY;
-  for (let i = -1; i < 2; i++) {
-    const r = await round(i);
-    if (i < 0) continue;
-    qemu = Math.min(qemu, r.qemu);
-    ours = Math.min(ours, r.ours);
-  }
-  return { qemu, ours };
+  await run('qemu', -1);
+  await run('ours', -1);
+  let i = 0;
+  return medianAlternating((side) => run(side, i++));
 }
 
 /** A result row in MiB/s (1 MiB requests) or IOPS (smaller ones) from each side's seconds. */
