@@ -8,11 +8,11 @@ const require = createRequire(import.meta.url);
 export const BLOCKREPD = join(
   dirname(require.resolve('@blockrep/daemon/package.json')),
   'bin',
-  'blockrepd.mjs',
+  'blockrepd.cjs',
 );
 
 /** The blockrep CLI bin of the workspace. */
-export const BLOCKREP = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.mjs');
+export const BLOCKREP = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.cjs');
 
 export interface Daemon {
   proc: ChildProcess;

@@ -14,8 +14,8 @@ import { coloDemo } from './colo.mjs';
 
 const require = createRequire(import.meta.url);
 const { QmpClient } = await import('@blockrep/qmp');
-const blockrepd = join(dirname(require.resolve('@blockrep/daemon/package.json')), 'bin', 'blockrepd.mjs');
-const blockrep = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.mjs');
+const blockrepd = join(dirname(require.resolve('@blockrep/daemon/package.json')), 'bin', 'blockrepd.cjs');
+const blockrep = join(dirname(require.resolve('@blockrep/cli/package.json')), 'bin', 'blockrep.cjs');
 
 const dir = mkdtempSync(join(tmpdir(), 'blockrep-demo-'));
 const img = join(dir, 'demo.qcow2');

@@ -1,7 +1,7 @@
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { makeTempDir, type PeerResult, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
 
-export const bin = new URL('../bin/blockrep.mjs', import.meta.url).pathname;
+export const bin = new URL('../bin/blockrep.cjs', import.meta.url).pathname;
 
 /** test-kit's peer runner (a closed stdin is no error there either). */
 export const run = runPeer;

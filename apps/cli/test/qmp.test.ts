@@ -10,7 +10,7 @@ import { bin, blockrep } from './helpers';
 
 /** The workspace's blockrepd (a devDependency, so the test task builds it first). */
 const daemonDir = dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json'));
-const blockrepd = join(daemonDir, 'bin', 'blockrepd.mjs');
+const blockrepd = join(daemonDir, 'bin', 'blockrepd.cjs');
 const daemonBuilt = existsSync(join(daemonDir, 'dist'));
 
 describe('qmp-shell line parsing and completion', () => {

@@ -1,10 +1,11 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { QmpClient } from '@blockrep/qmp';
 import { hasPeer, makeTempDir, qemuImg, qemuIo, runPeer, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 
-const bin = new URL('../bin/blockrepd.mjs', import.meta.url).pathname;
+const bin = new URL('../bin/blockrepd.cjs', import.meta.url).pathname;
 const procs: ChildProcess[] = [];
 
 afterEach(() => {
@@ -12,8 +13,11 @@ afterEach(() => {
 });
 
 /** Starts blockrepd and waits until it logged "ready" (or died). */
-function start(args: string[]): Promise<{ proc: ChildProcess; log: () => string }> {
-  const proc = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+function start(
+  args: string[],
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<{ proc: ChildProcess; log: () => string }> {
+  const proc = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
   procs.push(proc);
   let log = '';
   return new Promise((resolve, reject) => {
@@ -28,6 +32,30 @@ function start(args: string[]): Promise<{ proc: ChildProcess; log: () => string 
 function exited(proc: ChildProcess): Promise<number | null> {
   return proc.exitCode !== null ? Promise.resolve(proc.exitCode) : new Promise((r) => proc.once('exit', r));
 }
+
+describe('blockrepd process', () => {
+  it('sizes the thread pool at one thread per CPU (at least 2) unless UV_THREADPOOL_SIZE says otherwise', async () => {
+    const img = makeTempDir().file('disk.raw');
+    writeFileSync(img, Buffer.alloc(1 << 20));
+    /** The daemon's threads once it opened a file (libuv starts its whole pool at the first). */
+    const threads = async (size: string | undefined) => {
+      const { UV_THREADPOOL_SIZE: _, ...env } = process.env;
+      const { proc } = await start(
+        ['--blockdev', `driver=file,node-name=f0,filename=${img}`],
+        size === undefined ? env : { ...env, UV_THREADPOOL_SIZE: size },
+      );
+      const n = readdirSync(`/proc/${proc.pid}/task`).length;
+      proc.kill('SIGTERM');
+      await exited(proc);
+      return n;
+    };
+    const perCpu = Math.max(2, availableParallelism());
+    const byDefault = await threads(undefined);
+    expect(byDefault).toBe(await threads(String(perCpu)));
+    // The count does show the pool: three more threads asked for, three more running.
+    expect(await threads(String(perCpu + 3))).toBe(byDefault + 3);
+  });
+});
 
 describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command line', () => {
   it('serves a qcow2 image to qemu-io and nbdcopy, answers QMP, and cleans up on SIGTERM', async () => {

@@ -41,7 +41,7 @@ const WORKLOADS: Workload[] = [
 const BLOCKREPD = join(
   dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json')),
   'bin',
-  'blockrepd.mjs',
+  'blockrepd.cjs',
 );
 
 async function fio(uri: string, w: Workload): Promise<number> {

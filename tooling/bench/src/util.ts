@@ -85,7 +85,7 @@ export interface QmpProcess {
 const BLOCKREPD = joinPath(
   dirname(createRequire(import.meta.url).resolve('@blockrep/daemon/package.json')),
   'bin',
-  'blockrepd.mjs',
+  'blockrepd.cjs',
 );
 
 /**
