@@ -1,3 +1,5 @@
+import { CliFailure } from './failure';
+
 /** Parsed qemu-img-style arguments: options by name (repeated ones in `all`), positionals in order. */
 export interface ParsedArgs {
   opts: Map<string, string | true>;
@@ -5,15 +7,78 @@ export interface ParsedArgs {
   positional: string[];
 }
 
-/** Splits qemu-img-style arguments: short options with values, --long[=value], positionals. */
-export function parseArgs(args: string[], withValue: string[]): ParsedArgs {
+/**
+ * The options of one command, as qemu-img declares them to getopt_long: `short` is the option
+ * string ("f:hU": a letter, then ':' when it takes a value), `long` the long options by name,
+ * each with whether it takes a value and, for those that stand for a short option, which one
+ * ("format" is "-f"). Options are stored under their short name when they have one, else under
+ * "--name".
+ */
+export interface OptionSpec {
+  short: string;
+  long?: Record<string, { arg: boolean; as?: string }>;
+}
+
+/** The text after every usage error, as qemu-img's error_exit prints it. */
+export const TRY_HELP = "Try 'blockrep --help' for more information";
+
+/** A usage error: the message, then the line pointing at --help. */
+export function usageError(message: string): CliFailure {
+  return new CliFailure(message, 1, TRY_HELP);
+}
+
+/** Thrown for -h/--help: the caller prints the usage to stdout and exits 0. */
+export class HelpRequested extends Error {
+  constructor() {
+    super('help');
+  }
+}
+
+/** The long options every image command has (qemu-img's "help" and "object"). */
+export const HELP: NonNullable<OptionSpec['long']> = { help: { arg: false, as: '-h' } };
+
+/** The long options of the commands that open images, which blockrep does not implement yet. */
+export const IMAGE_OPTS: NonNullable<OptionSpec['long']> = {
+  object: { arg: true },
+  'image-opts': { arg: false },
+};
+
+/** Options qemu-img knows and blockrep does not implement yet: refused by name, never ignored. */
+export function refuseUnsupported(p: ParsedArgs, more: string[] = []): void {
+  for (const k of ['--object', '--image-opts', ...more]) {
+    if (p.opts.has(k)) throw new CliFailure(`Option '${k}' is not supported by blockrep yet`);
+  }
+}
+
+/**
+ * Splits arguments as glibc's getopt_long does for qemu-img (options and positionals in any
+ * order, "--" ends the options, a long option may be shortened to any unique prefix, -fqcow2 as
+ * well as -f qcow2, --name=value as well as --name value), refusing what the command does not
+ * know with qemu-img's texts: "unrecognized option '--bogus'", "missing argument for option
+ * '-f'". Arguments that look like negative numbers ("-1G") are positionals. `name` is the word
+ * before the arguments (the command), which qemu-img names when the first letter of a group of
+ * short options is unknown.
+ */
+export function parseArgs(args: string[], spec: OptionSpec, name = 'blockrep'): ParsedArgs {
+  const takesArg = new Map<string, boolean>();
+  const short = spec.short.replace(/^:/, '');
+  for (let i = 0; i < short.length; i++) {
+    const c = short[i]!;
+    const arg = short[i + 1] === ':';
+    takesArg.set(c, arg);
+    if (arg) i++;
+  }
+  const long = spec.long ?? {};
   const opts = new Map<string, string | true>();
   const all = new Map<string, string[]>();
   const positional: string[] = [];
   const set = (k: string, v: string | true) => {
+    if (k === '-h') throw new HelpRequested();
     opts.set(k, v);
     if (typeof v === 'string') all.set(k, [...(all.get(k) ?? []), v]);
   };
+  const unrecognized = (token: string) => usageError(`unrecognized option '${token}'`);
+  const missing = (option: string) => usageError(`missing argument for option '${option}'`);
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     if (a === '--') {
@@ -22,19 +87,39 @@ export function parseArgs(args: string[], withValue: string[]): ParsedArgs {
     }
     if (a.startsWith('--')) {
       const eq = a.indexOf('=');
-      if (eq > 0) set(a.slice(0, eq), a.slice(eq + 1));
-      else if (withValue.includes(a)) {
-        if (i + 1 >= args.length) throw new Error(`option '${a}' requires an argument`);
-        set(a, args[++i]!);
-      } else set(a, true);
+      const given = a.slice(2, eq > 0 ? eq : undefined);
+      const match = long[given]
+        ? given
+        : (() => {
+            const prefixed = Object.keys(long).filter((n) => n.startsWith(given));
+            return prefixed.length === 1 ? prefixed[0]! : null;
+          })();
+      if (!given || !match) throw unrecognized(a);
+      const o = long[match]!;
+      const key = o.as ?? `--${match}`;
+      if (!o.arg) {
+        if (eq > 0) throw unrecognized(a);
+        set(key, true);
+      } else if (eq > 0) set(key, a.slice(eq + 1));
+      else if (i + 1 < args.length) set(key, args[++i]!);
+      else throw missing(`--${match}`);
     } else if (a.startsWith('-') && a.length > 1 && !/^-\d/.test(a)) {
-      // -fqcow2 as well as -f qcow2.
-      const flag = a.slice(0, 2);
-      if (withValue.includes(flag)) {
-        if (a.length > 2) set(flag, a.slice(2));
-        else if (i + 1 >= args.length) throw new Error(`option requires an argument -- '${a.slice(1)}'`);
-        else set(flag, args[++i]!);
-      } else for (const c of a.slice(1)) set(`-${c}`, true);
+      for (let k = 1; k < a.length; k++) {
+        const c = a[k]!;
+        const arg = takesArg.get(c);
+        if (arg === undefined) {
+          // getopt has moved past the group only after its last letter.
+          throw unrecognized(k === a.length - 1 ? a : (args[i - 1] ?? name));
+        }
+        if (!arg) {
+          set(`-${c}`, true);
+          continue;
+        }
+        if (k + 1 < a.length) set(`-${c}`, a.slice(k + 1));
+        else if (i + 1 < args.length) set(`-${c}`, args[++i]!);
+        else throw missing(`-${c}`);
+        break;
+      }
     } else positional.push(a);
   }
   return { opts, all, positional };
@@ -44,4 +129,12 @@ export function parseArgs(args: string[], withValue: string[]): ParsedArgs {
 export function optString(p: ParsedArgs, name: string): string | undefined {
   const v = p.opts.get(name);
   return typeof v === 'string' ? v : undefined;
+}
+
+/** --output: human (the default) or json, refused otherwise with qemu-img's text. */
+export function outputFormat(p: ParsedArgs): 'human' | 'json' {
+  const v = optString(p, '--output');
+  if (v === undefined || v === 'human') return 'human';
+  if (v === 'json') return 'json';
+  throw new CliFailure('--output must be used with human or json as argument.');
 }

@@ -1,6 +1,11 @@
+import { createRequire } from 'node:module';
+import { HelpRequested, TRY_HELP } from './args';
 import { CliFailure } from './failure';
 
-const USAGE = `usage: blockrep <command> [options]
+/** The version line of --version / -V (qemu-img's shape; the version comes from package.json). */
+const VERSION = `blockrep version ${(createRequire(import.meta.url)('../package.json') as { version: string }).version} (qemu-img 7.2 command line)\n`;
+
+const USAGE = `usage: blockrep [-V | --version | -h | --help] <command> [options]
 
 Image commands (qemu-img's arguments; formats raw and qcow2; -U: read an image another
 process is writing, as qemu-img -U does):
@@ -23,6 +28,9 @@ Daemon commands (a blockrepd QMP socket):
                                      a COLO pair host (blockrepd --colo)
 
   demo                               create, write and inspect a demo image
+
+Every command takes -h / --help. Unknown options and option values are refused, as qemu-img
+refuses them.
 `;
 
 type Command = (args: string[]) => Promise<number>;
@@ -47,16 +55,30 @@ const commands: Record<string, () => Promise<Command>> = {
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
-  if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
+  if (cmd === '--help' || cmd === '-h' || cmd === 'help') {
     process.stdout.write(USAGE);
-    return cmd ? 0 : 1;
+    return 0;
   }
+  if (cmd === '--version' || cmd === '-V') {
+    process.stdout.write(VERSION);
+    return 0;
+  }
+  if (!cmd) throw new CliFailure('Not enough arguments', 1, TRY_HELP);
   const load = commands[cmd];
   if (!load) {
-    process.stderr.write(`blockrep: Command not found: ${cmd}\n${USAGE}`);
-    return 1;
+    throw new CliFailure(
+      cmd.startsWith('-') ? `unrecognized option '${cmd}'` : `Command not found: ${cmd}`,
+      1,
+      TRY_HELP,
+    );
   }
-  return (await load())(rest);
+  try {
+    return await (await load())(rest);
+  } catch (e) {
+    if (!(e instanceof HelpRequested)) throw e;
+    process.stdout.write(USAGE);
+    return 0;
+  }
 }
 
 /** Exits once stdout has drained (a piped reader gets every byte). */

@@ -54,12 +54,16 @@ describe.runIf(qemu)('info, map, check, compare agree with qemu-img', () => {
         expect(ours).toBe(theirs);
       }),
     );
-    // Zero clusters without a backing file, metadata preallocation (data in file holes), v2,
+    // Zero clusters without a backing file, preallocated zero clusters (zero flag on an allocated
+    // cluster: QEMU gives their offset), metadata preallocation (data in file holes), v2,
     // compressed clusters.
     const dir = makeTempDir();
     const alone = dir.file('alone.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', alone, '4M']);
-    await qemuIo(['-f', 'qcow2', alone], ['write -P 9 1M 64k', 'write -z 2M 128k']);
+    await qemuIo(
+      ['-f', 'qcow2', alone],
+      ['write -P 9 1M 64k', 'write -z 2M 128k', 'write -P 9 3M 128k', 'write -z 3M 128k'],
+    );
     const prealloc = dir.file('prealloc.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', prealloc, '2M']);
     await qemuIo(['-f', 'qcow2', prealloc], ['write -P 1 64k 64k']);

@@ -1,4 +1,4 @@
-import { optString, parseArgs } from '../args';
+import { HELP, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage, runInFlight } from '../image';
 import { sizeArg } from '../options';
@@ -15,20 +15,24 @@ function intOption(text: string | undefined, fallback: number, what: string): nu
  * [-s size] [-S step] [-t cache] [-w] [-q] FILE: qemu-img bench's sequential request loop.
  */
 export async function benchCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, [
-    '-c',
-    '-d',
-    '-f',
-    '-o',
-    '-s',
-    '-S',
-    '-t',
-    '-i',
-    '--pattern',
-    '--flush-interval',
-  ]);
-  const file = p.positional[0];
-  if (!file) throw new CliFailure('Expecting one image file name');
+  const p = parseArgs(
+    args,
+    {
+      short: ':hc:d:f:ni:o:qs:S:t:wU',
+      long: {
+        ...HELP,
+        'flush-interval': { arg: true },
+        'image-opts': { arg: false },
+        pattern: { arg: true },
+        'no-drain': { arg: false },
+        'force-share': { arg: false, as: '-U' },
+      },
+    },
+    'bench',
+  );
+  refuseUnsupported(p);
+  if (p.positional.length !== 1) throw usageError('Expecting one image file name');
+  const file = p.positional[0]!;
   const count = intOption(optString(p, '-c'), 75000, 'request count');
   const depth = intOption(optString(p, '-d'), 64, 'queue depth');
   const size = sizeArg(optString(p, '-s') ?? '4096', 'buffer size');

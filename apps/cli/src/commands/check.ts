@@ -1,5 +1,5 @@
 import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { checkFormat, forceShare, openFailure, probeFormat } from '../image';
 import { qemuJson } from '../json';
@@ -73,12 +73,28 @@ function jsonReport(r: Qcow2CheckResult): Record<string, unknown> {
 
 /** blockrep check [-f fmt] [--output=json] [-r leaks|all] [-q] [-U] FILE */
 export async function checkCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '--output', '-r']);
-  const file = p.positional[0];
-  if (!file) throw new CliFailure('Expecting one image file name');
+  const p = parseArgs(
+    args,
+    {
+      short: ':hf:r:T:qU',
+      long: {
+        ...HELP,
+        format: { arg: true, as: '-f' },
+        repair: { arg: true, as: '-r' },
+        output: { arg: true },
+        ...IMAGE_OPTS,
+        'force-share': { arg: false, as: '-U' },
+      },
+    },
+    'check',
+  );
+  refuseUnsupported(p);
   const repair = optString(p, '-r');
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all')
-    throw new CliFailure(`Unknown option value for -r (expecting 'leaks' or 'all'): ${repair}`);
+    throw usageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${repair}`);
+  if (p.positional.length !== 1) throw usageError('Expecting one image file name');
+  const file = p.positional[0]!;
+  const output = outputFormat(p);
   const fmt = optString(p, '-f') ?? probeFormat(file);
   checkFormat(fmt);
   if (fmt !== 'qcow2') throw new CliFailure('This image format does not support checks', EXIT.unsupported);
@@ -110,7 +126,7 @@ export async function checkCommand(args: string[]): Promise<number> {
     throw openFailure(file, e);
   }
   r.filename = file;
-  if (optString(p, '--output') === 'json') {
+  if (output === 'json') {
     process.stdout.write(`${await qemuJson(jsonReport(r))}\n`);
   } else if (!p.opts.has('-q')) {
     process.stdout.write(humanReport(r, fixed));

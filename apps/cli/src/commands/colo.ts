@@ -1,5 +1,5 @@
 import type { ColoStatus } from '@blockrep/qmp';
-import { optString } from '../args';
+import { outputFormat } from '../args';
 import { CliFailure } from '../failure';
 import { connectQmp, executeQmp } from './qmp';
 
@@ -30,14 +30,13 @@ export function formatColoStatus(s: ColoStatus): string {
 
 /** blockrep colo status|checkpoint|failover --socket PATH [--output=human|json]. */
 export async function coloCommand(args: string[]): Promise<number> {
-  const { p, client } = await connectQmp(args, ['--output']);
+  const { p, client } = await connectQmp(args, 'colo', { short: ':h', long: { output: { arg: true } } });
   try {
     const [verb, ...extra] = p.positional;
     if (extra.length) throw new CliFailure(`Unexpected argument '${extra[0]}'`);
     switch (verb) {
       case 'status': {
-        const out = optString(p, '--output') ?? 'human';
-        if (out !== 'human' && out !== 'json') throw new CliFailure(`--output must be 'human' or 'json'`);
+        const out = outputFormat(p);
         const s = (await executeQmp(client, 'query-colo')) as ColoStatus;
         process.stdout.write(out === 'json' ? `${JSON.stringify(s, null, 2)}\n` : formatColoStatus(s));
         return 0;

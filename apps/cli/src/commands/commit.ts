@@ -1,6 +1,6 @@
 import { resolve } from 'node:path';
 import { type BlockNode, blockStatusAbove } from '@blockrep/block';
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, backingChain, imageGraph, openImage, runInFlight } from '../image';
 import { ProgressBar } from '../progress';
@@ -35,9 +35,10 @@ async function extentsAbove(top: BlockNode, base: BlockNode): Promise<Extent[]> 
  * as qemu-img commit does.
  */
 export async function commitCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '-b', '-t', '-r']);
-  const file = p.positional[0];
-  if (!file) throw new CliFailure('Expecting one image file name');
+  const p = parseArgs(args, { short: ':f:ht:b:dpqr:', long: { ...HELP, ...IMAGE_OPTS } }, 'commit');
+  refuseUnsupported(p, ['-r']);
+  if (p.positional.length !== 1) throw usageError('Expecting one image file name');
+  const file = p.positional[0]!;
   const wanted = optString(p, '-b');
   // One graph: the base is reopened read-write in place (a second open of its file would be
   // refused by the image locks, as QEMU refuses it).

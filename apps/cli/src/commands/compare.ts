@@ -1,5 +1,5 @@
 import { type BlockBackend, type BlockNode, type BlockStatus, blockStatusAbove } from '@blockrep/block';
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, forceShare, imageGraph, isZero, openImage } from '../image';
 
@@ -79,14 +79,14 @@ async function checkTail(side: Side, from: number): Promise<string | null> {
 
 /** blockrep compare [-f fmt] [-F fmt] [-s] [-q] FILE1 FILE2 */
 export async function compareCommand(args: string[]): Promise<number> {
-  let p: ReturnType<typeof parseArgs>;
-  try {
-    p = parseArgs(args, ['-f', '-F', '-T']);
-  } catch (e) {
-    throw new CliFailure((e as Error).message, EXIT.error);
-  }
-  const [file1, file2] = p.positional;
-  if (!file1 || !file2) throw new CliFailure('Expecting two image file names', EXIT.error);
+  const p = parseArgs(
+    args,
+    { short: ':hf:F:T:pqsU', long: { ...HELP, ...IMAGE_OPTS, 'force-share': { arg: false, as: '-U' } } },
+    'compare',
+  );
+  refuseUnsupported(p);
+  if (p.positional.length !== 2) throw usageError('Expecting two image file names');
+  const [file1, file2] = p.positional as [string, string];
   const strict = p.opts.has('-s');
   const say = (text: string) => {
     if (!p.opts.has('-q')) process.stdout.write(`${text}\n`);

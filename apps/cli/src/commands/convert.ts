@@ -1,5 +1,5 @@
 import { type BlockBackend, type BlockNode, blockStatus, blockStatusAbove } from '@blockrep/block';
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
 import { CliFailure } from '../failure';
 import {
   attachBackend,
@@ -84,7 +84,34 @@ async function sourceExtents(source: Source, ownOnly: boolean): Promise<Extent[]
  * SOURCE... TARGET (sources concatenated)
  */
 export async function convertCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '-O', '-o', '-m', '-S', '-t', '-T', '-B', '-F', '-l', '-r']);
+  const p = parseArgs(
+    args,
+    {
+      short: ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:',
+      long: {
+        ...HELP,
+        ...IMAGE_OPTS,
+        'target-image-opts': { arg: false },
+        'target-is-zero': { arg: false },
+        salvage: { arg: false },
+        bitmaps: { arg: false },
+        'skip-broken-bitmaps': { arg: false },
+        'force-share': { arg: false, as: '-U' },
+      },
+    },
+    'convert',
+  );
+  refuseUnsupported(p, [
+    '--target-image-opts',
+    '--target-is-zero',
+    '--salvage',
+    '--bitmaps',
+    '--skip-broken-bitmaps',
+    '-l',
+    '-C',
+    '-W',
+    '-r',
+  ]);
   if (p.opts.has('-c'))
     throw new CliFailure('Compression not supported: blockrep cannot write compressed clusters yet');
   const backing = optString(p, '-B');
@@ -92,7 +119,7 @@ export async function convertCommand(args: string[]): Promise<number> {
     throw new CliFailure('Use of backing file requires explicit backing format');
   const files = p.positional.slice(0, -1);
   const target = p.positional[p.positional.length - 1];
-  if (!files.length || !target) throw new CliFailure('Expecting a source and a target file name');
+  if (!files.length || !target) throw new CliFailure('Must specify image file name');
   const outFmt = optString(p, '-O') ?? 'raw';
   checkFormat(outFmt);
   const depth = Number(optString(p, '-m') ?? 8);

@@ -1,19 +1,21 @@
 import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { createQcow2Image, type Qcow2CreateOptions } from '@blockrep/qcow2';
-import { optString, parseArgs } from '../args';
+import { HELP, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { checkFormat, imageGraph, openImage, probeFormat } from '../image';
 import { boolOption, parseOptionList, sizeArg } from '../options';
 
 /** blockrep create [-q] [-f fmt] [-b backing [-F fmt]] [-o options] FILE [SIZE] */
 export async function createCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '-o', '-b', '-F']);
+  const p = parseArgs(args, { short: ':F:b:f:ho:qu', long: { ...HELP, object: { arg: true } } }, 'create');
+  refuseUnsupported(p);
   const fmt = optString(p, '-f') ?? 'raw';
   checkFormat(fmt);
   const o = parseOptionList(p.all.get('-o') ?? []);
-  const [file, sizeText] = p.positional;
-  if (!file) throw new CliFailure('Expecting image file name');
+  const [file, sizeText, extra] = p.positional;
+  if (!file) throw usageError('Expecting image file name');
+  if (extra !== undefined) throw usageError(`Unexpected argument: ${extra}`);
   const sizeValue = sizeText ?? o.get('size');
   const size = sizeValue === undefined ? undefined : sizeArg(sizeValue);
   const line = await createImage(file, fmt, size, o, optString(p, '-b'), optString(p, '-F'));

@@ -66,7 +66,7 @@ function renderDot(dot: string, format: 'svg' | 'png'): Promise<Buffer> {
 
 /** blockrep graph --socket PATH [--format dot|svg|png] [-o FILE] */
 export async function graphCommand(args: string[]): Promise<number> {
-  const { p, client } = await connectQmp(args, ['--format', '-o']);
+  const { p, client } = await connectQmp(args, 'graph', { short: ':ho:', long: { format: { arg: true } } });
   try {
     const format = optString(p, '--format') ?? 'dot';
     if (format !== 'dot' && format !== 'svg' && format !== 'png')

@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { forceShare, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
 import { qemuJson } from '../json';
@@ -92,9 +92,25 @@ function humanInfo(info: Record<string, unknown>): string {
 
 /** blockrep info [-f fmt] [--output=human|json] [--backing-chain] FILE */
 export async function infoCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '--output']);
-  const file = p.positional[0];
-  if (!file) throw new Error('Expecting one image file name');
+  const p = parseArgs(
+    args,
+    {
+      short: ':f:hU',
+      long: {
+        ...HELP,
+        format: { arg: true, as: '-f' },
+        'backing-chain': { arg: false },
+        output: { arg: true },
+        ...IMAGE_OPTS,
+        'force-share': { arg: false, as: '-U' },
+      },
+    },
+    'info',
+  );
+  refuseUnsupported(p);
+  if (p.positional.length !== 1) throw usageError('Expecting one image file name');
+  const file = p.positional[0]!;
+  const output = outputFormat(p);
   const g = imageGraph();
   const chain = p.opts.has('--backing-chain');
   try {
@@ -115,7 +131,7 @@ export async function infoCommand(args: string[]): Promise<number> {
       name = info['full-backing-filename'] as string | undefined;
       format = info['backing-filename-format'] as string | undefined;
     }
-    if (optString(p, '--output') === 'json') {
+    if (output === 'json') {
       const out = chain ? infos : infos[0];
       process.stdout.write(`${await qemuJson(out)}\n`);
     } else {

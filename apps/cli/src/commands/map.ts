@@ -1,6 +1,5 @@
 import { type BlockNode, type BlockStatus, blockStatus, blockStatusAbove } from '@blockrep/block';
-import { optString, parseArgs } from '../args';
-import { CliFailure } from '../failure';
+import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { forceShare, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
 
@@ -71,11 +70,28 @@ const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`);
 
 /** blockrep map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] FILE */
 export async function mapCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '--output', '--start-offset', '--max-length', '-s', '-l']);
-  const file = p.positional[0];
-  if (!file) throw new CliFailure('Expecting one image file name');
-  const startText = optString(p, '--start-offset') ?? optString(p, '-s');
-  const lengthText = optString(p, '--max-length') ?? optString(p, '-l');
+  const p = parseArgs(
+    args,
+    {
+      short: ':f:s:l:hU',
+      long: {
+        ...HELP,
+        format: { arg: true, as: '-f' },
+        output: { arg: true },
+        ...IMAGE_OPTS,
+        'force-share': { arg: false, as: '-U' },
+        'start-offset': { arg: true, as: '-s' },
+        'max-length': { arg: true, as: '-l' },
+      },
+    },
+    'map',
+  );
+  refuseUnsupported(p);
+  if (p.positional.length !== 1) throw usageError('Expecting one image file name');
+  const file = p.positional[0]!;
+  const output = outputFormat(p);
+  const startText = optString(p, '-s');
+  const lengthText = optString(p, '-l');
   const g = imageGraph();
   try {
     const top = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
@@ -84,7 +100,7 @@ export async function mapCommand(args: string[]): Promise<number> {
       startText === undefined ? 0 : sizeArg(startText, 'offset'),
       lengthText === undefined ? top.length : sizeArg(lengthText, 'length'),
     );
-    if (optString(p, '--output') === 'json') {
+    if (output === 'json') {
       const lines = entries.map((e) => {
         const fields = [
           `"start": ${e.start}`,

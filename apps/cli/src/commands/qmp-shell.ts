@@ -52,8 +52,11 @@ async function commandNames(client: QmpClient): Promise<string[]> {
  * JSON), responses and events printed as JSON. On a terminal: prompt, history, tab completion.
  */
 export async function qmpShellCommand(args: string[]): Promise<number> {
-  const { p, client } = await connectQmp(args);
-  const pretty = p.opts.has('-p') || p.opts.has('--pretty');
+  const { p, client } = await connectQmp(args, 'qmp-shell', {
+    short: ':hp',
+    long: { pretty: { arg: false, as: '-p' } },
+  });
+  const pretty = p.opts.has('-p');
   const show = (v: unknown) => `${JSON.stringify(v, null, pretty ? 4 : undefined)}\n`;
   const interactive = process.stdin.isTTY === true;
   const names = interactive ? await commandNames(client) : [];

@@ -1,11 +1,15 @@
 import { QmpClient, QmpError } from '@blockrep/qmp';
-import { optString, parseArgs } from '../args';
+import { HELP, type OptionSpec, optString, parseArgs } from '../args';
 import { CliFailure } from '../failure';
 import { qmpCall } from '../qmp-args';
 
 /** Connects to a daemon's QMP socket (--socket PATH). */
-export async function connectQmp(args: string[], withValue: string[] = []) {
-  const p = parseArgs(args, ['--socket', ...withValue]);
+export async function connectQmp(args: string[], name: string, spec: OptionSpec = { short: ':h' }) {
+  const p = parseArgs(
+    args,
+    { short: spec.short, long: { ...HELP, socket: { arg: true }, ...spec.long } },
+    name,
+  );
   const path = optString(p, '--socket');
   if (!path) throw new CliFailure('--socket PATH is required');
   try {
@@ -31,7 +35,7 @@ export async function executeQmp(
 
 /** blockrep qmp --socket PATH COMMAND [JSON | key=value ...]: prints the command's return as JSON. */
 export async function qmpCommand(args: string[]): Promise<number> {
-  const { p, client } = await connectQmp(args);
+  const { p, client } = await connectQmp(args, 'qmp');
   try {
     const [name, ...words] = p.positional;
     if (!name) throw new CliFailure('Expecting a QMP command name');

@@ -1,13 +1,22 @@
-import { optString, parseArgs } from '../args';
+import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
 
 /** blockrep resize [-f fmt] [--shrink] [-q] FILE [+|-]SIZE */
 export async function resizeCommand(args: string[]): Promise<number> {
-  const p = parseArgs(args, ['-f', '--preallocation']);
-  const [file, sizeText] = p.positional;
-  if (!file || sizeText === undefined) throw new CliFailure('Expecting image file name and size');
+  const p = parseArgs(
+    args,
+    {
+      short: ':f:hq',
+      long: { ...HELP, ...IMAGE_OPTS, preallocation: { arg: true }, shrink: { arg: false } },
+    },
+    'resize',
+  );
+  refuseUnsupported(p);
+  if (p.positional.length < 2) throw usageError('Not enough arguments');
+  if (p.positional.length > 2) throw usageError('Expecting image file name and size');
+  const [file, sizeText] = p.positional as [string, string];
   const sign = sizeText[0] === '+' ? 1 : sizeText[0] === '-' ? -1 : 0;
   const amount = sizeArg(sign ? sizeText.slice(1) : sizeText);
   const g = imageGraph();
