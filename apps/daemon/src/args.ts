@@ -1,14 +1,18 @@
 import { type Options, parseKeyVal, parseOptionArg } from '@blockrep/block';
 
 /** What a qemu-storage-daemon style command line asks for, in order. */
-export type Action =
+export type Action = (
   | { kind: 'blockdev'; options: Options }
   | { kind: 'object'; options: Options }
   | { kind: 'nbd-server'; options: Options }
   | { kind: 'export'; options: Options }
   | { kind: 'chardev'; options: Options }
   | { kind: 'monitor'; options: Options }
-  | { kind: 'qmp'; address: { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number } };
+  | { kind: 'qmp'; address: { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number } }
+) & {
+  /** The option as given ("--blockdev driver=file,..."): errors name it, as qemu-storage-daemon's do. */
+  text: string;
+};
 
 export interface DaemonArgs {
   actions: Action[];
@@ -86,57 +90,77 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
       out.daemonize = true;
       continue;
     }
-    if (!(a in WITH_VALUE)) throw new Error(`invalid option -- '${a.replace(/^-+/, '')}'`);
+    // glibc getopt's texts, as qemu-storage-daemon prints them.
+    if (!a.startsWith('-') || a === '-') throw new Error(`${argv[i]}: Unexpected argument`);
+    if (!a.startsWith('--')) throw new Error(`invalid option -- '${a[1]}'`);
+    if (!(a in WITH_VALUE)) throw new Error(`unrecognized option '${argv[i]}'`);
     if (value === undefined) {
       if (i + 1 >= argv.length) throw new Error(`option '${a}' requires an argument`);
       value = argv[++i]!;
     }
     const implied = WITH_VALUE[a];
-    switch (a) {
-      case '--blockdev':
-        out.actions.push({ kind: 'blockdev', options: parseOptionArg(value, implied) });
-        break;
-      case '--object':
-        out.actions.push({ kind: 'object', options: parseOptionArg(value, implied) });
-        break;
-      case '--nbd-server':
-        out.actions.push({ kind: 'nbd-server', options: parseKeyVal(value) });
-        break;
-      case '--export':
-        out.actions.push({ kind: 'export', options: parseOptionArg(value, implied) });
-        break;
-      case '--chardev':
-        out.actions.push({ kind: 'chardev', options: parseKeyVal(value, implied) });
-        break;
-      case '--monitor':
-        out.actions.push({ kind: 'monitor', options: parseKeyVal(value, implied) });
-        break;
-      case '--qmp': {
-        const m = /^unix:(.+)$/.exec(value) ?? null;
-        const t = /^tcp:(.*):(\d+)$/.exec(value);
-        if (m) out.actions.push({ kind: 'qmp', address: { type: 'unix', path: m[1]! } });
-        else if (t)
-          out.actions.push({
-            kind: 'qmp',
-            address: { type: 'tcp', host: t[1] || '127.0.0.1', port: Number(t[2]) },
-          });
-        else throw new Error(`--qmp expects unix:PATH or tcp:HOST:PORT, not '${value}'`);
-        break;
-      }
-      case '--pidfile':
-        out.pidfile = value;
-        break;
-      case '--colo':
-        out.colo = value;
-        break;
-      case '--log-level':
-        if (!['debug', 'info', 'warn', 'error'].includes(value))
-          throw new Error(`invalid log level '${value}'`);
-        out.logLevel = value as DaemonArgs['logLevel'];
-        break;
+    const text = `${a} ${value}`;
+    try {
+      addOption(out, a, value, implied, text);
+    } catch (e) {
+      // Named by the option, as qemu-storage-daemon names it: "--blockdev driver=x: ...".
+      throw new Error(`${text}: ${(e as Error).message}`);
     }
   }
   return out;
+}
+
+function addOption(
+  out: DaemonArgs,
+  a: string,
+  value: string,
+  implied: string | undefined,
+  text: string,
+): void {
+  switch (a) {
+    case '--blockdev':
+      out.actions.push({ kind: 'blockdev', options: parseOptionArg(value, implied), text });
+      break;
+    case '--object':
+      out.actions.push({ kind: 'object', options: parseOptionArg(value, implied), text });
+      break;
+    case '--nbd-server':
+      out.actions.push({ kind: 'nbd-server', options: parseKeyVal(value), text });
+      break;
+    case '--export':
+      out.actions.push({ kind: 'export', options: parseOptionArg(value, implied), text });
+      break;
+    case '--chardev':
+      out.actions.push({ kind: 'chardev', options: parseKeyVal(value, implied), text });
+      break;
+    case '--monitor':
+      out.actions.push({ kind: 'monitor', options: parseKeyVal(value, implied), text });
+      break;
+    case '--qmp': {
+      const m = /^unix:(.+)$/.exec(value) ?? null;
+      const t = /^tcp:(.*):(\d+)$/.exec(value);
+      if (m) out.actions.push({ kind: 'qmp', address: { type: 'unix', path: m[1]! }, text });
+      else if (t)
+        out.actions.push({
+          kind: 'qmp',
+          address: { type: 'tcp', host: t[1] || '127.0.0.1', port: Number(t[2]) },
+          text,
+        });
+      else throw new Error('expecting unix:PATH or tcp:HOST:PORT');
+      break;
+    }
+    case '--pidfile':
+      out.pidfile = value;
+      break;
+    case '--colo':
+      out.colo = value;
+      break;
+    case '--log-level':
+      if (!['debug', 'info', 'warn', 'error'].includes(value))
+        throw new Error("Parameter 'log-level' does not accept this value (debug, info, warn, error)");
+      out.logLevel = value as DaemonArgs['logLevel'];
+      break;
+  }
 }
 
 export type { Options };

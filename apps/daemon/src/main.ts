@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
 import { createWriteStream, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { parseDaemonArgs, USAGE } from './args';
 import { Logger } from './log';
 import { type Running, setupDaemon } from './setup';
@@ -36,9 +37,7 @@ async function main(): Promise<number> {
   try {
     args = parseDaemonArgs(process.argv.slice(2));
   } catch (e) {
-    process.stderr.write(
-      `blockrepd: ${(e as Error).message}\nTry 'blockrepd --help' for more information.\n`,
-    );
+    process.stderr.write(`blockrepd: ${(e as Error).message}\n`);
     return 1;
   }
   if (args.help) {
@@ -46,7 +45,8 @@ async function main(): Promise<number> {
     return 0;
   }
   if (args.version) {
-    process.stdout.write('blockrepd version 0.0.0 (qemu-storage-daemon 7.2 command line)\n');
+    const { version } = createRequire(import.meta.url)('../package.json') as { version: string };
+    process.stdout.write(`blockrepd version ${version} (qemu-storage-daemon 7.2 command line)\n`);
     return 0;
   }
   if (args.daemonize && !process.env.BLOCKREPD_DAEMONIZED) return daemonize();
@@ -77,6 +77,8 @@ async function main(): Promise<number> {
     return 1;
   }
   if (args.pidfile) writeFileSync(args.pidfile, `${process.pid}\n`);
+  // Like qemu-storage-daemon, the daemon runs until told to stop even with nothing to serve.
+  setInterval(() => {}, 1 << 30);
   log.info('ready', { pid: process.pid });
   if (process.env.BLOCKREPD_DAEMONIZED) {
     // The parent stops listening once told: from here on stderr may be a broken pipe.

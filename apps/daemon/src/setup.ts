@@ -30,6 +30,21 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
   const sockets: string[] = [];
   const chardevs = new Map<string, Options>();
   for (const action of args.actions) {
+    try {
+      await carryOut(action);
+    } catch (e) {
+      // Named by the option, as qemu-storage-daemon names it: "--blockdev driver=x: ...".
+      throw new BlockError(`${action.text}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  if (colo) {
+    await daemon.startColo(colo, (level, msg, fields) => log.log(level, msg, { colo: colo.pair, ...fields }));
+    for (const a of [colo.guest.address, colo.host.channel, colo.host.replication])
+      if (a.type === 'unix') sockets.push(a.path);
+  }
+  return { daemon, sockets };
+
+  async function carryOut(action: DaemonArgs['actions'][number]): Promise<void> {
     switch (action.kind) {
       case 'blockdev': {
         const node = await daemon.graph.blockdevAdd(action.options);
@@ -38,8 +53,9 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
       }
       case 'object': {
         const o = action.options;
+        if (o['qom-type'] === undefined) throw new BlockError("Parameter 'qom-type' is missing");
         if (o['qom-type'] !== 'tls-creds-x509')
-          throw new BlockError(`Object type '${o['qom-type']}' is not supported`);
+          throw new BlockError(`Parameter 'qom-type' does not accept value '${o['qom-type']}'`);
         const id = str(o.id, 'id', true)!;
         const endpoint = (str(o.endpoint, 'endpoint') ?? 'client') as 'server' | 'client';
         registerTlsCreds(
@@ -55,9 +71,13 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
       }
       case 'nbd-server': {
         const o = action.options;
-        const addr = o.addr as { type?: string; host?: string; port?: string; path?: string } | undefined;
-        if (!addr || (addr.type !== 'inet' && addr.type !== 'unix')) {
-          throw new BlockError("Parameter 'addr.type' is missing or not inet/unix");
+        const addr = (o.addr ?? {}) as { type?: string; host?: string; port?: string; path?: string };
+        // QAPI's checks, in its order and with its texts.
+        if (addr.type === undefined) throw new BlockError("Parameter 'addr.type' is missing");
+        if (addr.type !== 'inet' && addr.type !== 'unix')
+          throw new BlockError(`Parameter 'type' does not accept value '${addr.type}'`);
+        for (const k of addr.type === 'inet' ? ['host', 'port'] : ['path']) {
+          if (addr[k as 'host'] === undefined) throw new BlockError(`Parameter 'addr.${k}' is missing`);
         }
         const max = o['max-connections'] === undefined ? undefined : Number(o['max-connections']);
         const bound = await daemon.nbd.start(toNbdAddress(addr as { type: 'inet' | 'unix' }), {
@@ -70,17 +90,20 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
       }
       case 'export': {
         const o = action.options;
+        if (o.type === undefined) throw new BlockError("Parameter 'type' is missing");
         if (o.type !== 'nbd') throw new BlockError(`Parameter 'type' does not accept value '${o.type}'`);
+        const id = str(o.id, 'id', true);
+        const nodeName = str(o['node-name'], 'node-name', true)!;
+        const node = daemon.graph.lookupBs(undefined, nodeName);
         const bitmaps = Array.isArray(o.bitmaps)
           ? (o.bitmaps as string[])
           : o.bitmap
             ? [o.bitmap as string]
             : undefined;
         const s = daemon.nbd.require();
-        const nodeName = str(o['node-name'], 'node-name', true)!;
         s.addExport({
-          id: str(o.id, 'id', true),
-          node: daemon.graph.lookup(nodeName),
+          id,
+          node,
           name: str(o.name, 'name') ?? nodeName,
           description: str(o.description, 'description'),
           writable: bool(o.writable, 'writable'),
@@ -127,10 +150,4 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
       }
     }
   }
-  if (colo) {
-    await daemon.startColo(colo, (level, msg, fields) => log.log(level, msg, { colo: colo.pair, ...fields }));
-    for (const a of [colo.guest.address, colo.host.channel, colo.host.replication])
-      if (a.type === 'unix') sockets.push(a.path);
-  }
-  return { daemon, sockets };
 }

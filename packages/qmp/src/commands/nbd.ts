@@ -194,8 +194,9 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
       if (a.iothread !== undefined) throw new BlockError('iothread is not supported by blockrep');
       if (a['allocation-depth']) throw new BlockError('allocation-depth is not supported by blockrep');
       if ((a.bitmaps?.length ?? 0) > 1) throw new BlockError('Only one bitmap can be exported');
+      // QEMU looks the node up (by node name only) before it asks for the server.
+      const node = nbd.graph.lookupBs(undefined, a['node-name']);
       const s = nbd.require();
-      const node = nbd.graph.lookup(a['node-name']);
       s.addExport({
         id: a.id,
         node,
