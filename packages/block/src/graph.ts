@@ -260,10 +260,37 @@ export class BlockGraph {
 
   /** blockdev-add: like open(), but the root node must be named. */
   async blockdevAdd(options: Options): Promise<BlockNode> {
+    this.checkBlockdevSchema(options, '');
     if (typeof options['node-name'] !== 'string') {
       throw new BlockError("'node-name' must be specified for the root node");
     }
     return this.open(options);
+  }
+
+  /**
+   * blockdev-add's schema check, before any driver opens anything (QEMU's QAPI visitor): every
+   * node of the tree against its driver's options, errors naming the member by its full path
+   * ("Parameter 'file.bogus' is unexpected", "Parameter 'mode' is missing").
+   */
+  private checkBlockdevSchema(input: unknown, prefix: string): void {
+    if (typeof input !== 'object' || input === null || Array.isArray(input)) return; // a node name
+    const o = input as Options;
+    const name = o.driver;
+    if (name === undefined) throw new BlockError(`Parameter '${prefix}driver' is missing`);
+    if (typeof name !== 'string') {
+      throw new BlockError(`Invalid parameter type for '${prefix}driver', expected: string`);
+    }
+    const drv = this.drivers.get(name);
+    if (!drv) throw new BlockError(`Parameter '${prefix}driver' does not accept value '${name}'`);
+    const schema = { ...COMMON_OPTIONS, ...drv.options };
+    validateOptions(schema, o, { prefix, skipDefaults: true });
+    for (const [key, spec] of Object.entries(schema)) {
+      const v = o[key];
+      if (spec.type.kind === 'child') this.checkBlockdevSchema(v, `${prefix}${key}.`);
+      else if (spec.type.kind === 'children' && Array.isArray(v)) {
+        for (const [i, c] of v.entries()) this.checkBlockdevSchema(c, `${prefix}${key}.${i}.`);
+      }
+    }
   }
 
   /** blockdev-del: closes a node added by blockdev-add, if nothing uses it. */

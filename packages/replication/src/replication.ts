@@ -424,23 +424,19 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
       file: opt.child('The protected node (primary: an NBD client; secondary: the active disk)', {
         required: true,
       }),
-      mode: opt.string('primary or secondary'),
+      mode: opt.enum(['primary', 'secondary'], 'Which side of the pair this node is', { required: true }),
       'top-id': opt.string('Secondary: the root node (or device) above this node'),
     },
     supportedWriteFlags: 0,
 
     async open(node, opts, ctx) {
       await ctx.openChild('file', opts.file, ChildRole.FILTERED | ChildRole.PRIMARY);
-      const mode = opts.mode as string | undefined;
+      // The schema has checked mode (required, primary or secondary) before open.
+      const mode = opts.mode as ReplicationMode;
       const topId = opts['top-id'] as string | undefined;
-      if (mode === undefined) throw err('Missing the option mode');
       if (mode === 'primary') {
         if (topId !== undefined) throw err('The primary side does not support option top-id');
-      } else if (mode === 'secondary') {
-        if (topId === undefined) throw err('Missing the option top-id');
-      } else {
-        throw err("The option mode's value should be primary or secondary");
-      }
+      } else if (topId === undefined) throw err('Missing the option top-id');
       const s: ReplicationState = {
         node,
         mode,
