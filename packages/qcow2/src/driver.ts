@@ -220,8 +220,17 @@ export const qcow2Driver: BlockDriver = {
         };
       case ClusterType.COMPRESSED:
         return { bytes: r.bytes, data: true, zero: false, allocated: true };
-      case ClusterType.ZERO_PLAIN:
       case ClusterType.ZERO_ALLOC:
+        // Preallocated zeroes keep their host clusters: the offset is valid, as QEMU reports it.
+        return {
+          bytes: r.bytes,
+          data: false,
+          zero: true,
+          allocated: true,
+          offset: r.host,
+          file: node.file!.node,
+        };
+      case ClusterType.ZERO_PLAIN:
         return { bytes: r.bytes, data: false, zero: true, allocated: true };
       default:
         return { bytes: r.bytes, data: false, zero: false, allocated: false };
