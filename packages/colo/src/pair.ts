@@ -74,6 +74,8 @@ export class ColoPair {
   private epochValue = 0;
   /** This side may acknowledge guest writes until then (its clock). */
   private leaseValidUntil = Number.NEGATIVE_INFINITY;
+  /** The arbiter call of the cycle in flight (stepDown releases only after it). */
+  private leaseOp: Promise<unknown> = Promise.resolve();
   private peer: PeerState | null = null;
   private peerSeenAt = Number.NEGATIVE_INFINITY;
   private lastCheckpoint: number;
@@ -156,6 +158,9 @@ export class ColoPair {
   async stepDown(): Promise<void> {
     if (this.roleValue !== 'primary' && this.roleValue !== 'standalone') return;
     this.fence('stepped down on request');
+    // A cycle renewing the lease right now finishes first: released before that renewal lands,
+    // the lease would be taken again (a new epoch) by the side that just stepped down.
+    await this.leaseOp.catch(() => {});
     await this.opts.arbiter.release(this.name).catch(() => {});
   }
 
@@ -209,8 +214,15 @@ export class ColoPair {
     return this.peer?.name ?? this.opts.peerName ?? 'the peer';
   }
 
+  /** Asks for the lease (remembered as the arbiter call in flight, which stepDown waits for). */
+  private holdLease(): ReturnType<ColoPair['askLease']> {
+    const op = this.askLease();
+    this.leaseOp = op;
+    return op;
+  }
+
   /** Asks for the lease; updates the local validity. Returns the outcome for the caller's sentence. */
-  private async holdLease(): Promise<
+  private async askLease(): Promise<
     { kind: 'held'; fresh: boolean } | { kind: 'taken'; by: string } | { kind: 'unreachable'; why: string }
   > {
     const askedAt = this.now();
@@ -233,6 +245,8 @@ export class ColoPair {
 
   private async primaryCycle(): Promise<string> {
     const lease = await this.holdLease();
+    // Stepped down while the arbiter answered: stepDown gives the lease back after this.
+    if (this.roleValue === 'fenced') return 'stepped down while renewing the lease';
     if (lease.kind === 'taken') {
       const why = `fenced: ${lease.by} holds the lease; stopped acknowledging guest writes`;
       this.fence(why);

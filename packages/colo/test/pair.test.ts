@@ -250,6 +250,48 @@ describe('COLO pair loop (fake clock)', () => {
     expect(a.pair.role).toBe('secondary');
   });
 
+  it('a step-down while a renewal is on its way to the arbiter: the lease is given back after it, no new epoch', async () => {
+    const dir = makeTempDir();
+    const real = new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL });
+    let hold: (() => void) | null = null;
+    const arbiter: Arbiter = {
+      kind: 'lock-file',
+      acquire: async (h) => {
+        if (hold === null) return real.acquire(h);
+        // The renewal reaches the arbiter only once released (a slow arbiter under load).
+        await new Promise<void>((r) => {
+          hold = r;
+        });
+        return real.acquire(h);
+      },
+      read: () => real.read(),
+      release: (h) => real.release(h),
+      close: () => real.close(),
+    };
+    const noop = async () => {};
+    const pair = new ColoPair({
+      name: 'a',
+      role: 'primary',
+      arbiter,
+      actions: { dropSecondary: noop, promote: noop, reprotect: noop, checkpoint: noop, rejoin: noop },
+      heartbeatTimeout: TIMEOUT,
+      checkpointInterval: 0,
+    });
+    pair.peerHeard({ name: 'b', role: 'secondary', epoch: 1, ready: false });
+    await pair.runCycle();
+    expect(pair.epoch).toBe(1);
+    hold = () => {};
+    const cycle = pair.runCycle();
+    await new Promise((r) => setTimeout(r, 10));
+    const stepped = pair.stepDown();
+    (hold as () => void)();
+    expect(await cycle).toBe('stepped down while renewing the lease');
+    await stepped;
+    expect(pair.role).toBe('fenced');
+    // The lease is free: the other side takes it in epoch 2, the next one, not 3.
+    expect((await real.acquire('b'))?.epoch).toBe(2);
+  });
+
   it('the arbiter gone for the secondary: it never promotes, whatever the primary does', async () => {
     const sim = new Sim();
     await sim.steps(5);
