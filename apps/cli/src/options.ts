@@ -3,8 +3,9 @@ import { CliFailure } from './failure';
 
 /* Values of qemu-img's command lines: sizes with suffixes and `-o key=value,...` lists. */
 
+/** qemu-img's two-line hint (two error reports: the second line has the program's prefix too). */
 const SIZE_HELP =
-  'You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
+  'You may use k, M, G, T, P or E suffixes for\nblockrep: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
 
 /** A size such as 10G, 512k or 1048576. */
 export function sizeArg(text: string, what = 'image size'): number {

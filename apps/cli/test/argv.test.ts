@@ -42,6 +42,7 @@ describe.runIf(qemu)('command lines qemu-img refuses, blockrep refuses alike', (
       ['create', '-f', 'qcow2', fresh, '1M', 'extra'],
       ['create', '-f', 'qcow2', '--bogus', fresh, '1M'],
       ['create', '-f', 'qcow2', '-o', 'foo=bar'],
+      ['create', '-f', 'raw', fresh, '12Q'],
       ['resize', img],
       ['resize', img, '1M', 'extra'],
       ['commit'],
