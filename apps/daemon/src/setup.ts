@@ -1,3 +1,5 @@
+import type { Socket } from 'node:net';
+import { Duplex } from 'node:stream';
 import { BlockError, coerceValue, type Options } from '@blockrep/block';
 import { loadColoConfig } from '@blockrep/colo';
 import { NbdTlsCreds, registerTlsCreds } from '@blockrep/nbd';
@@ -15,6 +17,21 @@ function str(v: unknown, name: string, required = false): string | undefined {
   if (typeof v !== 'string') throw new BlockError(`Parameter '${name}' is missing`);
   return v;
 }
+
+/** The chardev backends QEMU knows (blockrepd has socket and stdio). */
+const QEMU_CHARDEVS = [
+  'null',
+  'socket',
+  'udp',
+  'pipe',
+  'file',
+  'stdio',
+  'ringbuf',
+  'memory',
+  'pty',
+  'serial',
+  'parallel',
+];
 
 /** The listening sockets the daemon created (removed again on shutdown). */
 export interface Running {
@@ -114,7 +131,21 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
       }
       case 'chardev': {
         const o = action.options;
-        if (o.backend !== 'socket') throw new BlockError(`chardev backend '${o.backend}' is not supported`);
+        if (o.backend === 'stdio') {
+          // A monitor on the daemon's stdin and stdout (how QEMU's own tests drive it).
+          for (const k of Object.keys(o)) {
+            if (!['backend', 'id', 'signal'].includes(k)) throw new BlockError(`Invalid parameter '${k}'`);
+          }
+          if ([...chardevs.values()].some((c) => c.backend === 'stdio'))
+            throw new BlockError('cannot use stdio by multiple character devices');
+          bool(o.signal, 'signal');
+        } else if (o.backend !== 'socket') {
+          throw new BlockError(
+            QEMU_CHARDEVS.includes(String(o.backend))
+              ? `chardev backend '${o.backend}' is not supported by blockrepd (socket and stdio are)`
+              : `'${o.backend}' is not a valid char driver name`,
+          );
+        }
         chardevs.set(str(o.id, 'id', true)!, o);
         break;
       }
@@ -125,6 +156,12 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
         if (!c) throw new BlockError(`chardev "${id}" not found`);
         if (o.mode !== undefined && o.mode !== 'control')
           throw new BlockError('Only mode=control is supported');
+        if (c.backend === 'stdio') {
+          const stdio = Duplex.from({ readable: process.stdin, writable: process.stdout });
+          daemon.qmp.attach(stdio as unknown as Socket);
+          log.info('QMP on stdio', {});
+          break;
+        }
         if (bool(c.server, 'server') === false) throw new BlockError('Only server=on chardevs are supported');
         if (typeof c.path === 'string') {
           await daemon.qmp.listenUnix(c.path);

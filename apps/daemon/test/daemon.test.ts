@@ -168,6 +168,9 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
       ['--blockdev', `driver=file,filename=${img},node-name=n`, '--export', 'type=nbd,id=e,node-name=n'],
       ['--object', 'bogus,id=x'],
       ['--monitor', 'chardev=nope'],
+      ['--chardev', 'bogus,id=x'],
+      ['--chardev', 'stdio,id=a', '--chardev', 'stdio,id=b'],
+      ['--chardev', 'stdio,id=a,bogus=1'],
     ];
     for (const args of lines) {
       const q = await runPeer('qemu-storage-daemon', args, { okCodes: [0, 1] });
@@ -184,6 +187,28 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
         stderr: q.stderr.replaceAll('qemu-storage-daemon', 'blockrepd'),
       });
     }
+  });
+
+  it("serves QMP on stdin/stdout with --chardev stdio, as QEMU's own tests drive qemu-storage-daemon", async () => {
+    const proc = spawn(process.execPath, [bin, '--chardev', 'stdio,id=s', '--monitor', 'chardev=s'], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    procs.push(proc);
+    const lines: Record<string, unknown>[] = [];
+    let buf = '';
+    proc.stdout!.on('data', (d: Buffer) => {
+      buf += d.toString();
+      for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
+        lines.push(JSON.parse(buf.slice(0, i)));
+        buf = buf.slice(i + 1);
+      }
+    });
+    proc.stdin!.write('{"execute":"qmp_capabilities"}\n{"execute":"query-block-exports","id":7}\n');
+    await waitFor(() => lines.length >= 3, { what: 'three QMP messages on stdout' });
+    expect(Object.keys(lines[0]!)).toEqual(['QMP']);
+    expect(lines.slice(1)).toEqual([{ return: {} }, { return: [], id: 7 }]);
+    proc.stdin!.write('{"execute":"quit"}\n');
+    expect(await exited(proc)).toBe(0);
   });
 
   it('keeps running with nothing to do, as qemu-storage-daemon does, until SIGTERM', async () => {
