@@ -43,6 +43,18 @@ export const IMAGE_OPTS: NonNullable<OptionSpec['long']> = {
   'image-opts': { arg: false },
 };
 
+/** -U and its long name, on every command that reads images. */
+export const FORCE_SHARE: NonNullable<OptionSpec['long']> = { 'force-share': { arg: false, as: '-U' } };
+
+/** The long options info, check and map share: --help, --format, --output, --object, --image-opts, --force-share. */
+export const INSPECT_OPTS: NonNullable<OptionSpec['long']> = {
+  ...HELP,
+  format: { arg: true, as: '-f' },
+  output: { arg: true },
+  ...IMAGE_OPTS,
+  ...FORCE_SHARE,
+};
+
 /** Options qemu-img knows and blockrep does not implement yet: refused by name, never ignored. */
 export function refuseUnsupported(p: ParsedArgs, more: string[] = []): void {
   for (const k of ['--object', '--image-opts', ...more]) {

@@ -67,6 +67,16 @@ const WITH_VALUE: Record<string, string | undefined> = {
   '--log-level': undefined,
 };
 
+/** The options that become an action on a node, a server or a monitor, and how their value is read. */
+const OPTION_ACTIONS: Record<string, { kind: Exclude<Action['kind'], 'qmp'>; json: boolean }> = {
+  '--blockdev': { kind: 'blockdev', json: true },
+  '--object': { kind: 'object', json: true },
+  '--nbd-server': { kind: 'nbd-server', json: false },
+  '--export': { kind: 'export', json: true },
+  '--chardev': { kind: 'chardev', json: false },
+  '--monitor': { kind: 'monitor', json: false },
+};
+
 /** Parses argv the way qemu-storage-daemon does (`--opt value` or `--opt=value`). */
 export function parseDaemonArgs(argv: string[]): DaemonArgs {
   const out: DaemonArgs = { actions: [], daemonize: false, logLevel: 'info', help: false, version: false };
@@ -117,25 +127,14 @@ function addOption(
   implied: string | undefined,
   text: string,
 ): void {
+  const parsed = OPTION_ACTIONS[a];
+  if (parsed) {
+    // JSON is allowed where QEMU allows it (--blockdev, --object, --export), key=value everywhere.
+    const options = parsed.json ? parseOptionArg(value, implied) : parseKeyVal(value, implied);
+    out.actions.push({ kind: parsed.kind, options, text } as Action);
+    return;
+  }
   switch (a) {
-    case '--blockdev':
-      out.actions.push({ kind: 'blockdev', options: parseOptionArg(value, implied), text });
-      break;
-    case '--object':
-      out.actions.push({ kind: 'object', options: parseOptionArg(value, implied), text });
-      break;
-    case '--nbd-server':
-      out.actions.push({ kind: 'nbd-server', options: parseKeyVal(value), text });
-      break;
-    case '--export':
-      out.actions.push({ kind: 'export', options: parseOptionArg(value, implied), text });
-      break;
-    case '--chardev':
-      out.actions.push({ kind: 'chardev', options: parseKeyVal(value, implied), text });
-      break;
-    case '--monitor':
-      out.actions.push({ kind: 'monitor', options: parseKeyVal(value, implied), text });
-      break;
     case '--qmp': {
       const m = /^unix:(.+)$/.exec(value) ?? null;
       const t = /^tcp:(.*):(\d+)$/.exec(value);

@@ -1,4 +1,4 @@
-import { HELP, optString, parseArgs, refuseUnsupported, usageError } from '../args';
+import { FORCE_SHARE, HELP, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage, runInFlight } from '../image';
 import { sizeArg } from '../options';
@@ -25,7 +25,7 @@ export async function benchCommand(args: string[]): Promise<number> {
         'image-opts': { arg: false },
         pattern: { arg: true },
         'no-drain': { arg: false },
-        'force-share': { arg: false, as: '-U' },
+        ...FORCE_SHARE,
       },
     },
     'bench',

@@ -1,5 +1,5 @@
 import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
-import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
+import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { checkFormat, forceShare, openFailure, probeFormat } from '../image';
 import { qemuJson } from '../json';
@@ -77,14 +77,7 @@ export async function checkCommand(args: string[]): Promise<number> {
     args,
     {
       short: ':hf:r:T:qU',
-      long: {
-        ...HELP,
-        format: { arg: true, as: '-f' },
-        repair: { arg: true, as: '-r' },
-        output: { arg: true },
-        ...IMAGE_OPTS,
-        'force-share': { arg: false, as: '-U' },
-      },
+      long: { ...INSPECT_OPTS, repair: { arg: true, as: '-r' } },
     },
     'check',
   );

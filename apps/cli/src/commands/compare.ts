@@ -1,5 +1,5 @@
 import { type BlockBackend, type BlockNode, type BlockStatus, blockStatusAbove } from '@blockrep/block';
-import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, forceShare, imageGraph, isZero, openImage } from '../image';
 
@@ -81,7 +81,7 @@ async function checkTail(side: Side, from: number): Promise<string | null> {
 export async function compareCommand(args: string[]): Promise<number> {
   const p = parseArgs(
     args,
-    { short: ':hf:F:T:pqsU', long: { ...HELP, ...IMAGE_OPTS, 'force-share': { arg: false, as: '-U' } } },
+    { short: ':hf:F:T:pqsU', long: { ...HELP, ...IMAGE_OPTS, ...FORCE_SHARE } },
     'compare',
   );
   refuseUnsupported(p);

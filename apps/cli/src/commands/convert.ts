@@ -1,5 +1,5 @@
 import { type BlockBackend, type BlockNode, blockStatus, blockStatusAbove } from '@blockrep/block';
-import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
 import { CliFailure } from '../failure';
 import {
   attachBackend,
@@ -96,7 +96,7 @@ export async function convertCommand(args: string[]): Promise<number> {
         salvage: { arg: false },
         bitmaps: { arg: false },
         'skip-broken-bitmaps': { arg: false },
-        'force-share': { arg: false, as: '-U' },
+        ...FORCE_SHARE,
       },
     },
     'convert',

@@ -1,4 +1,4 @@
-import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, checkFormat, forceShare, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
@@ -15,11 +15,7 @@ const CHUNK = 1 << 20;
  * blocks included), every byte written (zeroes too).
  */
 export async function ddCommand(args: string[]): Promise<number> {
-  const p = parseArgs(
-    args,
-    { short: ':hf:O:U', long: { ...HELP, ...IMAGE_OPTS, 'force-share': { arg: false, as: '-U' } } },
-    'dd',
-  );
+  const p = parseArgs(args, { short: ':hf:O:U', long: { ...HELP, ...IMAGE_OPTS, ...FORCE_SHARE } }, 'dd');
   refuseUnsupported(p);
   let bs = 512;
   let count: number | undefined;

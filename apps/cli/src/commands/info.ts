@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
-import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
+import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { forceShare, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
 import { qemuJson } from '../json';
@@ -94,17 +94,7 @@ function humanInfo(info: Record<string, unknown>): string {
 export async function infoCommand(args: string[]): Promise<number> {
   const p = parseArgs(
     args,
-    {
-      short: ':f:hU',
-      long: {
-        ...HELP,
-        format: { arg: true, as: '-f' },
-        'backing-chain': { arg: false },
-        output: { arg: true },
-        ...IMAGE_OPTS,
-        'force-share': { arg: false, as: '-U' },
-      },
-    },
+    { short: ':f:hU', long: { ...INSPECT_OPTS, 'backing-chain': { arg: false } } },
     'info',
   );
   refuseUnsupported(p);

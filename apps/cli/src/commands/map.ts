@@ -1,5 +1,5 @@
 import { type BlockNode, type BlockStatus, blockStatus, blockStatusAbove } from '@blockrep/block';
-import { HELP, IMAGE_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
+import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { forceShare, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
 
@@ -75,11 +75,7 @@ export async function mapCommand(args: string[]): Promise<number> {
     {
       short: ':f:s:l:hU',
       long: {
-        ...HELP,
-        format: { arg: true, as: '-f' },
-        output: { arg: true },
-        ...IMAGE_OPTS,
-        'force-share': { arg: false, as: '-U' },
+        ...INSPECT_OPTS,
         'start-offset': { arg: true, as: '-s' },
         'max-length': { arg: true, as: '-l' },
       },
