@@ -23,6 +23,16 @@ import {
 } from './backup-commit-helpers';
 import { waitStatus } from './helpers';
 
+/** A backup of node 'src' into node 'tgt' (the setup most tests here share). */
+function backupSrcToTgt(
+  graph: ReturnType<typeof env>['graph'],
+  manager: ReturnType<typeof env>['manager'],
+  id: string,
+  sync: 'none' | 'full',
+) {
+  return startBackup(manager, { id, source: graph.findNode('src'), target: graph.findNode('tgt'), sync });
+}
+
 describe('backup', () => {
   it('writes inside the filter when the job ends still complete (the filter leaves drained)', async () => {
     const { graph, manager } = env();
@@ -30,12 +40,7 @@ describe('backup', () => {
     // A slow target: each copy-before-write holds its guest write inside the filter for 30 ms.
     await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'tgt', size: SIZE, 'latency-ns': 30e6 });
     const guest = writer(graph, 'src');
-    const job = await startBackup(manager, {
-      id: 'b-drain',
-      source: graph.findNode('src'),
-      target: graph.findNode('tgt'),
-      sync: 'none',
-    });
+    const job = await backupSrcToTgt(graph, manager, 'b-drain', 'none');
     // Guest writes keep coming while the job ends: some are inside the filter (waiting for their
     // copy) when it is taken out.
     let stop = false;
@@ -88,12 +93,7 @@ describe('backup', () => {
     await graph.blockdevAdd({ driver: 'gated', 'node-name': 'src' });
     await graph.blockdevAdd({ driver: 'null-co', 'node-name': 'tgt', size: SIZE });
     const guest = writer(graph, 'src');
-    const job = await startBackup(manager, {
-      id: 'b-lock',
-      source: graph.findNode('src'),
-      target: graph.findNode('tgt'),
-      sync: 'none',
-    });
+    const job = await backupSrcToTgt(graph, manager, 'b-lock', 'none');
     let firstDone = false;
     // Its cluster is copied, then it waits in the source.
     const first = guest.write(0, Buffer.alloc(4096, 1)).then(() => (firstDone = true));
@@ -116,12 +116,7 @@ describe('backup', () => {
       fmt: 'raw',
     });
     const guest = writer(graph, 'src');
-    const job = (await startBackup(manager, {
-      id: 'b0',
-      source: graph.findNode('src'),
-      target: graph.findNode('tgt'),
-      sync: 'none',
-    })) as BackupJob;
+    const job = (await backupSrcToTgt(graph, manager, 'b0', 'none')) as BackupJob;
     expect(guest.node!.driver.name).toBe('copy-before-write');
     await randomWrites(guest, 300, 7);
     expect((await readAll(graph, 'tgt')).equals(initial)).toBe(true);
@@ -150,12 +145,7 @@ describe('backup', () => {
       node: 'src',
       fmt: 'qcow2',
     });
-    const job = await startBackup(manager, {
-      id: 'b-zero',
-      source: graph.findNode('src'),
-      target: graph.findNode('tgt'),
-      sync: 'none',
-    });
+    const job = await backupSrcToTgt(graph, manager, 'b-zero', 'none');
     await guest.write(0, Buffer.alloc(65536, 1));
     await guest.write(1 << 20, Buffer.alloc(131072, 2));
     const tgt = graph.findNode('tgt');
@@ -178,12 +168,7 @@ describe('backup', () => {
     await rawNode(graph, dir.file('src.raw'), 'src', initial);
     await rawNode(graph, dir.file('tgt.raw'), 'tgt');
     const guest = writer(graph, 'src');
-    const job = await startBackup(manager, {
-      id: 'full0',
-      source: graph.findNode('src'),
-      target: graph.findNode('tgt'),
-      sync: 'full',
-    });
+    const job = await backupSrcToTgt(graph, manager, 'full0', 'full');
     await randomWrites(guest, 200, 3);
     await job.whenConcluded();
     expect(job.err).toBeNull();
