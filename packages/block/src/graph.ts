@@ -47,8 +47,6 @@ export class GraphTransaction {
    * below them can get other permissions, so only that part of the graph is recomputed.
    */
   readonly touched = new Set<BlockNode>();
-  /** Set by apply(), whose change is opaque: the whole graph is recomputed. */
-  touchedAll = false;
 
   constructor(readonly graph: BlockGraph) {}
 
@@ -132,13 +130,6 @@ export class GraphTransaction {
         root.shared = rs;
       }
     });
-  }
-
-  /** Runs any graph mutation with an undo step. */
-  apply(doIt: () => void, undoIt: () => void): void {
-    this.touchedAll = true;
-    doIt();
-    this.undo.push(undoIt);
   }
 }
 
@@ -483,7 +474,7 @@ export class BlockGraph {
     let roots: Iterable<BlockNode> = [];
     try {
       const r = fn(tx);
-      roots = tx.touchedAll ? this.allReachable() : tx.touched;
+      roots = tx.touched;
       const order = this.topoOrder(roots);
       saved = order.flatMap((n) => n.children.map((c) => [c, c.perm, c.shared] as const));
       this.refreshPerms(order);
