@@ -162,6 +162,29 @@ describe('backup', () => {
     await job.whenConcluded();
   });
 
+  it('a flush through the filter and its removal flush the source only, not the target (as QEMU)', async () => {
+    const { dir, graph, manager } = env();
+    await rawNode(graph, dir.file('src.raw'), 'src', randomData(SIZE, 4));
+    await rawNode(graph, dir.file('tgt.raw'), 'tgt');
+    const guest = writer(graph, 'src');
+    const job = await backupSrcToTgt(graph, manager, 'b-flush', 'none');
+    await guest.write(0, Buffer.alloc(65536, 7));
+    await guest.flush();
+    const src = graph.findNode('src').children[0].node;
+    const tgt = graph.findNode('tgt').children[0].node;
+    expect(src.flushedGen).toBe(src.writeGen);
+    // The old data went to the target (a write there) and stays unflushed.
+    expect(tgt.writeGen).toBeGreaterThan(0);
+    expect(tgt.flushedGen).toBeLessThan(tgt.writeGen);
+    await job.cancel(true);
+    await job.whenConcluded();
+    // Taking the filter out closes it, which flushes what it writes through: the source alone.
+    expect(tgt.flushedGen).toBeLessThan(tgt.writeGen);
+    expect(
+      readFileSync(dir.file('tgt.raw')).subarray(0, 65536).equals(randomData(SIZE, 4).subarray(0, 65536)),
+    ).toBe(true);
+  });
+
   it('sync=full copies the point-in-time image while the guest writes', async () => {
     const { dir, graph, manager, events } = env();
     const initial = randomData(SIZE, 2);

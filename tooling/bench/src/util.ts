@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, openSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -100,10 +100,23 @@ export async function startQmpDaemon(
   const monitor = ['--chardev', `socket,id=q,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=q'];
   const proc =
     kind === 'blockrepd'
-      ? spawn(process.execPath, [BLOCKREPD, '--qmp', `unix:${qmpPath}`, '--log-level', 'warn'], {
-          stdio: 'ignore',
-          env: BENCH_ENV,
-        })
+      ? spawn(
+          process.execPath,
+          [
+            ...(process.env.BENCH_NODE_FLAGS?.split(' ').filter(Boolean) ?? []),
+            BLOCKREPD,
+            '--qmp',
+            `unix:${qmpPath}`,
+            '--log-level',
+            'warn',
+          ],
+          {
+            stdio: process.env.BENCH_NODE_LOG
+              ? ['ignore', openSync(process.env.BENCH_NODE_LOG, 'w'), 'ignore']
+              : 'ignore',
+            env: BENCH_ENV,
+          },
+        )
       : kind === 'qsd'
         ? spawn('qemu-storage-daemon', monitor, { stdio: 'ignore', env: BENCH_ENV })
         : spawn(

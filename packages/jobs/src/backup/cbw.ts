@@ -113,6 +113,11 @@ export const cbwDriver: BlockDriver = {
   discard(node, offset, bytes) {
     return beforeWrite(node, offset, bytes, () => file(node).discard(offset, bytes));
   },
+
+  // The source only, as QEMU's filter: the target's durability is its owner's business (a
+  // backup target is flushed when it is closed). Flushing it here made every guest flush and the
+  // filter's removal at a backup's end write out the whole target (0.4-0.5 s per GiB here).
+  flush: (node) => file(node).flush(),
 };
 
 export function cbwState(node: BlockNode): CbwState {
