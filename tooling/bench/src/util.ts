@@ -112,7 +112,11 @@ export async function startQmpDaemon(
           ],
           {
             stdio: process.env.BENCH_NODE_LOG
-              ? ['ignore', openSync(process.env.BENCH_NODE_LOG, 'w'), 'ignore']
+              ? [
+                  'ignore',
+                  openSync(process.env.BENCH_NODE_LOG, 'w'),
+                  openSync(process.env.BENCH_NODE_LOG, 'a'),
+                ]
               : 'ignore',
             env: BENCH_ENV,
           },
