@@ -37,7 +37,7 @@ export class HelpRequested extends Error {
 /** The long options every image command has (qemu-img's "help" and "object"). */
 export const HELP: NonNullable<OptionSpec['long']> = { help: { arg: false, as: '-h' } };
 
-/** The long options of the commands that open images, which blockrep does not implement yet. */
+/** The long options of the commands that open images (--object is refused: no secrets or TLS objects here). */
 export const IMAGE_OPTS: NonNullable<OptionSpec['long']> = {
   object: { arg: true },
   'image-opts': { arg: false },
@@ -57,7 +57,7 @@ export const INSPECT_OPTS: NonNullable<OptionSpec['long']> = {
 
 /** Options qemu-img knows and blockrep does not implement yet: refused by name, never ignored. */
 export function refuseUnsupported(p: ParsedArgs, more: string[] = []): void {
-  for (const k of ['--object', '--image-opts', ...more]) {
+  for (const k of ['--object', ...more]) {
     if (p.opts.has(k)) throw new CliFailure(`Option '${k}' is not supported by blockrep yet`);
   }
 }

@@ -6,7 +6,9 @@ import {
   type BlockNode,
   createGraph,
   iovIsZero,
+  type Options,
   Perm,
+  parseKeyVal,
 } from '@blockrep/block';
 import { type Qcow2Image, qcow2Driver } from '@blockrep/qcow2';
 import { CliFailure } from './failure';
@@ -49,8 +51,77 @@ export function checkFormat(fmt: string): void {
     throw new CliFailure(`Unknown file format '${fmt}'`);
 }
 
+/**
+ * An image argument as qemu-img reads it: a path, a `json:{...}` filename (nested or dotted
+ * keys), or with --image-opts a key=value list ("driver=qcow2,file.filename=a.qcow2"). `options`
+ * is null for a path; `path` is the file below the format (probed when no driver is named), or
+ * '' when the options name none.
+ */
+export interface ImageArg {
+  options: Options | null;
+  path: string;
+}
+
+/** Nests dotted keys ("file.filename") as QEMU does with the options of a json: filename. */
+function crumple(o: Options): Options {
+  const out: Options = {};
+  for (const [k, v] of Object.entries(o)) {
+    const parts = k.split('.');
+    let at = out;
+    for (const part of parts.slice(0, -1)) {
+      if (at[part] === undefined) at[part] = {};
+      if (typeof at[part] !== 'object' || at[part] === null)
+        throw new Error(`Cannot mix a value and members for '${part}'`);
+      at = at[part] as Options;
+    }
+    const last = parts[parts.length - 1]!;
+    at[last] = v !== null && typeof v === 'object' && !Array.isArray(v) ? crumple(v as Options) : v;
+  }
+  return out;
+}
+
+export function imageArg(arg: string, opts: { imageOpts?: boolean; format?: string } = {}): ImageArg {
+  let options: Options;
+  if (opts.imageOpts) {
+    if (opts.format !== undefined) throw new CliFailure('--image-opts and --format are mutually exclusive');
+    try {
+      options = parseKeyVal(arg);
+    } catch (e) {
+      throw new CliFailure((e as Error).message);
+    }
+  } else if (arg.startsWith('json:')) {
+    let v: unknown;
+    try {
+      v = JSON.parse(arg.slice(5));
+    } catch (e) {
+      throw new CliFailure(
+        `Could not open '${arg}': Could not parse the JSON options: ${(e as Error).message}`,
+      );
+    }
+    if (v === null || typeof v !== 'object' || Array.isArray(v))
+      throw new CliFailure(`Could not open '${arg}': Could not parse the JSON options: not an object`);
+    try {
+      options = crumple(v as Options);
+    } catch (e) {
+      throw new CliFailure(`Could not open '${arg}': ${(e as Error).message}`);
+    }
+    // -f names the format even over the driver the options give (as qemu-img).
+    if (opts.format !== undefined) options.driver = opts.format;
+  } else return { options: null, path: arg };
+  // A file given by name alone is a file protocol node ("file=a.qcow2", "file.filename=...").
+  if (typeof options.file === 'string') options.file = { driver: 'file', filename: options.file };
+  const f = options.file as Options | undefined;
+  if (f && typeof f === 'object' && f.driver === undefined && typeof f.filename === 'string')
+    f.driver = 'file';
+  const path =
+    f && typeof f === 'object' && f.driver === 'file' && typeof f.filename === 'string' ? f.filename : '';
+  return { options, path };
+}
+
 export interface OpenImageOptions {
   format?: string;
+  /** --image-opts: the argument is a key=value option list. */
+  imageOpts?: boolean;
   readOnly?: boolean;
   /** `null`: open without the backing file; a node name: that node as backing. */
   backing?: null | string;
@@ -75,14 +146,30 @@ export async function openImage(
   file: string,
   opts: OpenImageOptions = {},
 ): Promise<BlockNode> {
-  const format = opts.format ?? probeFormat(file);
-  if (!(IMAGE_FORMATS as readonly string[]).includes(format))
-    throw new CliFailure(`Could not open '${file}': Unknown driver '${format}'`);
-  const options: Record<string, unknown> = {
-    driver: format,
-    'read-only': opts.readOnly ?? true,
-    file: { driver: 'file', filename: file },
-  };
+  const spec = imageArg(file, opts);
+  let options: Options;
+  if (spec.options) {
+    options = { ...spec.options };
+    if (options.file === undefined)
+      throw new CliFailure(`Could not open '${file}': A block device must be specified for "file"`);
+    if (options.driver === undefined) {
+      if (!spec.path) throw new CliFailure(`Could not open '${file}': Must specify the format (driver)`);
+      options.driver = probeFormat(spec.path);
+    }
+    if (!(IMAGE_FORMATS as readonly string[]).includes(options.driver as string))
+      throw new CliFailure(`Could not open '${file}': Unknown driver '${options.driver}'`);
+    if (options['read-only'] === undefined) options['read-only'] = opts.readOnly ?? true;
+  } else {
+    const format = opts.format ?? probeFormat(file);
+    if (!(IMAGE_FORMATS as readonly string[]).includes(format))
+      throw new CliFailure(`Could not open '${file}': Unknown driver '${format}'`);
+    options = {
+      driver: format,
+      'read-only': opts.readOnly ?? true,
+      file: { driver: 'file', filename: file },
+    };
+  }
+  const format = options.driver as string;
   if (opts.nodeName) options['node-name'] = opts.nodeName;
   if (opts.forceShare) options['force-share'] = true;
   if (opts.backing !== undefined && format === 'qcow2') options.backing = opts.backing;

@@ -78,9 +78,49 @@ describe.runIf(qemu)('command lines qemu-img refuses, blockrep refuses alike', (
     const dir = makeTempDir();
     const img = dir.file('a.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M']);
-    const b = await blockrep(['info', '--image-opts', img], [1]);
-    expect(b.stderr).toBe("blockrep: Option '--image-opts' is not supported by blockrep yet\n");
+    const b = await blockrep(['info', '--object', 'secret,id=s,data=x', img], [1]);
+    expect(b.stderr).toBe("blockrep: Option '--object' is not supported by blockrep yet\n");
     const c = await blockrep(['convert', '--salvage', img, dir.file('b.raw')], [1]);
     expect(c.stderr).toBe("blockrep: Option '--salvage' is not supported by blockrep yet\n");
+  });
+
+  it('json: filenames and --image-opts name images as qemu-img reads them: same output, same errors', async () => {
+    const dir = makeTempDir();
+    const img = dir.file('a.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', img, '1M']);
+    const json = (o: unknown) => `json:${JSON.stringify(o)}`;
+    const lines: string[][] = [
+      ['info', json({ driver: 'qcow2', file: { driver: 'file', filename: img } })],
+      ['info', json({ 'file.driver': 'file', 'file.filename': img })],
+      ['info', json({ file: { filename: img } })],
+      // -f wins over the driver; the file is 192.5 KiB, "192 KiB" as printf's %g rounds ties to even.
+      ['info', '-f', 'raw', json({ driver: 'qcow2', file: { driver: 'file', filename: img } })],
+      ['info', '--image-opts', `driver=qcow2,file.filename=${img}`],
+      ['info', '--image-opts', `file.filename=${img}`],
+      ['info', '--image-opts', '--output=json', `driver=qcow2,file.driver=file,file.filename=${img}`],
+      ['info', '--image-opts', `driver=qcow2,file.filename=${dir.file('nope.qcow2')}`],
+      ['info', '--image-opts', 'driver=qcow2'],
+      ['info', '--image-opts', `driver=qcow2,file.filename=${img},bogus=1`],
+      ['info', '--image-opts', '-f', 'qcow2', img],
+      ['check', '--image-opts', `driver=qcow2,file.filename=${img}`],
+      ['map', '--image-opts', '--output=json', `driver=qcow2,file.filename=${img}`],
+      ['compare', '--image-opts', `driver=qcow2,file.filename=${img}`, `file.filename=${img}`],
+    ];
+    for (const args of lines) {
+      const q = await run('qemu-img', args, { okCodes: [0, 1, 2, 3] });
+      const b = await blockrep(args, [0, 1, 2, 3]);
+      const line = `blockrep ${args.join(' ')}`;
+      const norm = (t: string) =>
+        t
+          .replaceAll('qemu-img', 'blockrep')
+          .replace(/disk size: .*\n/, '')
+          .replace(/"actual-size": \d+/, '');
+      expect({ line, code: b.code, stdout: norm(b.stdout), stderr: norm(b.stderr) }).toEqual({
+        line,
+        code: q.code,
+        stdout: norm(q.stdout),
+        stderr: norm(q.stderr),
+      });
+    }
   });
 });

@@ -53,7 +53,11 @@ export async function benchCommand(args: string[]): Promise<number> {
 
   const g = imageGraph();
   try {
-    const node = await openImage(g, file, { format: optString(p, '-f'), readOnly: !write });
+    const node = await openImage(g, file, {
+      format: optString(p, '-f'),
+      readOnly: !write,
+      imageOpts: p.opts.has('--image-opts'),
+    });
     const blk = attachBackend(g, node, write);
     const length = node.length;
     if (size > length) throw new CliFailure(`${file}: request size ${size} is larger than the image`);

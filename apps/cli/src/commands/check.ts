@@ -1,7 +1,7 @@
 import { checkQcow2Image, type Qcow2CheckResult } from '@blockrep/qcow2';
 import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
-import { checkFormat, forceShare, openFailure, probeFormat } from '../image';
+import { checkFormat, forceShare, imageArg, openFailure, probeFormat } from '../image';
 import { qemuJson } from '../json';
 
 /** qemu-img check's exit codes. */
@@ -86,9 +86,21 @@ export async function checkCommand(args: string[]): Promise<number> {
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all')
     throw usageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${repair}`);
   if (p.positional.length !== 1) throw usageError('Expecting one image file name');
-  const file = p.positional[0]!;
+  const arg = p.positional[0]!;
   const output = outputFormat(p);
-  const fmt = optString(p, '-f') ?? probeFormat(file);
+  // A json: filename or --image-opts list works when it names a format over a file, nothing more.
+  const spec = imageArg(arg, { imageOpts: p.opts.has('--image-opts'), format: optString(p, '-f') });
+  const file = spec.path;
+  if (spec.options) {
+    const { driver, file: f, ...rest } = spec.options;
+    const { driver: _d, filename: _f, ...fileRest } = (f ?? {}) as Record<string, unknown>;
+    if (!file || Object.keys(rest).length || Object.keys(fileRest).length)
+      throw new CliFailure(
+        `Could not open '${arg}': check takes a format over a file here (driver, file.filename)`,
+      );
+    if (driver !== undefined) checkFormat(driver as string);
+  }
+  const fmt = (spec.options?.driver as string | undefined) ?? optString(p, '-f') ?? probeFormat(file);
   checkFormat(fmt);
   if (fmt !== 'qcow2') throw new CliFailure('This image format does not support checks', EXIT.unsupported);
 
@@ -116,7 +128,7 @@ export async function checkCommand(args: string[]): Promise<number> {
     }
   } catch (e) {
     if (e instanceof CliFailure) throw e;
-    throw openFailure(file, e);
+    throw openFailure(arg, e);
   }
   r.filename = file;
   if (output === 'json') {

@@ -44,7 +44,10 @@ export async function commitCommand(args: string[]): Promise<number> {
   // refused by the image locks, as QEMU refuses it).
   const reader = imageGraph();
   try {
-    const top = await openImage(reader, file, { format: optString(p, '-f') });
+    const top = await openImage(reader, file, {
+      format: optString(p, '-f'),
+      imageOpts: p.opts.has('--image-opts'),
+    });
     const chain = backingChain(top);
     if (chain.length < 2) throw new CliFailure('Image does not have a backing file');
     const base =
@@ -81,7 +84,12 @@ export async function commitCommand(args: string[]): Promise<number> {
   if (!p.opts.has('-d') && wanted === undefined) {
     const g = imageGraph();
     try {
-      const top = await openImage(g, file, { format: optString(p, '-f'), backing: null, readOnly: false });
+      const top = await openImage(g, file, {
+        format: optString(p, '-f'),
+        backing: null,
+        readOnly: false,
+        imageOpts: p.opts.has('--image-opts'),
+      });
       await attachBackend(g, top, true).makeEmpty();
     } finally {
       await g.closeAll();

@@ -97,8 +97,16 @@ export async function compareCommand(args: string[]): Promise<number> {
     let b: Side;
     try {
       const fmt1 = optString(p, '-f');
-      const n1 = await openImage(g, file1, { format: fmt1, forceShare: forceShare(p) });
-      const n2 = await openImage(g, file2, { format: optString(p, '-F') ?? fmt1, forceShare: forceShare(p) });
+      const n1 = await openImage(g, file1, {
+        format: fmt1,
+        forceShare: forceShare(p),
+        imageOpts: p.opts.has('--image-opts'),
+      });
+      const n2 = await openImage(g, file2, {
+        format: optString(p, '-F') ?? fmt1,
+        forceShare: forceShare(p),
+        imageOpts: p.opts.has('--image-opts'),
+      });
       a = { node: n1, blk: attachBackend(g, n1, false) };
       b = { node: n2, blk: attachBackend(g, n2, false) };
     } catch (e) {

@@ -134,7 +134,11 @@ export async function convertCommand(args: string[]): Promise<number> {
     const sources: Source[] = [];
     let size = 0;
     for (const file of files) {
-      const node = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
+      const node = await openImage(g, file, {
+        format: optString(p, '-f'),
+        forceShare: forceShare(p),
+        imageOpts: p.opts.has('--image-opts'),
+      });
       sources.push({ node, blk: attachBackend(g, node, false), base: size });
       size += node.length;
     }

@@ -55,7 +55,11 @@ export async function ddCommand(args: string[]): Promise<number> {
 
   const g = imageGraph();
   try {
-    const src = await openImage(g, input, { format: optString(p, '-f'), forceShare: forceShare(p) });
+    const src = await openImage(g, input, {
+      format: optString(p, '-f'),
+      forceShare: forceShare(p),
+      imageOpts: p.opts.has('--image-opts'),
+    });
     let size = src.length;
     if (count !== undefined && count * bs < size) size = count * bs;
     const start = Math.min(skip * bs, size);

@@ -3,20 +3,32 @@ import { dirname, isAbsolute, join } from 'node:path';
 import type { BlockNode } from '@blockrep/block';
 import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
-import { forceShare, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
+import { forceShare, imageArg, imageGraph, openImage, printWarnings, qcow2Of } from '../image';
 import { qemuJson } from '../json';
 import { readSnapshotTable, type SnapshotInfo, snapshotTable } from '../snapshots';
 
-/** QEMU's size_to_str: three significant digits and a binary unit. */
+/**
+ * QEMU's size_to_str: the binary unit that keeps the number below 1000 (so 1000 KiB is
+ * "0.977 MiB"), printed as printf's %0.3g does: three significant digits, ties to even (192.5
+ * KiB is "192 KiB"), no trailing zeros.
+ */
 export function humanSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let v = bytes;
   let u = 0;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return `${Number(v.toPrecision(3))} ${units[u]}`;
+  while (u < units.length - 1 && bytes / 1024 ** u >= 1000) u++;
+  return `${g3(bytes / 1024 ** u)} ${units[u]}`;
+}
+
+/** printf's %.3g for 0 and values in [0.001, 1000). */
+function g3(v: number): string {
+  if (v === 0) return '0';
+  const decimals = 2 - Math.floor(Math.log10(v));
+  const scaled = v * 10 ** decimals;
+  let r = Math.round(scaled);
+  if (scaled - Math.floor(scaled) === 0.5 && Math.floor(scaled) % 2 === 0) r = Math.floor(scaled);
+  if (r >= 1000) return v.toPrecision(3).replace(/\.?0+e\+?/, 'e+0');
+  const text = decimals > 0 ? (r / 10 ** decimals).toFixed(decimals) : String(r * 10 ** -decimals);
+  return text.includes('.') ? text.replace(/\.?0+$/, '') : text;
 }
 
 /** The fields of `qemu-img info --output=json` for one open image. */
@@ -113,9 +125,19 @@ export async function infoCommand(args: string[]): Promise<number> {
     while (name) {
       if (seen.has(name)) throw new CliFailure(`Backing file '${name}' creates an infinite loop.`);
       seen.add(name);
-      const node = await openImage(g, name, { format, forceShare: forceShare(p), backing: null });
+      const node = await openImage(g, name, {
+        format,
+        forceShare: forceShare(p),
+        backing: null,
+        imageOpts: name === file && p.opts.has('--image-opts'),
+      });
       printWarnings(node);
-      const info = await imageInfo(node, name);
+      // A json: filename or option list is shown as the file it opened (as qemu-img).
+      const shown =
+        name === file && imageArg(name, { imageOpts: p.opts.has('--image-opts') }).options
+          ? node.filename
+          : name;
+      const info = await imageInfo(node, shown);
       infos.push(info);
       if (!chain) break;
       name = info['full-backing-filename'] as string | undefined;

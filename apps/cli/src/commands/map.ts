@@ -90,7 +90,11 @@ export async function mapCommand(args: string[]): Promise<number> {
   const lengthText = optString(p, '-l');
   const g = imageGraph();
   try {
-    const top = await openImage(g, file, { format: optString(p, '-f'), forceShare: forceShare(p) });
+    const top = await openImage(g, file, {
+      format: optString(p, '-f'),
+      forceShare: forceShare(p),
+      imageOpts: p.opts.has('--image-opts'),
+    });
     const entries = await imageMap(
       top,
       startText === undefined ? 0 : sizeArg(startText, 'offset'),

@@ -21,7 +21,11 @@ export async function resizeCommand(args: string[]): Promise<number> {
   const amount = sizeArg(sign ? sizeText.slice(1) : sizeText);
   const g = imageGraph();
   try {
-    const node = await openImage(g, file, { format: optString(p, '-f'), readOnly: false });
+    const node = await openImage(g, file, {
+      format: optString(p, '-f'),
+      readOnly: false,
+      imageOpts: p.opts.has('--image-opts'),
+    });
     const current = node.length;
     const size = sign ? current + sign * amount : amount;
     if (size < 0) throw new CliFailure('New image size must be positive');
