@@ -35,6 +35,11 @@ export interface BlockStatus {
   file?: BlockNode;
   /** Ask `file` at `offset` for the precise data/zero status (formats that map 1:1, raw). */
   recurse?: boolean;
+  /**
+   * Data that may sit in a hole of `file` (QEMU's BDRV_BLOCK_RECURSE: metadata-preallocated
+   * qcow2): `file` is asked whether it reads as zeroes there; it stays data either way.
+   */
+  recurseZero?: boolean;
   /** The extent reaches the end of the node. */
   eof?: boolean;
 }
@@ -108,6 +113,8 @@ export interface BlockDriver {
   /** Limits after open (defaults: alignment 1, unlimited transfers). */
   limits?(node: BlockNode): Partial<BlockLimits>;
   getLength(node: BlockNode): number | Promise<number>;
+  /** Bytes the node takes on its storage (a file's allocated blocks); absent when unknown. */
+  allocatedSize?(node: BlockNode): Promise<number>;
 
   read?(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void>;
   write?(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number): Promise<void>;

@@ -451,6 +451,18 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
           file: inner.file ?? st.file,
         };
       }
+    } else if (
+      st.recurseZero &&
+      st.file &&
+      st.offset !== undefined &&
+      st.file !== node &&
+      st.data &&
+      !st.zero
+    ) {
+      const inner = await blockStatus(st.file, st.offset, st.bytes).catch(() => null);
+      // Only extra information: a failure changes nothing. Past the file's end reads as zeroes.
+      if (inner?.eof && (inner.bytes === 0 || inner.zero)) st = { ...st, zero: true };
+      else if (inner) st = { ...st, bytes: Math.min(st.bytes, inner.bytes), zero: inner.zero };
     }
   }
   if (st.data || st.zero) st.allocated = true;
@@ -460,6 +472,7 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
   }
   if (offset + st.bytes >= len) st.eof = true;
   delete st.recurse;
+  delete st.recurseZero;
   return st;
 }
 

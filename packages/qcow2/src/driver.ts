@@ -80,6 +80,31 @@ function probeFormat(path: string): string {
 const alignUp = (v: number, a: number) => Math.ceil(v / a) * a;
 const alignDown = (v: number, a: number) => Math.floor(v / a) * a;
 
+const preallocDetected = new WeakMap<Qcow2Image, Promise<boolean>>();
+
+/**
+ * Whether an image looks preallocated with metadata (QEMU's heuristic, decided once per open):
+ * more clusters in use than a ninth above what the file really has allocated (at least two
+ * more). False when the file cannot tell its allocation.
+ */
+function metadataPreallocated(node: BlockNode): Promise<boolean> {
+  const image = img(node);
+  let p = preallocDetected.get(image);
+  if (!p) {
+    p = (async () => {
+      const file = node.file!.node;
+      const real = await file.driver.allocatedSize?.(file).catch(() => undefined);
+      if (real === undefined) return false;
+      const realClusters = Math.floor(real / image.cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const used = await image.refcounts.countInUse(Math.ceil(file.length / image.cs), threshold);
+      return used > threshold;
+    })().catch(() => false);
+    preallocDetected.set(image, p);
+  }
+  return p;
+}
+
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
   supportsBacking: true,
@@ -217,6 +242,9 @@ export const qcow2Driver: BlockDriver = {
           allocated: true,
           offset: r.host,
           file: node.file!.node,
+          // Metadata-preallocated images keep their data clusters in holes of the file: the
+          // file tells which of them read as zeroes (QEMU asks it only for such images).
+          recurseZero: await metadataPreallocated(node),
         };
       case ClusterType.COMPRESSED:
         return { bytes: r.bytes, data: true, zero: false, allocated: true };

@@ -4,3 +4,10 @@ export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';
 export type { Qcow2Image } from './image';
 export { type Qcow2Info, qcow2ImageInfo } from './info';
+export {
+  bitmapsSize,
+  fullyAllocatedSize,
+  type MeasuredBitmap,
+  type Qcow2MeasureOptions,
+  refcountMetadataSize,
+} from './measure';

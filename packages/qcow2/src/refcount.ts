@@ -178,6 +178,20 @@ export class Qcow2Refcounts {
     return p;
   }
 
+  /** How many of clusters [0, n) are in use, counting no further than one past `stopAbove`. */
+  async countInUse(n: number, stopAbove: number): Promise<number> {
+    let used = 0;
+    for (let bi = 0; bi * this.perBlock < n; bi++) {
+      const b = await this.block(bi);
+      if (!b) continue;
+      const end = Math.min(this.perBlock, n - bi * this.perBlock);
+      for (let i = 0; i < end; i++) {
+        if (refGet(b, i, this.bits) > 0 && ++used > stopAbove) return used;
+      }
+    }
+    return used;
+  }
+
   async get(cluster: number): Promise<number> {
     const b = await this.block(Math.floor(cluster / this.perBlock));
     return b ? refGet(b, cluster % this.perBlock, this.bits) : 0;

@@ -1,4 +1,4 @@
-import { type BlockNode, type BlockStatus, blockStatus, blockStatusAbove } from '@blockrep/block';
+import { type BlockNode, blockStatusAbove } from '@blockrep/block';
 import { INSPECT_OPTS, optString, outputFormat, parseArgs, refuseUnsupported, usageError } from '../args';
 import { forceShare, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
@@ -24,22 +24,6 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
   return a.offset === undefined || a.offset + a.length === b.offset;
 }
 
-/**
- * Data that the format maps to a hole of its file reads as zeroes, and QEMU's block status says so
- * (zero and data both set: preallocated qcow2 clusters, say). The block layer answers without
- * asking the file for formats that do not map 1:1, so the map asks it here.
- */
-async function refineZero(e: MapEntry, st: BlockStatus): Promise<void> {
-  if (!st.data || st.zero || st.offset === undefined || !st.file) return;
-  const inner = await blockStatus(st.file, st.offset, e.length);
-  if (inner.bytes === 0)
-    e.zero = true; // past the end of the file
-  else {
-    e.length = Math.min(e.length, inner.bytes);
-    e.zero = inner.zero;
-  }
-}
-
 /** The allocation map of an image and its backing chain from start to start+length. */
 export async function imageMap(top: BlockNode, start = 0, length = top.length): Promise<MapEntry[]> {
   const out: MapEntry[] = [];
@@ -55,7 +39,6 @@ export async function imageMap(top: BlockNode, start = 0, length = top.length): 
       zero: st.zero,
       data: st.data,
     };
-    await refineZero(e, st);
     if (st.offset !== undefined) e.offset = st.offset;
     if (st.file) e.filename = st.file.filename;
     const last = out[out.length - 1];

@@ -324,6 +324,10 @@ export const fileDriver: BlockDriver = {
     await inIssueOrder(s, offset, offset + bytes, () => sparse.punchHole(s.fd, offset, bytes));
   },
 
+  async allocatedSize(node) {
+    return (await fsStat(st(node).fd)).blocks * 512;
+  },
+
   async flushToDisk(node) {
     const fd = st(node).fd;
     await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
