@@ -4,6 +4,8 @@ import { CliFailure } from './failure';
 export interface ParsedArgs {
   opts: Map<string, string | true>;
   all: Map<string, string[]>;
+  /** Every option in the order given (commands whose actions run in that order: bitmap). */
+  order: [string, string | true][];
   positional: string[];
 }
 
@@ -84,9 +86,11 @@ export function parseArgs(args: string[], spec: OptionSpec, name = 'blockrep'): 
   const opts = new Map<string, string | true>();
   const all = new Map<string, string[]>();
   const positional: string[] = [];
+  const order: [string, string | true][] = [];
   const set = (k: string, v: string | true) => {
     if (k === '-h') throw new HelpRequested();
     opts.set(k, v);
+    order.push([k, v]);
     if (typeof v === 'string') all.set(k, [...(all.get(k) ?? []), v]);
   };
   const unrecognized = (token: string) => usageError(`unrecognized option '${token}'`);
@@ -134,7 +138,7 @@ export function parseArgs(args: string[], spec: OptionSpec, name = 'blockrep'): 
       }
     } else positional.push(a);
   }
-  return { opts, all, positional };
+  return { opts, all, order, positional };
 }
 
 /** The string value of an option, if given. */

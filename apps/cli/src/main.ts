@@ -19,6 +19,8 @@ process is writing, as qemu-img -U does):
   commit [-q] [-p] [-d] [-f fmt] [-b base] FILE
   rebase [-q] [-p] [-u] [-U] [-f fmt] -b backing [-F fmt] FILE
   measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] [-U] FILE]
+  bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... [-g granularity]
+         [-b source_file [-F fmt]] [-f fmt] FILE BITMAP
   dd [-f fmt] [-O fmt] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   bench [-q] [-c count] [-d depth] [-f fmt] [-o offset] [-s size] [-S step] [-w] [--pattern=N]
         [--flush-interval=N] [--no-drain] [-t cache] FILE
@@ -50,6 +52,7 @@ const commands: Record<string, () => Promise<Command>> = {
   commit: async () => (await import('./commands/commit')).commitCommand,
   rebase: async () => (await import('./commands/rebase')).rebaseCommand,
   measure: async () => (await import('./commands/measure')).measureCommand,
+  bitmap: async () => (await import('./commands/bitmap')).bitmapCommand,
   dd: async () => (await import('./commands/dd')).ddCommand,
   bench: async () => (await import('./commands/bench')).benchCommand,
   qmp: async () => (await import('./commands/qmp')).qmpCommand,
