@@ -27,6 +27,11 @@ export {
   type TruncateOptions,
 } from './driver';
 export { ImageLocks } from './drivers/file/locks';
+
+import { sparse } from './drivers/file/sparse';
+/** Reserves [offset, offset+bytes) of an open file on disk (fallocate; zeroes written where it cannot). */
+export const allocateFileRange = (fd: number, offset: number, bytes: number): Promise<void> =>
+  sparse.allocate(fd, offset, bytes);
 export { BlockError, type Errno, type ErrorClass, errnoText, ioError, toBlockError } from './errors';
 export { BlockGraph, COMMON_OPTIONS, GraphTransaction } from './graph';
 export { blockStatus, blockStatusAbove, isAllocatedAbove } from './io';

@@ -290,6 +290,36 @@ async function writeNewClusters(
 }
 
 /**
+ * Gives every unallocated cluster of guest [start, end) a host cluster of its own (preallocation
+ * when an image grows): L2 entries point at new clusters, runs of them contiguous, the data not
+ * written (a new cluster reads as whatever the file holds there: zeroes, as it is past the old end).
+ */
+export async function preallocateRange(img: Qcow2Image, start: number, end: number): Promise<void> {
+  const cs = img.cs;
+  const stop = Math.min(end, img.size);
+  for (let off = Math.floor(start / cs) * cs; off < stop; ) {
+    const tableEnd = (Math.floor(off / cs / img.l2Entries) + 1) * img.l2Entries * cs;
+    const chunkEnd = Math.min(stop, tableEnd);
+    const release = await img.allocLock.lock(off, Math.ceil(chunkEnd / cs) * cs - off);
+    try {
+      for (let o = off; o < chunkEnd; ) {
+        const r = await lookup(img, o, chunkEnd - o);
+        const n = Math.ceil(r.bytes / cs);
+        if (r.type === ClusterType.UNALLOCATED) {
+          await prepareL2(img, o);
+          const { offset: host } = await img.allocator.allocateRun(n);
+          await setEntries(img, o, n, (k) => [host + k * cs, true, false]);
+        }
+        o += n * cs;
+      }
+    } finally {
+      release();
+    }
+    off = chunkEnd;
+  }
+}
+
+/**
  * Makes the L2 table of a guest offset exist and be writable before any data is written for it:
  * allocating a table flushes, and with the data written first that flush would write it all out
  * (measured: 8 writers of 1 MiB stalled 10-15 ms on a fresh image).

@@ -1,6 +1,6 @@
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
-import { BlockError } from '@blockrep/block';
+import { allocateFileRange, BlockError } from '@blockrep/block';
 import {
   buildHeader,
   Compat,
@@ -27,8 +27,11 @@ export interface Qcow2CreateOptions {
   /** Backing file name as stored in the header (relative names resolve against the image's directory). */
   backingFile?: string;
   backingFormat?: string;
-  /** 'metadata' allocates every L2 table and data cluster up front (data stays sparse). */
-  preallocation?: 'off' | 'metadata';
+  /**
+   * 'metadata' allocates every L2 table and data cluster up front (data stays sparse); 'falloc'
+   * also reserves the data clusters on disk; 'full' writes them out as zeroes.
+   */
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
   lazyRefcounts?: boolean;
   /** Refcount width in bits, a power of two from 1 to 64 (default 16). */
   refcountBits?: number;
@@ -77,7 +80,8 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
   }
   if (opts.backingFormat && !opts.backingFile)
     throw createError('Backing format cannot be used without backing file');
-  if (opts.backingFile && opts.preallocation === 'metadata') {
+  const prealloc = opts.preallocation !== undefined && opts.preallocation !== 'off';
+  if (opts.backingFile && prealloc) {
     throw createError(
       'Backing file and preallocation can only be used at the same time if extended_l2 is on',
     );
@@ -96,7 +100,6 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
     throw createError('Image size is out of range');
   if (size % 512 !== 0) throw createError('Image size must be a multiple of 512 bytes');
 
-  const prealloc = opts.preallocation === 'metadata';
   const l1Size = l1EntriesFor(size, clusterBits);
   const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
   const l2Tables = prealloc ? l1Size : 0;
@@ -159,6 +162,15 @@ export async function createQcow2Image(path: string, opts: Qcow2CreateOptions): 
         }
         await s.write(l2Off + t * cs, l2);
       }
+    }
+    if (opts.preallocation === 'falloc') {
+      await s.truncate(dataOff);
+      await allocateFileRange(s.fd, dataOff, total * cs - dataOff);
+    } else if (opts.preallocation === 'full') {
+      await s.truncate(dataOff);
+      const zeroes = Buffer.alloc(Math.min(1 << 20, total * cs - dataOff));
+      for (let pos = dataOff; pos < total * cs; pos += zeroes.length)
+        await s.write(pos, zeroes.subarray(0, Math.min(zeroes.length, total * cs - pos)));
     }
     await s.truncate(total * cs);
     await s.flush();

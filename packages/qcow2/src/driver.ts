@@ -13,7 +13,7 @@ import {
   zeroBuffer,
 } from '@blockrep/block';
 import { loadBitmaps, MAX_BITMAPS, markBitmapsInUse, storeBitmaps } from './bitmaps';
-import { ClusterType, lookup, readRange, writeRange, zeroOrDiscard } from './cluster';
+import { ClusterType, lookup, preallocateRange, readRange, writeRange, zeroOrDiscard } from './cluster';
 import { QCOW2_MAGIC } from './header';
 import { makeImageEmpty, Qcow2Image } from './image';
 import { formatSpecificData } from './info';
@@ -267,12 +267,26 @@ export const qcow2Driver: BlockDriver = {
 
   async truncate(node, length, opts) {
     const image = img(node);
-    if (opts.prealloc !== 'off') {
+    if (!['off', 'metadata', 'falloc', 'full'].includes(opts.prealloc)) {
       throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
     }
     if (length < image.size)
       throw new BlockError("qcow2 doesn't support shrinking images", { errno: 'ENOTSUP' });
-    if (length > image.size) await image.grow(length);
+    const old = image.size;
+    if (length > old) await image.grow(length);
+    if (opts.prealloc !== 'off' && length > old) {
+      // The new clusters are mapped first; then the file covers them: sparse (metadata),
+      // reserved (falloc) or written out as zeroes (full).
+      await preallocateRange(image, old, length);
+      await image.flushMetadata();
+      const file = node.file!;
+      if (image.fileEnd > file.node.length) {
+        await file.truncate(image.fileEnd, {
+          exact: false,
+          prealloc: opts.prealloc === 'metadata' ? 'off' : opts.prealloc,
+        });
+      }
+    }
   },
 
   makeEmpty: (node) => makeImageEmpty(img(node)),

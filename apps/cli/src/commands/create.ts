@@ -70,9 +70,9 @@ export async function createImage(
     opts.compat = compat as Qcow2CreateOptions['compat'];
   }
   const prealloc = o.get('preallocation') ?? 'off';
-  if (prealloc !== 'off' && prealloc !== 'metadata')
-    throw new CliFailure(`${file}: Unsupported preallocation mode '${prealloc}' (off and metadata are)`);
-  opts.preallocation = prealloc;
+  if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc))
+    throw new CliFailure(`${file}: Parameter 'preallocation' does not accept value '${prealloc}'`);
+  opts.preallocation = prealloc as Qcow2CreateOptions['preallocation'];
   if (o.has('lazy_refcounts')) opts.lazyRefcounts = boolOption('lazy_refcounts', o.get('lazy_refcounts')!);
   if (o.has('refcount_bits')) opts.refcountBits = Number(o.get('refcount_bits'));
   // Checked here for qemu-img's wording of the hint.

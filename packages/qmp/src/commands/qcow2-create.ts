@@ -18,7 +18,7 @@ export const qcow2Creator: BlockdevCreator = {
     'cluster-size': opt(t.size, 'Cluster size (512 B to 2 MiB, default 64 KiB)'),
     preallocation: opt(
       t.enum('PreallocMode', ['off', 'metadata', 'falloc', 'full']),
-      'off (default) or metadata',
+      'off (default), metadata, falloc (data clusters reserved) or full (written as zeroes)',
     ),
     'lazy-refcounts': opt(t.bool),
     'refcount-bits': opt(t.int, 'Refcount width (default 16)'),
@@ -27,16 +27,13 @@ export const qcow2Creator: BlockdevCreator = {
     const fileNode = graph.lookup(o.file as string);
     if (fileNode.driver.name !== 'file') throw new BlockError(`'${o.file}' is not a file node`);
     const prealloc = (o.preallocation as string | undefined) ?? 'off';
-    if (prealloc !== 'off' && prealloc !== 'metadata') {
-      throw new BlockError(`Unsupported preallocation mode '${prealloc}'`);
-    }
     await createQcow2Image(fileNode.filename, {
       size: o.size as number,
       compat: (o.version as 'v2' | 'v3' | undefined) ?? 'v3',
       backingFile: o['backing-file'] as string | undefined,
       backingFormat: o['backing-fmt'] as string | undefined,
       clusterSize: o['cluster-size'] as number | undefined,
-      preallocation: prealloc as 'off' | 'metadata',
+      preallocation: prealloc as 'off' | 'metadata' | 'falloc' | 'full',
       lazyRefcounts: o['lazy-refcounts'] as boolean | undefined,
       refcountBits: o['refcount-bits'] as number | undefined,
     });

@@ -349,11 +349,15 @@ export const fileDriver: BlockDriver = {
   async truncate(node, length, opts) {
     const fd = st(node).fd;
     const stat = await fsStat(fd);
-    if (opts.prealloc !== 'off' && opts.prealloc !== 'full') {
-      throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
+    if (opts.prealloc !== 'off' && opts.prealloc !== 'full' && opts.prealloc !== 'falloc') {
+      throw new BlockError(`Unsupported preallocation mode: ${opts.prealloc}`, { errno: 'ENOTSUP' });
     }
     if (length < stat.size && opts.prealloc !== 'off') {
       throw new BlockError('Cannot use preallocation for shrinking files', { errno: 'ENOTSUP' });
+    }
+    if (opts.prealloc === 'falloc' && length > stat.size) {
+      await sparse.allocate(fd, stat.size, length - stat.size);
+      return;
     }
     await new Promise<void>((res, rej) => fs.ftruncate(fd, length, (e) => (e ? rej(e) : res())));
     if (opts.prealloc === 'full' && length > stat.size) {

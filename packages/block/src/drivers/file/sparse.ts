@@ -82,6 +82,21 @@ export const sparse = {
     return r < 0 ? -1 : r;
   },
 
+  /**
+   * Reserves [offset, offset+bytes) on disk (fallocate mode 0: reads as zeroes, grows the file);
+   * without the addon, or where the file system cannot, zeroes are written instead (as
+   * posix_fallocate does).
+   */
+  async allocate(fd: number, offset: number, bytes: number): Promise<void> {
+    if (bytes <= 0) return;
+    if (addon && addon.fallocate(fd, 0, offset, bytes) === 0) return;
+    const chunk = Buffer.alloc(Math.min(1 << 20, bytes));
+    for (let pos = offset; pos < offset + bytes; pos += chunk.length) {
+      const n = Math.min(chunk.length, offset + bytes - pos);
+      await new Promise<void>((res, rej) => fs.write(fd, chunk, 0, n, pos, (e) => (e ? rej(e) : res())));
+    }
+  },
+
   async punchHole(fd: number, offset: number, bytes: number): Promise<void> {
     if (!addon) throw notSupported('Hole punching');
     check(
