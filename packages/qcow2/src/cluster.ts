@@ -424,6 +424,26 @@ async function l2ForWrite(img: Qcow2Image, l1i: number) {
 }
 
 /**
+ * Unmaps the whole clusters of [offset, offset+bytes) outright (no zero flag: a shrink drops
+ * them); the clusters are freed once the tables are written back.
+ */
+export async function unmapRange(img: Qcow2Image, offset: number, bytes: number): Promise<void> {
+  const cs = img.cs;
+  const tableBytes = img.l2Entries * cs;
+  for (let pos = offset; pos < offset + bytes; ) {
+    const end = Math.min(offset + bytes, (Math.floor(pos / tableBytes) + 1) * tableBytes);
+    const release = await img.allocLock.lock(pos, end - pos);
+    try {
+      if (img.l2Offset(Math.floor(pos / tableBytes)))
+        await setEntries(img, pos, Math.ceil((end - pos) / cs), () => [0, false, false]);
+    } finally {
+      release();
+    }
+    pos = end;
+  }
+}
+
+/**
  * Zeroes (v3: zero flag) or discards the whole clusters of [offset, offset+bytes). With `keep`,
  * clusters stay allocated (preallocated zero clusters).
  */

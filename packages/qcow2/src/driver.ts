@@ -13,7 +13,15 @@ import {
   zeroBuffer,
 } from '@blockrep/block';
 import { loadBitmaps, MAX_BITMAPS, markBitmapsInUse, storeBitmaps } from './bitmaps';
-import { ClusterType, lookup, preallocateRange, readRange, writeRange, zeroOrDiscard } from './cluster';
+import {
+  ClusterType,
+  lookup,
+  preallocateRange,
+  readRange,
+  unmapRange,
+  writeRange,
+  zeroOrDiscard,
+} from './cluster';
 import { QCOW2_MAGIC } from './header';
 import { makeImageEmpty, Qcow2Image } from './image';
 import { formatSpecificData } from './info';
@@ -270,8 +278,18 @@ export const qcow2Driver: BlockDriver = {
     if (!['off', 'metadata', 'falloc', 'full'].includes(opts.prealloc)) {
       throw new BlockError(`Unsupported preallocation mode '${opts.prealloc}'`, { errno: 'ENOTSUP' });
     }
-    if (length < image.size)
-      throw new BlockError("qcow2 doesn't support shrinking images", { errno: 'ENOTSUP' });
+    if (!image.v3 && image.header.nbSnapshots && length !== image.size)
+      throw new BlockError("Can't resize a v2 image which has snapshots", { errno: 'ENOTSUP' });
+    if (length < image.size) {
+      if (opts.prealloc !== 'off')
+        throw new BlockError('Preallocation can only be used for growing images', { errno: 'ENOTSUP' });
+      await image.shrink(
+        length,
+        (offset, bytes) => writeRange(image, offset, bytes, [Buffer.alloc(bytes)]),
+        (offset, bytes) => unmapRange(image, offset, bytes),
+      );
+      return;
+    }
     const old = image.size;
     if (length > old) await image.grow(length);
     if (opts.prealloc !== 'off' && length > old) {

@@ -335,6 +335,54 @@ export class Qcow2Image {
     });
   }
 
+  /**
+   * Shrinks the virtual size (qemu-img resize --shrink): the clusters past the new end are
+   * unmapped and freed (a snapshot's references stay), L2 tables past it are dropped from the L1
+   * table (its size field stays, as QEMU keeps it), the size field is written, and the file is cut
+   * after its last cluster in use. The part of the last cluster past an unaligned end is zeroed
+   * first (QEMU leaves it, and a later growth shows the old bytes again).
+   */
+  async shrink(
+    length: number,
+    zeroTail: (offset: number, bytes: number) => Promise<void>,
+    unmap: (offset: number, bytes: number) => Promise<void>,
+  ): Promise<void> {
+    this.checkWritable();
+    const cs = this.cs;
+    const aligned = Math.ceil(length / cs) * cs;
+    if (aligned > length) await zeroTail(length, Math.min(aligned, this.header.size) - length);
+    if (aligned < this.header.size) await unmap(aligned, this.header.size - aligned);
+    await this.flushMetadata();
+    await this.storage.flush();
+    const keep = l1EntriesFor(length, this.clusterBits);
+    const dropped: number[] = [];
+    await this.l1Lock.run(async () => {
+      for (let i = keep; i < this.header.l1Size; i++) {
+        const off = this.l2Offset(i);
+        if (off) dropped.push(off);
+      }
+      if (keep < this.header.l1Size) {
+        this.l1.fill(0, keep * 8, this.header.l1Size * 8);
+        await this.storage.write(
+          this.l1Offset + keep * 8,
+          this.l1.subarray(keep * 8, this.header.l1Size * 8),
+        );
+        await this.storage.flush();
+      }
+    });
+    for (const off of dropped) {
+      this.cache.drop(off);
+      await this.refcounts.free(off, 1);
+    }
+    await this.storage.write(HeaderField.SIZE, u64Buffer(length));
+    await this.refcounts.writeBack();
+    await this.storage.flush();
+    this.header.size = length;
+    const last = await this.refcounts.lastUsedCluster();
+    if ((last + 1) * cs < (await this.storage.length())) await this.storage.truncate((last + 1) * cs);
+    this.refcounts.highWater = Math.min(this.refcounts.highWater, last + 1);
+  }
+
   /** Grows the virtual size (a larger L1 table first when needed, then the size field). */
   async grow(length: number): Promise<void> {
     this.checkWritable();

@@ -1,6 +1,7 @@
+import { statSync } from 'node:fs';
 import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { blockrep, qemuImg, qemuImgJson, run } from './helpers';
+import { blockrep, qemuImg, qemuImgJson, qemuIo, run } from './helpers';
 
 /* Differential: create and resize with each preallocation mode, by qemu-img and by blockrep. */
 
@@ -76,5 +77,52 @@ describe.runIf(qemu)('preallocation, against qemu-img', () => {
     expect(b['virtual-size']).toBe(q['virtual-size']);
     // falloc and full reserve the raw file's new 2 MiB (the first MiB stays sparse).
     expect(b['actual-size']).toBeGreaterThanOrEqual(2 << 20);
+  });
+});
+
+describe.runIf(hasPeer('qemu-img', 'qemu-io'))('resize --shrink on qcow2, against qemu-img', () => {
+  it('shrinks as qemu-img does (map, messages, file cut); zeroes the tail past an unaligned end; keeps snapshots and bitmaps sound', async () => {
+    const dir = makeTempDir();
+    for (const who of ['q', 'b']) {
+      await qemuImg(['create', '-q', '-f', 'qcow2', dir.file(`${who}.qcow2`), '16M']);
+      await qemuIo([dir.file(`${who}.qcow2`)], ['write -P 1 0 4M', 'write -P 2 10M 4M']);
+    }
+    for (const args of [['--shrink', '6M'], ['4M'], ['--shrink', '1000k'], ['2M']]) {
+      const size = args[args.length - 1]!;
+      const opts = args.slice(0, -1);
+      const qr = await run('qemu-img', ['resize', ...opts, dir.file('q.qcow2'), size], { okCodes: [0, 1] });
+      const br = await blockrep(['resize', ...opts, dir.file('b.qcow2'), size], [0, 1]);
+      expect({ args, code: br.code, out: br.stdout, err: br.stderr }).toEqual({
+        args,
+        code: qr.code,
+        out: qr.stdout,
+        err: qr.stderr.replaceAll('qemu-img', 'blockrep'),
+      });
+    }
+    const b = dir.file('b.qcow2');
+    expect(await mapOf(b)).toEqual(await mapOf(dir.file('q.qcow2')));
+    await qemuImg(['check', b]);
+    expect(statSync(b).size).toBeLessThanOrEqual(statSync(dir.file('q.qcow2')).size);
+    // What was cut off does not come back when the image grows again (QEMU shows the old bytes).
+    const reads = await qemuIo([b], ['read -P 1 0 1000k', 'read -P 0 1000k 1048k']);
+    expect(reads.stdout).not.toContain('Pattern verification failed');
+
+    // An internal snapshot keeps its clusters; a persistent bitmap follows the new size.
+    const sn = dir.file('sn.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', sn, '16M']);
+    await qemuIo([sn], ['write -P 1 0 4M', 'write -P 2 10M 4M']);
+    await qemuImg(['convert', '-O', 'raw', sn, dir.file('before.raw')]);
+    await qemuImg(['snapshot', '-c', 's1', sn]);
+    await qemuImg(['bitmap', '--add', sn, 'bm']);
+    await blockrep(['resize', '--shrink', sn, '3M']);
+    await qemuImg(['check', sn]);
+    const info = await qemuImgJson(['info', sn]);
+    expect(info['virtual-size']).toBe(3 << 20);
+    expect(JSON.stringify(info['format-specific'])).toContain('"name":"bm"');
+    // (QEMU applies a snapshot only without bitmaps.)
+    await qemuImg(['bitmap', '--remove', sn, 'bm']);
+    await qemuImg(['snapshot', '-a', 's1', sn]);
+    await qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', dir.file('before.raw'), sn]);
+    await qemuImg(['check', sn]);
   });
 });
