@@ -18,6 +18,8 @@ export const ReqFlags = {
   FAST_ZERO: 0x10,
   /** Serialise this request against every overlapping one (copy-before-write, copy-on-read). */
   SERIALISING: 0x20,
+  /** Store the data compressed (whole clusters; qcow2): refused by drivers that cannot. */
+  WRITE_COMPRESSED: 0x40,
 } as const;
 
 /** The allocation status of an extent (QEMU's BDRV_BLOCK_* flags, as fields). */

@@ -84,6 +84,8 @@ async function driverWrite(
   const drv = node.driver;
   if (!drv.write) throw ioError('ENOTSUP', `Driver '${drv.name}' cannot write`);
   const native = (drv.supportedWriteFlags ?? 0) & ~ReqFlags.SERIALISING;
+  if (flags & ReqFlags.WRITE_COMPRESSED && !(native & ReqFlags.WRITE_COMPRESSED))
+    throw ioError('ENOTSUP', `Driver '${drv.name}' does not support compressed writes`);
   const emulateFua = (flags & ReqFlags.FUA) !== 0 && (native & ReqFlags.FUA) === 0;
   const passFlags = flags & native;
   const write = drv.write;

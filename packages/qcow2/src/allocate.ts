@@ -1,3 +1,4 @@
+import { Mutex } from '@blockrep/block';
 import { type Qcow2Refcounts, refGet } from './refcount';
 
 /*
@@ -6,7 +7,40 @@ import { type Qcow2Refcounts, refGet } from './refcount';
  * reserved ahead, so a crash leaks no more than the clusters of writes still in flight.
  */
 export class Qcow2Allocator {
+  /** Where the next compressed cluster's bytes go (offset into rc.packing's cluster). */
+  private packedBytes = 0;
+  private readonly byteLock = new Mutex();
+
   constructor(private readonly rc: Qcow2Refcounts) {}
+
+  /**
+   * Room for `size` bytes of compressed data (QEMU's qcow2_alloc_bytes): packed after the
+   * previous compressed cluster's data, running on into the next cluster when that one is the
+   * next free one; every host cluster the bytes touch gains one reference.
+   */
+  allocateBytes(size: number): Promise<number> {
+    const rc = this.rc;
+    const cs = rc.cs;
+    return this.byteLock.run(async () => {
+      let offset = rc.packing >= 0 ? rc.packing * cs + this.packedBytes : 0;
+      if (offset && (await rc.get(rc.packing)) >= rc.max) offset = 0;
+      const room = offset ? cs - this.packedBytes : 0;
+      if (offset && room >= size) {
+        await rc.mutex.run(() => rc.update(rc.packing, 1, 1));
+      } else {
+        // A new cluster (its reference is the one allocateRun gives it).
+        const fresh = (await this.allocateRun(1)).offset;
+        if (offset && fresh === (rc.packing + 1) * cs) {
+          // Adjacent: the data runs on into it from the old cluster, which gains a reference.
+          await rc.mutex.run(() => rc.update(rc.packing, 1, 1));
+        } else offset = fresh;
+      }
+      const end = offset + size;
+      rc.packing = end % cs ? Math.floor(end / cs) : -1;
+      this.packedBytes = end % cs;
+      return offset;
+    });
+  }
 
   /** Host offset of n contiguous new clusters with refcount 1. */
   async allocate(n: number): Promise<number> {

@@ -1,5 +1,5 @@
 import { BlockError, type IoVec, iovMemset, iovSlice, zeroBuffer } from '@blockrep/block';
-import { inflateCluster } from './compress';
+import { deflateCluster, inflateCluster } from './compress';
 import { writeU64 } from './header';
 import { hex, type Qcow2Image } from './image';
 
@@ -287,6 +287,67 @@ async function writeNewClusters(
     } else if (!fresh) parts.push(zeroBuffer(tail));
   }
   await img.storage.write(writeAt, parts);
+}
+
+/**
+ * Writes whole guest clusters compressed (qemu-img convert -c): each is deflated and, when that
+ * saves room, its bytes are packed after the previous compressed cluster's; otherwise it is written
+ * as a normal cluster. The last cluster of an image may be short (padded with zeroes). As in
+ * QEMU, only clusters not allocated yet can be written this way.
+ */
+export async function writeCompressed(
+  img: Qcow2Image,
+  offset: number,
+  bytes: number,
+  iov: IoVec,
+): Promise<void> {
+  img.checkWritable();
+  const cs = img.cs;
+  if (offset % cs)
+    throw new BlockError('Compressed writes must start at a cluster boundary', { errno: 'EINVAL' });
+  for (let done = 0; done < bytes; done += cs) {
+    const n = Math.min(cs, bytes - done);
+    const guest = offset + done;
+    if (n < cs && guest + n !== img.size)
+      throw new BlockError('Compressed writes must cover whole clusters', { errno: 'EINVAL' });
+    const data = Buffer.alloc(cs);
+    let at = 0;
+    for (const b of iovSlice(iov, done, n)) {
+      b.copy(data, at);
+      at += b.length;
+    }
+    const packed = await deflateCluster(data);
+    if (packed.length >= cs) {
+      await writeRange(img, guest, n, [data.subarray(0, n)]);
+      continue;
+    }
+    const release = await img.allocLock.lock(guest, cs);
+    try {
+      const r = lookupCached(img, guest, cs) ?? (await lookup(img, guest, cs));
+      if (r.type !== ClusterType.UNALLOCATED)
+        throw new BlockError('Input/output error: compressed writes need unallocated clusters', {
+          errno: 'EIO',
+        });
+      await prepareL2(img, guest);
+      const host = await img.allocator.allocateBytes(packed.length);
+      if (img.overlapsMetadata(host, packed.length))
+        img.corruptEvent(`Compressed cluster at ${hex(host)} overlaps metadata`);
+      await img.storage.write(host, packed);
+      const sectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
+      const v = BigInt(host) | (BigInt(sectors) << BigInt(70 - img.clusterBits)) | (1n << 62n);
+      const e = await l2ForWrite(img, Math.floor(guest / cs / img.l2Entries));
+      try {
+        const p = ((guest / cs) % img.l2Entries) * 8;
+        e.table.writeUInt32BE(Number(v >> 32n), p);
+        e.table.writeUInt32BE(Number(v & 0xffffffffn), p + 4);
+        img.cache.markDirty(e);
+      } finally {
+        img.cache.unpin(e);
+      }
+    } finally {
+      release();
+    }
+  }
 }
 
 /**

@@ -36,7 +36,12 @@ export async function inflateCluster(img: Qcow2Image, hi: number, lo: number): P
   return data;
 }
 
-/** Raw deflate of one cluster (for tests and image conversion). */
-export function deflateCluster(data: Buffer): Buffer {
-  return zlib.deflateRawSync(data, { level: 6 });
+const deflateRaw = promisify(zlib.deflateRaw);
+
+/**
+ * Raw deflate of one cluster, as QEMU compresses (zlib type: default level, a 4 KiB window so
+ * any inflater reads it back), on node's thread pool.
+ */
+export function deflateCluster(data: Buffer): Promise<Buffer> {
+  return deflateRaw(data, { level: 6, windowBits: 12, memLevel: 9 });
 }

@@ -19,6 +19,7 @@ import {
   preallocateRange,
   readRange,
   unmapRange,
+  writeCompressed,
   writeRange,
   zeroOrDiscard,
 } from './cluster';
@@ -116,7 +117,7 @@ function metadataPreallocated(node: BlockNode): Promise<boolean> {
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
   supportsBacking: true,
-  supportedWriteFlags: 0,
+  supportedWriteFlags: ReqFlags.WRITE_COMPRESSED,
   options: {
     file: opt.child('The node holding the image', { required: true }),
     backing: opt.child('The backing (COW) node; null for none; default: the one named in the header', {
@@ -209,7 +210,10 @@ export const qcow2Driver: BlockDriver = {
   changeBackingFile: (node, filename, format) => img(node).changeBackingFile(filename, format),
   read: (node, offset, bytes, iov) => readRange(img(node), offset, bytes, iov),
 
-  write: (node, offset, bytes, iov) => writeRange(img(node), offset, bytes, iov),
+  write: (node, offset, bytes, iov, flags) =>
+    flags & ReqFlags.WRITE_COMPRESSED
+      ? writeCompressed(img(node), offset, bytes, iov)
+      : writeRange(img(node), offset, bytes, iov),
 
   async writeZeroes(node, offset, bytes, flags) {
     const image = img(node);

@@ -115,6 +115,11 @@ export class Qcow2Refcounts {
   readonly writes = new Mutex();
   /** Bumped by each refcount increase (an L2 write waits until a flush covers it). */
   gen = 0;
+  /**
+   * The cluster compressed data is being packed into (-1: none): forgotten once its refcount
+   * drops to zero, so a freed and reused cluster is never packed into again.
+   */
+  packing = -1;
 
   constructor(
     private readonly storage: Qcow2Storage,
@@ -223,6 +228,7 @@ export class Qcow2Refcounts {
         }
         refSet(b, k - base, this.bits, v);
         if (v === 0 && k < this.hint) this.hint = k;
+        if (v === 0 && k === this.packing) this.packing = -1;
       }
       this.markDirty(bi, c - base, stop - base);
       c = stop;

@@ -1,4 +1,5 @@
-import { BlockBackend, blockStatusAbove, PERM_ALL, Perm } from '@blockrep/block';
+import { writeFileSync } from 'node:fs';
+import { BlockBackend, blockStatusAbove, PERM_ALL, Perm, ReqFlags } from '@blockrep/block';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { createQcow2Image, type Qcow2Image } from '../src/index';
@@ -119,6 +120,43 @@ describe('qcow2 driver', () => {
     expect(got[200 << 10]).toBe(5);
     await close();
     await clean(f);
+  });
+
+  it('compressed writes: packed clusters read back; allocated clusters and raw nodes refuse them', async () => {
+    const d = makeTempDir();
+    const f = d.file('c.qcow2');
+    await createQcow2Image(f, { size: 1 << 20, clusterSize: 4096 });
+    const { blk, close } = await openQcow2(f);
+    // Several compressed clusters share host clusters; one that does not compress is stored plainly.
+    const clusters = [0, 1, 2, 3].map((k) => Buffer.alloc(4096, 0x41 + k));
+    const next = prng(7);
+    const noise = Buffer.alloc(4096);
+    for (let i = 0; i < noise.length; i += 4) noise.writeUInt32LE(Math.floor(next() * 2 ** 32), i);
+    for (const [k, c] of clusters.entries()) await blk.write(k * 4096, c, ReqFlags.WRITE_COMPRESSED);
+    await blk.write(8 * 4096, noise, ReqFlags.WRITE_COMPRESSED);
+    for (const [k, c] of clusters.entries()) expect((await blk.read(k * 4096, 4096)).equals(c)).toBe(true);
+    expect((await blk.read(8 * 4096, 4096)).equals(noise)).toBe(true);
+    await expect(blk.write(0, clusters[1]!, ReqFlags.WRITE_COMPRESSED)).rejects.toMatchObject({
+      errno: 'EIO',
+    });
+    await expect(blk.write(100, clusters[1]!, ReqFlags.WRITE_COMPRESSED)).rejects.toMatchObject({
+      errno: 'EINVAL',
+    });
+    await close();
+    if (qemu) {
+      await qemuImg(['check', f]);
+      const io = await qemuIo(['-f', 'qcow2', f], ['read -P 0x41 0 4k', 'read -P 0x44 12k 4k']);
+      expect(io.stdout).not.toContain('verification failed');
+    }
+    const g = qcowGraph();
+    writeFileSync(d.file('r.raw'), Buffer.alloc(65536));
+    const raw = await g.open({ driver: 'raw', file: { driver: 'file', filename: d.file('r.raw') } });
+    const rblk = new BlockBackend(g, { perm: Perm.WRITE | Perm.CONSISTENT_READ, shared: PERM_ALL });
+    rblk.attach(raw);
+    await expect(rblk.write(0, Buffer.alloc(4096, 1), ReqFlags.WRITE_COMPRESSED)).rejects.toMatchObject({
+      errno: 'ENOTSUP',
+    });
+    await g.closeAll();
   });
 
   it('takes its backing node by reference, or none with backing: null', async () => {
