@@ -383,6 +383,20 @@ export class Qcow2Image {
     this.refcounts.highWater = Math.min(this.refcounts.highWater, last + 1);
   }
 
+  /** Makes the L1 table hold at least `entries` entries (a larger table elsewhere when needed). */
+  async ensureL1(entries: number): Promise<void> {
+    this.checkWritable();
+    if (entries > this.header.l1Size) await this.l1Lock.run(() => this.growL1(entries));
+  }
+
+  /** Writes a new virtual size (a snapshot's, when it is applied); the L1 table grows if needed. */
+  async setSize(length: number): Promise<void> {
+    await this.ensureL1(l1EntriesFor(length, this.clusterBits));
+    await this.storage.write(HeaderField.SIZE, u64Buffer(length));
+    await this.storage.flush();
+    this.header.size = length;
+  }
+
   /** Grows the virtual size (a larger L1 table first when needed, then the size field). */
   async grow(length: number): Promise<void> {
     this.checkWritable();

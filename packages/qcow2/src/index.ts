@@ -11,3 +11,10 @@ export {
   type Qcow2MeasureOptions,
   refcountMetadataSize,
 } from './measure';
+export {
+  applySnapshot,
+  createSnapshot,
+  deleteSnapshot,
+  type Qcow2Snapshot,
+  readSnapshots,
+} from './snapshot';
