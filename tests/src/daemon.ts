@@ -43,7 +43,11 @@ function exited(p: ChildProcess): Promise<number | null> {
  * Starts blockrepd with a QMP socket (plus extra arguments) and connects a QMP client; `prefix`
  * runs it under another command (`ip netns exec NS`: a host of its own).
  */
-export async function startDaemon(qmpPath: string, args: string[] = [], prefix: string[] = []): Promise<Daemon> {
+export async function startDaemon(
+  qmpPath: string,
+  args: string[] = [],
+  prefix: string[] = [],
+): Promise<Daemon> {
   const cmd = [...prefix, process.execPath, BLOCKREPD, '--qmp', `unix:${qmpPath}`, ...args];
   const proc = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
   running.add(proc);

@@ -13,6 +13,7 @@ export {
 } from './measure';
 export {
   applySnapshot,
+  type CreateSnapshotOptions,
   createSnapshot,
   deleteSnapshot,
   type Qcow2Snapshot,

@@ -175,12 +175,22 @@ function find(list: Qcow2Snapshot[], idOrName: string): number {
   return byId >= 0 ? byId : list.findIndex((s) => s.name === idOrName);
 }
 
+export interface CreateSnapshotOptions {
+  /** The date recorded, ms since the epoch (default: now). */
+  now?: number;
+  /** The VM clock recorded, ns (default 0, as qemu-img records it). */
+  vmClockNs?: bigint;
+  /** The instruction count recorded (default 0, as qemu-img; -1: none, as a QMP snapshot). */
+  icount?: bigint;
+}
+
 /** Creates a snapshot of the active layer named `name` (its id: one above the highest numeric id). */
 export async function createSnapshot(
   img: Qcow2Image,
   name: string,
-  now = Date.now(),
+  opts: CreateSnapshotOptions = {},
 ): Promise<Qcow2Snapshot> {
+  const now = opts.now ?? Date.now();
   img.checkWritable();
   if (Buffer.byteLength(name) > 65535) throw snapErr('Snapshot name too long');
   const list = await readSnapshots(img);
@@ -193,10 +203,10 @@ export async function createSnapshot(
   const l1Bytes = img.header.l1Size * 8;
   const l1Offset = l1Bytes ? await img.allocator.allocate(Math.ceil(l1Bytes / cs)) : 0;
   if (l1Bytes) await img.storage.write(l1Offset, Buffer.from(img.l1.subarray(0, l1Bytes)));
-  // The extra data: 64-bit VM state size (none), the disk size, an instruction count of 0 (what
-  // qemu-img records for the snapshots it takes).
+  // The extra data: 64-bit VM state size (none), the disk size, the instruction count.
   const extra = Buffer.alloc(24);
   writeU64(extra, 8, img.size);
+  extra.writeBigInt64BE(opts.icount ?? 0n, 16);
   const sn: Qcow2Snapshot = {
     l1Offset,
     l1Size: img.header.l1Size,
@@ -204,7 +214,7 @@ export async function createSnapshot(
     name,
     dateSec: Math.floor(now / 1000),
     dateNsec: (now % 1000) * 1_000_000,
-    vmClockNs: 0n,
+    vmClockNs: opts.vmClockNs ?? 0n,
     vmStateSize: 0,
     extra,
   };

@@ -4,6 +4,7 @@ import { registerBitmapCommands } from './commands/bitmaps';
 import { registerBlockCommands } from './commands/block';
 import { BlockdevCreators, fileCreator, registerCreateCommand } from './commands/create';
 import { registerJobCommands } from './commands/jobs';
+import { registerSnapshotCommands } from './commands/snapshots';
 import { CommandRegistry } from './registry';
 import { QmpServer, type QmpServerOptions } from './server';
 
@@ -27,6 +28,7 @@ export function createBlockQmpServer(opts: BlockQmpServerOptions): {
   creators.register(fileCreator);
   registerBlockCommands(registry, opts.graph, opts.jobs);
   registerBitmapCommands(registry, opts.graph);
+  registerSnapshotCommands(registry, opts.graph);
   registerJobCommands(registry, opts.jobs);
   registerCreateCommand(registry, { graph: opts.graph, jobs: opts.jobs, creators });
   const forward = (e: JobEvent) => server.emitEvent(e.event, e.data);
