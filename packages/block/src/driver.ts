@@ -115,6 +115,8 @@ export interface BlockDriver {
   /** Limits after open (defaults: alignment 1, unlimited transfers). */
   limits?(node: BlockNode): Partial<BlockLimits>;
   getLength(node: BlockNode): number | Promise<number>;
+  /** query-blockstats' driver-specific member (the file driver: its discard counts). */
+  statsSpecific?(node: BlockNode): Record<string, unknown>;
   /** Bytes the node takes on its storage (a file's allocated blocks); absent when unknown. */
   allocatedSize?(node: BlockNode): Promise<number>;
 

@@ -103,6 +103,7 @@ function flushAfterWrite(node: BlockNode): Promise<void> {
 /** What every write-like request does when it ends (QEMU's write_req_finish). */
 function writeFinished(node: BlockNode, offset: number, bytes: number): void {
   if (offset + bytes > node.length) node.length = offset + bytes;
+  if (offset + bytes > node.wrHighestOffset) node.wrHighestOffset = offset + bytes;
   markDirty(node, offset, bytes);
 }
 
@@ -300,6 +301,7 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
         if (toBlockError(e).errno !== 'ENOTSUP') throw e;
       }
     }
+    if (end > node.wrHighestOffset) node.wrHighestOffset = end;
   } catch (e) {
     throw toBlockError(e);
   } finally {

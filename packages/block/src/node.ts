@@ -115,6 +115,8 @@ export class BlockNode {
   inFlight = 0;
   /** Write-like requests finished (succeeded or not) since the node opened. */
   writeGen = 0;
+  /** The end of the highest write-like request that succeeded (QEMU's wr_highest_offset). */
+  wrHighestOffset = 0;
   /** The writeGen at the beginning of the latest-begun flush that succeeded. */
   flushedGen = 0;
   readonly tracked = new Set<TrackedRequest>();

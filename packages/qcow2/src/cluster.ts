@@ -399,6 +399,8 @@ async function setEntries(
   guestStart: number,
   n: number,
   entry: (k: number, oldType: ClusterType, oldHost: number, oldCopied: boolean) => [number, boolean, boolean],
+  /** The clusters this frees come from a guest discard: punch them out of the file (passDiscards). */
+  punch = false,
 ): Promise<void> {
   const cluster = guestStart / img.cs;
   const l1i = Math.floor(cluster / img.l2Entries);
@@ -417,9 +419,9 @@ async function setEntries(
       if (copied) t.writeUInt32BE((t.readUInt32BE(p) | COPIED) >>> 0, p);
       if (zero) t.writeUInt32BE((t.readUInt32BE(p + 4) | 1) >>> 0, p + 4);
       if (oldType === ClusterType.COMPRESSED) {
-        img.pendingFree.push(compressedClusters(hi, lo, img));
+        img.pendingFree.push([...compressedClusters(hi, lo, img), punch]);
       } else if (oldHost && oldHost !== host) {
-        img.pendingFree.push([oldHost, 1]);
+        img.pendingFree.push([oldHost, 1, punch]);
       }
     }
     img.cache.markDirty(e);
@@ -526,13 +528,19 @@ export async function zeroOrDiscard(
       const l1i = Math.floor(pos / tableBytes);
       // Nothing to do where no table exists and the range already reads as zeroes / is unmapped.
       if (img.l2Offset(l1i) || (mode === 'zero' && img.backing && pos < img.backing.length())) {
-        await setEntries(img, pos, (end - pos) / cs, (_k, type, host, copied) => {
-          if (mode === 'discard') return img.v3 && img.backing ? [0, false, true] : [0, false, false];
-          if (keep && host && copied && (type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC)) {
-            return [host, true, true];
-          }
-          return [0, false, true];
-        });
+        await setEntries(
+          img,
+          pos,
+          (end - pos) / cs,
+          (_k, type, host, copied) => {
+            if (mode === 'discard') return img.v3 && img.backing ? [0, false, true] : [0, false, false];
+            if (keep && host && copied && (type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC)) {
+              return [host, true, true];
+            }
+            return [0, false, true];
+          },
+          img.passDiscards,
+        );
       }
     } finally {
       release();

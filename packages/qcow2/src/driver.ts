@@ -129,7 +129,9 @@ export const qcow2Driver: BlockDriver = {
     'cache-size': opt.size('Maximum metadata cache size (used as the L2 cache size when that is not given)'),
     'refcount-cache-size': opt.size('Accepted for compatibility (refcount blocks are always cached)'),
     'lazy-refcounts': opt.bool('Accepted for compatibility (refcounts are always kept up to date)'),
-    'pass-discard-request': opt.bool('Accepted for compatibility (freed clusters are reused, not punched)'),
+    'pass-discard-request': opt.bool(
+      'Punch the clusters a guest discard frees out of the file (default: on with discard=unmap)',
+    ),
     'cache-clean-interval': opt.int('Accepted for compatibility', { min: 0 }),
   },
 
@@ -150,6 +152,7 @@ export const qcow2Driver: BlockDriver = {
       } else throw e;
     }
     node.opaque = image;
+    image.passDiscards = (opts['pass-discard-request'] as boolean | undefined) ?? node.discardUnmap;
     // Persistent bitmaps live on the node from now on; a writer marks them in use on disk.
     node.dirtyBitmaps.push(...(await loadBitmaps(image)));
     if (!node.readOnly) await markBitmapsInUse(image);

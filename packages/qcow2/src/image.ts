@@ -55,7 +55,12 @@ export class Qcow2Image {
   /** In-place data writes in flight. */
   readonly dataWrites = new Set<Promise<void>>();
   /** Host clusters whose last on-disk reference goes away with the next L2 write-back. */
-  pendingFree: [offset: number, clusters: number][] = [];
+  pendingFree: [offset: number, clusters: number, punch?: boolean][] = [];
+  /**
+   * Guest discards (and unmapping zero writes) reach the file: the clusters they free are punched
+   * out before they go back (QEMU's pass-discard-request, on with discard=unmap).
+   */
+  passDiscards = false;
   corrupt: boolean;
   /** A corruption was reported (later ones of the same weight are not). */
   private signaledCorruption = false;
@@ -292,6 +297,17 @@ export class Qcow2Image {
         // A write that found a freed cluster before it was unmapped must land before it is reused.
         await Promise.allSettled(writing);
         await this.storage.flush();
+        // Punched while still counted (nothing can be given the clusters meanwhile), only where
+        // this is the last reference (a snapshot's or another compressed cluster's stay), and
+        // neighbouring ranges as one request (as QEMU merges its discard queue).
+        const punches: [number, number][] = [];
+        for (const [off, n, punch] of frees) {
+          if (!punch || !this.storage.discard || (await this.refcounts.get(off / this.cs)) !== 1) continue;
+          const last = punches[punches.length - 1];
+          if (last && last[0] + last[1] === off) last[1] += n * this.cs;
+          else punches.push([off, n * this.cs]);
+        }
+        for (const [off, bytes] of punches) await this.storage.discard!(off, bytes).catch(() => {});
         for (const [off, n] of frees) await this.refcounts.free(off, n);
       }
       // Decreases too (frees, failed allocations): the flush to disk that follows covers them.

@@ -11,6 +11,8 @@ export interface Qcow2Storage {
   flush(): Promise<void>;
   length(): Promise<number>;
   truncate(length: number): Promise<void>;
+  /** Hands a range back to the storage (a hole in a file); absent where it cannot. */
+  discard?(offset: number, bytes: number): Promise<void>;
   readonly filename: string;
 }
 
@@ -53,6 +55,7 @@ export function childStorage(child: BlockChild): Qcow2Storage {
     flush: () => child.flush(),
     length: async () => child.getLength(),
     truncate: (length) => child.truncate(length, { exact: true, prealloc: 'off' }),
+    discard: (offset, bytes) => child.discard(offset, bytes),
     filename: child.node.filename,
   };
 }

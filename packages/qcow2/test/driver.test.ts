@@ -1,8 +1,8 @@
-import { writeFileSync } from 'node:fs';
+import { statSync, writeFileSync } from 'node:fs';
 import { BlockBackend, blockStatusAbove, PERM_ALL, Perm, ReqFlags } from '@blockrep/block';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { createQcow2Image, type Qcow2Image } from '../src/index';
+import { applySnapshot, createQcow2Image, createSnapshot, type Qcow2Image } from '../src/index';
 import {
   firstDiff,
   openQcow2,
@@ -157,6 +157,35 @@ describe('qcow2 driver', () => {
       errno: 'ENOTSUP',
     });
     await g.closeAll();
+  });
+
+  it('discard=unmap punches freed clusters out of the file, never ones a snapshot still uses', async () => {
+    const d = makeTempDir();
+    const f = d.file('p.qcow2');
+    await createQcow2Image(f, { size: 4 << 20 });
+    const blocks = () => statSync(f).blocks;
+    let { blk, node, close } = await openQcow2(f, {
+      discard: 'unmap',
+      file: { driver: 'file', filename: f, discard: 'unmap' },
+    });
+    await blk.write(0, Buffer.alloc(2 << 20, 7));
+    await blk.flush();
+    const full = blocks();
+    await blk.discard(0, 1 << 20);
+    await blk.flush();
+    expect(blocks()).toBeLessThanOrEqual(full - 2048); // 1 MiB fewer 512-byte blocks
+    // A snapshot shares the rest: discarding it in the active layer leaves the file's data.
+    await createSnapshot(node.opaque as Qcow2Image, 'keep');
+    const before = blocks();
+    await blk.discard(1 << 20, 1 << 20);
+    await blk.flush();
+    expect(blocks()).toBeGreaterThanOrEqual(before); // (the shared L2 table is copied: one more cluster)
+    await close();
+    ({ blk, node, close } = await openQcow2(f));
+    await applySnapshot(node.opaque as Qcow2Image, 'keep');
+    expect((await blk.read(1 << 20, 1 << 20)).every((b) => b === 7)).toBe(true);
+    await close();
+    if (qemu) await qemuImg(['check', f]);
   });
 
   it('takes its backing node by reference, or none with backing: null', async () => {

@@ -10,6 +10,8 @@ import { sparse } from './sparse';
 /** The file protocol: a regular file (or block device) through one file descriptor. */
 interface FileState {
   fd: number;
+  /** Discards that punched holes, failed, and the bytes punched (query-blockstats). */
+  discards: { ok: number; failed: number; bytes: number };
   filename: string;
   /** Small reads may run on the event loop thread (aio not set to 'threads'). */
   inline: boolean;
@@ -211,6 +213,7 @@ export const fileDriver: BlockDriver = {
       inline,
       inlineWrites: inline && process.env.BLOCKREP_INLINE_WRITES !== '0',
       bigPoolWrites: 0,
+      discards: { ok: 0, failed: 0, bytes: 0 },
       pending: [],
       counts: { inline: 0, pool: 0 },
       locks,
@@ -321,7 +324,24 @@ export const fileDriver: BlockDriver = {
 
   async discard(node, offset, bytes) {
     const s = st(node);
-    await inIssueOrder(s, offset, offset + bytes, () => sparse.punchHole(s.fd, offset, bytes));
+    try {
+      await inIssueOrder(s, offset, offset + bytes, () => sparse.punchHole(s.fd, offset, bytes));
+    } catch (e) {
+      s.discards.failed++;
+      throw e;
+    }
+    s.discards.ok++;
+    s.discards.bytes += bytes;
+  },
+
+  statsSpecific(node) {
+    const d = st(node).discards;
+    return {
+      driver: 'file',
+      'discard-nb-ok': d.ok,
+      'discard-nb-failed': d.failed,
+      'discard-bytes-ok': d.bytes,
+    };
   },
 
   async allocatedSize(node) {
