@@ -19,6 +19,7 @@ process is writing, as qemu-img -U does):
   commit [-q] [-p] [-d] [-f fmt] [-b base] FILE
   rebase [-q] [-p] [-u] [-U] [-f fmt] -b backing [-F fmt] FILE
   measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] [-U] FILE]
+  amend [-p] [-q] [-f fmt] -o options FILE
   snapshot [-q] [-U] [-f fmt] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... [-g granularity]
          [-b source_file [-F fmt]] [-f fmt] FILE BITMAP
@@ -53,6 +54,7 @@ const commands: Record<string, () => Promise<Command>> = {
   commit: async () => (await import('./commands/commit')).commitCommand,
   rebase: async () => (await import('./commands/rebase')).rebaseCommand,
   measure: async () => (await import('./commands/measure')).measureCommand,
+  amend: async () => (await import('./commands/amend')).amendCommand,
   snapshot: async () => (await import('./commands/snapshot')).snapshotCommand,
   bitmap: async () => (await import('./commands/bitmap')).bitmapCommand,
   dd: async () => (await import('./commands/dd')).ddCommand,

@@ -10,6 +10,7 @@ import {
 import { type Qcow2CacheEntry, Qcow2L2Cache } from './cache';
 import { checkStorage } from './check';
 import {
+  Compat,
   Ext,
   HeaderField,
   Incompat,
@@ -397,6 +398,28 @@ export class Qcow2Image {
     const last = await this.refcounts.lastUsedCluster();
     if ((last + 1) * cs < (await this.storage.length())) await this.storage.truncate((last + 1) * cs);
     this.refcounts.highWater = Math.min(this.refcounts.highWater, last + 1);
+  }
+
+  /** Sets or clears the lazy-refcounts compatible feature bit (qemu-img amend lazy_refcounts). */
+  async setLazyRefcounts(on: boolean): Promise<void> {
+    this.checkWritable();
+    if (on && !this.v3)
+      throw new BlockError(
+        'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
+        { errno: 'EINVAL' },
+      );
+    if (!this.v3) return;
+    // Refcounts are always kept up to date here: they are durable before the bit changes.
+    await this.flushMetadata();
+    await this.storage.flush();
+    const bits = on
+      ? this.header.compatible | Compat.LAZY_REFCOUNTS
+      : this.header.compatible & ~Compat.LAZY_REFCOUNTS;
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(bits);
+    await this.storage.write(HeaderField.COMPAT, b);
+    await this.storage.flush();
+    this.header.compatible = bits;
   }
 
   /** Makes the L1 table hold at least `entries` entries (a larger table elsewhere when needed). */
