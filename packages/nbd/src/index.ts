@@ -3,6 +3,16 @@
  * (`NbdServer`), and the `nbd` protocol driver opening a remote export as a block node
  * (`nbdDriver`). See README.md for options and behaviour.
  */
+
+export {
+  NbdClientConnection,
+  NbdConnectionLost,
+  type NbdConnectOptions,
+  type NbdExportDetails,
+} from './client/connection';
+export { nbdBreakConnection, nbdDriver, parseNbdUri } from './client/driver';
+export { NbdClientSession, type NbdSessionOptions } from './client/session';
+export * as nbdProtocol from './protocol';
 export {
   type BlockSizeConstraints,
   type ExportContext,
@@ -24,12 +34,3 @@ export {
   type TlsCredsOptions,
   unregisterTlsCreds,
 } from './tls';
-export * as nbdProtocol from './protocol';
-export { nbdBreakConnection, nbdDriver, parseNbdUri } from './client/driver';
-export {
-  NbdClientConnection,
-  NbdConnectionLost,
-  type NbdConnectOptions,
-  type NbdExportDetails,
-} from './client/connection';
-export { NbdClientSession, type NbdSessionOptions } from './client/session';

@@ -153,12 +153,33 @@ function withId(x: Record<string, unknown>, id: unknown): Record<string, unknown
  * A QMP server: any number of monitors on Unix sockets and TCP ports, one command registry, and
  * events broadcast to every monitor past capabilities negotiation.
  */
+/**
+ * QEMU's monitor rate limits (ms) for events that can come in floods, per event and, where QEMU
+ * keys them, per value of one data member.
+ */
+const EVENT_RATE_LIMITS: Record<string, { ms: number; key?: string }> = {
+  QUORUM_REPORT_BAD: { ms: 1000, key: 'node-name' },
+  QUORUM_FAILURE: { ms: 1000 },
+  RTC_CHANGE: { ms: 1000 },
+  WATCHDOG: { ms: 1000 },
+  BALLOON_CHANGE: { ms: 1000 },
+  VSERPORT_CHANGE: { ms: 1000, key: 'id' },
+  MEMORY_DEVICE_SIZE_CHANGE: { ms: 1000, key: 'qom-path' },
+};
+
+interface Throttled {
+  pending: Record<string, unknown> | null;
+  timer: NodeJS.Timeout;
+}
+
 export class QmpServer extends EventEmitter {
   readonly registry: CommandRegistry;
   readonly version: QmpVersion;
   readonly monitors = new Set<QmpMonitor>();
   private readonly servers = new Set<Server>();
   private readonly onQuit: (() => void) | undefined;
+  /** Rate-limited events by kind (and key member): the latest one held back in the window. */
+  private readonly throttled = new Map<string, Throttled>();
 
   constructor(opts: QmpServerOptions = {}) {
     super();
@@ -232,8 +253,40 @@ export class QmpServer extends EventEmitter {
       event,
     };
     if (data !== undefined) msg.data = data;
-    for (const m of this.monitors) if (m.mode === 'command') m.send(msg);
+    const limit = EVENT_RATE_LIMITS[event];
+    if (!limit) this.deliver(msg);
+    else this.throttle(`${event}\0${limit.key ? String(data?.[limit.key]) : ''}`, limit.ms, msg);
     this.emit('qmp-event', msg);
+  }
+
+  private deliver(msg: Record<string, unknown>): void {
+    for (const m of this.monitors) if (m.mode === 'command') m.send(msg);
+  }
+
+  /**
+   * QEMU's event rate limit: the first event of a kind goes out at once and opens a window;
+   * within it only the latest one is kept, sent (with its own timestamp) when the window ends,
+   * which opens the next.
+   */
+  private throttle(key: string, ms: number, msg: Record<string, unknown>): void {
+    const state = this.throttled.get(key);
+    if (state) {
+      state.pending = msg;
+      return;
+    }
+    this.deliver(msg);
+    const s: Throttled = { pending: null, timer: undefined as unknown as NodeJS.Timeout };
+    const tick = () => {
+      if (!s.pending) {
+        this.throttled.delete(key);
+        return;
+      }
+      this.deliver(s.pending);
+      s.pending = null;
+      s.timer = setTimeout(tick, ms).unref();
+    };
+    s.timer = setTimeout(tick, ms).unref();
+    this.throttled.set(key, s);
   }
 
   /** quit: answer first, then tell the owner. */
@@ -243,6 +296,8 @@ export class QmpServer extends EventEmitter {
 
   /** Stops listening and closes every monitor. */
   async close(): Promise<void> {
+    for (const t of this.throttled.values()) clearTimeout(t.timer);
+    this.throttled.clear();
     for (const m of [...this.monitors]) m.close();
     await Promise.all(
       [...this.servers].map((l) => new Promise<void>((r) => (l.listening ? l.close(() => r()) : r()))),

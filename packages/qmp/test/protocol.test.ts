@@ -306,3 +306,31 @@ describe('QmpClient', () => {
     await c.close();
   });
 });
+
+describe('event rate limits', () => {
+  it('QUORUM_REPORT_BAD: the first per node at once, the latest of the burst when the second ends, the rest dropped', async () => {
+    const { server, path } = await startServer();
+    const c = await QmpClient.connect({ path });
+    const got: string[] = [];
+    c.on('event', (e: { event: string; data?: Record<string, unknown> }) => {
+      if (e.event === 'QUORUM_REPORT_BAD') got.push(`${e.data!['node-name']}:${e.data!['sector-num']}`);
+      else got.push(e.event);
+    });
+    const bad = (node: string, n: number) =>
+      server.emitEvent('QUORUM_REPORT_BAD', {
+        type: 'read',
+        'node-name': node,
+        'sector-num': n,
+        'sectors-count': 8,
+      });
+    const t0 = Date.now();
+    for (let i = 0; i < 5; i++) bad('a', i);
+    bad('b', 0);
+    server.emitEvent('JOB_STATUS_CHANGE', { id: 'j', status: 'created' }); // not limited
+    await waitFor(() => got.length >= 4, { what: "node a's held-back event" });
+    expect(got).toEqual(['a:0', 'b:0', 'JOB_STATUS_CHANGE', 'a:4']);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(990);
+    c.close();
+    await server.close();
+  });
+});

@@ -220,7 +220,9 @@ export const nbdDriver: BlockDriver = {
     await s.run((c) => c.command(Cmd.TRIM, 0, offset, bytes));
   },
 
-  async flushToDisk(node) {
+  // To the OS, as QEMU's client: sent on every flush, even with nothing written since the last
+  // one (the server may hold writes of other clients; a quorum above reports a failing flush).
+  async flushToOs(node) {
     const s = st(node).session;
     if (!(s.details.flags & TxFlag.SEND_FLUSH)) return;
     await s.run((c) => c.command(Cmd.FLUSH, 0, 0, 0));

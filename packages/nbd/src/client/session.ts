@@ -1,8 +1,8 @@
 import { BlockError } from '@blockrep/block';
 import {
-  type NbdConnectOptions,
   NbdClientConnection,
   NbdConnectionLost,
+  type NbdConnectOptions,
   type NbdExportDetails,
 } from './connection';
 

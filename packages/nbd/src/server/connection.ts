@@ -73,11 +73,8 @@ const ALLOWED_FLAGS: Record<number, number> = {
 const MAX_IN_FLIGHT = 256;
 const MAX_IN_FLIGHT_BYTES = 64 << 20;
 const MAX_UNSENT_BYTES = 32 << 20;
-/** Reads at least this long look for holes to send as NBD_REPLY_TYPE_OFFSET_HOLE chunks. */
-const SPARSE_READ_MIN = 256 << 10;
 /** Most descriptors in one block status reply chunk. */
 const MAX_EXTENTS = 2048;
-
 
 /**
  * One client connection: the fixed newstyle handshake (async, small), then the transmission
@@ -594,7 +591,9 @@ export class NbdServerConnection implements ExportClient {
 
   private async doRead(hi: number, lo: number, offset: number, length: number, flags: number): Promise<void> {
     const backend = this.exp!.backend;
-    if (this.structured && length >= SPARSE_READ_MIN && !(flags & CmdFlag.DF)) {
+    // Every structured read asks the block status first, as QEMU's server does: holes go out as
+    // OFFSET_HOLE chunks, and a quorum below reports a dead child on each read as in QEMU.
+    if (this.structured && length > 0 && !(flags & CmdFlag.DF)) {
       if (await this.sparseRead(hi, lo, offset, length)) return;
     }
     const hdr = this.structured ? OFFSET_DATA_HEADER : SIMPLE_HEADER;
@@ -627,7 +626,7 @@ export class NbdServerConnection implements ExportClient {
   }
 
   /**
-   * A large structured read over holes: zero extents go out as OFFSET_HOLE chunks, the rest as
+   * A structured read over holes: zero extents go out as OFFSET_HOLE chunks, the rest as
    * OFFSET_DATA. Returns false (nothing sent) when the range is all data.
    */
   private async sparseRead(hi: number, lo: number, offset: number, length: number): Promise<boolean> {

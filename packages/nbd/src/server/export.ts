@@ -5,8 +5,8 @@ import {
   type BlockNode,
   type DirtyBitmap,
   findDirtyBitmap,
-  Perm,
   PERM_ALL,
+  Perm,
 } from '@blockrep/block';
 import {
   CONTEXT_ALLOCATION_DEPTH,
