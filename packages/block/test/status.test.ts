@@ -31,9 +31,12 @@ describe('file block status', () => {
     const n = await g.open({ driver: 'file', filename: f, discard: 'unmap' });
     const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
     blk.attach(n);
+    // Data before: remembered as one data extent, which the holes made below must clear.
+    expect(await blockStatus(n, 0, 1 << 20)).toMatchObject({ data: true, bytes: 1 << 20 });
     await blk.writeZeroes(0, 256 << 10, 0x2 /* MAY_UNMAP */);
     expect((await blockStatus(n, 0, 1 << 20)).data).toBe(false);
     expect((await blk.read(0, 256 << 10)).every((x) => x === 0)).toBe(true);
+    expect((await blockStatus(n, 512 << 10, 4096)).data).toBe(true);
     await blk.discard(512 << 10, 256 << 10);
     expect((await blockStatus(n, 512 << 10, 256 << 10)).data).toBe(false);
     expect((await blk.read(256 << 10, 4)).every((x) => x === 7)).toBe(true);

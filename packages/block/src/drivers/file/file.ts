@@ -10,6 +10,12 @@ import { sparse } from './sparse';
 /** The file protocol: a regular file (or block device) through one file descriptor. */
 interface FileState {
   fd: number;
+  /**
+   * The last data extent lseek found, [start, end): block status inside it answers without two
+   * lseeks per request (the NBD server asks on every read). Cleared by whatever can make a hole
+   * (discard, zero writes, truncation); writes only turn holes into data.
+   */
+  dataExtent?: [number, number] | null;
   /** Discards that punched holes, failed, and the bytes punched (query-blockstats). */
   discards: { ok: number; failed: number; bytes: number };
   filename: string;
@@ -319,16 +325,25 @@ export const fileDriver: BlockDriver = {
 
   async writeZeroes(node, offset, bytes, flags) {
     const s = st(node);
-    await inIssueOrder(s, offset, offset + bytes, () => sparse.zeroRange(s.fd, offset, bytes, flags));
+    // Cleared before and after: a status answer that raced the hole must not stay remembered.
+    s.dataExtent = null;
+    try {
+      await inIssueOrder(s, offset, offset + bytes, () => sparse.zeroRange(s.fd, offset, bytes, flags));
+    } finally {
+      s.dataExtent = null;
+    }
   },
 
   async discard(node, offset, bytes) {
     const s = st(node);
+    s.dataExtent = null;
     try {
       await inIssueOrder(s, offset, offset + bytes, () => sparse.punchHole(s.fd, offset, bytes));
     } catch (e) {
       s.discards.failed++;
       throw e;
+    } finally {
+      s.dataExtent = null;
     }
     s.discards.ok++;
     s.discards.bytes += bytes;
@@ -354,8 +369,15 @@ export const fileDriver: BlockDriver = {
   },
 
   async blockStatus(node, offset, bytes): Promise<BlockStatus> {
-    const fd = st(node).fd;
-    const ext = await sparse.extent(fd, offset, bytes);
+    const s = st(node);
+    const fd = s.fd;
+    const known = s.dataExtent;
+    if (known && offset >= known[0] && offset + bytes <= known[1])
+      return { bytes, data: true, zero: false, allocated: true, offset, file: node };
+    // The whole extent from offset (to the next hole or the end), remembered when it is data.
+    const whole = await sparse.extent(fd, offset, Number.MAX_SAFE_INTEGER - offset);
+    if (whole.data) s.dataExtent = [offset, offset + whole.bytes];
+    const ext = { data: whole.data, bytes: Math.min(bytes, whole.bytes) };
     return {
       bytes: ext.bytes,
       data: ext.data,
@@ -367,6 +389,7 @@ export const fileDriver: BlockDriver = {
   },
 
   async truncate(node, length, opts) {
+    st(node).dataExtent = null;
     const fd = st(node).fd;
     const stat = await fsStat(fd);
     if (opts.prealloc !== 'off' && opts.prealloc !== 'full' && opts.prealloc !== 'falloc') {
@@ -380,6 +403,7 @@ export const fileDriver: BlockDriver = {
       return;
     }
     await new Promise<void>((res, rej) => fs.ftruncate(fd, length, (e) => (e ? rej(e) : res())));
+    st(node).dataExtent = null;
     if (opts.prealloc === 'full' && length > stat.size) {
       const chunk = Buffer.alloc(Math.min(1 << 20, length - stat.size));
       for (let pos = stat.size; pos < length; pos += chunk.length) {
