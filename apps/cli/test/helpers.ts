@@ -1,5 +1,6 @@
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { makeTempDir, type PeerResult, qemuImg, qemuImgJson, qemuIo, runPeer } from '@blockrep/test-kit';
+import { expect } from 'vitest';
 
 export const bin = new URL('../bin/blockrep.cjs', import.meta.url).pathname;
 
@@ -15,6 +16,35 @@ export function blockrep(
   input?: string,
 ): Promise<PeerResult> {
   return run('node', [bin, ...args], { okCodes, env, input });
+}
+
+/**
+ * Differential: `theirs` to qemu-img and `ours` (the same by default; other image copies when the
+ * command changes them) to blockrep. Exit code and stderr must agree with the program's name
+ * swapped (and `swap` pairs of texts: qemu-img's paths to ours), and stdout too unless
+ * `stdout: false`. Returns both results.
+ */
+export async function sameAsQemuImg(
+  theirs: string[],
+  ours: string[] = theirs,
+  opts: { stdout?: boolean; swap?: [string, string][] } = {},
+): Promise<{ q: PeerResult; b: PeerResult }> {
+  const q = await run('qemu-img', theirs, { okCodes: [0, 1, 2, 3] });
+  const b = await blockrep(ours, [0, 1, 2, 3]);
+  const norm = (t: string) => {
+    let out = t.replaceAll('qemu-img', 'blockrep');
+    for (const [from, to] of opts.swap ?? []) out = out.replaceAll(from, to);
+    return out;
+  };
+  const line = ours.join(' ');
+  const shown = (r: PeerResult, n: (t: string) => string) => ({
+    line,
+    code: r.code,
+    stderr: n(r.stderr),
+    ...(opts.stdout === false ? {} : { stdout: n(r.stdout) }),
+  });
+  expect(shown(b, (t) => t)).toEqual(shown(q, norm));
+  return { q, b };
 }
 
 /** Runs the CLI and parses its stdout as JSON. */

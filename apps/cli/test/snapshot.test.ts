@@ -1,6 +1,6 @@
 import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { blockrep, qemuImg, qemuImgJson, qemuIo, run } from './helpers';
+import { blockrep, qemuImg, qemuImgJson, qemuIo, sameAsQemuImg } from './helpers';
 
 /*
  * Internal snapshots both ways: qemu-img lists, applies, checks and deletes the snapshots
@@ -67,18 +67,10 @@ describe.runIf(qemu)('snapshot, with qemu-img snapshot', () => {
       ['-a', 'nope', img],
       ['-c', 'x'],
       [img, img],
-    ]) {
-      const q = await run('qemu-img', ['snapshot', ...args], { okCodes: [0, 1] });
-      const b = await blockrep(['snapshot', ...args], [0, 1]);
-      expect({ args, code: b.code, err: b.stderr }).toEqual({
-        args,
-        code: q.code,
-        err: q.stderr.replaceAll('qemu-img', 'blockrep'),
-      });
-    }
+    ])
+      await sameAsQemuImg(['snapshot', ...args]);
     await qemuImg(['bitmap', '--add', img, 'bm']);
-    const q = await run('qemu-img', ['snapshot', '-a', 'one', img], { okCodes: [1] });
-    const b = await blockrep(['snapshot', '-a', 'one', img], [1]);
-    expect(b.stderr).toBe(q.stderr.replaceAll('qemu-img', 'blockrep'));
+    const { b } = await sameAsQemuImg(['snapshot', '-a', 'one', img]);
+    expect(b.code).toBe(1);
   });
 });
