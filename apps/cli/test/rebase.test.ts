@@ -62,6 +62,7 @@ describe.runIf(qemu)('rebase, against qemu-img rebase', () => {
         ['rebase', ...args, join(b, 'top.qcow2')],
         {
           swap: [[q, b]],
+          stdout: false, // (-p: qemu-img draws its progress line even into a pipe; blockrep on terminals only)
         },
       );
       const what = `rebase ${args.join(' ')}`;
