@@ -1,3 +1,4 @@
+import { parseSize } from '@blockrep/block';
 import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage, qcow2Of } from '../image';
@@ -55,10 +56,9 @@ export async function amendCommand(args: string[]): Promise<number> {
     const lazy = o.has('lazy_refcounts') ? boolOption('lazy_refcounts', o.get('lazy_refcounts')!) : undefined;
     let size: number | undefined;
     if (o.has('size')) {
-      const v = o.get('size')!;
-      const m = /^(\d+)([kKMGTPE]?)$/.exec(v);
-      if (!m) throw new CliFailure(`Parameter 'size' expects a non-negative number below 2^64\n${SIZE_HINT}`);
-      size = Number(m[1]) * 1024 ** (m[2] ? 'kMGTPE'.indexOf(m[2] === 'K' ? 'k' : m[2]) + 1 : 0);
+      size = parseSize(o.get('size')!);
+      if (size === undefined)
+        throw new CliFailure(`Parameter 'size' expects a non-negative number below 2^64\n${SIZE_HINT}`);
     }
     const compat = o.get('compat');
     if (compat !== undefined) {
