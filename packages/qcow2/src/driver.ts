@@ -90,6 +90,8 @@ const alignUp = (v: number, a: number) => Math.ceil(v / a) * a;
 const alignDown = (v: number, a: number) => Math.floor(v / a) * a;
 
 const preallocDetected = new WeakMap<Qcow2Image, Promise<boolean>>();
+/** The answers already in (block status is a hot path: no await once it is known). */
+const preallocKnown = new WeakMap<Qcow2Image, boolean>();
 
 /**
  * Whether an image looks preallocated with metadata (QEMU's heuristic, decided once per open):
@@ -108,7 +110,12 @@ function metadataPreallocated(node: BlockNode): Promise<boolean> {
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
       const used = await image.refcounts.countInUse(Math.ceil(file.length / image.cs), threshold);
       return used > threshold;
-    })().catch(() => false);
+    })()
+      .catch(() => false)
+      .then((known) => {
+        preallocKnown.set(image, known);
+        return known;
+      });
     preallocDetected.set(image, p);
   }
   return p;
@@ -259,7 +266,7 @@ export const qcow2Driver: BlockDriver = {
           file: node.file!.node,
           // Metadata-preallocated images keep their data clusters in holes of the file: the
           // file tells which of them read as zeroes (QEMU asks it only for such images).
-          recurseZero: await metadataPreallocated(node),
+          recurseZero: preallocKnown.get(image) ?? (await metadataPreallocated(node)),
         };
       case ClusterType.COMPRESSED:
         return { bytes: r.bytes, data: true, zero: false, allocated: true };
