@@ -47,10 +47,12 @@ export function unblockAllOps(node: BlockNode, reason: Error): void {
   for (const op of ALL_OPS) unblockOp(node, op, reason);
 }
 
-/** The error for a blocked operation ("Node 'x' is busy: <reason>"), or null when allowed. */
+/** The error for a blocked operation ("Node 'x' is busy: <newest reason>"), or null when allowed. */
 export function opBlocked(node: BlockNode, op: BlockOpType): BlockError | null {
   const reasons = node.opBlockers.get(op);
   if (!reasons || reasons.size === 0) return null;
-  const first = reasons.values().next().value as Error;
-  return new BlockError(`Node '${node.nodeName}' is busy: ${first.message}`, { errno: 'EBUSY' });
+  // The newest reason is the one reported (QEMU keeps blockers newest first).
+  let newest: Error | undefined;
+  for (const r of reasons) newest = r;
+  return new BlockError(`Node '${node.nodeName}' is busy: ${newest!.message}`, { errno: 'EBUSY' });
 }

@@ -1,5 +1,5 @@
 import type { BlockBackend } from './backend';
-import { BlockOp, opBlocked } from './blockers';
+import { BlockOp, blockAllOps, opBlocked, unblockAllOps, unblockOp } from './blockers';
 import type { BlockDriver, OpenContext, ReopenState } from './driver';
 import { BlockError, toBlockError } from './errors';
 import * as io from './io';
@@ -26,6 +26,20 @@ export const COMMON_OPTIONS: OptionSchema = {
   'force-share': opt.bool('Share all permissions (requires read-only)'),
   'detect-zeroes': opt.enum(['off', 'on', 'unmap'], 'Turn writes of zero buffers into zero writes'),
 };
+
+/** What a backing file's overlay leaves allowed on it (QEMU's bdrv_backing_attach). */
+const BACKING_ALLOWED_OPS = [
+  BlockOp.COMMIT_TARGET,
+  BlockOp.STREAM,
+  BlockOp.BACKUP_SOURCE,
+  BlockOp.BACKUP_TARGET,
+] as const;
+
+/** QEMU's bdrv_get_device_or_node_name: the first named backend on the node, else its node name. */
+function deviceOrNodeName(node: BlockNode): string {
+  for (const p of node.parents) if (p.parent.kind === 'backend' && p.parent.name) return p.parent.name;
+  return node.nodeName;
+}
 
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
@@ -54,6 +68,37 @@ export class GraphTransaction {
     if (p.kind === 'node') this.touched.add(p);
   }
 
+  /**
+   * A backing file is busy for its overlay (QEMU's backing blocker): every operation on it is
+   * refused ("node is used as backing hd of 'top'") but committing into it, streaming, and backup
+   * from or to it.
+   */
+  private blockBacking(c: BlockChild): void {
+    if (c.parent.kind !== 'node' || !(c.role & ChildRole.COW)) return;
+    const reason = new Error(`node is used as backing hd of '${deviceOrNodeName(c.parent)}'`);
+    c.backingBlocker = reason;
+    const node = c.node;
+    blockAllOps(node, reason);
+    for (const op of BACKING_ALLOWED_OPS) unblockOp(node, op, reason);
+    this.undo.push(() => {
+      unblockAllOps(node, reason);
+      c.backingBlocker = undefined;
+    });
+  }
+
+  private unblockBacking(c: BlockChild): void {
+    const reason = c.backingBlocker;
+    if (!reason) return;
+    const node = c.node;
+    unblockAllOps(node, reason);
+    c.backingBlocker = undefined;
+    this.undo.push(() => {
+      blockAllOps(node, reason);
+      for (const op of BACKING_ALLOWED_OPS) unblockOp(node, op, reason);
+      c.backingBlocker = reason;
+    });
+  }
+
   addChild(parent: BlockParent, node: BlockNode, name: string, role: number): BlockChild {
     if (parent.kind === 'node') this.graph.checkNoCycle(parent, node);
     this.touch(parent);
@@ -65,6 +110,7 @@ export class GraphTransaction {
       if (parent.kind === 'node') remove(parent.children, c);
       remove(node.parents, c);
     });
+    this.blockBacking(c);
     return c;
   }
 
@@ -72,6 +118,7 @@ export class GraphTransaction {
     const parent = c.parent;
     this.touch(parent);
     this.touch(c.node);
+    this.unblockBacking(c);
     const ci = parent.kind === 'node' ? parent.children.indexOf(c) : -1;
     const pi = c.node.parents.indexOf(c);
     if (parent.kind === 'node' && ci >= 0) parent.children.splice(ci, 1);
@@ -90,6 +137,7 @@ export class GraphTransaction {
     this.touch(c.parent);
     this.touch(old);
     this.touch(node);
+    this.unblockBacking(c);
     const pi = old.parents.indexOf(c);
     old.parents.splice(pi, 1);
     node.parents.push(c);
@@ -100,6 +148,7 @@ export class GraphTransaction {
       old.parents.splice(pi, 0, c);
       c.node = old;
     });
+    this.blockBacking(c);
   }
 
   setReadOnly(node: BlockNode, readOnly: boolean): void {
@@ -744,11 +793,8 @@ export class BlockGraph {
     for (const n of drainedNodes) await this.drainBegin(n);
     try {
       for (const s of states) {
+        // Op blockers do not apply: QEMU reopens busy backing files writable (replication, commit).
         if (s.readOnly && !s.node.readOnly) await io.flush(s.node);
-        if (!s.readOnly && s.node.readOnly) {
-          const blocked = opBlocked(s.node, BlockOp.CHANGE);
-          if (blocked) throw blocked;
-        }
         await s.node.driver.reopenPrepare?.(s);
         prepared.push(s);
       }

@@ -34,7 +34,7 @@ export const allocateFileRange = (fd: number, offset: number, bytes: number): Pr
   sparse.allocate(fd, offset, bytes);
 export { BlockError, type Errno, type ErrorClass, errnoText, ioError, toBlockError } from './errors';
 export { BlockGraph, COMMON_OPTIONS, GraphTransaction } from './graph';
-export { blockStatus, blockStatusAbove, isAllocatedAbove } from './io';
+export { blockStatus, blockStatusAbove, flush as flushNode, isAllocatedAbove } from './io';
 export {
   type IoVec,
   iovCopyFrom,

@@ -107,6 +107,21 @@ function writeFinished(node: BlockNode, offset: number, bytes: number): void {
   markDirty(node, offset, bytes);
 }
 
+/**
+ * QEMU's write threshold: the first write or discard that reaches past it is announced with
+ * BLOCK_WRITE_THRESHOLD, and the threshold is cleared (it fires once per setting).
+ */
+function checkWriteThreshold(node: BlockNode, offset: number, bytes: number): void {
+  const threshold = node.writeThreshold;
+  if (threshold <= 0 || offset + bytes <= threshold) return;
+  node.writeThreshold = 0;
+  node.graph.emitEvent('BLOCK_WRITE_THRESHOLD', {
+    'node-name': node.nodeName,
+    'amount-exceeded': offset + bytes - threshold,
+    'write-threshold': threshold,
+  });
+}
+
 /** A write that failed may still have changed data: its range counts as dirty anyway. */
 function markDirty(node: BlockNode, offset: number, bytes: number): void {
   node.writeGen++;
@@ -175,6 +190,7 @@ export async function writev(
   const req = beginRequest(node, aOff, aEnd - aOff, rmw || (flags & ReqFlags.SERIALISING) !== 0);
   try {
     await waitSerialising(node, req);
+    checkWriteThreshold(node, aOff, aEnd - aOff);
     if (!rmw) {
       await driverWrite(node, offset, bytes, iov, flags);
     } else {
@@ -243,6 +259,7 @@ export async function writeZeroes(
   const req = beginRequest(node, offset, bytes, false);
   try {
     await waitSerialising(node, req);
+    checkWriteThreshold(node, offset, bytes);
     await zeroAligned(node, offset, bytes, flags);
     writeFinished(node, offset, bytes);
   } catch (e) {
@@ -293,6 +310,7 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
   const req = beginRequest(node, start, end - start, false);
   try {
     await waitSerialising(node, req);
+    checkWriteThreshold(node, offset, bytes);
     const max = node.limits.maxPdiscard;
     for (let pos = start; pos < end; pos += max) {
       try {

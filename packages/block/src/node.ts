@@ -14,6 +14,8 @@ export type BlockParent = BlockNode | BlockBackend;
 export class BlockChild {
   perm = 0;
   shared = PERM_ALL;
+  /** The op blocker a backing edge puts on its node (see GraphTransaction). */
+  backingBlocker: Error | undefined;
 
   constructor(
     readonly parent: BlockParent,
@@ -117,6 +119,8 @@ export class BlockNode {
   writeGen = 0;
   /** The end of the highest write-like request that succeeded (QEMU's wr_highest_offset). */
   wrHighestOffset = 0;
+  /** block-set-write-threshold: the offset a write may not pass unannounced (0: none). */
+  writeThreshold = 0;
   /** The writeGen at the beginning of the latest-begun flush that succeeded. */
   flushedGen = 0;
   readonly tracked = new Set<TrackedRequest>();

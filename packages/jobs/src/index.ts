@@ -1,4 +1,11 @@
-export { BackupJob, type BackupOptions, type BackupSync, startBackup } from './backup/backup';
+export {
+  BackupJob,
+  type BackupOptions,
+  type BackupSync,
+  prepareBackup,
+  startBackup,
+  startPreparedBackup,
+} from './backup/backup';
 export { BlockCopy, CopyError } from './backup/block-copy';
 export { CBW_CLUSTER, type CbwState, cbwDriver, cbwState } from './backup/cbw';
 export { errorAction, ON_ERROR_VALUES, type OnError } from './block-error-policy';

@@ -3,6 +3,7 @@ import type { JobEvent, JobManager } from '@blockrep/jobs';
 import { registerBitmapCommands } from './commands/bitmaps';
 import { registerBlockCommands } from './commands/block';
 import { registerBlockstatsCommand } from './commands/blockstats';
+import { registerChainCommands } from './commands/chain';
 import { BlockdevCreators, fileCreator, registerCreateCommand } from './commands/create';
 import { registerJobCommands } from './commands/jobs';
 import { registerSnapshotCommands } from './commands/snapshots';
@@ -30,6 +31,7 @@ export function createBlockQmpServer(opts: BlockQmpServerOptions): {
   registerBlockCommands(registry, opts.graph, opts.jobs);
   registerBitmapCommands(registry, opts.graph);
   registerSnapshotCommands(registry, opts.graph);
+  registerChainCommands(registry, opts.graph);
   registerBlockstatsCommand(registry, opts.graph);
   registerJobCommands(registry, opts.jobs);
   registerCreateCommand(registry, { graph: opts.graph, jobs: opts.jobs, creators });

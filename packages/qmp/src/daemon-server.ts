@@ -13,6 +13,7 @@ import { registerMirrorCommands } from './commands/mirror';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
 import { qcow2Creator } from './commands/qcow2-create';
 import { registerReplicationCommands } from './commands/replication';
+import { registerTransactionCommand } from './commands/transaction';
 import type { CommandRegistry } from './registry';
 import type { QmpServer, QmpServerOptions } from './server';
 
@@ -48,6 +49,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   registerNbdCommands(server.registry, nbd, server);
   registerBlockJobCommands(server.registry, graph, jobs);
   registerMirrorCommands(server.registry, graph, jobs);
+  registerTransactionCommand(server.registry, graph, jobs);
   registerReplicationCommands(server.registry, graph, replication);
   const colo: ColoHolder = { service: null };
   registerColoCommands(server.registry, colo);

@@ -240,6 +240,16 @@ export class BackupJob extends BlockJob {
 
 /** blockdev-backup's checks, then a started backup job (internal jobs too). */
 export async function startBackup(manager: JobManager, opts: BackupOptions): Promise<BackupJob> {
+  const job = await prepareBackup(manager, opts);
+  startPreparedBackup(job);
+  return job;
+}
+
+/**
+ * A backup job created and set up (the filter in place, the bitmap taken) but not started: a
+ * transaction starts it with startPreparedBackup once every action is prepared, or cancels it.
+ */
+export async function prepareBackup(manager: JobManager, opts: BackupOptions): Promise<BackupJob> {
   const { source, target } = opts;
   if (source === target) throw new BlockError('Source and target cannot be the same');
   const b1 = opBlocked(source, BlockOp.BACKUP_SOURCE);
@@ -263,10 +273,13 @@ export async function startBackup(manager: JobManager, opts: BackupOptions): Pro
   const job = new BackupJob(manager, opts);
   // The job owns the bitmap until it ends, as QEMU freezes it with a successor.
   await setUpJob(job, () => job.setup(), opts.bitmap);
+  return job;
+}
+
+export function startPreparedBackup(job: BackupJob): void {
   // QEMU starts the job inside the drained section of its blockdev-backup transaction: it runs,
   // pauses at once, and resumes when the drain ends (the states users see: running, paused, running).
   job.pause();
   job.start();
   job.resume();
-  return job;
 }

@@ -20,6 +20,8 @@ import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
 
 export interface CommitOptions extends BlockJobOptions {
+  /** The device (root of the chain) block-commit was given; op blockers are checked on it. */
+  device?: BlockNode;
   /** The top of the committed range (for an active commit: the active layer). */
   top: BlockNode;
   /** The node the data is committed into (below top in its backing chain). */
@@ -333,12 +335,28 @@ export async function startCommit(
   opts: CommitOptions & { active: boolean },
 ): Promise<CommitBase> {
   const { top, base } = opts;
+  // Without a device (a caller inside the graph), an intermediate commit's overlay is top's parent.
+  const device = opts.device ?? (opts.active ? top : undefined);
+  // QEMU's checks: the device may be a commit source, every node from top down to base a commit
+  // target (a backing file's blocker allows that), and for an intermediate commit top's overlay too.
+  const b1 = device && opBlocked(device, BlockOp.COMMIT_SOURCE);
+  if (b1) throw b1;
   if (top === base) throw new BlockError('cannot commit an image into itself');
   chainBetween(top, base);
-  const b1 = opBlocked(top, BlockOp.COMMIT_SOURCE);
-  if (b1) throw b1;
-  const b2 = opBlocked(base, BlockOp.COMMIT_TARGET);
-  if (b2) throw b2;
+  for (let n: BlockNode | null = top; n; n = n === base ? null : (n.filteredOrCow?.node ?? null)) {
+    const b = opBlocked(n, BlockOp.COMMIT_TARGET);
+    if (b) throw b;
+  }
+  if (!opts.active) {
+    let overlay: BlockNode | null = device ?? null;
+    while (overlay && overlay.filteredOrCow?.node !== top) overlay = overlay.filteredOrCow?.node ?? null;
+    if (!device) {
+      const p = top.parents.find((c) => c.parent.kind === 'node' && c.parent.filteredOrCow === c);
+      overlay = p ? (p.parent as BlockNode) : null;
+    }
+    const b = overlay && opBlocked(overlay, BlockOp.COMMIT_TARGET);
+    if (b) throw b;
+  }
   const job = opts.active ? new ActiveCommitJob(manager, opts) : new CommitJob(manager, opts);
   await setUpJob(job, () => job.setup());
   job.start();

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import {
   addDirtyBitmap,
   BlockError,
@@ -9,8 +10,9 @@ import {
 } from '@blockrep/block';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
+import { type PreparedAction, runAlone } from './chain';
 
-const BlockDirtyBitmap = t.object('BlockDirtyBitmap', {
+export const BlockDirtyBitmap = t.object('BlockDirtyBitmap', {
   node: req(t.str, 'Name of the node (or device) the bitmap is on'),
   name: req(t.str, 'Name of the bitmap'),
 });
@@ -20,6 +22,23 @@ const BlockDirtyBitmapOrStr = t.alternate(
   [t.str, BlockDirtyBitmap],
   'A bitmap on the target node by name, or a bitmap on any node',
 );
+
+export const BlockDirtyBitmapAdd = t.object('BlockDirtyBitmapAdd', {
+  node: req(t.str, 'Name of the node (or device)'),
+  name: req(t.str, 'Name of the new bitmap'),
+  granularity: opt(t.uint32, 'Bytes per bit: a power of 2, at least 512 (default 65536)'),
+  persistent: opt(
+    t.bool,
+    'Store the bitmap in the image (qcow2 v3): it survives a restart and QEMU reads it',
+  ),
+  disabled: opt(t.bool, 'Create the bitmap not recording (default false)'),
+});
+
+export const BlockDirtyBitmapMerge = t.object('BlockDirtyBitmapMerge', {
+  node: req(t.str, 'Name of the node of the target bitmap'),
+  target: req(t.str, 'The bitmap the others are merged into'),
+  bitmaps: req(t.array(BlockDirtyBitmapOrStr), 'The bitmaps to merge in'),
+});
 
 /** QEMU's block_dirty_bitmap_lookup. */
 function lookupBitmap(
@@ -59,43 +78,114 @@ function mergeInto(target: DirtyBitmap, source: DirtyBitmap): void {
   for (const [offset, bytes] of source.dirtyExtents()) target.set(offset, bytes);
 }
 
+export interface BitmapAddArgs {
+  node: string;
+  name: string;
+  granularity?: number;
+  persistent?: boolean;
+  disabled?: boolean;
+}
+
+export interface BitmapMergeArgs {
+  node: string;
+  target: string;
+  bitmaps: (string | { node: string; name: string })[];
+}
+
+/*
+ * Each bitmap command as a transaction action: the prepare does the change, abort undoes it (a
+ * command alone is prepare + commit).
+ */
+
+export function prepareBitmapAdd(graph: BlockGraph, a: BitmapAddArgs): PreparedAction {
+  const node = graph.lookup(a.node);
+  if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
+  const g = a.granularity ?? 65536;
+  if (g < 512 || (g & (g - 1)) !== 0) throw new BlockError('Granularity must be power of 2 and at least 512');
+  if (a.persistent) {
+    // The format says whether it can keep the bitmap (qcow2 v3 can), as QEMU asks it first.
+    if (!node.driver.canStoreBitmap) {
+      throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
+    }
+    node.driver.canStoreBitmap(node, a.name, g);
+  }
+  if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
+  const b = addDirtyBitmap(node, { name: a.name, granularity: g });
+  if (a.disabled) b.enabled = false;
+  b.persistent = !!a.persistent;
+  return { abort: () => removeDirtyBitmap(node, b) };
+}
+
+export function prepareBitmapRemove(graph: BlockGraph, a: { node: string; name: string }): PreparedAction {
+  const { node, bitmap } = lookupBitmap(graph, a.node, a.name);
+  if (bitmap.busy) {
+    throw new BlockError(`Bitmap '${a.name}' is currently in use by another operation and cannot be used`);
+  }
+  const at = node.dirtyBitmaps.indexOf(bitmap);
+  removeDirtyBitmap(node, bitmap);
+  return {
+    async commit() {
+      if (bitmap.persistent) await node.driver.removePersistentBitmap?.(node, a.name);
+    },
+    abort: () => {
+      node.dirtyBitmaps.splice(at, 0, bitmap);
+    },
+  };
+}
+
+export function prepareBitmapEnable(
+  graph: BlockGraph,
+  a: { node: string; name: string },
+  enabled: boolean,
+): PreparedAction {
+  const { bitmap } = lookupBitmap(graph, a.node, a.name);
+  checkUsable(bitmap);
+  const was = bitmap.enabled;
+  bitmap.enabled = enabled;
+  return {
+    abort: () => {
+      bitmap.enabled = was;
+    },
+  };
+}
+
+/** Puts a bitmap's bits back as they were in `saved`. */
+function restoreBits(bitmap: DirtyBitmap, saved: DirtyBitmap): void {
+  bitmap.clear();
+  bitmap.merge(saved);
+}
+
+export function prepareBitmapClear(graph: BlockGraph, a: { node: string; name: string }): PreparedAction {
+  const { bitmap } = lookupBitmap(graph, a.node, a.name);
+  checkUsable(bitmap);
+  const saved = bitmap.copy();
+  bitmap.clear();
+  return { abort: () => restoreBits(bitmap, saved) };
+}
+
+export function prepareBitmapMerge(graph: BlockGraph, a: BitmapMergeArgs): PreparedAction {
+  const { bitmap: target } = lookupBitmap(graph, a.node, a.target);
+  checkUsable(target);
+  const sources = a.bitmaps.map((s) =>
+    typeof s === 'string'
+      ? lookupBitmap(graph, a.node, s).bitmap
+      : lookupBitmap(graph, s.node, s.name).bitmap,
+  );
+  // Merge into a copy first so that a failing source leaves the target untouched.
+  const saved = target.copy();
+  const scratch = target.copy();
+  for (const s of sources) mergeInto(scratch, s);
+  restoreBits(target, scratch);
+  return { abort: () => restoreBits(target, saved) };
+}
+
 export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): void {
   r.registerCommand({
     name: 'block-dirty-bitmap-add',
-    args: t.object('BlockDirtyBitmapAdd', {
-      node: req(t.str, 'Name of the node (or device)'),
-      name: req(t.str, 'Name of the new bitmap'),
-      granularity: opt(t.uint32, 'Bytes per bit: a power of 2, at least 512 (default 65536)'),
-      persistent: opt(
-        t.bool,
-        'Store the bitmap in the image (qcow2 v3): it survives a restart and QEMU reads it',
-      ),
-      disabled: opt(t.bool, 'Create the bitmap not recording (default false)'),
-    }),
+    args: BlockDirtyBitmapAdd,
     doc: 'Creates a dirty bitmap on a node: from then on every write through the node marks it.',
-    handler(a: {
-      node: string;
-      name: string;
-      granularity?: number;
-      persistent?: boolean;
-      disabled?: boolean;
-    }) {
-      const node = graph.lookup(a.node);
-      if (a.name === '') throw new BlockError('Bitmap name cannot be empty');
-      const g = a.granularity ?? 65536;
-      if (g < 512 || (g & (g - 1)) !== 0)
-        throw new BlockError('Granularity must be power of 2 and at least 512');
-      if (a.persistent) {
-        // The format says whether it can keep the bitmap (qcow2 v3 can), as QEMU asks it first.
-        if (!node.driver.canStoreBitmap) {
-          throw new BlockError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
-        }
-        node.driver.canStoreBitmap(node, a.name, g);
-      }
-      if (a.name.length > 1023) throw new BlockError(`Bitmap name too long: ${a.name}`);
-      const b = addDirtyBitmap(node, { name: a.name, granularity: g });
-      if (a.disabled) b.enabled = false;
-      b.persistent = !!a.persistent;
+    async handler(a: BitmapAddArgs) {
+      await runAlone(prepareBitmapAdd(graph, a));
     },
   });
 
@@ -104,14 +194,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     args: BlockDirtyBitmap,
     doc: 'Deletes a dirty bitmap that no operation is using (a persistent one from the image too).',
     async handler(a: { node: string; name: string }) {
-      const { node, bitmap } = lookupBitmap(graph, a.node, a.name);
-      if (bitmap.busy) {
-        throw new BlockError(
-          `Bitmap '${a.name}' is currently in use by another operation and cannot be used`,
-        );
-      }
-      removeDirtyBitmap(node, bitmap);
-      if (bitmap.persistent) await node.driver.removePersistentBitmap?.(node, a.name);
+      await runAlone(prepareBitmapRemove(graph, a));
     },
   });
 
@@ -125,10 +208,8 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       doc: enabled
         ? 'Makes a dirty bitmap record writes again.'
         : 'Stops a dirty bitmap recording writes (its bits stay as they are).',
-      handler(a: { node: string; name: string }) {
-        const { bitmap } = lookupBitmap(graph, a.node, a.name);
-        checkUsable(bitmap);
-        bitmap.enabled = enabled;
+      async handler(a: { node: string; name: string }) {
+        await runAlone(prepareBitmapEnable(graph, a, enabled));
       },
     });
   }
@@ -137,34 +218,32 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     name: 'block-dirty-bitmap-clear',
     args: BlockDirtyBitmap,
     doc: 'Marks every bit of a dirty bitmap clean.',
-    handler(a: { node: string; name: string }) {
-      const { bitmap } = lookupBitmap(graph, a.node, a.name);
-      checkUsable(bitmap);
-      bitmap.clear();
+    async handler(a: { node: string; name: string }) {
+      await runAlone(prepareBitmapClear(graph, a));
     },
   });
 
   r.registerCommand({
     name: 'block-dirty-bitmap-merge',
-    args: t.object('BlockDirtyBitmapMerge', {
-      node: req(t.str, 'Name of the node of the target bitmap'),
-      target: req(t.str, 'The bitmap the others are merged into'),
-      bitmaps: req(t.array(BlockDirtyBitmapOrStr), 'The bitmaps to merge in'),
-    }),
+    args: BlockDirtyBitmapMerge,
     doc: 'ORs bitmaps into a target bitmap, all or nothing.',
-    handler(a: { node: string; target: string; bitmaps: (string | { node: string; name: string })[] }) {
-      const { bitmap: target } = lookupBitmap(graph, a.node, a.target);
-      checkUsable(target);
-      const sources = a.bitmaps.map((s) =>
-        typeof s === 'string'
-          ? lookupBitmap(graph, a.node, s).bitmap
-          : lookupBitmap(graph, s.node, s.name).bitmap,
-      );
-      // Merge into a copy first so that a failing source leaves the target untouched.
-      const scratch = target.copy();
-      for (const s of sources) mergeInto(scratch, s);
-      target.clear();
-      target.merge(scratch);
+    async handler(a: BitmapMergeArgs) {
+      await runAlone(prepareBitmapMerge(graph, a));
+    },
+  });
+
+  r.registerCommand({
+    name: 'x-debug-block-dirty-bitmap-sha256',
+    args: BlockDirtyBitmap,
+    returns: t.object('BlockDirtyBitmapSha256', {
+      sha256: req(t.str, 'SHA-256 of the bitmap, hexadecimal'),
+    }),
+    features: ['unstable'],
+    doc: "SHA-256 of a dirty bitmap's bits as QEMU hashes them: one bit per granule in 64-bit little-endian words (tests compare bitmaps with it).",
+    handler(a: { node: string; name: string }) {
+      const { bitmap } = lookupBitmap(graph, a.node, a.name);
+      const bytes = Math.ceil(bitmap.size / 64) * 8;
+      return { sha256: createHash('sha256').update(bitmap.toBytes(0, bytes)).digest('hex') };
     },
   });
 }

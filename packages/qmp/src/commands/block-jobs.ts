@@ -1,7 +1,15 @@
-import { BlockError, type BlockGraph, type BlockNode, findDirtyBitmap } from '@blockrep/block';
-import { type JobManager, ON_ERROR_VALUES, startBackup, startCommit } from '@blockrep/jobs';
+import { BlockError, type BlockGraph, type BlockNode, ChildRole, findDirtyBitmap } from '@blockrep/block';
+import {
+  type JobManager,
+  ON_ERROR_VALUES,
+  prepareBackup,
+  startCommit,
+  startPreparedBackup,
+} from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
+import { NewImageMode, type PreparedAction, runAlone } from './chain';
+import { createTargetImage, fsError, openByFilename } from './new-image';
 
 export const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
 const BitmapSyncMode = t.enum('BitmapSyncMode', ['on-success', 'never', 'always']);
@@ -67,53 +75,129 @@ export function rootNode(graph: BlockGraph, device: string): BlockNode {
   return node;
 }
 
-/** blockdev-backup and block-commit. */
+export const BlockdevBackup = t.object('BlockdevBackup', {
+  'job-id': opt(t.str, 'Job id (default: the device name when it names a block device)'),
+  device: req(t.str, 'The source node (or device)'),
+  target: req(t.str, 'The target node'),
+  sync: req(MirrorSyncMode, 'What to copy: full, top, none (only what writes overwrite), incremental/bitmap'),
+  speed: opt(t.int, 'Bytes per second (0: unlimited)'),
+  bitmap: opt(t.str, 'The dirty bitmap for incremental/bitmap sync'),
+  'bitmap-mode': opt(BitmapSyncMode),
+  compress: opt(t.bool, 'Not supported'),
+  'on-source-error': opt(BlockdevOnError),
+  'on-target-error': opt(BlockdevOnError),
+  'auto-finalize': opt(t.bool),
+  'auto-dismiss': opt(t.bool),
+  'filter-node-name': opt(t.str, 'Name of the copy-before-write filter node'),
+  'x-perf': opt(t.any, 'Accepted for compatibility'),
+});
+
+export const DriveBackup = t.object('DriveBackup', {
+  ...Object.fromEntries(Object.entries(BlockdevBackup.members).filter(([k]) => k !== 'target')),
+  target: req(t.str, 'The image file to back up into'),
+  format: opt(t.str, "The target's format (default: the source's; with mode existing: probed)"),
+  mode: opt(NewImageMode, 'absolute-paths (default): create the target; existing: open it as it is'),
+});
+
+interface DriveBackupArgs extends Omit<BackupArgs, 'target'> {
+  target: string;
+  format?: string;
+  mode?: 'existing' | 'absolute-paths';
+}
+
+/** The backup job created and set up; commit starts it, abort cancels it (a transaction action). */
+export async function prepareBlockdevBackup(
+  graph: BlockGraph,
+  jobs: JobManager,
+  a: BackupArgs,
+  target?: BlockNode,
+): Promise<PreparedAction> {
+  if (a.compress) throw new BlockError(`Compression is not supported for this drive ${a.target}`);
+  const source = graph.lookup(a.device);
+  target ??= graph.lookup(a.target);
+  let bitmap: ReturnType<typeof findDirtyBitmap>;
+  if (a.bitmap !== undefined) {
+    bitmap = findDirtyBitmap(source, a.bitmap);
+    if (!bitmap) throw new BlockError(`Bitmap '${a.bitmap}' could not be found`);
+  }
+  const job = await prepareBackup(jobs, {
+    id: a['job-id'] ?? defaultJobId(graph, a.device),
+    source,
+    target,
+    sync: a.sync,
+    bitmap,
+    bitmapMode: a['bitmap-mode'],
+    speed: a.speed,
+    onSourceError: a['on-source-error'],
+    onTargetError: a['on-target-error'],
+    autoFinalize: a['auto-finalize'],
+    autoDismiss: a['auto-dismiss'],
+    filterNodeName: a['filter-node-name'],
+  });
+  return {
+    commit: () => startPreparedBackup(job),
+    abort: () => job.cancel(true),
+  };
+}
+
+/**
+ * drive-backup: the target image is created (as QEMU: before the job's own checks) and opened
+ * without its backing file; for sync top it gets the source's backing node, for sync none the
+ * source itself. The opened target lives as long as the job holds it.
+ */
+export async function prepareDriveBackup(
+  graph: BlockGraph,
+  jobs: JobManager,
+  a: DriveBackupArgs,
+): Promise<PreparedAction> {
+  const source = graph.lookup(a.device);
+  const existing = a.mode === 'existing';
+  if (a.format !== undefined && (!graph.driver(a.format) || graph.driver(a.format)!.protocol))
+    throw new BlockError(`Unknown file format '${a.format}'`);
+  const format = a.format ?? (existing ? undefined : source.driver.name);
+  const backingNode = a.sync === 'none' ? source : a.sync === 'top' ? (source.backing?.node ?? null) : null;
+  if (!existing) await createTargetImage(a.target, format!, source.length, backingNode);
+  const target = await openByFilename(graph, a.target, format, { noBacking: true }).catch((e: unknown) => {
+    throw fsError('open', a.target, e);
+  });
+  // The job's references hold it from here; it closes when the job lets it go.
+  target.monitorOwned = false;
+  try {
+    if (backingNode && target.driver.supportsBacking)
+      graph.attachChild(target, backingNode, 'backing', ChildRole.COW);
+    const prepared = await prepareBlockdevBackup(graph, jobs, { ...a, target: target.nodeName }, target);
+    return {
+      commit: prepared.commit,
+      abort: prepared.abort,
+      async clean() {
+        graph.noteMaybeOrphan(target);
+        await graph.collectGarbage();
+      },
+    };
+  } catch (e) {
+    graph.noteMaybeOrphan(target);
+    await graph.collectGarbage();
+    throw e;
+  }
+}
+
+/** blockdev-backup, drive-backup and block-commit. */
 export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, jobs: JobManager): void {
   r.registerCommand({
     name: 'blockdev-backup',
-    args: t.object('BlockdevBackup', {
-      'job-id': opt(t.str, 'Job id (default: the device name when it names a block device)'),
-      device: req(t.str, 'The source node (or device)'),
-      target: req(t.str, 'The target node'),
-      sync: req(
-        MirrorSyncMode,
-        'What to copy: full, top, none (only what writes overwrite), incremental/bitmap',
-      ),
-      speed: opt(t.int, 'Bytes per second (0: unlimited)'),
-      bitmap: opt(t.str, 'The dirty bitmap for incremental/bitmap sync'),
-      'bitmap-mode': opt(BitmapSyncMode),
-      compress: opt(t.bool, 'Not supported'),
-      'on-source-error': opt(BlockdevOnError),
-      'on-target-error': opt(BlockdevOnError),
-      'auto-finalize': opt(t.bool),
-      'auto-dismiss': opt(t.bool),
-      'filter-node-name': opt(t.str, 'Name of the copy-before-write filter node'),
-      'x-perf': opt(t.any, 'Accepted for compatibility'),
-    }),
+    args: BlockdevBackup,
     doc: 'Starts a backup job from a node to another, with a copy-before-write filter on the source.',
     async handler(a: BackupArgs) {
-      if (a.compress) throw new BlockError(`Compression is not supported for this drive ${a.target}`);
-      const source = graph.lookup(a.device);
-      const target = graph.lookup(a.target);
-      let bitmap: ReturnType<typeof findDirtyBitmap>;
-      if (a.bitmap !== undefined) {
-        bitmap = findDirtyBitmap(source, a.bitmap);
-        if (!bitmap) throw new BlockError(`Bitmap '${a.bitmap}' could not be found`);
-      }
-      await startBackup(jobs, {
-        id: a['job-id'] ?? defaultJobId(graph, a.device),
-        source,
-        target,
-        sync: a.sync,
-        bitmap,
-        bitmapMode: a['bitmap-mode'],
-        speed: a.speed,
-        onSourceError: a['on-source-error'],
-        onTargetError: a['on-target-error'],
-        autoFinalize: a['auto-finalize'],
-        autoDismiss: a['auto-dismiss'],
-        filterNodeName: a['filter-node-name'],
-      });
+      await runAlone(await prepareBlockdevBackup(graph, jobs, a));
+    },
+  });
+
+  r.registerCommand({
+    name: 'drive-backup',
+    args: DriveBackup,
+    doc: 'Starts a backup job from a node into an image file it creates (or opens, with mode existing): qcow2 by default, backed by the source for sync none and by its backing file for sync top.',
+    async handler(a: DriveBackupArgs) {
+      await runAlone(await prepareDriveBackup(graph, jobs, a));
     },
   });
 
@@ -166,6 +250,7 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
       }
       await startCommit(jobs, {
         id: a['job-id'] ?? defaultJobId(graph, a.device),
+        device: root,
         top,
         base,
         active,

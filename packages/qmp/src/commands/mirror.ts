@@ -1,6 +1,4 @@
-import { open } from 'node:fs/promises';
 import {
-  BlockBackend,
   BlockError,
   type BlockGraph,
   type BlockNode,
@@ -8,16 +6,15 @@ import {
   type DirtyBitmap,
   findDirtyBitmap,
   opBlocked,
-  Perm,
 } from '@blockrep/block';
 import { type JobManager, type MirrorOptions, type OnError, startMirror } from '@blockrep/jobs';
-import { createQcow2Image } from '@blockrep/qcow2';
 import type { CommandRegistry } from '../registry';
 import { opt, type QMembers, req, t } from '../schema';
 import { BlockdevOnError, defaultJobId, MirrorSyncMode, rootNode } from './block-jobs';
+import { NewImageMode } from './chain';
+import { createTargetImage, NBD_URL, openByFilename } from './new-image';
 
 const MirrorCopyMode = t.enum('MirrorCopyMode', ['background', 'write-blocking']);
-const NewImageMode = t.enum('NewImageMode', ['existing', 'absolute-paths']);
 
 interface MirrorArgs {
   'job-id'?: string;
@@ -156,70 +153,6 @@ function canReplace(source: BlockNode, replaces: BlockNode): boolean {
   return source.driver.name === 'quorum' && source.children.some((c) => c.node === replaces);
 }
 
-const NBD_URL = /^nbd(\+tcp|\+unix)?:\/\//;
-
-/** Reads the first bytes of a node: qcow2 by its magic, raw otherwise (qemu-img's probe). */
-async function probeFormat(graph: BlockGraph, node: BlockNode): Promise<string> {
-  const blk = new BlockBackend(graph, { perm: Perm.CONSISTENT_READ });
-  blk.attach(node);
-  try {
-    if (node.length < 4) return 'raw';
-    const magic = await blk.read(0, 4);
-    return magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
-  } finally {
-    await blk.detach();
-  }
-}
-
-/** Opens an image by file name or NBD URL, as QEMU's bdrv_open(filename, {driver: format}). */
-async function openByFilename(
-  graph: BlockGraph,
-  filename: string,
-  format: string | undefined,
-  nodeName: string | undefined,
-): Promise<BlockNode> {
-  const proto = await graph.open(
-    NBD_URL.test(filename) ? { driver: 'nbd', filename } : { driver: 'file', filename },
-  );
-  try {
-    const driver = format ?? (await probeFormat(graph, proto));
-    return await graph.open({
-      driver,
-      file: proto.nodeName,
-      ...(nodeName !== undefined ? { 'node-name': nodeName } : {}),
-    });
-  } finally {
-    await graph.close(proto);
-  }
-}
-
-/** drive-mirror's new image (mode absolute-paths): the source's size, with a backing file or not. */
-async function createTargetImage(
-  filename: string,
-  format: string,
-  size: number,
-  backing: BlockNode | null,
-): Promise<void> {
-  if (format === 'qcow2') {
-    await createQcow2Image(filename, {
-      size,
-      ...(backing ? { backingFile: backing.filename, backingFormat: backing.driver.name } : {}),
-    });
-    return;
-  }
-  if (format !== 'raw') throw new BlockError(`Unknown file format '${format}'`);
-  // A raw image on an NBD server is the export itself: nothing to create.
-  if (NBD_URL.test(filename)) return;
-  const fh = await open(filename, 'w', 0o644).catch((e: NodeJS.ErrnoException) => {
-    throw new BlockError(`Could not create '${filename}': ${e.message}`);
-  });
-  try {
-    await fh.truncate(size);
-  } finally {
-    await fh.close();
-  }
-}
-
 /** blockdev-mirror and drive-mirror. */
 export function registerMirrorCommands(r: CommandRegistry, graph: BlockGraph, jobs: JobManager): void {
   r.registerCommand({
@@ -274,7 +207,7 @@ export function registerMirrorCommands(r: CommandRegistry, graph: BlockGraph, jo
       if (mode !== 'existing') {
         await createTargetImage(a.target, format!, source.length, sync === 'full' ? null : targetBacking);
       }
-      const target = await openByFilename(graph, a.target, format, a['node-name']);
+      const target = await openByFilename(graph, a.target, format, { nodeName: a['node-name'] });
       try {
         const nbd = NBD_URL.test(a.target);
         await startMirror(

@@ -192,7 +192,7 @@ export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, 
     iops_wr: 0,
     image: imageInfo(node, !flat),
     cache: { writeback: true, direct: false, 'no-flush': node.noFlush },
-    write_threshold: 0,
+    write_threshold: node.writeThreshold,
   });
   if (node.dirtyBitmaps.length) info['dirty-bitmaps'] = dirtyBitmapInfo(node);
   return info;

@@ -1,4 +1,11 @@
-import { BlockError, type BlockGraph, type BlockNode, BlockOp, opBlocked } from '@blockrep/block';
+import {
+  BlockError,
+  type BlockGraph,
+  type BlockNode,
+  BlockOp,
+  type BlockOpType,
+  opBlocked,
+} from '@blockrep/block';
 import {
   createSnapshot,
   deleteSnapshot,
@@ -8,6 +15,8 @@ import {
 } from '@blockrep/qcow2';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
+import { rootNode } from './block-jobs';
+import { type PreparedAction, runAlone } from './chain';
 
 /* Internal snapshots over QMP: blockdev-snapshot-internal-sync and its delete. */
 
@@ -23,8 +32,13 @@ const SnapshotInfo = t.object('SnapshotInfo', {
 });
 
 /** The qcow2 image of a device that can take internal snapshots, after QEMU's checks. */
-function snapshotImage(graph: BlockGraph, device: string, op: string): { node: BlockNode; img: Qcow2Image } {
-  const node = graph.lookupBs(device, device);
+function snapshotImage(
+  graph: BlockGraph,
+  device: string,
+  op: BlockOpType,
+): { node: BlockNode; img: Qcow2Image } {
+  // Taking one needs a root node (QEMU's qmp_get_root_bs); deleting finds any node.
+  const node = op === BlockOp.INTERNAL_SNAPSHOT ? rootNode(graph, device) : graph.lookupBs(device, device);
   const blocked = opBlocked(node, op);
   if (blocked) throw blocked;
   if (node.driver.name !== 'qcow2') {
@@ -49,26 +63,37 @@ function info(s: Qcow2Snapshot) {
   };
 }
 
+export const BlockdevSnapshotInternal = t.object('BlockdevSnapshotInternal', {
+  device: req(t.str, 'The node (or block backend) to snapshot'),
+  name: req(t.str, 'Name of the new snapshot'),
+});
+
+/** Takes the snapshot; abort deletes it again (a transaction action). */
+export async function prepareInternalSnapshot(
+  graph: BlockGraph,
+  a: { device: string; name: string },
+): Promise<PreparedAction> {
+  const { node, img } = snapshotImage(graph, a.device, BlockOp.INTERNAL_SNAPSHOT);
+  if (node.readOnly) throw new BlockError(`Device '${a.device}' is read only`);
+  if (!a.name) throw new BlockError('Name is empty');
+  if ((await readSnapshots(img)).some((s) => s.name === a.name))
+    throw new BlockError(`Snapshot with name '${a.name}' already exists on device '${a.device}'`);
+  // As qemu-storage-daemon records it: no instruction count, and a VM clock that (without a
+  // VM) runs with the host's real-time clock.
+  const now = Date.now();
+  await graph.drained(node, () =>
+    createSnapshot(img, a.name, { now, vmClockNs: BigInt(now) * 1_000_000n, icount: -1n }),
+  );
+  return { abort: () => graph.drained(node, () => deleteSnapshot(img, a.name)) };
+}
+
 export function registerSnapshotCommands(r: CommandRegistry, graph: BlockGraph): void {
   r.registerCommand({
     name: 'blockdev-snapshot-internal-sync',
-    args: t.object('BlockdevSnapshotInternal', {
-      device: req(t.str, 'The node (or block backend) to snapshot'),
-      name: req(t.str, 'Name of the new snapshot'),
-    }),
+    args: BlockdevSnapshotInternal,
     doc: 'Takes an internal snapshot of a qcow2 node with its users quiesced.',
     async handler(a: { device: string; name: string }) {
-      const { node, img } = snapshotImage(graph, a.device, BlockOp.INTERNAL_SNAPSHOT);
-      if (node.readOnly) throw new BlockError(`Device '${a.device}' is read only`);
-      if (!a.name) throw new BlockError('Name is empty');
-      if ((await readSnapshots(img)).some((s) => s.name === a.name))
-        throw new BlockError(`Snapshot with name '${a.name}' already exists on device '${a.device}'`);
-      // As qemu-storage-daemon records it: no instruction count, and a VM clock that (without a
-      // VM) runs with the host's real-time clock.
-      const now = Date.now();
-      await graph.drained(node, () =>
-        createSnapshot(img, a.name, { now, vmClockNs: BigInt(now) * 1_000_000n, icount: -1n }),
-      );
+      await runAlone(await prepareInternalSnapshot(graph, a));
     },
   });
 
