@@ -104,6 +104,10 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   // On a node whose file name is plain: the new image names it as its backing file.
   await sync({ 'node-name': 'ovb', 'snapshot-file': f('s3.qcow2'), 'snapshot-node-name': 's3' });
   await qemuIo(nbd, ['write -P 9 0 64k']);
+  // The export now sits on s1 over ov over disk: data below reads through, and a write into part
+  // of a cluster copies the rest of it up from the chain.
+  const io = await qemuIo(nbd, ['read -P 1 1152k 64k', 'write -P 6 1536k 4k', 'read -P 1 1540k 60k', 'read -P 8 3M 64k']);
+  out.push({ readThrough: io.stdout.includes('failed') ? io.stdout : 'ok' });
 
   const graph = (await qmp.execute('x-debug-query-block-graph')) as {
     nodes: { id: number; name: string; type: string }[];

@@ -186,6 +186,17 @@ export class BlockBackend {
     }
   }
 
+  /** Copy-on-read of a range (block-stream): what the node's backing chain holds becomes the node's own. */
+  async copyOnRead(offset: number, bytes: number): Promise<void> {
+    const root = await this.enter();
+    try {
+      this.checkRange(offset, bytes);
+      await io.copyOnRead(root, offset, bytes);
+    } finally {
+      this.leave();
+    }
+  }
+
   async writeZeroes(offset: number, bytes: number, flags = 0): Promise<void> {
     const root = await this.enter();
     try {

@@ -223,6 +223,45 @@ export async function writev(
   }
 }
 
+/**
+ * Copy-on-read: the parts of [offset, offset+bytes) the node does not hold itself are read through
+ * its backing chain and written into it unchanged. One serialising request covers the range, so a
+ * guest write that overlaps waits, and one that came first is seen as the node's own data (and
+ * kept) when the allocation is looked at inside the request.
+ */
+export async function copyOnRead(child: BlockChild, offset: number, bytes: number): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offset, bytes);
+  checkWrite(child, ReqFlags.WRITE_UNCHANGED);
+  if (bytes === 0) return;
+  const align = node.limits.requestAlignment;
+  const start = offset - (offset % align);
+  const end = Math.min(alignUp(offset + bytes, align), Math.max(node.length, offset + bytes));
+  const req = beginRequest(node, start, end - start, true);
+  try {
+    await waitSerialising(node, req);
+    const below = node.filteredOrCow?.node ?? null;
+    for (let pos = start; pos < end; ) {
+      const own = await isAllocatedAbove(node, below, false, pos, end - pos);
+      const n = own.bytes;
+      if (!own.allocated) {
+        const buf = Buffer.allocUnsafe(n);
+        await driverRead(node, pos, n, [buf], 0);
+        // Zeroes are written as zeroes (a qcow2 zero cluster, no data), as QEMU's copy-on-read does.
+        if (iovIsZero([buf])) await zeroAligned(node, pos, n, 0);
+        else await driverWrite(node, pos, n, [buf], 0);
+        node.writeGen++;
+      }
+      pos += n;
+    }
+  } catch (e) {
+    throw toBlockError(e);
+  } finally {
+    endRequest(node, req);
+  }
+}
+
 export async function writeZeroes(
   child: BlockChild,
   offset: number,

@@ -119,6 +119,13 @@ export class BlockNode {
   writeGen = 0;
   /** The end of the highest write-like request that succeeded (QEMU's wr_highest_offset). */
   wrHighestOffset = 0;
+  /**
+   * QEMU's auto_backing_file: the backing file name the node's image names, when its backing child
+   * was not opened from that name (given by reference, attached later) or the name was rewritten;
+   * null while the backing child is the one the header named. A backing child whose file name
+   * differs from it is "overridden": the node's file name becomes a json: name that includes it.
+   */
+  autoBackingFile: string | null = null;
   /** block-set-write-threshold: the offset a write may not pass unannounced (0: none). */
   writeThreshold = 0;
   /** The writeGen at the beginning of the latest-begun flush that succeeded. */

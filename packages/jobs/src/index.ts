@@ -43,3 +43,4 @@ export {
   transitionAllowed,
   verbAllowed,
 } from './states';
+export { StreamJob, type StreamOptions, startStream } from './stream/stream';

@@ -24,7 +24,7 @@ import {
   zeroOrDiscard,
 } from './cluster';
 import { QCOW2_MAGIC } from './header';
-import { makeImageEmpty, Qcow2Image } from './image';
+import { type BackingReader, makeImageEmpty, Qcow2Image } from './image';
 import { formatSpecificData } from './info';
 import { childStorage } from './storage';
 
@@ -164,22 +164,30 @@ export const qcow2Driver: BlockDriver = {
     node.dirtyBitmaps.push(...(await loadBitmaps(image)));
     if (!node.readOnly) await markBitmapsInUse(image);
     const ref = opts.backing === undefined ? headerBackingOptions(image, file) : opts.backing;
-    let backing: BlockChild | null;
+    if (opts.backing !== undefined) node.autoBackingFile = image.header.backingFile ?? '';
     try {
       if (ref && typeof ref === 'object') refuseLoop(ctx.opening, ref as Record<string, unknown>);
-      backing = await ctx.openChild('backing', ref, ChildRole.COW, { optional: true });
+      await ctx.openChild('backing', ref, ChildRole.COW, { optional: true });
     } catch (e) {
       // As QEMU's bdrv_open_backing_file (a reference to an existing node is not opened here).
       if (typeof ref === 'string') throw e;
       const be = toBlockError(e);
       throw new BlockError(`Could not open backing file: ${be.message}`, { errno: be.errno, hint: be.hint });
     }
-    if (backing) {
-      image.backing = {
-        readv: (offset, bytes, iov) => backing.readv(offset, bytes, iov),
-        length: () => backing.getLength(),
-      };
-    }
+    // Whatever the graph makes the backing child later (blockdev-snapshot attaches one, stream
+    // and commit replace or drop it), reads go to the node's backing child of the moment.
+    let reader: { child: BlockChild; reader: BackingReader } | null = null;
+    image.backingSource = () => {
+      const b = node.backing;
+      if (!b) return null;
+      if (reader?.child !== b) {
+        reader = {
+          child: b,
+          reader: { readv: (offset, bytes, iov) => b.readv(offset, bytes, iov), length: () => b.getLength() },
+        };
+      }
+      return reader.reader;
+    };
   },
 
   async close(node) {
@@ -217,7 +225,10 @@ export const qcow2Driver: BlockDriver = {
 
   getLength: (node) => img(node).size,
 
-  changeBackingFile: (node, filename, format) => img(node).changeBackingFile(filename, format),
+  async changeBackingFile(node, filename, format) {
+    await img(node).changeBackingFile(filename, format);
+    node.autoBackingFile = filename ?? '';
+  },
   read: (node, offset, bytes, iov) => readRange(img(node), offset, bytes, iov),
 
   write: (node, offset, bytes, iov, flags) =>

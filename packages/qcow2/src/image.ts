@@ -73,7 +73,12 @@ export class Qcow2Image {
   onCorruption: ((text: string) => void) | null = null;
   /** makeEmpty left free clusters at the end of the file: cut them off on close. */
   trimOnClose = false;
-  backing: BackingReader | null = null;
+  /** Finds the backing file now (the graph may attach, replace or drop it while the image is open). */
+  backingSource: (() => BackingReader | null) | null = null;
+
+  get backing(): BackingReader | null {
+    return this.backingSource?.() ?? null;
+  }
   /** Keeps L1 entry updates and the move to a larger L1 table apart. */
   readonly l1Lock = new Mutex();
   /** Keeps flushes and makeEmpty apart (a flush racing makeEmpty could write stale tables). */

@@ -5,6 +5,7 @@ import {
   prepareBackup,
   startCommit,
   startPreparedBackup,
+  startStream,
 } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
@@ -44,6 +45,25 @@ interface CommitArgs {
   'filter-node-name'?: string;
   'auto-finalize'?: boolean;
   'auto-dismiss'?: boolean;
+}
+
+interface StreamArgs {
+  'job-id'?: string;
+  device: string;
+  base?: string;
+  'base-node'?: string;
+  bottom?: string;
+  'backing-file'?: string;
+  speed?: number;
+  'on-error'?: (typeof ON_ERROR_VALUES)[number];
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+}
+
+/** Whether node is top or below it in its chain (QEMU's bdrv_chain_contains). */
+function inChain(top: BlockNode, node: BlockNode): boolean {
+  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) if (n === node) return true;
+  return false;
 }
 
 /** A node of top's chain by file name (block-commit's deprecated top/base). */
@@ -254,6 +274,70 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
         top,
         base,
         active,
+        backingFile: a['backing-file'],
+        speed: a.speed,
+        onError: a['on-error'],
+        autoFinalize: a['auto-finalize'],
+        autoDismiss: a['auto-dismiss'],
+      });
+    },
+  });
+
+  r.registerCommand({
+    name: 'block-stream',
+    args: t.object('q_obj_block-stream-arg', {
+      'job-id': opt(t.str, 'Job id (default: the device name when it names a block device)'),
+      device: req(t.str, 'The node (or device) that receives the data'),
+      base: opt(t.str, 'The file name of the node streaming stops at (deprecated form of base-node)'),
+      'base-node': opt(
+        t.str,
+        'The node streaming stops at: it and what is below stay (default: stream the whole chain)',
+      ),
+      bottom: opt(t.str, 'The lowest node streamed (its backing file becomes the new base)'),
+      'backing-file': opt(
+        t.str,
+        "The backing file name written into device's image (default: base's file name)",
+      ),
+      'backing-mask-protocol': opt(t.bool, 'Accepted'),
+      speed: opt(t.int, 'Bytes per second (0: unlimited)'),
+      'on-error': opt(BlockdevOnError),
+      'filter-node-name': opt(t.str, 'Accepted; no copy-on-read filter node is inserted'),
+      'auto-finalize': opt(t.bool),
+      'auto-dismiss': opt(t.bool),
+    }),
+    doc: "Starts a stream job: what the backing layers above base hold and the device's node does not is copied into it, then the node backs onto base (or onto nothing) and its image header says so.",
+    async handler(a: StreamArgs) {
+      for (const [x, y] of [
+        ['base', 'base-node'],
+        ['base', 'bottom'],
+        ['bottom', 'base-node'],
+      ] as const) {
+        if (a[x] !== undefined && a[y] !== undefined)
+          throw new BlockError(`'${x}' and '${y}' cannot be specified at the same time`);
+      }
+      const top = graph.lookupBs(a.device, a.device);
+      let base: BlockNode | null = null;
+      if (a.base !== undefined) {
+        base = chainNodeByFilename(top, a.base);
+        if (!base) throw new BlockError(`Can't find '${a.base}' in the backing chain`);
+      }
+      if (a['base-node'] !== undefined) {
+        base = graph.lookupBs(undefined, a['base-node']);
+        if (base === top || !inChain(top, base))
+          throw new BlockError(`Node '${a['base-node']}' is not a backing image of '${a.device}'`);
+      }
+      if (a.bottom !== undefined) {
+        const bottom = graph.lookupBs(undefined, a.bottom);
+        if (bottom.driver.isFilter)
+          throw new BlockError(`Node '${a.bottom}' is a filter, use a non-filter node as 'bottom'`);
+        if (!inChain(top, bottom))
+          throw new BlockError(`Node '${a.bottom}' is not in a chain starting from '${a.device}'`);
+        base = bottom.filteredOrCow?.node ?? null;
+      }
+      await startStream(jobs, {
+        id: a['job-id'] ?? defaultJobId(graph, a.device),
+        top,
+        base,
         backingFile: a['backing-file'],
         speed: a.speed,
         onError: a['on-error'],

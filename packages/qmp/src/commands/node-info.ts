@@ -84,11 +84,19 @@ function storageLeaf(node: BlockNode): BlockNode {
   }
 }
 
+/** QEMU's bdrv_backing_overridden: the backing node is not the file the image names. */
+function backingOverridden(node: BlockNode): boolean {
+  const b = node.backing;
+  return !!b && node.autoBackingFile !== null && node.autoBackingFile !== displayFilename(b.node);
+}
+
 /** Options that differ from the driver's defaults, children as nested objects (json: names). */
 function explicitOptions(node: BlockNode): Record<string, unknown> {
   const out: Record<string, unknown> = { driver: node.driver.name };
   for (const [key, spec] of Object.entries(node.driver.options)) {
     const child = node.child(key);
+    // The backing file is part of a node's options only where it is not the one its image names.
+    if (child && child.role & ChildRole.COW && !backingOverridden(node)) continue;
     if (child) {
       out[key] = explicitOptions(child.node);
       continue;
@@ -113,7 +121,7 @@ function explicitOptions(node: BlockNode): Record<string, unknown> {
 export function displayFilename(node: BlockNode): string {
   const opts = explicitOptions(node);
   // Nothing set but what the plain name already says (a file's path, "null-co://"): use it.
-  if (!hasSettings(opts) && node.filename) return node.filename;
+  if (!hasSettings(opts) && !backingOverridden(node) && node.filename) return node.filename;
   return `json:${toQmpJson(opts)}`;
 }
 
