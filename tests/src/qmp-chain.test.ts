@@ -131,6 +131,26 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
       dir,
     ),
   });
+  // x-blockdev-amend: QEMU 7.2 amends only qcow2 encryption over QMP.
+  const concluded = (id: string) =>
+    qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.id === id && e.data?.status === 'concluded');
+  const amend = (args: Record<string, unknown>) => run('x-blockdev-amend', args);
+  await amend({ 'job-id': 'a1', 'node-name': 's1', options: { driver: 'qcow2' } });
+  await concluded('a1');
+  await amend({ 'job-id': 'a1', 'node-name': 's1', options: { driver: 'qcow2' } });
+  await amend({ 'job-id': 'a2', 'node-name': 'r', options: { driver: 'raw' } });
+  await amend({ 'job-id': 'a2', 'node-name': 'r', options: { driver: 'qcow2' } });
+  await amend({ 'job-id': 'a2', 'node-name': 'nope', options: { driver: 'qcow2' } });
+  await amend({ 'node-name': 's1', options: { driver: 'qcow2' } });
+  await amend({ 'job-id': 'a3', 'node-name': 's1', options: { driver: 'qcow2', bogus: 1 } });
+  await amend({ 'job-id': 'a3', 'node-name': 's1', options: { driver: 'qcow2', encrypt: { format: 'luks' } } });
+  await amend({
+    'job-id': 'a4',
+    'node-name': 's1',
+    options: { driver: 'qcow2', encrypt: { format: 'luks', state: 'active', 'new-secret': 'x' } },
+  });
+  await concluded('a4');
+  out.push({ jobs: await qmp.execute('query-jobs') });
   await run('block-export-del', { id: 'e' });
   await qmp.waitEvent('BLOCK_EXPORT_DELETED');
   return out;
