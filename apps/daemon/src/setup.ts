@@ -2,8 +2,12 @@ import type { Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import { BlockError, coerceValue, type Options } from '@blockrep/block';
 import { loadColoConfig } from '@blockrep/colo';
-import { NbdTlsCreds, registerTlsCreds } from '@blockrep/nbd';
-import { type BlockrepDaemon, createBlockrepDaemon, toNbdAddress } from '@blockrep/qmp';
+import {
+  type BlockrepDaemon,
+  createBlockrepDaemon,
+  objectOptionsFromKeyval,
+  toNbdAddress,
+} from '@blockrep/qmp';
 import type { DaemonArgs } from './args';
 import type { Logger } from './log';
 
@@ -69,21 +73,9 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
         break;
       }
       case 'object': {
-        const o = action.options;
-        if (o['qom-type'] === undefined) throw new BlockError("Parameter 'qom-type' is missing");
-        if (o['qom-type'] !== 'tls-creds-x509')
-          throw new BlockError(`Parameter 'qom-type' does not accept value '${o['qom-type']}'`);
-        const id = str(o.id, 'id', true)!;
-        const endpoint = (str(o.endpoint, 'endpoint') ?? 'client') as 'server' | 'client';
-        registerTlsCreds(
-          new NbdTlsCreds({
-            id,
-            endpoint,
-            dir: str(o.dir, 'dir', true)!,
-            verifyPeer: bool(o['verify-peer'], 'verify-peer'),
-          }),
-        );
-        log.info('object added', { id, type: 'tls-creds-x509' });
+        // The same code as object-add (QAPI checks, texts, the QOM tree).
+        daemon.objects.add(objectOptionsFromKeyval(action.options));
+        log.info('object added', { id: action.options.id, type: action.options['qom-type'] });
         break;
       }
       case 'nbd-server': {

@@ -12,6 +12,7 @@ import type { BlockdevCreators } from './commands/create';
 import { registerMirrorCommands } from './commands/mirror';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
 import { qcow2Creator } from './commands/qcow2-create';
+import { type QomObjects, registerQomCommands } from './commands/qom';
 import { registerReplicationCommands } from './commands/replication';
 import { registerTransactionCommand } from './commands/transaction';
 import type { CommandRegistry } from './registry';
@@ -26,6 +27,8 @@ export interface BlockrepDaemon {
   qmp: QmpServer;
   creators: BlockdevCreators;
   colo: ColoHolder;
+  /** The QOM tree: object-add's objects (also what --object creates). */
+  objects: QomObjects;
   /** Runs this daemon as one host of a COLO pair (blockrepd --colo FILE). */
   startColo(
     config: ColoConfig,
@@ -53,6 +56,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   registerReplicationCommands(server.registry, graph, replication);
   const colo: ColoHolder = { service: null };
   registerColoCommands(server.registry, colo);
+  const objects = registerQomCommands(server.registry);
   // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
   const declared = new Set(server.registry.events().map((e) => e.name));
   const unsubscribe = graph.onEvent((name, data) => {
@@ -90,7 +94,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
     }
     return svc;
   };
-  return { graph, jobs, replication, nbd, qmp: server, creators, colo, startColo, shutdown };
+  return { graph, jobs, replication, nbd, qmp: server, creators, colo, objects, startColo, shutdown };
 }
 
 /** The registry of a whole daemon: what docs/qmp-commands.md documents. */

@@ -17,6 +17,7 @@ export { registerMirrorCommands } from './commands/mirror';
 export { NbdServerHolder, registerNbdCommands, SocketAddress, toNbdAddress } from './commands/nbd';
 export { blockDeviceInfo, displayFilename, imageInfo } from './commands/node-info';
 export { qcow2Creator } from './commands/qcow2-create';
+export { objectOptionsFromKeyval, QomObjects, registerQomCommands } from './commands/qom';
 export { registerReplicationCommands } from './commands/replication';
 export { type BlockrepDaemon, createBlockrepDaemon, referenceRegistry } from './daemon-server';
 export { renderCommandReference } from './docs';
