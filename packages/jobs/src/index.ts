@@ -18,7 +18,7 @@ export {
   chainBetween,
   startCommit,
 } from './commit/commit';
-export { Job, type JobInfo, type JobOptions } from './job';
+export { Job, type JobInfo, type JobOptions, JobTxn } from './job';
 export { type JobEvent, JobManager } from './manager';
 export {
   MIRROR_DEFAULT_BUF_SIZE,

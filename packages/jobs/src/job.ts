@@ -19,6 +19,17 @@ export interface JobOptions {
   autoFinalize?: boolean;
   /** Disappear once concluded (default true); else wait in 'concluded' for job-dismiss. */
   autoDismiss?: boolean;
+  /** Jobs that end together: a transaction with completion-mode=grouped. */
+  txn?: JobTxn;
+}
+
+/**
+ * Jobs that end together (QEMU's JobTxn): each waits in 'waiting' until all are done, then all
+ * become pending and finalize together; if one fails or is cancelled, the others are cancelled.
+ */
+export class JobTxn {
+  readonly jobs: Job[] = [];
+  aborting = false;
 }
 
 /** query-jobs' JobInfo. */
@@ -74,6 +85,10 @@ export abstract class Job {
   /** The ending (prepare, commit/abort, clean) has begun; it runs once. */
   private ending = false;
   private readonly doneWaiters: (() => void)[] = [];
+  /** Woken on every status change (a transaction waits for its jobs to complete). */
+  private statusWaiters: (() => void)[] = [];
+  /** The transaction the job ends with, if any (until the job is finalized). */
+  txn: JobTxn | null = null;
   private readonly readyWaiters: { resolve(): void; reject(e: Error): void }[] = [];
 
   constructor(
@@ -91,6 +106,11 @@ export abstract class Job {
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     manager.register(this);
+    if (opts.txn) {
+      // Newest first, as QEMU lists a transaction's jobs (the order they go pending and end in).
+      this.txn = opts.txn;
+      opts.txn.jobs.unshift(this);
+    }
     this.transition('created');
   }
 
@@ -137,6 +157,7 @@ export abstract class Job {
       throw new Error(`BUG: job '${this.id ?? '<internal>'}' cannot go from '${from}' to '${to}'`);
     }
     this.#status = to;
+    if (this.statusWaiters.length) for (const w of this.statusWaiters.splice(0)) w();
     if (!this.internal && from !== to) {
       this.manager.emitEvent('JOB_STATUS_CHANGE', { id: this.id, status: to });
     }
@@ -448,35 +469,91 @@ export abstract class Job {
     else await this.txnSuccess();
   }
 
+  /** The jobs that end together with this one (itself alone outside a transaction). */
+  private group(): Job[] {
+    return this.txn ? [...this.txn.jobs] : [this];
+  }
+
+  private async untilCompleted(): Promise<void> {
+    while (!this.isCompleted) await new Promise<void>((r) => this.statusWaiters.push(r));
+  }
+
+  private leaveTxn(): void {
+    const txn = this.txn;
+    if (!txn) return;
+    this.txn = null;
+    const i = txn.jobs.indexOf(this);
+    if (i >= 0) txn.jobs.splice(i, 1);
+  }
+
+  /** Done without error: wait for the others of the transaction, then all go pending together. */
   private async txnSuccess(): Promise<void> {
     this.transition('waiting');
-    this.transition('pending');
-    if (!this.autoFinalize) this.eventPending();
-    if (this.autoFinalize) await this.doFinalize();
-  }
-
-  private async txnAbort(): Promise<void> {
-    if (this.ending) return;
-    this.ending = true;
-    await this.finalizeSingle();
-  }
-
-  private async doFinalize(): Promise<void> {
-    if (this.ending) return;
-    this.ending = true;
-    if (!this.#err) {
-      try {
-        await this.prepare();
-      } catch (e) {
-        this.#err = e instanceof Error ? e : new Error(String(e));
-      }
-      this.updateRc();
+    const group = this.group();
+    if (group.some((j) => !j.isCompleted)) return;
+    for (const j of group) {
+      if (j.#status !== 'waiting') continue;
+      j.transition('pending');
+      if (!j.autoFinalize) j.eventPending();
     }
-    await this.finalizeSingle();
+    if (group.every((j) => j.autoFinalize)) await this.doFinalize();
+  }
+
+  /** Failed or cancelled: the other jobs of the transaction are cancelled, then all end. */
+  private async txnAbort(): Promise<void> {
+    const txn = this.txn;
+    if (!txn) {
+      if (this.ending) return;
+      this.ending = true;
+      await this.finalizeSingle();
+      return;
+    }
+    if (txn.aborting) return;
+    txn.aborting = true;
+    for (const o of txn.jobs) {
+      if (o === this) continue;
+      o.cancelAsync(true);
+      o.enter();
+    }
+    while (txn.jobs.length) {
+      const o = txn.jobs[0]!;
+      if (!o.isCompleted) await o.untilCompleted();
+      o.ending = true;
+      await o.finalizeSingle();
+    }
+  }
+
+  /** Prepare every job of the group, then commit them all, or abort them all if one failed. */
+  private async doFinalize(): Promise<void> {
+    const group = this.group();
+    if (group.some((j) => j.ending)) return;
+    for (const j of group) j.ending = true;
+    let failed: Job | null = null;
+    for (const j of group) {
+      if (!j.#err) {
+        try {
+          await j.prepare();
+        } catch (e) {
+          j.#err = e instanceof Error ? e : new Error(String(e));
+        }
+        j.updateRc();
+      }
+      if (j.#err) {
+        failed = j;
+        break;
+      }
+    }
+    if (failed && this.txn) {
+      for (const j of group) j.ending = false;
+      await failed.txnAbort();
+      return;
+    }
+    for (const j of group) await j.finalizeSingle();
   }
 
   /** Commit or abort, clean, report, conclude. A cancel that came during prepare is seen here. */
   private async finalizeSingle(): Promise<void> {
+    this.leaveTxn();
     this.updateRc();
     const failed = this.#err !== null;
     // These hooks must not fail in QEMU; here a throw is kept as the job's error, never lost in
@@ -504,6 +581,7 @@ export abstract class Job {
   }
 
   private doDismiss(): void {
+    this.leaveTxn();
     this.#busy = false;
     this.#paused = false;
     this.#deferred = true;

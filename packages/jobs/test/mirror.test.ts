@@ -269,9 +269,7 @@ describe('mirror errors (blkdebug)', () => {
         operation: where === 'source' ? 'read' : 'write',
         action: 'report',
       });
-      expect(events.find((x) => x.event === 'BLOCK_JOB_COMPLETED')?.data.error).toMatch(
-        /blkdebug: injected error/,
-      );
+      expect(events.find((x) => x.event === 'BLOCK_JOB_COMPLETED')?.data.error).toBe('Input/output error');
     });
 
     it(`on-${where}-error=ignore copies the extent again and gets in sync`, async () => {

@@ -409,8 +409,9 @@ describe.skipIf(!hasPeer('qemu-storage-daemon'))('query-qmp-schema against qemu-
       for (const [name, e] of o) {
         if (e['meta-type'] !== 'command' && e['meta-type'] !== 'event') continue;
         const qe = q.get(name);
-        if (!qe || name === 'blockdev-add' || name === 'blockdev-reopen' || name === 'blockdev-create')
-          continue;
+        // These take a BlockdevDriver: ours lists the drivers blockrep has, QEMU's some forty.
+        const byDriver = ['blockdev-add', 'blockdev-reopen', 'blockdev-create', 'x-blockdev-amend'];
+        if (!qe || byDriver.includes(name)) continue;
         expect(shape(o, e['arg-type']), name).toBe(shape(q, qe['arg-type']));
         compared++;
       }

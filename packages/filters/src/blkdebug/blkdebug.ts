@@ -6,6 +6,7 @@ import {
   ChildRole,
   type Errno,
   filterChildPerm,
+  ioError,
   type OptionType,
   opt,
   ReqFlags,
@@ -123,9 +124,8 @@ function check(node: BlockNode, event: string, iotype: IoType, offset: number, b
       s.inject.splice(s.inject.indexOf(r), 1);
       s.active.splice(s.active.indexOf(r), 1);
     }
-    throw new BlockError(`blkdebug: injected error on ${iotype} at offset ${offset}`, {
-      errno: ERRNO[r.errno] ?? 'EIO',
-    });
+    // The error is the errno alone, as QEMU's blkdebug returns it (jobs report its strerror).
+    throw ioError(ERRNO[r.errno] ?? 'EIO');
   }
 }
 

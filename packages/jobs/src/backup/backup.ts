@@ -241,7 +241,7 @@ export class BackupJob extends BlockJob {
 /** blockdev-backup's checks, then a started backup job (internal jobs too). */
 export async function startBackup(manager: JobManager, opts: BackupOptions): Promise<BackupJob> {
   const job = await prepareBackup(manager, opts);
-  startPreparedBackup(job);
+  startPreparedBackup(job)();
   return job;
 }
 
@@ -276,10 +276,14 @@ export async function prepareBackup(manager: JobManager, opts: BackupOptions): P
   return job;
 }
 
-export function startPreparedBackup(job: BackupJob): void {
-  // QEMU starts the job inside the drained section of its blockdev-backup transaction: it runs,
-  // pauses at once, and resumes when the drain ends (the states users see: running, paused, running).
+/**
+ * Starts a prepared backup paused (running, then paused at once), as QEMU starts it inside the
+ * drained section of its transaction; the returned function resumes it when that section ends.
+ * The states users see: running, paused, running (for a transaction of several backups, every
+ * job starts and pauses before any resumes).
+ */
+export function startPreparedBackup(job: BackupJob): () => void {
   job.pause();
   job.start();
-  job.resume();
+  return () => job.resume();
 }

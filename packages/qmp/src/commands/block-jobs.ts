@@ -1,6 +1,7 @@
 import { BlockError, type BlockGraph, type BlockNode, ChildRole, findDirtyBitmap } from '@blockrep/block';
 import {
   type JobManager,
+  type JobTxn,
   ON_ERROR_VALUES,
   prepareBackup,
   startCommit,
@@ -131,6 +132,7 @@ export async function prepareBlockdevBackup(
   jobs: JobManager,
   a: BackupArgs,
   target?: BlockNode,
+  txn?: JobTxn,
 ): Promise<PreparedAction> {
   if (a.compress) throw new BlockError(`Compression is not supported for this drive ${a.target}`);
   const source = graph.lookup(a.device);
@@ -153,10 +155,16 @@ export async function prepareBlockdevBackup(
     autoFinalize: a['auto-finalize'],
     autoDismiss: a['auto-dismiss'],
     filterNodeName: a['filter-node-name'],
+    txn,
   });
+  let resume: (() => void) | null = null;
   return {
-    commit: () => startPreparedBackup(job),
+    commit: () => {
+      resume = startPreparedBackup(job);
+    },
     abort: () => job.cancel(true),
+    // The transaction's drained section ends: every started job runs on.
+    clean: () => resume?.(),
   };
 }
 
@@ -169,6 +177,7 @@ export async function prepareDriveBackup(
   graph: BlockGraph,
   jobs: JobManager,
   a: DriveBackupArgs,
+  txn?: JobTxn,
 ): Promise<PreparedAction> {
   const source = graph.lookup(a.device);
   const existing = a.mode === 'existing';
@@ -185,11 +194,12 @@ export async function prepareDriveBackup(
   try {
     if (backingNode && target.driver.supportsBacking)
       graph.attachChild(target, backingNode, 'backing', ChildRole.COW);
-    const prepared = await prepareBlockdevBackup(graph, jobs, { ...a, target: target.nodeName }, target);
+    const prepared = await prepareBlockdevBackup(graph, jobs, { ...a, target: target.nodeName }, target, txn);
     return {
       commit: prepared.commit,
       abort: prepared.abort,
       async clean() {
+        await prepared.clean?.();
         graph.noteMaybeOrphan(target);
         await graph.collectGarbage();
       },

@@ -1,5 +1,5 @@
 import { BlockError, type BlockGraph } from '@blockrep/block';
-import type { JobManager } from '@blockrep/jobs';
+import { type JobManager, JobTxn } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, type QObjectType, req, t } from '../schema';
 import {
@@ -27,7 +27,7 @@ import { BlockdevSnapshotInternal, prepareInternalSnapshot } from './snapshots';
  * commit. Then every prepared action cleans up (drained sections end, unused nodes close).
  */
 
-type Prepare = (data: any) => PreparedAction | Promise<PreparedAction>;
+type Prepare = (data: any, txn?: JobTxn) => PreparedAction | Promise<PreparedAction>;
 
 const Abort = t.object('Abort', {});
 
@@ -55,7 +55,10 @@ function actionKinds(
       prepare: (a) => prepareBitmapEnable(graph, a, false),
     },
     'block-dirty-bitmap-merge': { type: BlockDirtyBitmapMerge, prepare: (a) => prepareBitmapMerge(graph, a) },
-    'blockdev-backup': { type: BlockdevBackup, prepare: (a) => prepareBlockdevBackup(graph, jobs, a) },
+    'blockdev-backup': {
+      type: BlockdevBackup,
+      prepare: (a, txn) => prepareBlockdevBackup(graph, jobs, a, undefined, txn),
+    },
     'blockdev-snapshot': {
       type: BlockdevSnapshot,
       prepare: (a) => prepareExternalSnapshot(graph, { kind: 'blockdev-snapshot', args: a }),
@@ -68,12 +71,12 @@ function actionKinds(
       type: BlockdevSnapshotSync,
       prepare: (a) => prepareExternalSnapshot(graph, { kind: 'sync', args: a }),
     },
-    'drive-backup': { type: DriveBackup, prepare: (a) => prepareDriveBackup(graph, jobs, a) },
+    'drive-backup': { type: DriveBackup, prepare: (a, txn) => prepareDriveBackup(graph, jobs, a, txn) },
   };
 }
 
-/** The job-starting actions: the only ones QEMU lets into a grouped transaction. */
-const GROUPABLE = new Set(['blockdev-backup', 'drive-backup']);
+/** The actions QEMU lets into a grouped transaction: the job-starting ones (and abort). */
+const GROUPABLE = new Set(['blockdev-backup', 'drive-backup', 'abort']);
 
 export function registerTransactionCommand(r: CommandRegistry, graph: BlockGraph, jobs: JobManager): void {
   const kinds = actionKinds(graph, jobs);
@@ -96,7 +99,7 @@ export function registerTransactionCommand(r: CommandRegistry, graph: BlockGraph
         t.object('TransactionProperties', {
           'completion-mode': opt(
             ActionCompletionMode,
-            'individual (default): each job ends on its own; grouped: not supported by blockrep',
+            'individual (default): each job ends on its own; grouped: the jobs end together, and one failing cancels the others',
           ),
         }),
         'Properties of the whole transaction',
@@ -108,19 +111,18 @@ export function registerTransactionCommand(r: CommandRegistry, graph: BlockGraph
       properties?: { 'completion-mode'?: 'individual' | 'grouped' };
     }) {
       const mode = a.properties?.['completion-mode'] ?? 'individual';
-      if (mode !== 'individual') {
-        const first = a.actions.find((x) => !GROUPABLE.has(x.type));
-        if (first)
-          throw new BlockError(
-            `Action '${first.type}' does not support Transaction property completion-mode = ${mode}`,
-          );
-        throw new BlockError(
-          'Transaction property completion-mode = grouped is not supported by blockrep (jobs end individually)',
-        );
-      }
+      // grouped: the jobs end together (all finalize once all are done; one failing cancels the rest).
+      const txn = mode === 'grouped' ? new JobTxn() : undefined;
       const prepared: PreparedAction[] = [];
       try {
-        for (const action of a.actions) prepared.push(await kinds[action.type]!.prepare(action.data));
+        for (const action of a.actions) {
+          // Each action checks the mode as it prepares (QEMU's order: earlier actions are undone).
+          if (mode !== 'individual' && !GROUPABLE.has(action.type))
+            throw new BlockError(
+              `Action '${action.type}' does not support Transaction property completion-mode = ${mode}`,
+            );
+          prepared.push(await kinds[action.type]!.prepare(action.data, txn));
+        }
       } catch (e) {
         for (const p of [...prepared].reverse()) await p.abort?.();
         for (const p of prepared) await p.clean?.();
