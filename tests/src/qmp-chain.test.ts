@@ -46,6 +46,24 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   await run('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'disk', writable: true });
   const nbd = ['-f', 'raw', `nbd+unix:///disk?socket=${f('nbd.sock')}`];
 
+  // x-blockdev-set-iothread: QEMU's checks (blockrepd has one event loop, so nothing moves).
+  await run('object-add', { 'qom-type': 'iothread', id: 'io0' });
+  await run('object-add', { 'qom-type': 'secret', id: 'sec0', data: 'x' });
+  for (const [node, iothread, force] of [
+    ['nope', 'io0'],
+    ['disk', 'io0'],
+    ['disk', 'io0', true],
+    ['r', 'io0'],
+    ['r', 'sec0'],
+    ['r', 'nope'],
+    ['r', 5],
+    ['r', null],
+    // Back to the main loop: qemu-storage-daemon 7.2 aborts when an NBD client of an export in an
+    // iothread disconnects (assertion in nbd_blockdev_client_closed), as qemu-io does below.
+    ['disk', null, true],
+  ] as const)
+    await run('x-blockdev-set-iothread', { 'node-name': node, iothread, ...(force ? { force } : {}) });
+
   // The write threshold: set, reported, passed by one write (the event), then cleared.
   await run('block-set-write-threshold', { 'node-name': 'nope', 'write-threshold': 1 });
   await run('block-set-write-threshold', { 'node-name': 'disk', 'write-threshold': 1048576 });
@@ -106,7 +124,12 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   await qemuIo(nbd, ['write -P 9 0 64k']);
   // The export now sits on s1 over ov over disk: data below reads through, and a write into part
   // of a cluster copies the rest of it up from the chain.
-  const io = await qemuIo(nbd, ['read -P 1 1152k 64k', 'write -P 6 1536k 4k', 'read -P 1 1540k 60k', 'read -P 8 3M 64k']);
+  const io = await qemuIo(nbd, [
+    'read -P 1 1152k 64k',
+    'write -P 6 1536k 4k',
+    'read -P 1 1540k 60k',
+    'read -P 8 3M 64k',
+  ]);
   out.push({ readThrough: io.stdout.includes('failed') ? io.stdout : 'ok' });
 
   const graph = (await qmp.execute('x-debug-query-block-graph')) as {
@@ -143,7 +166,11 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   await amend({ 'job-id': 'a2', 'node-name': 'nope', options: { driver: 'qcow2' } });
   await amend({ 'node-name': 's1', options: { driver: 'qcow2' } });
   await amend({ 'job-id': 'a3', 'node-name': 's1', options: { driver: 'qcow2', bogus: 1 } });
-  await amend({ 'job-id': 'a3', 'node-name': 's1', options: { driver: 'qcow2', encrypt: { format: 'luks' } } });
+  await amend({
+    'job-id': 'a3',
+    'node-name': 's1',
+    options: { driver: 'qcow2', encrypt: { format: 'luks' } },
+  });
   await amend({
     'job-id': 'a4',
     'node-name': 's1',

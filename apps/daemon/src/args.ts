@@ -34,7 +34,9 @@ blockrep storage daemon (the qemu-storage-daemon command line, for what blockrep
                              configure a block backend (as blockdev-add)
   --chardev socket,id=<id>,path=<path>[,server=on][,wait=off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=off]
-                             a socket for a monitor
+  --chardev ringbuf|memory,id=<id>[,size=<bytes>] | file,id=<id>,path=<path> | null,id=<id>
+  --chardev stdio,id=<id>
+                             a character device (a monitor's, or ringbuf-read/-write's)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                              a QMP monitor on a chardev
   --qmp unix:<path> | tcp:<host>:<port>

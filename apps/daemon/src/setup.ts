@@ -1,6 +1,5 @@
 import type { Socket } from 'node:net';
-import { Duplex } from 'node:stream';
-import { BlockError, coerceValue, type Options } from '@blockrep/block';
+import { BlockError, coerceValue } from '@blockrep/block';
 import { loadColoConfig } from '@blockrep/colo';
 import {
   type BlockrepDaemon,
@@ -22,21 +21,6 @@ function str(v: unknown, name: string, required = false): string | undefined {
   return v;
 }
 
-/** The chardev backends QEMU knows (blockrepd has socket and stdio). */
-const QEMU_CHARDEVS = [
-  'null',
-  'socket',
-  'udp',
-  'pipe',
-  'file',
-  'stdio',
-  'ringbuf',
-  'memory',
-  'pty',
-  'serial',
-  'parallel',
-];
-
 /** The listening sockets the daemon created (removed again on shutdown). */
 export interface Running {
   daemon: BlockrepDaemon;
@@ -49,7 +33,6 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
   const colo = args.colo !== undefined ? loadColoConfig(args.colo) : null;
   const daemon = createBlockrepDaemon({ onQuit });
   const sockets: string[] = [];
-  const chardevs = new Map<string, Options>();
   for (const action of args.actions) {
     try {
       await carryOut(action);
@@ -122,47 +105,18 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
         break;
       }
       case 'chardev': {
-        const o = action.options;
-        if (o.backend === 'stdio') {
-          // A monitor on the daemon's stdin and stdout (how QEMU's own tests drive it).
-          for (const k of Object.keys(o)) {
-            if (!['backend', 'id', 'signal'].includes(k)) throw new BlockError(`Invalid parameter '${k}'`);
-          }
-          if ([...chardevs.values()].some((c) => c.backend === 'stdio'))
-            throw new BlockError('cannot use stdio by multiple character devices');
-          bool(o.signal, 'signal');
-        } else if (o.backend !== 'socket') {
-          throw new BlockError(
-            QEMU_CHARDEVS.includes(String(o.backend))
-              ? `chardev backend '${o.backend}' is not supported by blockrepd (socket and stdio are)`
-              : `'${o.backend}' is not a valid char driver name`,
-          );
-        }
-        chardevs.set(str(o.id, 'id', true)!, o);
+        const { listenPath } = await daemon.chardevs.addFromOptions(action.options);
+        if (listenPath !== undefined) sockets.push(listenPath);
         break;
       }
       case 'monitor': {
         const o = action.options;
         const id = str(o.chardev, 'chardev', true)!;
-        const c = chardevs.get(id);
-        if (!c) throw new BlockError(`chardev "${id}" not found`);
         if (o.mode !== undefined && o.mode !== 'control')
           throw new BlockError('Only mode=control is supported');
-        if (c.backend === 'stdio') {
-          const stdio = Duplex.from({ readable: process.stdin, writable: process.stdout });
-          daemon.qmp.attach(stdio as unknown as Socket);
-          log.info('QMP on stdio', {});
-          break;
-        }
-        if (bool(c.server, 'server') === false) throw new BlockError('Only server=on chardevs are supported');
-        if (typeof c.path === 'string') {
-          await daemon.qmp.listenUnix(c.path);
-          sockets.push(c.path);
-          log.info('QMP listening', { path: c.path });
-        } else {
-          const port = await daemon.qmp.listenTcp(Number(c.port), str(c.host, 'host') ?? '127.0.0.1');
-          log.info('QMP listening', { host: c.host, port });
-        }
+        // Each stream of the chardev (each connection of a listening socket) gets a monitor.
+        daemon.chardevs.open(id, (stream) => daemon.qmp.attach(stream as Socket));
+        log.info('QMP monitor', { chardev: id });
         break;
       }
       case 'qmp': {

@@ -171,6 +171,15 @@ describe.runIf(hasPeer('qemu-io'))('blockrepd with a qemu-storage-daemon command
       ['--chardev', 'bogus,id=x'],
       ['--chardev', 'stdio,id=a', '--chardev', 'stdio,id=b'],
       ['--chardev', 'stdio,id=a,bogus=1'],
+      ['--chardev', 'ringbuf,id=r,size=3'],
+      ['--chardev', 'ringbuf,id=r,size=abc'],
+      ['--chardev', 'memory,size=4'],
+      ['--chardev', 'ringbuf,id=1r'],
+      ['--chardev', 'ringbuf,id=r', '--chardev', 'null,id=r'],
+      ['--chardev', 'file,id=f'],
+      ['--chardev', 'file,id=f,path=/nonexistent/f'],
+      ['--chardev', 'null,id=n,bogus=1'],
+      ['--chardev', `socket,id=s,path=${img}.sock`],
     ];
     for (const args of lines) {
       const q = await runPeer('qemu-storage-daemon', args, { okCodes: [0, 1] });

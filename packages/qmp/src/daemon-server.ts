@@ -7,8 +7,10 @@ import { qcow2Driver } from '@blockrep/qcow2';
 import { ReplicationManager } from '@blockrep/replication';
 import { createBlockQmpServer } from './block-server';
 import { registerBlockJobCommands } from './commands/block-jobs';
+import { ChardevRegistry, registerChardevCommands } from './commands/chardev';
 import { type ColoHolder, registerColoCommands } from './commands/colo';
 import type { BlockdevCreators } from './commands/create';
+import { registerIothreadCommand } from './commands/iothread';
 import { registerMirrorCommands } from './commands/mirror';
 import { NbdServerHolder, registerNbdCommands } from './commands/nbd';
 import { qcow2Creator } from './commands/qcow2-create';
@@ -27,6 +29,8 @@ export interface BlockrepDaemon {
   qmp: QmpServer;
   creators: BlockdevCreators;
   colo: ColoHolder;
+  /** The character devices (--chardev and chardev-add); monitors are their frontends. */
+  chardevs: ChardevRegistry;
   /** The QOM tree: object-add's objects (also what --object creates). */
   objects: QomObjects;
   /** Runs this daemon as one host of a COLO pair (blockrepd --colo FILE). */
@@ -56,7 +60,10 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   registerReplicationCommands(server.registry, graph, replication);
   const colo: ColoHolder = { service: null };
   registerColoCommands(server.registry, colo);
+  const chardevs = new ChardevRegistry();
+  registerChardevCommands(server.registry, chardevs);
   const objects = registerQomCommands(server.registry);
+  registerIothreadCommand(server.registry, graph, objects);
   // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
   const declared = new Set(server.registry.events().map((e) => e.name));
   const unsubscribe = graph.onEvent((name, data) => {
@@ -68,6 +75,7 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
       unsubscribe();
       await colo.service?.stop().catch(() => {});
       await server.close().catch(() => {});
+      await chardevs.closeAll();
       await jobs.cancelAll().catch(() => {});
       if (nbd.server) await nbd.stop().catch(() => {});
       await graph.closeAll();
@@ -94,7 +102,19 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
     }
     return svc;
   };
-  return { graph, jobs, replication, nbd, qmp: server, creators, colo, objects, startColo, shutdown };
+  return {
+    graph,
+    jobs,
+    replication,
+    nbd,
+    qmp: server,
+    creators,
+    colo,
+    chardevs,
+    objects,
+    startColo,
+    shutdown,
+  };
 }
 
 /** The registry of a whole daemon: what docs/qmp-commands.md documents. */
