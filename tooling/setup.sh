@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd fio openssl graphviz etcd-server iproute2 nbdkit)
+# gcc-aarch64-linux-gnu: the linux-arm64 build of @blockrep/block's native addon (packed with x64's).
+packages=(qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd fio openssl graphviz etcd-server iproute2 nbdkit gcc gcc-aarch64-linux-gnu)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -2,6 +2,7 @@ import { spawn } from 'node:child_process';
 import { createWriteStream, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { parseDaemonArgs, USAGE } from './args';
+import { nativeAddon } from '@blockrep/block';
 import { Logger } from './log';
 import { type Running, setupDaemon } from './setup';
 
@@ -52,6 +53,13 @@ async function main(): Promise<number> {
   if (args.daemonize && !process.env.BLOCKREPD_DAEMONIZED) return daemonize();
 
   const log = new Logger(args.logLevel);
+  const addon = nativeAddon();
+  if (!addon.loaded) {
+    log.warn('native addon missing: image locking is refused (locking=off per node, or BLOCKREP_LOCKING=warn)', {
+      reason: addon.reason,
+      locking: process.env.BLOCKREP_LOCKING === 'warn' ? 'off, with a warning' : 'refused',
+    });
+  }
   let running: Running | null = null;
   let stopping = false;
   const stop = async (why: string) => {

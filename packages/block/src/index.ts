@@ -28,7 +28,13 @@ export {
 } from './driver';
 export { ImageLocks } from './drivers/file/locks';
 
-import { sparse } from './drivers/file/sparse';
+import { addonMissing, sparse } from './drivers/file/sparse';
+/**
+ * Whether the native addon (image locking, sparse files) loaded, and why not: without it the
+ * file driver refuses to open images with locking on (see BLOCKREP_LOCKING in the README).
+ */
+export const nativeAddon = (): { loaded: boolean; reason?: string } =>
+  sparse.available ? { loaded: true } : { loaded: false, reason: addonMissing ?? 'not found' };
 /** Reserves [offset, offset+bytes) of an open file on disk (fallocate; zeroes written where it cannot). */
 export const allocateFileRange = (fd: number, offset: number, bytes: number): Promise<void> =>
   sparse.allocate(fd, offset, bytes);

@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { createServer, type Server, type Socket } from 'node:net';
 import { registerCoreCommands } from './commands/core';
 import { QmpError } from './errors';
@@ -26,7 +27,16 @@ export interface QmpServerOptions {
 /** Requests a monitor queues before it stops reading from its client (QEMU's limit is 8). */
 const QUEUE_MAX = 8;
 
-export const DEFAULT_VERSION: QmpVersion = { major: 7, minor: 2, micro: 0, package: 'blockrep' };
+/** This package's version, from its package.json (one level above src/ and dist/ alike). */
+const PACKAGE_VERSION = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
+
+/** QEMU 7.2's protocol; the package string names blockrep and its version ("blockrep 0.1.0"). */
+export const DEFAULT_VERSION: QmpVersion = {
+  major: 7,
+  minor: 2,
+  micro: 0,
+  package: `blockrep ${PACKAGE_VERSION}`,
+};
 
 const INPUT_KEYS = new Set(['execute', 'arguments', 'id']);
 

@@ -1,8 +1,13 @@
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { QmpClient, QmpError, type QmpServer } from '../src/index';
 import { negotiatedRaw, RawConn, startServer } from './helpers';
+
+/** The version the server reports: @blockrep/qmp's own, from its package.json. */
+const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
+  version: string;
+};
 
 let server: QmpServer | undefined;
 afterEach(async () => {
@@ -29,10 +34,13 @@ describe('greeting and negotiation', () => {
     const c = await RawConn.open(path);
     const [greeting] = await c.waitLines(1);
     expect(greeting).toEqual({
-      QMP: { version: { qemu: { micro: 0, minor: 2, major: 7 }, package: 'blockrep' }, capabilities: [] },
+      QMP: {
+        version: { qemu: { micro: 0, minor: 2, major: 7 }, package: `blockrep ${version}` },
+        capabilities: [],
+      },
     });
     expect(c.lines[0]).toBe(
-      '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "blockrep"}, "capabilities": []}}',
+      `{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "blockrep ${version}"}, "capabilities": []}}`,
     );
     const r = await c.exchange(
       '{"execute":"query-version"}\n',
@@ -66,7 +74,7 @@ describe('greeting and negotiation', () => {
           desc: 'Capabilities negotiation is already complete, command ignored',
         },
       },
-      { return: { qemu: { micro: 0, minor: 2, major: 7 }, package: 'blockrep' }, id: 'v' },
+      { return: { qemu: { micro: 0, minor: 2, major: 7 }, package: `blockrep ${version}` }, id: 'v' },
     ]);
     c.close();
   });
@@ -244,7 +252,7 @@ describe('framing and hostile input', () => {
     await new Promise((res) => setTimeout(res, 30));
     release();
     const ok = await QmpClient.connect({ path });
-    expect((await ok.execute('query-version')).package).toBe('blockrep');
+    expect((await ok.execute('query-version')).package).toBe(`blockrep ${version}`);
     await ok.close();
   });
 

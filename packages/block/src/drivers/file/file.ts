@@ -5,7 +5,7 @@ import type { IoVec } from '../../iov';
 import type { BlockNode } from '../../node';
 import { opt } from '../../options';
 import { ImageLocks } from './locks';
-import { sparse } from './sparse';
+import { addonMissing, sparse } from './sparse';
 
 /** The file protocol: a regular file (or block device) through one file descriptor. */
 interface FileState {
@@ -175,6 +175,31 @@ async function openFd(filename: string, readOnly: boolean): Promise<number> {
 
 const st = (node: BlockNode) => node.opaque as FileState;
 
+/**
+ * Whether image locks can be taken. Without the native addon there are none, and opening an
+ * image without locks is refused (QEMU's tools could write to it under us) unless the node says
+ * locking=off or BLOCKREP_LOCKING=warn makes it a warning (printed once).
+ */
+let warnedNoLocking = false;
+function imageLockingOrRefusal(): boolean {
+  if (sparse.locking) return true;
+  if (process.env.BLOCKREP_LOCKING === 'warn') {
+    if (!warnedNoLocking) {
+      warnedNoLocking = true;
+      process.emitWarning(`image locking is off: ${noAddonText()}`, { code: 'BLOCKREP_NO_LOCKING' });
+    }
+    return false;
+  }
+  throw new BlockError(`Image locking is not available: ${noAddonText()}`, {
+    errno: 'ENOTSUP',
+    hint: 'Open the image with locking=off, or set BLOCKREP_LOCKING=warn, to use it without image locks',
+  });
+}
+
+function noAddonText(): string {
+  return `the native addon of @blockrep/block did not load (${addonMissing ?? 'OFD locks unsupported'})`;
+}
+
 export const fileDriver: BlockDriver = {
   name: 'file',
   protocol: true,
@@ -198,6 +223,7 @@ export const fileDriver: BlockDriver = {
   async open(node, opts) {
     const filename = opts.filename as string;
     if (opts['pr-manager'] !== undefined) throw new BlockError('pr-manager is not supported by blockrep');
+    const locking = opts.locking !== 'off' && imageLockingOrRefusal();
     let fd: number;
     try {
       fd = await openFd(filename, node.readOnly);
@@ -211,7 +237,7 @@ export const fileDriver: BlockDriver = {
         node.readOnly = true;
       } else throw e;
     }
-    const locks = opts.locking !== 'off' && sparse.locking ? new ImageLocks(fd, filename) : null;
+    const locks = locking ? new ImageLocks(fd, filename) : null;
     const inline = opts.aio !== 'threads';
     node.opaque = {
       fd,

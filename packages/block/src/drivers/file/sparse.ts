@@ -18,17 +18,37 @@ interface SparseAddon {
   ENXIO: number;
 }
 
-/** The addon built by native/build.mjs, found from src/ (tests) or dist/ (built package). */
+/** Why the addon is not there (null when it is). */
+export let addonMissing: string | null = null;
+
+/**
+ * The addon native/build.mjs makes (prebuilds/<platform>-<arch>/node.napi.node, shipped in the
+ * package for linux x64 and arm64), found by node-gyp-build from src/ (tests) or dist/ (the built
+ * package).
+ */
 function loadAddon(): SparseAddon | null {
-  if (process.env.BLOCKREP_NO_SPARSE_ADDON) return null;
+  if (process.env.BLOCKREP_NO_SPARSE_ADDON) {
+    addonMissing = 'disabled by BLOCKREP_NO_SPARSE_ADDON';
+    return null;
+  }
   const req = createRequire(import.meta.url);
-  for (const rel of ['../../../native/build/sparse.node', '../native/build/sparse.node']) {
+  let gypBuild: (dir: string) => unknown;
+  try {
+    gypBuild = req('node-gyp-build') as (dir: string) => unknown;
+  } catch (e) {
+    addonMissing = `node-gyp-build is missing: ${(e as Error).message}`;
+    return null;
+  }
+  let why = '';
+  for (const rel of ['../../../', '../']) {
+    const dir = new URL(rel, import.meta.url).pathname;
     try {
-      return req(new URL(rel, import.meta.url).pathname) as SparseAddon;
-    } catch {
-      // try the next location
+      return gypBuild(dir) as SparseAddon;
+    } catch (e) {
+      why ||= (e as Error).message.split('\n')[0]!;
     }
   }
+  addonMissing = why || 'not found';
   return null;
 }
 
