@@ -21,6 +21,8 @@ export interface DaemonArgs {
   pidfile?: string;
   daemonize: boolean;
   logLevel: 'debug' | 'info' | 'warn' | 'error';
+  /** --metrics ADDR:PORT: the Prometheus endpoint. */
+  metrics?: { host: string; port: number };
   help: boolean;
   version: boolean;
 }
@@ -53,6 +55,8 @@ blockrep storage daemon (the qemu-storage-daemon command line, for what blockrep
   --daemonize                run in the background once set up
   --log-level debug|info|warn|error
                              what goes to stderr (JSON lines; default info)
+  --metrics [<host>:]<port>  serve Prometheus metrics at http://<host>:<port>/metrics
+                             (host default 127.0.0.1; port 0 picks one, logged at start)
 `;
 
 /** The options that take a value, with the implied key of their key=value syntax. */
@@ -67,6 +71,7 @@ const WITH_VALUE: Record<string, string | undefined> = {
   '--pidfile': undefined,
   '--colo': undefined,
   '--log-level': undefined,
+  '--metrics': undefined,
 };
 
 /** The options that become an action on a node, a server or a monitor, and how their value is read. */
@@ -156,6 +161,14 @@ function addOption(
     case '--colo':
       out.colo = value;
       break;
+    case '--metrics': {
+      const m = /^(?:(.*):)?(\d+)$/.exec(value);
+      const port = m ? Number(m[2]) : Number.NaN;
+      if (!m || port > 65535) throw new Error('expecting [HOST:]PORT');
+      const host = (m[1] ?? '127.0.0.1').replace(/^\[(.*)\]$/, '$1') || '127.0.0.1';
+      out.metrics = { host, port };
+      break;
+    }
     case '--log-level':
       if (!['debug', 'info', 'warn', 'error'].includes(value))
         throw new Error("Parameter 'log-level' does not accept this value (debug, info, warn, error)");

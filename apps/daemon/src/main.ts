@@ -1,8 +1,8 @@
 import { spawn } from 'node:child_process';
 import { createWriteStream, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { parseDaemonArgs, USAGE } from './args';
 import { nativeAddon } from '@blockrep/block';
+import { parseDaemonArgs, USAGE } from './args';
 import { Logger } from './log';
 import { type Running, setupDaemon } from './setup';
 
@@ -55,10 +55,13 @@ async function main(): Promise<number> {
   const log = new Logger(args.logLevel);
   const addon = nativeAddon();
   if (!addon.loaded) {
-    log.warn('native addon missing: image locking is refused (locking=off per node, or BLOCKREP_LOCKING=warn)', {
-      reason: addon.reason,
-      locking: process.env.BLOCKREP_LOCKING === 'warn' ? 'off, with a warning' : 'refused',
-    });
+    log.warn(
+      'native addon missing: image locking is refused (locking=off per node, or BLOCKREP_LOCKING=warn)',
+      {
+        reason: addon.reason,
+        locking: process.env.BLOCKREP_LOCKING === 'warn' ? 'off, with a warning' : 'refused',
+      },
+    );
   }
   let running: Running | null = null;
   let stopping = false;
@@ -67,6 +70,7 @@ async function main(): Promise<number> {
     stopping = true;
     log.info('shutting down', { why });
     try {
+      await running?.metrics?.close();
       await running?.daemon.shutdown();
     } catch (e) {
       log.error('shutdown failed', { error: (e as Error).message });

@@ -9,6 +9,8 @@ import {
 } from '@blockrep/qmp';
 import type { DaemonArgs } from './args';
 import type { Logger } from './log';
+import { type MetricsServer, startMetrics } from './metrics';
+import { attachLogging } from './observe';
 
 /** An on/off option of the command line, as the block layer's option parser reads it. */
 function bool(v: unknown, name: string): boolean | undefined {
@@ -25,6 +27,8 @@ function str(v: unknown, name: string, required = false): string | undefined {
 export interface Running {
   daemon: BlockrepDaemon;
   sockets: string[];
+  /** The Prometheus endpoint, with --metrics. */
+  metrics: MetricsServer | null;
 }
 
 /** Carries out a parsed command line in order, as qemu-storage-daemon does. */
@@ -32,7 +36,17 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
   // A bad COLO config is refused before anything starts.
   const colo = args.colo !== undefined ? loadColoConfig(args.colo) : null;
   const daemon = createBlockrepDaemon({ onQuit });
+  attachLogging(daemon, log);
   const sockets: string[] = [];
+  let metrics: MetricsServer | null = null;
+  if (args.metrics) {
+    try {
+      metrics = await startMetrics(daemon, args.metrics.host, args.metrics.port);
+    } catch (e) {
+      throw new BlockError(`--metrics ${args.metrics.host}:${args.metrics.port}: ${(e as Error).message}`);
+    }
+    log.info('metrics listening', { url: `http://${metrics.address.host}:${metrics.address.port}/metrics` });
+  }
   for (const action of args.actions) {
     try {
       await carryOut(action);
@@ -43,10 +57,11 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
   }
   if (colo) {
     await daemon.startColo(colo, (level, msg, fields) => log.log(level, msg, { colo: colo.pair, ...fields }));
+    metrics?.watchColo();
     for (const a of [colo.guest.address, colo.host.channel, colo.host.replication])
       if (a.type === 'unix') sockets.push(a.path);
   }
-  return { daemon, sockets };
+  return { daemon, sockets, metrics };
 
   async function carryOut(action: DaemonArgs['actions'][number]): Promise<void> {
     switch (action.kind) {

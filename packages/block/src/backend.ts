@@ -1,3 +1,4 @@
+import { IoStats, ioDone, ioStart } from './accounting';
 import type { BlockStatus, TruncateOptions } from './driver';
 import { BlockError } from './errors';
 import type { BlockGraph } from './graph';
@@ -36,6 +37,10 @@ export interface BackendOptions {
  */
 export class BlockBackend {
   readonly kind = 'backend' as const;
+  /** Requests finished through this backend, per operation (an NBD export's figures). */
+  readonly ioStats = new IoStats();
+  /** The export this backend serves, if it is an export's (metrics name it so). */
+  exportName: string | undefined;
   root: BlockChild | null = null;
   perm: number;
   shared: number;
@@ -166,11 +171,15 @@ export class BlockBackend {
   async readv(offset: number, iov: IoVec, flags = 0): Promise<void> {
     const bytes = iovLength(iov);
     const root = await this.enter();
+    const t0 = ioStart();
+    let failed = true;
     try {
       this.checkRange(offset, bytes);
       await io.readv(root, offset, bytes, iov, flags);
+      failed = false;
     } finally {
       this.leave();
+      ioDone(this, 'read', bytes, t0, failed);
     }
   }
 
@@ -178,11 +187,15 @@ export class BlockBackend {
     const iov = Buffer.isBuffer(data) ? [data] : data;
     const bytes = iovLength(iov);
     const root = await this.enter();
+    const t0 = ioStart();
+    let failed = true;
     try {
       this.checkRange(offset, bytes);
       await io.writev(root, offset, bytes, iov, flags);
+      failed = false;
     } finally {
       this.leave();
+      ioDone(this, 'write', bytes, t0, failed);
     }
   }
 
@@ -199,30 +212,42 @@ export class BlockBackend {
 
   async writeZeroes(offset: number, bytes: number, flags = 0): Promise<void> {
     const root = await this.enter();
+    const t0 = ioStart();
+    let failed = true;
     try {
       this.checkRange(offset, bytes);
       await io.writeZeroes(root, offset, bytes, flags);
+      failed = false;
     } finally {
       this.leave();
+      ioDone(this, 'zero', bytes, t0, failed);
     }
   }
 
   async discard(offset: number, bytes: number): Promise<void> {
     const root = await this.enter();
+    const t0 = ioStart();
+    let failed = true;
     try {
       this.checkRange(offset, bytes);
       await io.discard(root, offset, bytes);
+      failed = false;
     } finally {
       this.leave();
+      ioDone(this, 'discard', bytes, t0, failed);
     }
   }
 
   async flush(): Promise<void> {
     const root = await this.enter();
+    const t0 = ioStart();
+    let failed = true;
     try {
       await io.flush(root.node);
+      failed = false;
     } finally {
       this.leave();
+      ioDone(this, 'flush', 0, t0, failed);
     }
   }
 

@@ -4,6 +4,13 @@ import { nullDriver } from './drivers/null/null';
 import { rawDriver } from './drivers/raw/raw';
 import { BlockGraph } from './graph';
 
+export {
+  IO_OPS,
+  type IoObserver,
+  type IoOp,
+  IoStats,
+  setIoObserver,
+} from './accounting';
 export { type BackendDevOps, type BackendOptions, BlockBackend } from './backend';
 export {
   BlockOp,

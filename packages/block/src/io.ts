@@ -1,3 +1,4 @@
+import { ioDone, ioStart } from './accounting';
 import { type BlockStatus, ReqFlags, type TruncateOptions } from './driver';
 import { BlockError, ioError, toBlockError } from './errors';
 import { type IoVec, iovIsZero, iovSlice, zeroBuffer } from './iov';
@@ -155,13 +156,17 @@ export async function readv(
     if (tail) aIov.push(Buffer.allocUnsafe(align - tail));
   }
   const req = beginRequest(node, aOff, aBytes, (flags & ReqFlags.SERIALISING) !== 0);
+  const t0 = ioStart();
+  let failed = true;
   try {
     await waitSerialising(node, req);
     await driverRead(node, aOff, aBytes, aIov, flags & ~ReqFlags.SERIALISING);
+    failed = false;
   } catch (e) {
     throw toBlockError(e);
   } finally {
     endRequest(node, req);
+    ioDone(node, 'read', bytes, t0, failed);
   }
 }
 
@@ -188,6 +193,8 @@ export async function writev(
   const aOff = offset - head;
   const aEnd = rmw ? alignUp(offset + bytes, align) : offset + bytes;
   const req = beginRequest(node, aOff, aEnd - aOff, rmw || (flags & ReqFlags.SERIALISING) !== 0);
+  const t0 = ioStart();
+  let failed = true;
   try {
     await waitSerialising(node, req);
     checkWriteThreshold(node, aOff, aEnd - aOff);
@@ -215,11 +222,13 @@ export async function writev(
       await driverWrite(node, aOff, aEnd - aOff, aIov, flags);
     }
     writeFinished(node, offset, bytes);
+    failed = false;
   } catch (e) {
     markDirty(node, offset, bytes);
     throw toBlockError(e);
   } finally {
     endRequest(node, req);
+    ioDone(node, 'write', bytes, t0, failed);
   }
 }
 
@@ -296,16 +305,20 @@ export async function writeZeroes(
     return;
   }
   const req = beginRequest(node, offset, bytes, false);
+  const t0 = ioStart();
+  let failed = true;
   try {
     await waitSerialising(node, req);
     checkWriteThreshold(node, offset, bytes);
     await zeroAligned(node, offset, bytes, flags);
     writeFinished(node, offset, bytes);
+    failed = false;
   } catch (e) {
     markDirty(node, offset, bytes);
     throw toBlockError(e);
   } finally {
     endRequest(node, req);
+    ioDone(node, 'zero', bytes, t0, failed);
   }
 }
 
@@ -347,6 +360,8 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
   const end = alignDown(offset + bytes, align);
   if (end <= start) return;
   const req = beginRequest(node, start, end - start, false);
+  const t0 = ioStart();
+  let failed = true;
   try {
     await waitSerialising(node, req);
     checkWriteThreshold(node, offset, bytes);
@@ -359,11 +374,13 @@ export async function discard(child: BlockChild, offset: number, bytes: number):
       }
     }
     if (end > node.wrHighestOffset) node.wrHighestOffset = end;
+    failed = false;
   } catch (e) {
     throw toBlockError(e);
   } finally {
     markDirty(node, start, end - start);
     endRequest(node, req);
+    ioDone(node, 'discard', end - start, t0, failed);
   }
 }
 
@@ -378,6 +395,8 @@ export async function flush(node: BlockNode): Promise<void> {
   checkOpen(node);
   const req = beginRequest(node, 0, 0, false);
   const gen = node.writeGen;
+  const t0 = ioStart();
+  let failed = true;
   try {
     const drv = node.driver;
     if (drv.flush) await drv.flush(node);
@@ -389,10 +408,12 @@ export async function flush(node: BlockNode): Promise<void> {
       }
     }
     if (gen > node.flushedGen) node.flushedGen = gen;
+    failed = false;
   } catch (e) {
     throw toBlockError(e);
   } finally {
     endRequest(node, req);
+    ioDone(node, 'flush', 0, t0, failed);
   }
 }
 

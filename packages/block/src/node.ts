@@ -1,3 +1,4 @@
+import { IoStats } from './accounting';
 import type { BlockBackend } from './backend';
 import type { DirtyBitmap } from './dirty-bitmap';
 import type { BlockDriver, BlockLimits, BlockStatus } from './driver';
@@ -126,6 +127,8 @@ export class BlockNode {
    * differs from it is "overridden": the node's file name becomes a json: name that includes it.
    */
   autoBackingFile: string | null = null;
+  /** Requests finished on the node, per operation (metrics; see accounting.ts). */
+  readonly ioStats = new IoStats();
   /** block-set-write-threshold: the offset a write may not pass unannounced (0: none). */
   writeThreshold = 0;
   /** The writeGen at the beginning of the latest-begun flush that succeeded. */

@@ -138,6 +138,8 @@ export class ColoService {
   private lastCheckpoint: { at: number; ms: number } | null = null;
   private checkpoints = 0;
   private resyncJob: MirrorJob | null = null;
+  /** Told each checkpoint's duration, ms (the metrics endpoint's histogram). */
+  onCheckpoint: ((ms: number) => void) | null = null;
   private lastResync: ColoStatus['last-resync'] | undefined;
   /** Heartbeats numbered below this were sent before the peer's last answer (stale). */
   private minPeerSeq = { boot: '', seq: 0 };
@@ -545,6 +547,7 @@ export class ColoService {
     });
     this.lastCheckpoint = { at: Date.now(), ms: performance.now() - t0 };
     this.checkpoints++;
+    this.onCheckpoint?.(this.lastCheckpoint.ms);
   }
 
   private async rejoin(): Promise<void> {
@@ -607,6 +610,7 @@ export class ColoService {
           this.protecting = true;
           this.lastCheckpoint = { at: Date.now(), ms: performance.now() - t0 };
           this.checkpoints++;
+          this.onCheckpoint?.(this.lastCheckpoint.ms);
         });
       case 'take-over':
         this.pair.peerLost(`${this.config.peer.name} stepped down`);

@@ -139,12 +139,20 @@ export class QmpMonitor {
       }
       const cmd = this.server.registry.require(name);
       const args = (r.arguments ?? {}) as Record<string, unknown>;
-      if (cmd.args) validateArgs(cmd.args, args);
-      else if (Object.keys(args).length) {
-        throw QmpError.generic(`Parameter '${Object.keys(args)[0]}' is unexpected`);
+      const t0 = performance.now();
+      try {
+        if (cmd.args) validateArgs(cmd.args, args);
+        else if (Object.keys(args).length) {
+          throw QmpError.generic(`Parameter '${Object.keys(args)[0]}' is unexpected`);
+        }
+        const ret = await cmd.handler(args, { server: this.server, monitor: this });
+        this.server.emit('command', { name, ms: performance.now() - t0 });
+        return reply({ return: ret ?? {} });
+      } catch (e) {
+        const err = QmpError.from(e);
+        this.server.emit('command', { name, ms: performance.now() - t0, error: err.toJSON() });
+        throw err;
       }
-      const ret = await cmd.handler(args, { server: this.server, monitor: this });
-      return reply({ return: ret ?? {} });
     } catch (e) {
       return reply(errorReply(QmpError.from(e)));
     }
@@ -182,6 +190,11 @@ interface Throttled {
   timer: NodeJS.Timeout;
 }
 
+/**
+ * Events besides the monitors': `'qmp-event'` (every event sent, unthrottled) and `'command'`
+ * ({ name, ms, error? }) after each command (the daemon logs them; arguments are not included, as
+ * they may carry secrets).
+ */
 export class QmpServer extends EventEmitter {
   readonly registry: CommandRegistry;
   readonly version: QmpVersion;

@@ -31,7 +31,7 @@ afterEach((ctx) => {
 describe.runIf(hasPeer('qemu-io'))('self-running COLO pair (lock-file arbiter, one machine)', () => {
   it('brings up, fails over on kill -9, re-protects the returning host, and fails back on request', async () => {
     const [a, b] = await makePair(localSpecs());
-    await startHost(a);
+    await startHost(a, [], ['--metrics', '127.0.0.1:0']);
     const sa = await waitRole(a, 'standalone');
     expect(sa.epoch).toBe(1);
     await expectGuestIo(a, ['write -P 0x11 0 4M']);
@@ -58,6 +58,26 @@ describe.runIf(hasPeer('qemu-io'))('self-running COLO pair (lock-file arbiter, o
     const s = await status(a);
     expect(s.checkpoints).toBeGreaterThanOrEqual(2);
     expect(s['peer-missing-bytes']).toBe(0);
+    // The same figures on a's Prometheus endpoint, with the forwarded writes and their latency.
+    const url = /"url":"(http:\/\/127\.0\.0\.1:\d+\/metrics)"/.exec(a.d!.log())![1]!;
+    const m = await (await fetch(url)).text();
+    const sample = (name: string) => {
+      const line = m.split('\n').find((l) => l.startsWith(`${name} `));
+      return line === undefined ? undefined : Number(line.slice(name.length + 1));
+    };
+    expect(sample('blockrep_colo_stage{pair="vm1",role="primary",stage="protected"}')).toBe(1);
+    expect(sample('blockrep_colo_checkpoints_total{pair="vm1"}')).toBe(s.checkpoints);
+    expect(sample('blockrep_colo_checkpoint_duration_seconds_count{pair="vm1"}')).toBe(s.checkpoints);
+    expect(sample('blockrep_colo_peer_missing_bytes{pair="vm1"}')).toBe(0);
+    expect(sample('blockrep_colo_peer_alive{pair="vm1"}')).toBe(1);
+    const forwarded = m
+      .split('\n')
+      .filter((l) => l.startsWith('blockrep_replication_forwarded_bytes_total{'));
+    expect(forwarded.map((l) => Number(l.split(' ')[1])).reduce((x, y) => x + y, 0)).toBeGreaterThanOrEqual(
+      1 << 20,
+    );
+    expect(m).toMatch(/^blockrep_replication_forward_duration_seconds_count\{node="[^"]+"\} [1-9]/m);
+    expect(m).toMatch(/^blockrep_replication_stage\{node="[^"]+",mode="primary",stage="running"\} 1$/m);
 
     const promoted = roleChange(b, 'standalone');
     const killedAt = performance.now();

@@ -89,8 +89,8 @@ export function localSpecs(): [HostSpec, HostSpec] {
 
 const started: Array<{ name: string; d: Daemon }> = [];
 
-export async function startHost(h: ColoHost, prefix: string[] = []): Promise<Daemon> {
-  h.d = await startDaemon(h.file('qmp.sock'), ['--colo', h.config], prefix);
+export async function startHost(h: ColoHost, prefix: string[] = [], extra: string[] = []): Promise<Daemon> {
+  h.d = await startDaemon(h.file('qmp.sock'), ['--colo', h.config, ...extra], prefix);
   started.push({ name: h.name, d: h.d });
   return h.d;
 }

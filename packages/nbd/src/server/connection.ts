@@ -52,6 +52,8 @@ export interface ConnectionContext {
   listExports(): NbdExport[];
   tlsCreds: NbdTlsCreds | undefined;
   handshakeTimeoutMs: number;
+  /** A client entered transmission on an export (the server's 'client' event). */
+  onTransmission?(c: NbdServerConnection): void;
 }
 
 /** A client broke the protocol: the connection is dropped (the spec's hard disconnect). */
@@ -184,6 +186,11 @@ export class NbdServerConnection implements ExportClient {
   private idle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  /** The export the client uses, once it chose one. */
+  get exportName(): string | undefined {
+    return this.exp?.name;
   }
 
   private closed(): void {
@@ -360,6 +367,7 @@ export class NbdServerConnection implements ExportClient {
     exp.clients.add(this);
     this.sizes = exp.blockSizes();
     this.phase = 'transmission';
+    this.ctx.onTransmission?.(this);
     if (this.recv) this.recv.recycling = true;
     // Requests may already have arrived behind the last option.
     setImmediate(() => this.pump());

@@ -130,6 +130,7 @@ export class NbdExport {
       shared: PERM_ALL,
       description: `NBD export '${this.name}'`,
     });
+    this.backend.exportName = this.name;
     try {
       this.backend.attach(node);
     } catch (e) {

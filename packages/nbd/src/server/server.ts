@@ -35,7 +35,8 @@ export type NbdRemoveMode = 'safe' | 'hard';
 /**
  * An NBD server: listeners (TCP and Unix, each optionally TLS-only) and the exports they serve.
  * Events: `'export-deleted' (info: NbdExportInfo)` once an export is gone for good — removed,
- * its node closed, or the server closed (QEMU's BLOCK_EXPORT_DELETED).
+ * its node closed, or the server closed (QEMU's BLOCK_EXPORT_DELETED); `'client' ({event:
+ * 'connect' | 'export' | 'disconnect', peer, export?})` as clients come, choose an export and go.
  */
 export class NbdServer extends EventEmitter {
   private readonly sockets: Listener[] = [];
@@ -64,19 +65,29 @@ export class NbdServer extends EventEmitter {
       listExports: () => [...this.exportMap.values()].filter((e) => !e.shuttingDown),
       tlsCreds: opts.tlsCreds,
       handshakeTimeoutMs: this.handshakeTimeoutMs,
+      onTransmission: (c: NbdServerConnection) =>
+        this.emit('client', { event: 'export', peer: peers.get(c), export: c.exportName }),
     };
+    const peers = new WeakMap<NbdServerConnection, string>();
     // Without TLS, each connection reads into recycled slabs (see withSlabReads).
     const slabs = !opts.tlsCreds;
     const server = net.createServer({ pauseOnConnect: slabs }, (accepted) => {
       const recv = slabs ? new RecvBuffers() : null;
       const socket = recv ? withSlabReads(accepted, recv) : accepted;
+      const peer =
+        addr.type === 'unix' ? `unix:${addr.path}` : `${accepted.remoteAddress}:${accepted.remotePort}`;
       const conn = new NbdServerConnection(
         socket,
         ctx,
-        (c) => this.connections.delete(c),
+        (c) => {
+          this.connections.delete(c);
+          this.emit('client', { event: 'disconnect', peer, export: c.exportName });
+        },
         socket === accepted ? null : recv,
       );
+      peers.set(conn, peer);
       this.connections.add(conn);
+      this.emit('client', { event: 'connect', peer });
       conn.start();
     });
     if (opts.maxConnections) server.maxConnections = opts.maxConnections;
@@ -171,6 +182,11 @@ export class NbdServer extends EventEmitter {
   onExportDeleted(fn: (info: NbdExportInfo) => void): () => void {
     this.on('export-deleted', fn);
     return () => this.off('export-deleted', fn);
+  }
+
+  /** The export objects (their backends' I/O figures, their clients). */
+  listExports(): NbdExport[] {
+    return [...this.exportMap.values()];
   }
 
   /** The exports (query-block-exports). */

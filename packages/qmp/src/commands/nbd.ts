@@ -76,6 +76,9 @@ export function toNbdAddress(a: SocketArgs): NbdSocketAddress {
 export class NbdServerHolder {
   server: NbdServer | null = null;
   onDeleted: ((info: NbdExportInfo) => void) | null = null;
+  /** Told of NBD clients coming, choosing an export and going (the daemon logs them). */
+  onClient: ((e: { event: 'connect' | 'export' | 'disconnect'; peer?: string; export?: string }) => void) | null =
+    null;
 
   constructor(readonly graph: BlockGraph) {}
 
@@ -87,6 +90,7 @@ export class NbdServerHolder {
     const tls = opts.tlsCreds === undefined ? undefined : lookupTlsCreds(opts.tlsCreds);
     const server = new NbdServer(this.graph);
     server.on('export-deleted', (info: NbdExportInfo) => this.onDeleted?.(info));
+    server.on('client', (e) => this.onClient?.(e));
     try {
       const bound = await server.listen(addr, { tlsCreds: tls, maxConnections: opts.maxConnections });
       this.server = server;
