@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { hasPeer, makeTempDir, type TempDir, waitFor } from '@blockrep/test-kit';
@@ -176,10 +176,36 @@ describe.runIf(daemonBuilt)('qmp, qmp-shell and graph against a running blockrep
 
   it.runIf(hasPeer('dot'))('graph renders the block graph as DOT and SVG', async () => {
     await blockrep(['qmp', '--socket', sock, 'blockdev-add', 'driver=raw', 'node-name=fmt0', 'file=n0']);
+    // A file node and an NBD export: the picture names the file and the export.
+    const img = dir.file('f0.img');
+    writeFileSync(img, Buffer.alloc(65536));
+    await blockrep([
+      'qmp',
+      '--socket',
+      sock,
+      'blockdev-add',
+      'driver=file',
+      'node-name=f0',
+      `filename=${img}`,
+    ]);
+    await blockrep([
+      'qmp',
+      '--socket',
+      sock,
+      'nbd-server-start',
+      'addr.type=unix',
+      `addr.data.path=${dir.file('nbd.sock')}`,
+    ]);
+    await blockrep(['qmp', '--socket', sock, 'block-export-add', 'type=nbd', 'id=e0', 'node-name=fmt0']);
     const dot = (await blockrep(['graph', '--socket', sock])).stdout;
     expect(dot).toMatch(/^digraph block_graph \{/);
     expect(dot).toContain('label="fmt0\\nraw"');
     expect(dot).toContain('label="n0\\nnull-co"');
+    expect(dot).toContain(`label="f0\\nfile\\n${img}"`);
+    expect(dot).toMatch(
+      /n(\d+) \[label="NBD export 'e0'\\nblock-backend", shape=box[^\n]*\n(.|\n)*n\1 -> n\d+ \[label="root/,
+    );
+    expect(dot).not.toContain('(anonymous)');
     expect(dot).toMatch(/-> n\d+ \[label="file\\nperm: [^"]*consistent-read/);
     const out = dir.file('graph.svg');
     await blockrep(['graph', '--socket', sock, '--format', 'svg', '-o', out]);

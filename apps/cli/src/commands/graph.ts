@@ -27,15 +27,42 @@ const SHAPES: Record<GraphNode['type'], string> = {
   'block-driver': 'ellipse',
 };
 
-/** The block graph in DOT: nodes named with their driver, edges with child name and permissions. */
-export function graphToDot(
-  graph: { nodes: GraphNode[]; edges: GraphEdge[] },
-  drivers: Map<string, string>,
-): string {
+/** What the graph's labels can say beyond node names: drivers, file names, exports. */
+export interface GraphDetails {
+  /** Node name -> driver. */
+  drivers: Map<string, string>;
+  /** Node name -> the file (or URI) a protocol node opens. */
+  files?: Map<string, string>;
+  /** Node name -> the ids of the NBD exports serving it. */
+  exports?: Map<string, string[]>;
+}
+
+/** Drivers whose node stands for a file or a connection: their label shows what they open. */
+const PROTOCOLS = new Set(['file', 'nbd', 'host_device']);
+
+/**
+ * The block graph in DOT: nodes named with their driver (protocol nodes with the file they open),
+ * block backends of NBD exports named by the export, edges with child name and permissions.
+ */
+export function graphToDot(graph: { nodes: GraphNode[]; edges: GraphEdge[] }, details: GraphDetails): string {
+  const byId = new Map(graph.nodes.map((n) => [n.id, n]));
   const lines = ['digraph block_graph {', '  rankdir=LR;', '  node [fontname="Helvetica"];'];
   for (const n of [...graph.nodes].sort((a, b) => a.id - b.id)) {
-    const driver = n.type === 'block-driver' ? drivers.get(n.name) : undefined;
-    const label = driver ? `${n.name}\\n${driver}` : `${n.name || '(anonymous)'}\\n${n.type}`;
+    let label: string;
+    if (n.type === 'block-driver') {
+      const driver = details.drivers.get(n.name);
+      const file = driver && PROTOCOLS.has(driver) ? details.files?.get(n.name) : undefined;
+      label = [n.name, driver, file].filter((x) => x !== undefined && x !== '').join('\\n');
+    } else if (n.type === 'block-backend' && !n.name) {
+      // An anonymous backend: an export's, when an export serves the node it holds.
+      const roots = graph.edges.filter((e) => e.parent === n.id).map((e) => byId.get(e.child)?.name ?? '');
+      const ids = roots.flatMap((r) => details.exports?.get(r) ?? []);
+      label = ids.length
+        ? `NBD export ${ids.map((i) => `'${i}'`).join(', ')}\\nblock-backend`
+        : '(anonymous)\\nblock-backend';
+    } else {
+      label = `${n.name || '(anonymous)'}\\n${n.type}`;
+    }
     lines.push(`  n${n.id} [label=${quote(label)}, shape=${SHAPES[n.type]}];`);
   }
   for (const e of graph.edges) {
@@ -78,8 +105,19 @@ export async function graphCommand(args: string[]): Promise<number> {
     const named = (await executeQmp(client, 'query-named-block-nodes', { flat: true })) as {
       'node-name': string;
       drv: string;
+      file: string;
     }[];
-    const dot = graphToDot(graph, new Map(named.map((n) => [n['node-name'], n.drv])));
+    const exported = (await executeQmp(client, 'query-block-exports').catch(() => [])) as {
+      id: string;
+      'node-name': string;
+    }[];
+    const exports = new Map<string, string[]>();
+    for (const e of exported) exports.set(e['node-name'], [...(exports.get(e['node-name']) ?? []), e.id]);
+    const dot = graphToDot(graph, {
+      drivers: new Map(named.map((n) => [n['node-name'], n.drv])),
+      files: new Map(named.map((n) => [n['node-name'], n.file])),
+      exports,
+    });
     const out = format === 'dot' ? Buffer.from(dot) : await renderDot(dot, format);
     const file = optString(p, '-o');
     if (file) writeFileSync(file, out);
