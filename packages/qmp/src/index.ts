@@ -20,10 +20,16 @@ export { qcow2Creator } from './commands/qcow2-create';
 export { objectOptionsFromKeyval, QomObjects, registerQomCommands } from './commands/qom';
 export { registerReplicationCommands } from './commands/replication';
 export { type BlockrepDaemon, createBlockrepDaemon, referenceRegistry } from './daemon-server';
-export { renderCommandReference } from './docs';
+export { type DocumentedMember, documentedMembers, renderCommandReference } from './docs';
 export { QmpError, type QmpErrorClass } from './errors';
 export { JsonStreamer, parseQmpJson, qdictOrder, type StreamItem, toQemuPrettyJson, toQmpJson } from './json';
-export { type CommandContext, type CommandDef, CommandRegistry, type EventDef } from './registry';
+export {
+  type CommandContext,
+  type CommandDef,
+  type CommandExample,
+  CommandRegistry,
+  type EventDef,
+} from './registry';
 export {
   EMPTY_OBJECT,
   type IntWidth,

@@ -19,14 +19,30 @@ export interface CommandDef<A = any, R = unknown> {
   doc: string;
   /** QAPI features, e.g. ['unstable'] for x- commands. */
   features?: string[];
+  /** Requests and replies for the command reference (each request is checked against `args`). */
+  examples?: CommandExample[];
   /** Returns the `return` value (undefined means `{}`); throws QmpError / BlockError. */
   handler(args: A, ctx: CommandContext): R | Promise<R>;
+}
+
+/** One exchange of the command reference: a request and the server's reply. */
+export interface CommandExample {
+  /** What the example shows, when a command has more than one. */
+  title?: string;
+  /** The request's `arguments` (omitted: none). */
+  args?: Record<string, unknown>;
+  /** The reply's `return` value (omitted: `{}`). */
+  returns?: unknown;
+  /** An error reply instead of a return. */
+  error?: { class: string; desc: string };
 }
 
 export interface EventDef {
   name: string;
   data: QObjectType;
   doc: string;
+  /** Event data for the command reference (each is checked against `data`). */
+  examples?: { title?: string; data: Record<string, unknown> }[];
 }
 
 /** The commands and events a server offers. Other packages add theirs with registerCommand. */

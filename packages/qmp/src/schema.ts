@@ -279,7 +279,10 @@ function optionType(ot: OptionType, name: string, refs: BlockdevRefTypes): QType
       return t.union(
         name,
         {
-          [ot.tag]: req(t.enum(`${name}-${ot.tag}`, Object.keys(ot.variants))),
+          [ot.tag]: req(
+            t.enum(`${name}-${ot.tag}`, Object.keys(ot.variants)),
+            'Which variant: it says which further members apply',
+          ),
           ...optionMembers(ot.base ?? {}, name, refs),
         },
         ot.tag,

@@ -184,6 +184,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     name: 'block-dirty-bitmap-add',
     args: BlockDirtyBitmapAdd,
     doc: 'Creates a dirty bitmap on a node: from then on every write through the node marks it.',
+    examples: [{ args: { node: 'disk0', name: 'bitmap0', persistent: true } }],
     async handler(a: BitmapAddArgs) {
       await runAlone(prepareBitmapAdd(graph, a));
     },
@@ -193,6 +194,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     name: 'block-dirty-bitmap-remove',
     args: BlockDirtyBitmap,
     doc: 'Deletes a dirty bitmap that no operation is using (a persistent one from the image too).',
+    examples: [{ args: { node: 'disk0', name: 'bitmap0' } }],
     async handler(a: { node: string; name: string }) {
       await runAlone(prepareBitmapRemove(graph, a));
     },
@@ -208,6 +210,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
       doc: enabled
         ? 'Makes a dirty bitmap record writes again.'
         : 'Stops a dirty bitmap recording writes (its bits stay as they are).',
+      examples: [{ args: { node: 'disk0', name: 'bitmap0' } }],
       async handler(a: { node: string; name: string }) {
         await runAlone(prepareBitmapEnable(graph, a, enabled));
       },
@@ -218,6 +221,7 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     name: 'block-dirty-bitmap-clear',
     args: BlockDirtyBitmap,
     doc: 'Marks every bit of a dirty bitmap clean.',
+    examples: [{ args: { node: 'disk0', name: 'bitmap0' } }],
     async handler(a: { node: string; name: string }) {
       await runAlone(prepareBitmapClear(graph, a));
     },
@@ -227,6 +231,11 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     name: 'block-dirty-bitmap-merge',
     args: BlockDirtyBitmapMerge,
     doc: 'ORs bitmaps into a target bitmap, all or nothing.',
+    examples: [
+      {
+        args: { node: 'disk0', target: 'bitmap0', bitmaps: ['bitmap1', { node: 'disk1', name: 'bitmap2' }] },
+      },
+    ],
     async handler(a: BitmapMergeArgs) {
       await runAlone(prepareBitmapMerge(graph, a));
     },
@@ -240,6 +249,12 @@ export function registerBitmapCommands(r: CommandRegistry, graph: BlockGraph): v
     }),
     features: ['unstable'],
     doc: "SHA-256 of a dirty bitmap's bits as QEMU hashes them: one bit per granule in 64-bit little-endian words (tests compare bitmaps with it).",
+    examples: [
+      {
+        args: { node: 'disk0', name: 'bitmap0' },
+        returns: { sha256: 'e5a00aa9991ac8a5ee3109844d84a55583bd20572ad3ffcd42792f3c36b183ad' },
+      },
+    ],
     handler(a: { node: string; name: string }) {
       const { bitmap } = lookupBitmap(graph, a.node, a.name);
       const bytes = Math.ceil(bitmap.size / 64) * 8;

@@ -17,6 +17,15 @@ export const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', '
 const BitmapSyncMode = t.enum('BitmapSyncMode', ['on-success', 'never', 'always']);
 export const BlockdevOnError = t.enum('BlockdevOnError', ON_ERROR_VALUES);
 
+/** The descriptions of the members every job-starting command has. */
+export const JOB_DOCS = {
+  onError:
+    'What to do when a request fails: report (default: the job fails), ignore it, stop (pause ' +
+    'the job until it is resumed), enospc (stop on ENOSPC, report otherwise), auto (as report)',
+  autoFinalize: 'Finalize on its own once done (default true); false: wait in PENDING for job-finalize',
+  autoDismiss: 'Go away on its own once concluded (default true); false: stay until job-dismiss',
+};
+
 interface BackupArgs {
   'job-id'?: string;
   device: string;
@@ -103,12 +112,16 @@ export const BlockdevBackup = t.object('BlockdevBackup', {
   sync: req(MirrorSyncMode, 'What to copy: full, top, none (only what writes overwrite), incremental/bitmap'),
   speed: opt(t.int, 'Bytes per second (0: unlimited)'),
   bitmap: opt(t.str, 'The dirty bitmap for incremental/bitmap sync'),
-  'bitmap-mode': opt(BitmapSyncMode),
+  'bitmap-mode': opt(
+    BitmapSyncMode,
+    'What becomes of the bitmap: on-success (default) clears the copied bits if the job succeeds, ' +
+      'always clears them even if it fails, never leaves the bitmap as it was',
+  ),
   compress: opt(t.bool, 'Not supported'),
-  'on-source-error': opt(BlockdevOnError),
-  'on-target-error': opt(BlockdevOnError),
-  'auto-finalize': opt(t.bool),
-  'auto-dismiss': opt(t.bool),
+  'on-source-error': opt(BlockdevOnError, `Reading the source failed. ${JOB_DOCS.onError}`),
+  'on-target-error': opt(BlockdevOnError, `Writing the target failed. ${JOB_DOCS.onError}`),
+  'auto-finalize': opt(t.bool, JOB_DOCS.autoFinalize),
+  'auto-dismiss': opt(t.bool, JOB_DOCS.autoDismiss),
   'filter-node-name': opt(t.str, 'Name of the copy-before-write filter node'),
   'x-perf': opt(t.any, 'Accepted for compatibility'),
 });
@@ -217,6 +230,20 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
     name: 'blockdev-backup',
     args: BlockdevBackup,
     doc: 'Starts a backup job from a node to another, with a copy-before-write filter on the source.',
+    examples: [
+      { args: { 'job-id': 'backup0', device: 'disk0', target: 'backup0', sync: 'full' } },
+      {
+        title: 'Only what a dirty bitmap marks',
+        args: {
+          'job-id': 'backup1',
+          device: 'disk0',
+          target: 'inc1',
+          sync: 'bitmap',
+          bitmap: 'bitmap0',
+          'bitmap-mode': 'on-success',
+        },
+      },
+    ],
     async handler(a: BackupArgs) {
       await runAlone(await prepareBlockdevBackup(graph, jobs, a));
     },
@@ -226,6 +253,17 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
     name: 'drive-backup',
     args: DriveBackup,
     doc: 'Starts a backup job from a node into an image file it creates (or opens, with mode existing): qcow2 by default, backed by the source for sync none and by its backing file for sync top.',
+    examples: [
+      {
+        args: {
+          'job-id': 'backup0',
+          device: 'disk0',
+          target: '/var/lib/backups/disk0-full.qcow2',
+          sync: 'full',
+          format: 'qcow2',
+        },
+      },
+    ],
     async handler(a: DriveBackupArgs) {
       await runAlone(await prepareDriveBackup(graph, jobs, a));
     },
@@ -244,14 +282,18 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
         t.str,
         "The backing file name written into top's overlay (default: the base's file name)",
       ),
-      'backing-mask-protocol': opt(t.bool),
-      speed: opt(t.int),
-      'on-error': opt(BlockdevOnError),
+      'backing-mask-protocol': opt(
+        t.bool,
+        'Accepted, without effect (QEMU: name raw rather than a protocol driver as the backing format)',
+      ),
+      speed: opt(t.int, 'Bytes per second (0: unlimited)'),
+      'on-error': opt(BlockdevOnError, JOB_DOCS.onError),
       'filter-node-name': opt(t.str, 'Accepted; no filter node is inserted'),
-      'auto-finalize': opt(t.bool),
-      'auto-dismiss': opt(t.bool),
+      'auto-finalize': opt(t.bool, JOB_DOCS.autoFinalize),
+      'auto-dismiss': opt(t.bool, JOB_DOCS.autoDismiss),
     }),
     doc: 'Commits the data of top..(above base) into base; committing the active layer is mirror-style and needs job-complete.',
+    examples: [{ args: { 'job-id': 'commit0', device: 'disk0', 'top-node': 'snap1', 'base-node': 'base0' } }],
     async handler(a: CommitArgs) {
       if (a.base !== undefined && a['base-node'] !== undefined) {
         throw new BlockError("'base' and 'base-node' cannot be specified at the same time");
@@ -308,14 +350,18 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
         t.str,
         "The backing file name written into device's image (default: base's file name)",
       ),
-      'backing-mask-protocol': opt(t.bool, 'Accepted'),
+      'backing-mask-protocol': opt(
+        t.bool,
+        'Accepted, without effect (QEMU: name raw rather than a protocol driver as the backing format)',
+      ),
       speed: opt(t.int, 'Bytes per second (0: unlimited)'),
-      'on-error': opt(BlockdevOnError),
+      'on-error': opt(BlockdevOnError, JOB_DOCS.onError),
       'filter-node-name': opt(t.str, 'Accepted; no copy-on-read filter node is inserted'),
-      'auto-finalize': opt(t.bool),
-      'auto-dismiss': opt(t.bool),
+      'auto-finalize': opt(t.bool, JOB_DOCS.autoFinalize),
+      'auto-dismiss': opt(t.bool, JOB_DOCS.autoDismiss),
     }),
     doc: "Starts a stream job: what the backing layers above base hold and the device's node does not is copied into it, then the node backs onto base (or onto nothing) and its image header says so.",
+    examples: [{ args: { 'job-id': 'stream0', device: 'disk0', 'base-node': 'base0' } }],
     async handler(a: StreamArgs) {
       for (const [x, y] of [
         ['base', 'base-node'],

@@ -19,33 +19,36 @@ import { blockdevTypes } from './blockdev-types';
 import { BlockDeviceInfo, blockDeviceInfo, nodesInCreationOrder } from './node-info';
 
 const BlockInfo = t.object('BlockInfo', {
-  device: req(t.str),
-  qdev: opt(t.str),
-  type: req(t.str),
-  removable: req(t.bool),
-  locked: req(t.bool),
-  inserted: opt(BlockDeviceInfo),
+  device: req(t.str, 'The name of the block backend'),
+  qdev: opt(t.str, 'The guest device it is attached to (never, in a storage daemon)'),
+  type: req(t.str, "The device type: always 'unknown' (deprecated in QEMU)"),
+  removable: req(t.bool, 'Whether the medium can be removed (always false)'),
+  locked: req(t.bool, 'Whether the guest locked the medium in (always false)'),
+  inserted: opt(BlockDeviceInfo, 'The root node of the backend, absent when it has none'),
 });
 
 const XDbgBlockGraphNode = t.object('XDbgBlockGraphNode', {
-  id: req(t.uint64),
-  type: req(t.enum('XDbgBlockGraphNodeType', ['block-backend', 'block-job', 'block-driver'])),
-  name: req(t.str),
+  id: req(t.uint64, 'Number of the node in this answer (edges refer to it)'),
+  type: req(
+    t.enum('XDbgBlockGraphNodeType', ['block-backend', 'block-job', 'block-driver']),
+    'What the node is: a block backend, a block job or a block node',
+  ),
+  name: req(t.str, "The backend's name, the job's id or the node name ('' for none)"),
 });
 
 const BlockPermission = t.enum('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize']);
 
 const XDbgBlockGraphEdge = t.object('XDbgBlockGraphEdge', {
-  parent: req(t.uint64),
-  child: req(t.uint64),
-  name: req(t.str),
-  perm: req(t.array(BlockPermission)),
-  'shared-perm': req(t.array(BlockPermission)),
+  parent: req(t.uint64, 'The id of the parent node'),
+  child: req(t.uint64, 'The id of the child node'),
+  name: req(t.str, "The child's role in the parent, e.g. file, backing, root"),
+  perm: req(t.array(BlockPermission), 'The permissions the parent holds on the child'),
+  'shared-perm': req(t.array(BlockPermission), 'The permissions the parent lets other users hold'),
 });
 
 const XDbgBlockGraph = t.object('XDbgBlockGraph', {
-  nodes: req(t.array(XDbgBlockGraphNode)),
-  edges: req(t.array(XDbgBlockGraphEdge)),
+  nodes: req(t.array(XDbgBlockGraphNode), 'Backends, jobs and block nodes'),
+  edges: req(t.array(XDbgBlockGraphEdge), 'The parent-child links between them'),
 });
 
 /** The graph commands: blockdev-add/del/reopen and the node queries. */
@@ -56,6 +59,24 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     name: 'blockdev-add',
     args: types.options,
     doc: 'Creates a block node (and any nested children) from BlockdevOptions; the root must have a node-name.',
+    examples: [
+      {
+        args: {
+          driver: 'qcow2',
+          'node-name': 'disk0',
+          file: { driver: 'file', filename: '/var/lib/images/disk0.qcow2' },
+        },
+      },
+      {
+        title: 'A quorum of three children already open',
+        args: {
+          driver: 'quorum',
+          'node-name': 'quorum0',
+          'vote-threshold': 2,
+          children: ['child0', 'child1', 'child2'],
+        },
+      },
+    ],
     async handler(args: Options) {
       await graph.blockdevAdd(args);
     },
@@ -65,6 +86,7 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     name: 'blockdev-del',
     args: t.object('q_obj_blockdev-del-arg', { 'node-name': req(t.str, 'The node to delete') }),
     doc: 'Deletes a node added with blockdev-add, if nothing uses it any more.',
+    examples: [{ args: { 'node-name': 'disk0' } }],
     async handler(args: { 'node-name': string }) {
       await graph.blockdevDel(args['node-name']);
     },
@@ -78,6 +100,7 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
       size: req(t.int, 'The new size in bytes'),
     }),
     doc: 'Grows or shrinks a node (a format driver resizes its image, the file protocol its file).',
+    examples: [{ args: { 'node-name': 'disk0', size: 21474836480 } }],
     async handler(a: { device?: string; 'node-name'?: string; size: number }) {
       const node = graph.lookupBs(a.device, a['node-name']);
       if (a.size < 0) throw new BlockError("Parameter 'size' expects a >0 size");
@@ -102,6 +125,13 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
       'Reopens nodes with new options, all or none. Every option must be given again; read-only may ' +
       'change, and a child given by node name replaces the current one (QEMU rejects an option left ' +
       'out as "cannot be reset to its default value").',
+    examples: [
+      {
+        args: {
+          options: [{ driver: 'qcow2', 'node-name': 'base0', file: 'base0-file', 'read-only': false }],
+        },
+      },
+    ],
     async handler(args: { options: Options[] }) {
       const entries = new Map<BlockNode, boolean>();
       const swaps: ChildSwap[] = [];
@@ -133,6 +163,58 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     }),
     returns: t.array(BlockDeviceInfo),
     doc: 'Information about every node of the graph, newest first.',
+    examples: [
+      {
+        args: { flat: true },
+        returns: [
+          {
+            file: '/var/lib/images/disk0.qcow2',
+            'node-name': 'disk0',
+            ro: false,
+            drv: 'qcow2',
+            backing_file_depth: 0,
+            encrypted: false,
+            detect_zeroes: 'off',
+            bps: 0,
+            bps_rd: 0,
+            bps_wr: 0,
+            iops: 0,
+            iops_rd: 0,
+            iops_wr: 0,
+            image: {
+              filename: '/var/lib/images/disk0.qcow2',
+              format: 'qcow2',
+              'dirty-flag': false,
+              'actual-size': 262144,
+              'virtual-size': 10737418240,
+              'format-specific': {
+                type: 'qcow2',
+                data: {
+                  compat: '1.1',
+                  'compression-type': 'zlib',
+                  'lazy-refcounts': false,
+                  'refcount-bits': 16,
+                  corrupt: false,
+                  'extended-l2': false,
+                },
+              },
+            },
+            cache: { writeback: true, direct: false, 'no-flush': false },
+            write_threshold: 0,
+            'dirty-bitmaps': [
+              {
+                name: 'bitmap0',
+                count: 0,
+                granularity: 65536,
+                recording: true,
+                busy: false,
+                persistent: false,
+              },
+            ],
+          },
+        ],
+      },
+    ],
     handler(args: { flat?: boolean }) {
       return nodesInCreationOrder(graph)
         .reverse()
@@ -144,6 +226,7 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     name: 'query-block',
     returns: t.array(BlockInfo),
     doc: 'The named BlockBackends (devices); a storage daemon without devices has none.',
+    examples: [{ returns: [] }],
     handler() {
       const out: Record<string, unknown>[] = [];
       for (const b of graph.backends) {
@@ -166,6 +249,25 @@ export function registerBlockCommands(r: CommandRegistry, graph: BlockGraph, job
     returns: XDbgBlockGraph,
     features: ['unstable'],
     doc: 'The graph as nodes (backends, jobs, block nodes) and edges with the permissions they take and share.',
+    examples: [
+      {
+        returns: {
+          nodes: [
+            { id: 2, type: 'block-driver', name: 'disk0' },
+            { id: 1, type: 'block-driver', name: 'disk0-file' },
+          ],
+          edges: [
+            {
+              parent: 2,
+              child: 1,
+              name: 'file',
+              perm: ['resize', 'write', 'consistent-read'],
+              'shared-perm': ['write-unchanged', 'consistent-read'],
+            },
+          ],
+        },
+      },
+    ],
     handler() {
       return blockGraphDump(graph, jobs);
     },

@@ -165,6 +165,7 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
     name: 'blockdev-snapshot',
     args: BlockdevSnapshot,
     doc: 'Puts an existing overlay node on top of a node: the overlay takes the node as its backing file and its place under every user.',
+    examples: [{ args: { node: 'disk0', overlay: 'snap1' } }],
     async handler(a: BlockdevSnapshotArgs) {
       await runAlone(await prepareExternalSnapshot(graph, { kind: 'blockdev-snapshot', args: a }));
     },
@@ -174,6 +175,16 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
     name: 'blockdev-snapshot-sync',
     args: BlockdevSnapshotSync,
     doc: 'Creates (or opens) an image file and puts it on top of a node as blockdev-snapshot does.',
+    examples: [
+      {
+        args: {
+          'node-name': 'disk0',
+          'snapshot-file': '/var/lib/images/disk0-snap1.qcow2',
+          'snapshot-node-name': 'snap1',
+          format: 'qcow2',
+        },
+      },
+    ],
     async handler(a: BlockdevSnapshotSyncArgs) {
       await runAlone(await prepareExternalSnapshot(graph, { kind: 'sync', args: a }));
     },
@@ -187,6 +198,11 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
       'backing-file': req(t.str, 'The backing file name written into the header'),
     }),
     doc: "Writes a new backing file name into the header of an image in a device's chain; the graph stays as it is.",
+    examples: [
+      {
+        args: { device: 'disk0', 'image-node-name': 'snap1', 'backing-file': '/var/lib/images/base0.qcow2' },
+      },
+    ],
     async handler(a: { device: string; 'image-node-name': string; 'backing-file': string }) {
       const top = graph.lookupBs(a.device, a.device);
       const image = graph.lookupBs(undefined, a['image-node-name']);
@@ -230,6 +246,7 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
       ),
     }),
     doc: "Sets a node's write threshold: the first write or discard that reaches past it raises BLOCK_WRITE_THRESHOLD, and the threshold is cleared. Thin provisioning watches it to grow storage in time.",
+    examples: [{ args: { 'node-name': 'disk0', 'write-threshold': 17179869184 } }],
     handler(a: { 'node-name': string; 'write-threshold': number }) {
       const node = graph.getNode(a['node-name']);
       if (!node) throw new BlockError(`Device '${a['node-name']}' not found`);
@@ -245,5 +262,6 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
       'write-threshold': req(t.uint64, 'The threshold that was set'),
     }),
     doc: 'A write or discard reached past the write threshold of a node (the threshold is cleared).',
+    examples: [{ data: { 'node-name': 'disk0', 'amount-exceeded': 65536, 'write-threshold': 17179869184 } }],
   });
 }

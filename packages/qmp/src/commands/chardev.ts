@@ -21,7 +21,12 @@ const common: QMembers = {
 
 const SocketAddressLegacy = t.union(
   'SocketAddressLegacy',
-  { type: req(t.enum('SocketAddressType', ['inet', 'unix', 'vsock', 'fd'])) },
+  {
+    type: req(
+      t.enum('SocketAddressType', ['inet', 'unix', 'vsock', 'fd']),
+      'The address family: inet (TCP), unix, vsock or fd (blockrepd opens inet and unix)',
+    ),
+  },
   'type',
   () => ({
     inet: {
@@ -36,6 +41,7 @@ const SocketAddressLegacy = t.union(
           'keep-alive': opt(t.bool, 'Enable TCP keep-alive'),
           mptcp: opt(t.bool, 'Use multipath TCP'),
         }),
+        'The TCP address',
       ),
     },
     unix: {
@@ -45,17 +51,32 @@ const SocketAddressLegacy = t.union(
           abstract: opt(t.bool, 'Linux abstract socket namespace'),
           tight: opt(t.bool, 'Abstract address length is the name length'),
         }),
+        'The Unix socket',
       ),
     },
     vsock: {
-      data: req(t.object('VsockSocketAddress', { cid: req(t.str), port: req(t.str) })),
+      data: req(
+        t.object('VsockSocketAddress', {
+          cid: req(t.str, 'Context id of the peer'),
+          port: req(t.str, 'Port number'),
+        }),
+        'The VSOCK address',
+      ),
     },
-    fd: { data: req(t.object('String', { str: req(t.str) })) },
+    fd: {
+      data: req(
+        t.object('String', { str: req(t.str, 'Name or number of a file descriptor') }),
+        'A file descriptor passed to the process',
+      ),
+    },
   }),
 );
 
+/** Member descriptions of the backends QEMU has and blockrepd does not open. */
+const NO = ' (a backend blockrepd does not open)';
+
 const wrapped = (name: string, members: QMembers): QMembers => ({
-  data: req(t.object(name, { ...common, ...members })),
+  data: req(t.object(name, { ...common, ...members }), 'The options of the backend'),
 });
 
 const commonOnly = wrapped('ChardevCommon', {});
@@ -104,31 +125,44 @@ const ChardevBackendType = t.union(
       pipe: hostdev,
       socket: wrapped('ChardevSocket', {
         addr: req(SocketAddressLegacy, 'Address to listen on (server) or connect to'),
-        'tls-creds': opt(t.str),
-        'tls-authz': opt(t.str),
+        'tls-creds': opt(t.str, 'Id of TLS credentials to secure the connection (not supported)'),
+        'tls-authz': opt(t.str, 'Id of an authorization object checking TLS clients (not supported)'),
         server: opt(t.bool, 'Listen (default true)'),
         wait: opt(t.bool, 'Wait for a client before going on (default false)'),
         nodelay: opt(t.bool, 'Set TCP_NODELAY'),
-        telnet: opt(t.bool),
-        tn3270: opt(t.bool),
-        websocket: opt(t.bool),
-        reconnect: opt(t.int),
+        telnet: opt(t.bool, 'Speak the telnet protocol (not supported)'),
+        tn3270: opt(t.bool, 'Speak TN3270 (not supported)'),
+        websocket: opt(t.bool, 'Speak WebSocket (not supported)'),
+        reconnect: opt(t.int, 'Client: seconds between reconnection attempts (not supported)'),
       }),
-      udp: wrapped('ChardevUdp', { remote: req(SocketAddressLegacy), local: opt(SocketAddressLegacy) }),
+      udp: wrapped('ChardevUdp', {
+        remote: req(SocketAddressLegacy, `Where datagrams are sent${NO}`),
+        local: opt(SocketAddressLegacy, `Where datagrams are received${NO}`),
+      }),
       pty: commonOnly,
       null: commonOnly,
-      mux: wrapped('ChardevMux', { chardev: req(t.str) }),
+      mux: wrapped('ChardevMux', { chardev: req(t.str, `The chardev to multiplex${NO}`) }),
       msmouse: commonOnly,
       wctablet: commonOnly,
       braille: commonOnly,
       testdev: commonOnly,
-      stdio: wrapped('ChardevStdio', { signal: opt(t.bool) }),
+      stdio: wrapped('ChardevStdio', {
+        signal: opt(t.bool, 'Ctrl-C on the terminal stops the process (command line only)'),
+      }),
       console: commonOnly,
-      spicevmc: wrapped('ChardevSpiceChannel', { type: req(t.str) }),
-      spiceport: wrapped('ChardevSpicePort', { fqdn: req(t.str) }),
-      'qemu-vdagent': wrapped('ChardevQemuVDAgent', { mouse: opt(t.bool), clipboard: opt(t.bool) }),
-      dbus: wrapped('ChardevDBus', { name: req(t.str) }),
-      vc: wrapped('ChardevVC', { width: opt(t.int), height: opt(t.int), cols: opt(t.int), rows: opt(t.int) }),
+      spicevmc: wrapped('ChardevSpiceChannel', { type: req(t.str, `The SPICE channel name${NO}`) }),
+      spiceport: wrapped('ChardevSpicePort', { fqdn: req(t.str, `The SPICE port name${NO}`) }),
+      'qemu-vdagent': wrapped('ChardevQemuVDAgent', {
+        mouse: opt(t.bool, `Pass mouse events${NO}`),
+        clipboard: opt(t.bool, `Share the clipboard${NO}`),
+      }),
+      dbus: wrapped('ChardevDBus', { name: req(t.str, `The D-Bus channel name${NO}`) }),
+      vc: wrapped('ChardevVC', {
+        width: opt(t.int, `Width of the console, pixels${NO}`),
+        height: opt(t.int, `Height of the console, pixels${NO}`),
+        cols: opt(t.int, `Width of the console, characters${NO}`),
+        rows: opt(t.int, `Height of the console, characters${NO}`),
+      }),
       ringbuf,
       memory: ringbuf,
     };
@@ -841,6 +875,19 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     args: backendArgs('q_obj_chardev-add-arg'),
     returns: ChardevReturn,
     doc: 'Adds a character device (backends ringbuf/memory, null, file and socket; the id must be new).',
+    examples: [
+      { args: { id: 'ring0', backend: { type: 'ringbuf', data: { size: 65536 } } } },
+      {
+        title: 'A second monitor socket (a QMP monitor still has to be attached to it)',
+        args: {
+          id: 'mon1',
+          backend: {
+            type: 'socket',
+            data: { addr: { type: 'unix', data: { path: '/run/blockrepd/mon1.sock' } }, server: true },
+          },
+        },
+      },
+    ],
     handler: (a: { id: string; backend: ChardevBackend }) => chardevs.add(a.id, a.backend),
   });
 
@@ -849,6 +896,14 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     args: backendArgs('q_obj_chardev-change-arg'),
     returns: ChardevReturn,
     doc: 'Replaces the backend of a chardev no frontend (monitor) uses.',
+    examples: [
+      {
+        args: {
+          id: 'log0',
+          backend: { type: 'file', data: { out: '/var/log/blockrepd/log0.txt', append: true } },
+        },
+      },
+    ],
     handler: (a: { id: string; backend: ChardevBackend }) => chardevs.change(a.id, a.backend),
   });
 
@@ -856,6 +911,7 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     name: 'chardev-remove',
     args: idArg('q_obj_chardev-remove-arg', 'The chardev to remove (not in use by a monitor)'),
     doc: 'Removes a character device that no frontend uses.',
+    examples: [{ args: { id: 'ring0' } }],
     handler: (a: { id: string }) => chardevs.remove(a.id),
   });
 
@@ -863,6 +919,7 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     name: 'chardev-send-break',
     args: idArg('q_obj_chardev-send-break-arg', 'The chardev'),
     doc: "Sends a break to a character device (none of blockrepd's backends has a line to break).",
+    examples: [{ args: { id: 'ring0' } }],
     handler(a: { id: string }) {
       if (!chardevs.get(a.id)) throw new BlockError(`Chardev '${a.id}' not found`);
     },
@@ -881,6 +938,14 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
       }),
     ),
     doc: 'Lists the character devices, those of the command line included.',
+    examples: [
+      {
+        returns: [
+          { label: 'ring0', filename: 'ringbuf', 'frontend-open': false },
+          { label: 'mon0', filename: 'unix:/run/blockrepd/qmp.sock,server=on', 'frontend-open': true },
+        ],
+      },
+    ],
     handler: () => chardevs.list(),
   });
 
@@ -888,6 +953,18 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     name: 'query-chardev-backends',
     returns: t.array(t.object('ChardevBackendInfo', { name: req(t.str, 'Backend name') })),
     doc: 'Lists the chardev backends blockrepd opens: null, ringbuf, stdio (command line only), socket, file, memory.',
+    examples: [
+      {
+        returns: [
+          { name: 'null' },
+          { name: 'ringbuf' },
+          { name: 'stdio' },
+          { name: 'socket' },
+          { name: 'file' },
+          { name: 'memory' },
+        ],
+      },
+    ],
     handler: () => OPENED.map((name) => ({ name })),
   });
 
@@ -899,6 +976,10 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
       format: opt(DataFormat, 'utf8 (default: the string itself is written) or base64 (its decoding is)'),
     }),
     doc: 'Writes to a ring buffer chardev; a full ring drops its oldest bytes.',
+    examples: [
+      { args: { device: 'ring0', data: 'hello' } },
+      { title: 'Bytes given in base64', args: { device: 'ring0', data: 'AAEC/w==', format: 'base64' } },
+    ],
     handler(a: { device: string; data: string; format?: 'utf8' | 'base64' }) {
       const c = ringbuf(chardevs, a.device);
       c.write(a.format === 'base64' ? qemuBase64Decode(a.data) : qemuUtf8(a.data));
@@ -914,6 +995,7 @@ export function registerChardevCommands(r: CommandRegistry, chardevs: ChardevReg
     }),
     returns: { kind: 'str' } as QType,
     doc: 'Reads (and takes) up to size bytes from a ring buffer chardev.',
+    examples: [{ args: { device: 'ring0', size: 100 }, returns: 'hello' }],
     handler(a: { device: string; size: number; format?: 'utf8' | 'base64' }) {
       const c = ringbuf(chardevs, a.device);
       if (a.size <= 0) throw new BlockError('size must be greater than zero');

@@ -116,6 +116,18 @@ export function registerCreateCommand(
       options: req(BlockdevCreateOptions, 'What to create'),
     }),
     doc: 'Starts a job that creates an image; the job stays concluded until job-dismiss.',
+    examples: [
+      {
+        args: {
+          'job-id': 'create0',
+          options: { driver: 'file', filename: '/var/lib/images/disk1.qcow2', size: 0 },
+        },
+      },
+      {
+        title: 'A qcow2 image in the file node just created and opened',
+        args: { 'job-id': 'create1', options: { driver: 'qcow2', file: 'disk1-file', size: 10737418240 } },
+      },
+    ],
     handler(a: { 'job-id': string; options: Record<string, unknown> }) {
       const creator = creators.get(a.options.driver as string);
       if (!creator) throw new BlockError('Driver does not support blockdev-create');
@@ -161,6 +173,7 @@ export function registerCreateCommand(
     }),
     features: ['unstable'],
     doc: "Starts a job that changes an open image's options in place. QEMU 7.2 offers only qcow2 encryption changes here; blockrep has no encrypted images, so such a job fails as on an unencrypted image and an empty change succeeds.",
+    examples: [{ args: { 'job-id': 'amend0', 'node-name': 'disk0', options: { driver: 'qcow2' } } }],
     handler(a: { 'job-id': string; 'node-name': string; options: { driver: string; encrypt?: unknown } }) {
       const node = graph.lookupBs(undefined, a['node-name']);
       if (node.driver.name !== a.options.driver)

@@ -20,6 +20,7 @@ export function registerIothreadCommand(r: CommandRegistry, graph: BlockGraph, o
     }),
     features: ['unstable'],
     doc: "Assigns a node to an iothread (accepted after QEMU's checks; blockrepd runs all I/O on one event loop, so the node stays where it is).",
+    examples: [{ args: { 'node-name': 'disk0', iothread: 'iothread0' } }],
     handler(a: { 'node-name': string; iothread: string | null; force?: boolean }) {
       const node = graph.getNode(a['node-name']);
       if (!node) throw new BlockError(`Failed to find node with node-name='${a['node-name']}'`);

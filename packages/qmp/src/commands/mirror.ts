@@ -10,7 +10,7 @@ import {
 import { type JobManager, type MirrorOptions, type OnError, startMirror } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, type QMembers, req, t } from '../schema';
-import { BlockdevOnError, defaultJobId, MirrorSyncMode, rootNode } from './block-jobs';
+import { BlockdevOnError, defaultJobId, JOB_DOCS, MirrorSyncMode, rootNode } from './block-jobs';
 import { NewImageMode } from './chain';
 import { createTargetImage, NBD_URL, openByFilename } from './new-image';
 
@@ -57,11 +57,11 @@ const COMMON: QMembers = {
     'Bytes per dirty bit: a power of 2 from 512 B to 64 MiB (default from the target)',
   ),
   'buf-size': opt(t.int, 'Bytes of copies in flight at once (default 16 MiB)'),
-  'on-source-error': opt(BlockdevOnError),
-  'on-target-error': opt(BlockdevOnError),
+  'on-source-error': opt(BlockdevOnError, `Reading the source failed. ${JOB_DOCS.onError}`),
+  'on-target-error': opt(BlockdevOnError, `Writing the target failed. ${JOB_DOCS.onError}`),
   'copy-mode': opt(MirrorCopyMode, 'background (default) or write-blocking (guest writes reach both sides)'),
-  'auto-finalize': opt(t.bool),
-  'auto-dismiss': opt(t.bool),
+  'auto-finalize': opt(t.bool, JOB_DOCS.autoFinalize),
+  'auto-dismiss': opt(t.bool, JOB_DOCS.autoDismiss),
   bitmap: opt(
     t.str,
     "Beyond QEMU 7.2: copy only what this dirty bitmap of the device marks (sync=full); it is the job's working bitmap",
@@ -163,6 +163,7 @@ export function registerMirrorCommands(r: CommandRegistry, graph: BlockGraph, jo
       'filter-node-name': opt(t.str, 'Node name of the mirror_top filter (default: automatic)'),
     }),
     doc: 'Starts a mirror job from a root node to another node: READY once in sync, then job-complete switches the users of the source to the target, or block-job-cancel leaves the target a consistent copy.',
+    examples: [{ args: { 'job-id': 'mirror0', device: 'disk0', target: 'target0', sync: 'full' } }],
     async handler(a: BlockdevMirrorArgs) {
       const source = rootNode(graph, a.device);
       const target = graph.lookupBs(a.target, a.target);
@@ -191,6 +192,18 @@ export function registerMirrorCommands(r: CommandRegistry, graph: BlockGraph, jo
       unmap: opt(t.bool, 'Zeroes in the source may become holes in the target (default true)'),
     }),
     doc: "Starts a mirror job to an image given by name: created first (mode absolute-paths, with the source's backing file for sync=top, the source itself for sync=none) or opened as it is (mode existing).",
+    examples: [
+      {
+        args: {
+          'job-id': 'mirror0',
+          device: 'disk0',
+          target: 'nbd+unix:///disk0?socket=/run/peer/nbd.sock',
+          format: 'raw',
+          mode: 'existing',
+          sync: 'full',
+        },
+      },
+    ],
     async handler(a: DriveMirrorArgs) {
       const source = rootNode(graph, a.device);
       const blocked = opBlocked(source, BlockOp.MIRROR_SOURCE);

@@ -5,32 +5,42 @@ import { opt, req, t } from '../schema';
 import type { QmpServer } from '../server';
 
 const InetSocketAddress = t.object('InetSocketAddress', {
-  host: req(t.str),
-  port: req(t.str),
-  numeric: opt(t.bool),
-  'keep-alive': opt(t.bool),
-  to: opt(t.int),
-  ipv4: opt(t.bool),
-  ipv6: opt(t.bool),
+  host: req(t.str, 'Host name or address to listen on'),
+  port: req(t.str, 'Port number or service name'),
+  numeric: opt(t.bool, 'Host and port are numeric (accepted, not used)'),
+  'keep-alive': opt(t.bool, 'Enable TCP keep-alive (accepted, not used)'),
+  to: opt(t.int, 'Highest port to try (accepted, not used)'),
+  ipv4: opt(t.bool, 'Use IPv4 (accepted, not used)'),
+  ipv6: opt(t.bool, 'Use IPv6 (accepted, not used)'),
 });
 const UnixSocketAddress = t.object('UnixSocketAddress', {
-  path: req(t.str),
-  abstract: opt(t.bool),
-  tight: opt(t.bool),
+  path: req(t.str, 'Path of the socket'),
+  abstract: opt(t.bool, 'Linux abstract socket namespace (accepted, not used)'),
+  tight: opt(t.bool, 'Abstract address length is the name length (accepted, not used)'),
 });
 const SocketAddressType = t.enum('SocketAddressType', ['inet', 'unix']);
 
 /** QAPI's flat SocketAddress (block-export-add, --nbd-server). */
-export const SocketAddress = t.union('SocketAddress', { type: req(SocketAddressType) }, 'type', () => ({
-  inet: InetSocketAddress.members,
-  unix: UnixSocketAddress.members,
-}));
+export const SocketAddress = t.union(
+  'SocketAddress',
+  { type: req(SocketAddressType, 'The address family: inet (TCP) or unix') },
+  'type',
+  () => ({
+    inet: InetSocketAddress.members,
+    unix: UnixSocketAddress.members,
+  }),
+);
 
 /** QAPI's SocketAddressLegacy (nbd-server-start): the variant's fields under `data`. */
-const SocketAddressLegacy = t.union('SocketAddressLegacy', { type: req(SocketAddressType) }, 'type', () => ({
-  inet: { data: req(InetSocketAddress) },
-  unix: { data: req(UnixSocketAddress) },
-}));
+const SocketAddressLegacy = t.union(
+  'SocketAddressLegacy',
+  { type: req(SocketAddressType, 'The address family: inet (TCP) or unix') },
+  'type',
+  () => ({
+    inet: { data: req(InetSocketAddress, 'The TCP address') },
+    unix: { data: req(UnixSocketAddress, 'The Unix socket') },
+  }),
+);
 
 const BlockExportRemoveMode = t.enum('BlockExportRemoveMode', ['safe', 'hard']);
 const BlockExportType = t.enum('BlockExportType', ['nbd']);
@@ -38,7 +48,7 @@ const BlockExportType = t.enum('BlockExportType', ['nbd']);
 const BlockExportOptions = t.union(
   'BlockExportOptions',
   {
-    type: req(BlockExportType),
+    type: req(BlockExportType, 'The export protocol (only nbd)'),
     id: req(t.str, 'The export id'),
     'fixed-iothread': opt(t.bool, 'Accepted for compatibility'),
     iothread: opt(t.str, 'Not supported'),
@@ -77,8 +87,9 @@ export class NbdServerHolder {
   server: NbdServer | null = null;
   onDeleted: ((info: NbdExportInfo) => void) | null = null;
   /** Told of NBD clients coming, choosing an export and going (the daemon logs them). */
-  onClient: ((e: { event: 'connect' | 'export' | 'disconnect'; peer?: string; export?: string }) => void) | null =
-    null;
+  onClient:
+    | ((e: { event: 'connect' | 'export' | 'disconnect'; peer?: string; export?: string }) => void)
+    | null = null;
 
   constructor(readonly graph: BlockGraph) {}
 
@@ -125,6 +136,13 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
       'max-connections': opt(t.uint32, 'Most simultaneous clients (0: no limit)'),
     }),
     doc: 'Starts the NBD server.',
+    examples: [
+      { args: { addr: { type: 'inet', data: { host: '0.0.0.0', port: '10809' } } } },
+      {
+        title: 'On a Unix socket, clients authenticated with TLS',
+        args: { addr: { type: 'unix', data: { path: '/run/blockrepd/nbd.sock' } }, 'tls-creds': 'tls0' },
+      },
+    ],
     async handler(a: {
       addr: { type: 'inet' | 'unix'; data: SocketArgs };
       'tls-creds'?: string;
@@ -142,11 +160,12 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     args: t.object('NbdServerAddOptions', {
       device: req(t.str, 'The node (or device) to export'),
       name: opt(t.str, 'Export name (default: the device)'),
-      description: opt(t.str),
-      writable: opt(t.bool),
+      description: opt(t.str, 'Free-form description shown to clients'),
+      writable: opt(t.bool, 'Clients may write (default false)'),
       bitmap: opt(t.str, 'A dirty bitmap of the node to export'),
     }),
     doc: 'Exports a node over the running NBD server (deprecated in QEMU in favour of block-export-add).',
+    examples: [{ args: { device: 'disk0', name: 'disk0', writable: true } }],
     handler(a: { device: string; name?: string; description?: string; writable?: boolean; bitmap?: string }) {
       const s = nbd.require();
       const node = nbd.graph.lookup(a.device);
@@ -167,6 +186,7 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
       mode: opt(BlockExportRemoveMode, 'safe (default): refuse while clients are connected; hard: drop them'),
     }),
     doc: 'Removes an NBD export.',
+    examples: [{ args: { name: 'disk0', mode: 'hard' } }],
     async handler(a: { name: string; mode?: 'safe' | 'hard' }) {
       await nbd.require().removeExport(a.name, a.mode ?? 'safe');
     },
@@ -175,6 +195,7 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
   r.registerCommand({
     name: 'nbd-server-stop',
     doc: 'Stops the NBD server and removes its exports.',
+    examples: [{}],
     async handler() {
       await nbd.stop();
     },
@@ -184,6 +205,7 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     name: 'block-export-add',
     args: BlockExportOptions,
     doc: 'Exports a node (type nbd: over the running NBD server).',
+    examples: [{ args: { type: 'nbd', id: 'export0', 'node-name': 'disk0', name: 'disk0', writable: true } }],
     handler(a: {
       id: string;
       'node-name': string;
@@ -216,9 +238,10 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     name: 'block-export-del',
     args: t.object('q_obj_block-export-del-arg', {
       id: req(t.str, 'The export id'),
-      mode: opt(BlockExportRemoveMode),
+      mode: opt(BlockExportRemoveMode, 'safe (default): refuse while clients are connected; hard: drop them'),
     }),
     doc: 'Removes an export; BLOCK_EXPORT_DELETED follows once it is gone.',
+    examples: [{ args: { id: 'export0' } }],
     async handler(a: { id: string; mode?: 'safe' | 'hard' }) {
       const s = nbd.server;
       if (!s?.exports().some((e) => e.id === a.id)) throw new BlockError(`Export '${a.id}' is not found`);
@@ -230,13 +253,14 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
     name: 'query-block-exports',
     returns: t.array(
       t.object('BlockExportInfo', {
-        id: req(t.str),
-        type: req(BlockExportType),
-        'node-name': req(t.str),
-        'shutting-down': req(t.bool),
+        id: req(t.str, 'The export id'),
+        type: req(BlockExportType, 'The export protocol'),
+        'node-name': req(t.str, 'The exported node'),
+        'shutting-down': req(t.bool, 'Whether the export is being removed (waiting for clients to go)'),
       }),
     ),
     doc: 'The exports.',
+    examples: [{ returns: [{ id: 'export0', type: 'nbd', 'node-name': 'disk0', 'shutting-down': false }] }],
     handler: () =>
       (nbd.server?.exports() ?? []).map((e) => ({
         id: e.id,
@@ -248,7 +272,8 @@ export function registerNbdCommands(r: CommandRegistry, nbd: NbdServerHolder, se
 
   r.registerEvent({
     name: 'BLOCK_EXPORT_DELETED',
-    data: t.object('q_obj_BLOCK_EXPORT_DELETED-arg', { id: req(t.str) }),
+    data: t.object('q_obj_BLOCK_EXPORT_DELETED-arg', { id: req(t.str, 'The export id') }),
     doc: 'An export is gone: removed, its node closed, or the server stopped.',
+    examples: [{ data: { id: 'export0' } }],
   });
 }

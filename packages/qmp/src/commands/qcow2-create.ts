@@ -20,7 +20,7 @@ export const qcow2Creator: BlockdevCreator = {
       t.enum('PreallocMode', ['off', 'metadata', 'falloc', 'full']),
       'off (default), metadata, falloc (data clusters reserved) or full (written as zeroes)',
     ),
-    'lazy-refcounts': opt(t.bool),
+    'lazy-refcounts': opt(t.bool, 'Set the lazy refcounts feature (v3 only; default false)'),
     'refcount-bits': opt(t.int, 'Refcount width (default 16)'),
   },
   async create(o, { graph }) {

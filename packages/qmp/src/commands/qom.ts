@@ -364,9 +364,19 @@ function loopProp(name: string, dflt: number): QomProp {
 const LIMIT_NAMES = ['iops', 'bps'].flatMap((k) =>
   ['total', 'read', 'write'].flatMap((d) => [`${k}-${d}`, `${k}-${d}-max`, `${k}-${d}-max-length`]),
 );
+/** What a limit of ThrottleLimits means, from its name (e.g. bps-read-max). */
+function limitDoc(name: string): string {
+  if (name === 'iops-size')
+    return 'Bytes one request counts as for the iops limits (0: any size counts once)';
+  const [unit, dir, max, length] = name.split('-');
+  const what = `${unit === 'bps' ? 'bytes' : 'requests'} per second (${dir === 'total' ? 'reads and writes' : `${dir}s`})`;
+  if (length) return `Seconds a burst of ${unit}-${dir}-max may last (default 1)`;
+  return max ? `Burst limit of ${what}` : `Limit of ${what}, 0 for none`;
+}
+
 const ThrottleLimits = t.object(
   'ThrottleLimits',
-  Object.fromEntries([...LIMIT_NAMES, 'iops-size'].map((n) => [n, opt(t.int)])),
+  Object.fromEntries([...LIMIT_NAMES, 'iops-size'].map((n) => [n, opt(t.int, limitDoc(n))])),
 );
 const THROTTLE_MAX = 1e15;
 
@@ -832,12 +842,20 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
     doc:
       'Creates a QOM object under /objects: secret, tls-creds-x509 (usable as tls-creds=ID), ' +
       'iothread (accepted; blockrepd is single-threaded) or throttle-group (limits kept, not enforced).',
+    examples: [
+      { args: { 'qom-type': 'secret', id: 'sec0', data: 'letmein' } },
+      {
+        title: 'TLS credentials for nbd-server-start',
+        args: { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: '/etc/pki/blockrep', endpoint: 'server' },
+      },
+    ],
     handler: (a: Record<string, unknown>) => objects.add(a),
   });
   r.registerCommand({
     name: 'object-del',
     args: t.object('q_obj_object-del-arg', { id: req(t.str, 'The object to remove') }),
     doc: 'Removes an object from /objects (an NBD server keeps TLS credentials it already uses).',
+    examples: [{ args: { id: 'sec0' } }],
     handler: (a: { id: string }) => objects.del(a.id),
   });
   r.registerCommand({
@@ -845,6 +863,20 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
     args: t.object('q_obj_qom-list-arg', { path: req(t.str, 'Absolute or partial QOM path') }),
     returns: t.array(ObjectPropertyInfo),
     doc: 'Lists the properties (and child objects) of an object of the QOM tree.',
+    examples: [
+      {
+        args: { path: '/objects/sec0' },
+        returns: [
+          { name: 'type', type: 'string' },
+          { name: 'iv', type: 'string' },
+          { name: 'keyid', type: 'string' },
+          { name: 'loaded', type: 'bool' },
+          { name: 'format', type: 'QCryptoSecretFormat' },
+          { name: 'file', type: 'string' },
+          { name: 'data', type: 'string' },
+        ],
+      },
+    ],
     handler: (a: { path: string }) => objects.list(objects.resolve(a.path)),
   });
   r.registerCommand({
@@ -855,6 +887,7 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
     }),
     returns: t.any,
     doc: "Reads a property of an object; a child's value is its path.",
+    examples: [{ args: { path: '/objects/sec0', property: 'format' }, returns: 'raw' }],
     handler: (a: { path: string; property: string }) => objects.get(objects.resolve(a.path), a.property),
   });
   r.registerCommand({
@@ -865,6 +898,9 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
       value: req(t.any, 'Its new value'),
     }),
     doc: 'Writes a property of an object (the value is stored; a loaded secret or TLS credentials keep what they loaded).',
+    examples: [
+      { args: { path: '/objects/throttle0', property: 'limits', value: { 'bps-total': 104857600 } } },
+    ],
     handler: (a: { path: string; property: string; value: unknown }) =>
       objects.set(objects.resolve(a.path), a.property, a.value),
   });
@@ -876,6 +912,9 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
     }),
     returns: t.array(ObjectTypeInfo),
     doc: "Lists blockrepd's QOM types (a subset of qemu-storage-daemon's, in its order).",
+    examples: [
+      { args: { implements: 'tls-creds' }, returns: [{ name: 'tls-creds-x509', parent: 'tls-creds' }] },
+    ],
     handler: (a: { implements?: string; abstract?: boolean }) => objects.listTypes(a.implements, a.abstract),
   });
   r.registerCommand({
@@ -883,6 +922,20 @@ export function registerQomCommands(r: CommandRegistry, objects = new QomObjects
     args: t.object('q_obj_qom-list-properties-arg', { typename: req(t.str, 'A QOM type name') }),
     returns: t.array(ObjectPropertyInfo),
     doc: 'Lists the properties of a QOM type.',
+    examples: [
+      {
+        args: { typename: 'iothread' },
+        returns: [
+          { name: 'type', type: 'string' },
+          { name: 'thread-pool-min', type: 'int' },
+          { name: 'aio-max-batch', type: 'int' },
+          { name: 'thread-pool-max', type: 'int' },
+          { name: 'poll-max-ns', type: 'int' },
+          { name: 'poll-grow', type: 'int' },
+          { name: 'poll-shrink', type: 'int' },
+        ],
+      },
+    ],
     handler: (a: { typename: string }) => objects.listProperties(a.typename),
   });
   return objects;

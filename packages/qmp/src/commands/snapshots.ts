@@ -92,6 +92,7 @@ export function registerSnapshotCommands(r: CommandRegistry, graph: BlockGraph):
     name: 'blockdev-snapshot-internal-sync',
     args: BlockdevSnapshotInternal,
     doc: 'Takes an internal snapshot of a qcow2 node with its users quiesced.',
+    examples: [{ args: { device: 'disk0', name: 'snap0' } }],
     async handler(a: { device: string; name: string }) {
       await runAlone(await prepareInternalSnapshot(graph, a));
     },
@@ -106,6 +107,20 @@ export function registerSnapshotCommands(r: CommandRegistry, graph: BlockGraph):
     }),
     returns: SnapshotInfo,
     doc: 'Deletes an internal snapshot found by id and/or name (both must match when both are given).',
+    examples: [
+      {
+        args: { device: 'disk0', name: 'snap0' },
+        returns: {
+          id: '1',
+          name: 'snap0',
+          'vm-state-size': 0,
+          'date-sec': 1700000000,
+          'date-nsec': 172000000,
+          'vm-clock-sec': 1700000000,
+          'vm-clock-nsec': 172000000,
+        },
+      },
+    ],
     async handler(a: { device: string; id?: string; name?: string }) {
       const { node, img } = snapshotImage(graph, a.device, BlockOp.INTERNAL_SNAPSHOT_DELETE);
       if (a.id === undefined && a.name === undefined) throw new BlockError('Name or id must be provided');

@@ -106,6 +106,40 @@ export function registerTransactionCommand(r: CommandRegistry, graph: BlockGraph
       ),
     }),
     doc: 'Runs block actions atomically: all of them happen, or (when one fails) none. Bitmap changes, snapshots (internal and external) and backups can be combined; the jobs start once every action succeeded.',
+    examples: [
+      {
+        title: 'A bitmap started with an external snapshot',
+        args: {
+          actions: [
+            { type: 'block-dirty-bitmap-add', data: { node: 'disk0', name: 'bitmap1' } },
+            {
+              type: 'blockdev-snapshot-sync',
+              data: {
+                'node-name': 'disk0',
+                'snapshot-file': '/var/lib/images/disk0-snap1.qcow2',
+                'snapshot-node-name': 'snap1',
+              },
+            },
+          ],
+        },
+      },
+      {
+        title: 'Two backups that end together',
+        args: {
+          actions: [
+            {
+              type: 'blockdev-backup',
+              data: { 'job-id': 'backup0', device: 'disk0', target: 'backup0', sync: 'full' },
+            },
+            {
+              type: 'blockdev-backup',
+              data: { 'job-id': 'backup1', device: 'disk1', target: 'backup1', sync: 'full' },
+            },
+          ],
+          properties: { 'completion-mode': 'grouped' },
+        },
+      },
+    ],
     async handler(a: {
       actions: { type: string; data: Record<string, unknown> }[];
       properties?: { 'completion-mode'?: 'individual' | 'grouped' };
