@@ -45,7 +45,8 @@ export class Qcow2Image {
   readonly clusterBits: number;
   /** L2 entries per table. */
   readonly l2Entries: number;
-  readonly v3: boolean;
+  /** Version 3 (changes only with amend's compat; see compat.ts). */
+  v3: boolean;
   l1: Buffer;
   l1Offset: number;
   readonly cache: Qcow2L2Cache;

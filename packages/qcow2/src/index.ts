@@ -1,5 +1,6 @@
 export { type BitmapDirEntry, openBitmaps } from './bitmaps';
 export { checkQcow2Image, type Qcow2CheckOptions, type Qcow2CheckResult } from './check';
+export { downgradeToV2, upgradeToV3 } from './compat';
 export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';
 export type { Qcow2Image } from './image';

@@ -1,4 +1,5 @@
 import { parseSize } from '@blockrep/block';
+import { downgradeToV2, upgradeToV3 } from '@blockrep/qcow2';
 import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage, qcow2Of } from '../image';
@@ -61,15 +62,19 @@ export async function amendCommand(args: string[]): Promise<number> {
         throw new CliFailure(`Parameter 'size' expects a non-negative number below 2^64\n${SIZE_HINT}`);
     }
     const compat = o.get('compat');
+    let toV3: boolean | undefined;
     if (compat !== undefined) {
-      const v3 = ['1.1', 'v3'].includes(compat);
-      if (!v3 && !['0.10', 'v2'].includes(compat))
+      toV3 = ['1.1', 'v3'].includes(compat);
+      if (!toV3 && !['0.10', 'v2'].includes(compat))
         throw new CliFailure(`Unknown compatibility level ${compat}`);
-      if (v3 !== img.v3)
-        throw new CliFailure(
-          `blockrep cannot change the compatibility level yet (the image is ${img.v3 ? '1.1' : '0.10'})`,
-        );
+      if (toV3 === img.v3) toV3 = undefined;
     }
+    if (toV3 === false && img.refcounts.bits !== 16)
+      throw new CliFailure('compat=0.10 requires refcount_bits=16');
+    if (toV3 === false && lazy)
+      throw new CliFailure(
+        'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
+      );
     const bits = o.get('refcount_bits');
     if (bits !== undefined) {
       const n = Number(bits);
@@ -86,12 +91,15 @@ export async function amendCommand(args: string[]): Promise<number> {
     }
     if (o.has('data_file') || o.has('data_file_raw'))
       throw new CliFailure('data-file can only be set for images that use an external data file');
+    // As QEMU orders it: an upgrade before the other changes, a downgrade after them.
+    if (toV3 === true) await upgradeToV3(img);
     if (lazy !== undefined) await img.setLazyRefcounts(lazy);
     if (size !== undefined && size !== node.length) {
       const blk = attachBackend(g, node, true);
       await blk.truncate(size, { exact: false, prealloc: 'off' });
       await blk.flush();
     }
+    if (toV3 === false) await downgradeToV2(img);
   } catch (e) {
     if (e instanceof CliFailure) throw e;
     throw new CliFailure((e as Error).message);
