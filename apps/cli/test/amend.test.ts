@@ -83,6 +83,10 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f(`${who}-lazy.qcow2`), '4M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=8', f(`${who}-rc8.qcow2`), '4M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', f(`${who}-v2.qcow2`), '4M']);
+      await qemuImg(['create', '-q', '-f', 'qcow2', f(`${who}-snap.qcow2`), '4M']);
+      await qemuIo([f(`${who}-snap.qcow2`)], ['write -P 5 0 1M']);
+      await qemuImg(['snapshot', '-c', 's', f(`${who}-snap.qcow2`)]);
+      await qemuIo([f(`${who}-snap.qcow2`)], ['write -P 6 512k 64k']);
       await qemuIo([f(`${who}-v2.qcow2`)], ['write -P 4 0 1M']);
     }
     const lines: string[][] = [
@@ -93,6 +97,14 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
       ['-o', 'compat=0.10,lazy_refcounts=on', 'lone'],
       ['-o', 'compat=1.1,lazy_refcounts=on', 'v2'],
       ['-o', 'compat=1.1', 'lone'],
+      // Refcount widths: rebuilt at the new width, refused where a refcount does not fit.
+      ['-o', 'refcount_bits=64', 'lone'],
+      ['-o', 'refcount_bits=2', 'lone'],
+      ['-o', 'refcount_bits=16', 'rc8'],
+      ['-o', 'refcount_bits=1', 'snap'],
+      ['-o', 'refcount_bits=4', 'snap'],
+      ['-o', 'refcount_bits=8', 'top'],
+      ['-o', 'compat=0.10,refcount_bits=8', 'v2'],
     ];
     for (const args of lines) {
       const img = (who: string) => f(`${who}-${args[2]}.qcow2`);
@@ -101,7 +113,7 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
         swap: [[dir.file('q-'), dir.file('b-')]],
       });
     }
-    for (const name of ['top', 'lone', 'lazy', 'v2']) {
+    for (const name of ['top', 'lone', 'lazy', 'v2', 'rc8', 'snap']) {
       const q = f(`q-${name}.qcow2`);
       const b = f(`b-${name}.qcow2`);
       await qemuImg(['check', b]);

@@ -1,5 +1,5 @@
 import {
-  type BlockError,
+  BlockError,
   ChildRole,
   errnoText,
   ImageLocks,
@@ -118,9 +118,9 @@ class FailedCheck extends Error {
 /** One check run over an open file: the header, the stored refcounts, and what was found. */
 class Checker {
   readonly cs: number;
-  readonly bits: number;
-  readonly perBlock: number;
-  readonly max: number;
+  bits: number;
+  perBlock: number;
+  max: number;
   nbClusters: number;
   refs: Counts;
   res: Res = emptyRes();
@@ -628,6 +628,14 @@ class Checker {
     this.nbClusters = Math.max(this.nbClusters, Math.ceil(this.fileLength / cs));
   }
 
+  /** From now on refcounts are `bits` wide (the next rebuild writes them so). */
+  setWidth(bits: number): void {
+    this.bits = bits;
+    this.perBlock = (this.cs * 8) / bits;
+    this.max = refMax(bits);
+    this.blocks.clear();
+  }
+
   /** Counts again from scratch (after a rebuild moved the refcount structures). */
   resetCounts(): void {
     this.refs = new Counts(this.nbClusters);
@@ -790,9 +798,8 @@ async function fixSnapshotTable(c: Checker): Promise<void> {
   c.h.nbSnapshots = c.snapshots.length;
 }
 
-/** The check itself, on an open file (also the repair run at open for a dirty image). */
-export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}): Promise<Qcow2CheckResult> {
-  const fix: Fix = { leaks: !!opts.repair, errors: opts.repair === 'all' };
+/** A checker over the image in the storage: its header, refcount table and L1 table read. */
+async function openChecker(s: Qcow2Storage): Promise<Checker> {
   const fileLength = await s.length();
   let h = parseHeader(await readBuf(s, 0, Math.min(fileLength, 65536)), fileLength, { check: true });
   const cs = 2 ** h.clusterBits;
@@ -806,7 +813,69 @@ export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}
     inFile(h.refcountTableOffset, h.refcountTableClusters * cs),
   );
   const l1 = await readBuf(s, h.l1TableOffset, inFile(h.l1TableOffset, h.l1Size * 8));
-  const c = new Checker(s, h, fileLength, reftable, l1);
+  return new Checker(s, h, fileLength, reftable, l1);
+}
+
+/**
+ * qemu-img amend -o refcount_bits=N (a version 3 image, not open elsewhere): the references are
+ * counted from the metadata, refcount structures of the new width written where nothing is, the
+ * header pointed at them, and the old structures freed. A refcount the new width cannot hold is
+ * refused first, with QEMU's text.
+ */
+export async function changeRefcountWidth(s: Qcow2Storage, bits: number): Promise<void> {
+  const c = await openChecker(s);
+  if (c.bits === bits) return;
+  await readSnapshots(c, noFix);
+  await c.calculate(noFix);
+  const max = refMax(bits);
+  for (let cl = 0; cl < c.nbClusters; cl++) {
+    const v = c.refs.get(cl);
+    if (v > max) {
+      throw new BlockError(
+        `Cannot decrease refcount entry width to ${bits} bits: Cluster at offset 0x${(cl * c.cs).toString(16)} has a refcount of ${v}`,
+        { errno: 'EINVAL' },
+      );
+    }
+  }
+  c.setWidth(bits);
+  await c.rebuild();
+  const order = Buffer.alloc(4);
+  order.writeUInt32BE(Math.log2(bits));
+  await s.write(96, order);
+  await s.flush();
+  c.h.refcountOrder = Math.log2(bits);
+  // Count again without the old structures: what they held is leaked now, and freed.
+  c.resetCounts();
+  await c.calculate(noFix);
+  c.res = emptyRes();
+  await c.compare({ leaks: true, errors: false });
+  await s.flush();
+}
+
+/** changeRefcountWidth on the image file at path, holding QEMU's image locks of a writer meanwhile. */
+export async function changeRefcountWidthAt(path: string, bits: number): Promise<void> {
+  const s = await FileStorage.open(path, 'r+');
+  try {
+    const role = ChildRole.DATA | ChildRole.METADATA;
+    const [perm, shared] = storageChildPerm(
+      role,
+      Perm.CONSISTENT_READ | Perm.WRITE,
+      Perm.CONSISTENT_READ,
+      false,
+    );
+    new ImageLocks(s.fd, path).apply(perm, shared);
+    await changeRefcountWidth(s, bits);
+  } finally {
+    await s.close();
+  }
+}
+
+/** The check itself, on an open file (also the repair run at open for a dirty image). */
+export async function checkStorage(s: Qcow2Storage, opts: Qcow2CheckOptions = {}): Promise<Qcow2CheckResult> {
+  const fix: Fix = { leaks: !!opts.repair, errors: opts.repair === 'all' };
+  const c = await openChecker(s);
+  const h = c.h;
+  const cs = c.cs;
   for (const [i, w] of h.warnings.entries()) i === 0 ? c.report(`warning: ${w}`) : c.say(w);
   let highest = 0;
   let failed: string | undefined;

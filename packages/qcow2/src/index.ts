@@ -1,5 +1,11 @@
 export { type BitmapDirEntry, openBitmaps } from './bitmaps';
-export { checkQcow2Image, type Qcow2CheckOptions, type Qcow2CheckResult } from './check';
+export {
+  changeRefcountWidth,
+  changeRefcountWidthAt,
+  checkQcow2Image,
+  type Qcow2CheckOptions,
+  type Qcow2CheckResult,
+} from './check';
 export { downgradeToV2, upgradeToV3 } from './compat';
 export { createQcow2Image, type Qcow2CreateOptions } from './create';
 export { qcow2Driver, qcow2FormatSpecific } from './driver';
@@ -17,6 +23,7 @@ export {
   type CreateSnapshotOptions,
   createSnapshot,
   deleteSnapshot,
+  loadSnapshotReadOnly,
   type Qcow2Snapshot,
   readSnapshots,
 } from './snapshot';

@@ -263,3 +263,28 @@ export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<
   const diskSize = sn.extra.length >= 16 ? readU64(sn.extra, 8) : img.size;
   if (diskSize !== img.size) await img.setSize(diskSize);
 }
+
+/**
+ * Makes a read-only image read what a snapshot holds, in memory only (QEMU's
+ * bdrv_snapshot_load_tmp, for qemu-img convert -l): the snapshot is found by id and name when
+ * both are given, else by the one given.
+ */
+export async function loadSnapshotReadOnly(
+  img: Qcow2Image,
+  sel: { id?: string; name?: string },
+): Promise<void> {
+  if (!img.readOnly) throw snapErr('Can only load snapshot in read-only mode');
+  const sn = (await readSnapshots(img)).find(
+    (s) =>
+      (sel.id !== undefined || sel.name !== undefined) &&
+      (sel.id === undefined || s.id === sel.id) &&
+      (sel.name === undefined || s.name === sel.name),
+  );
+  if (!sn) throw snapErr("Can't find snapshot", 'ENOENT');
+  const l1 = sn.l1Size ? await readBuf(img.storage, sn.l1Offset, sn.l1Size * 8) : Buffer.alloc(0);
+  await img.l1Lock.run(async () => {
+    img.l1 = l1;
+    img.l1Offset = sn.l1Offset;
+    img.header.l1Size = sn.l1Size;
+  });
+}

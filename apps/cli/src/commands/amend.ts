@@ -1,5 +1,5 @@
 import { parseSize } from '@blockrep/block';
-import { downgradeToV2, upgradeToV3 } from '@blockrep/qcow2';
+import { changeRefcountWidthAt, downgradeToV2, upgradeToV3 } from '@blockrep/qcow2';
 import { HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported, usageError } from '../args';
 import { CliFailure } from '../failure';
 import { attachBackend, imageGraph, openImage, qcow2Of } from '../image';
@@ -76,12 +76,18 @@ export async function amendCommand(args: string[]): Promise<number> {
         'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
       );
     const bits = o.get('refcount_bits');
+    let newBits: number | undefined;
     if (bits !== undefined) {
       const n = Number(bits);
       if (!Number.isInteger(Math.log2(n)) || n < 1 || n > 64)
         throw new CliFailure('Refcount width must be a power of two and may not exceed 64 bits');
-      if (n !== img.refcounts.bits) throw new CliFailure('blockrep cannot change the refcount width yet');
+      if (n !== img.refcounts.bits) newBits = n;
     }
+    const v3After = toV3 ?? img.v3;
+    if (newBits !== undefined && !v3After)
+      throw new CliFailure(
+        'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)',
+      );
     if (o.has('backing_file') || o.has('backing_fmt')) {
       const same =
         (o.get('backing_file') ?? img.header.backingFile) === img.header.backingFile &&
@@ -100,6 +106,12 @@ export async function amendCommand(args: string[]): Promise<number> {
       await blk.flush();
     }
     if (toV3 === false) await downgradeToV2(img);
+    const path = img.storage.filename;
+    if (newBits !== undefined) {
+      // New refcount structures are written with the image closed (nothing else holds it meanwhile).
+      await g.closeAll();
+      await changeRefcountWidthAt(path, newBits);
+    }
   } catch (e) {
     if (e instanceof CliFailure) throw e;
     throw new CliFailure((e as Error).message);
