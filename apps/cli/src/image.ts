@@ -128,6 +128,8 @@ export interface OpenImageOptions {
   nodeName?: string;
   /** -U: share every permission with other users, even writers (read-only opens only). */
   forceShare?: boolean;
+  /** Zero writes may unmap (discard=unmap unless the options say otherwise), as qemu-img opens targets. */
+  unmap?: boolean;
 }
 
 /** qemu-img's failure to open an image: the error's message, and its hint (image locks). */
@@ -172,6 +174,7 @@ export async function openImage(
   const format = options.driver as string;
   if (opts.nodeName) options['node-name'] = opts.nodeName;
   if (opts.forceShare) options['force-share'] = true;
+  if (opts.unmap && options.discard === undefined) options.discard = 'unmap';
   if (opts.backing !== undefined && format === 'qcow2') options.backing = opts.backing;
   try {
     return await graph.open(options);

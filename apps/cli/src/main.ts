@@ -14,7 +14,10 @@ process is writing, as qemu-img -U does):
   check [-q] [-f fmt] [-U] [--output=human|json] [-r leaks|all] FILE
   map [-f fmt] [-U] [--output=human|json] [--start-offset=N] [--max-length=N] FILE
   compare [-q] [-f fmt] [-F fmt] [-s] [-U] FILE1 FILE2
-  convert [-p] [-q] [-n] [-U] [-f fmt] [-O fmt] [-o options] [-m N] SOURCE TARGET
+  convert [-p] [-q] [-n] [-c] [-C] [-W] [-U] [-f fmt] [-O fmt] [-B backing -F fmt] [-o options]
+          [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [--salvage]
+          [--bitmaps [--skip-broken-bitmaps]] [--target-image-opts] [--target-is-zero]
+          SOURCE... TARGET
   resize [-q] [-f fmt] [--shrink] FILE [+|-]SIZE
   commit [-q] [-p] [-d] [-f fmt] [-b base] FILE
   rebase [-q] [-p] [-u] [-U] [-f fmt] -b backing [-F fmt] FILE
@@ -23,7 +26,7 @@ process is writing, as qemu-img -U does):
   snapshot [-q] [-U] [-f fmt] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... [-g granularity]
          [-b source_file [-F fmt]] [-f fmt] FILE BITMAP
-  dd [-f fmt] [-O fmt] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
+  dd [--image-opts] [-U] [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT
   bench [-q] [-c count] [-d depth] [-f fmt] [-o offset] [-s size] [-S step] [-w] [--pattern=N]
         [--flush-interval=N] [--no-drain] [-t cache] FILE
 

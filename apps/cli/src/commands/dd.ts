@@ -1,6 +1,6 @@
 import { FORCE_SHARE, HELP, IMAGE_OPTS, optString, parseArgs, refuseUnsupported } from '../args';
 import { CliFailure } from '../failure';
-import { attachBackend, checkFormat, forceShare, imageGraph, openImage } from '../image';
+import { attachBackend, forceShare, IMAGE_FORMATS, imageGraph, openImage } from '../image';
 import { sizeArg } from '../options';
 import { createImage } from './create';
 
@@ -51,7 +51,6 @@ export async function ddCommand(args: string[]): Promise<number> {
   if (input === undefined || output === undefined)
     throw new CliFailure('Must specify both input and output files');
   const outFmt = optString(p, '-O') ?? 'raw';
-  checkFormat(outFmt);
 
   const g = imageGraph();
   try {
@@ -60,6 +59,8 @@ export async function ddCommand(args: string[]): Promise<number> {
       forceShare: forceShare(p),
       imageOpts: p.opts.has('--image-opts'),
     });
+    // Checked once the input is open, and named without the format (qemu-img dd's text).
+    if (!(IMAGE_FORMATS as readonly string[]).includes(outFmt)) throw new CliFailure('Unknown file format');
     let size = src.length;
     if (count !== undefined && count * bs < size) size = count * bs;
     const start = Math.min(skip * bs, size);
