@@ -4,37 +4,19 @@
  * with its event, and x-debug-block-dirty-bitmap-sha256. The same script on copies of one chain
  * gives the same answers, errors, events and graph, and leaves images qemu-img reads alike.
  */
-import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { type QmpClient, QmpError } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import type { QmpClient } from '@blockrep/qmp';
+import { hasPeer, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
-import { killAll, startDaemon } from './daemon';
-import { startQsd } from './qsd';
+import { killAll } from './daemon';
+import { graphEdges, normalise, qcow2, recorder, seedDir, sideBySide } from './qmp-diff';
 
 afterEach(() => killAll());
-
-/** Paths and generated node names differ between the two runs; nothing else may. */
-function normalise(v: unknown, dir: string): unknown {
-  return JSON.parse(
-    JSON.stringify(v)
-      .split(dir)
-      .join('D')
-      .replace(/#block\d+/g, '#block'),
-  );
-}
 
 async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   const f = (n: string) => join(dir, n);
   const out: unknown[] = [];
-  const run = async (cmd: string, args: Record<string, unknown> = {}) => {
-    try {
-      out.push({ cmd, ok: normalise(await qmp.execute(cmd, args), dir) });
-    } catch (e) {
-      if (!(e instanceof QmpError)) throw e;
-      out.push({ cmd, args: normalise(args, dir), err: `${e.errorClass}: ${normalise(e.desc, dir)}` });
-    }
-  };
+  const run = recorder(qmp, dir, out);
   const add = (name: string, file: string, driver = 'qcow2', more = {}) =>
     run('blockdev-add', { driver, 'node-name': name, file: { driver: 'file', filename: f(file) }, ...more });
   // Discards reach a node (and its threshold) only with discard=unmap.
@@ -132,19 +114,7 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   ]);
   out.push({ readThrough: io.stdout.includes('failed') ? io.stdout : 'ok' });
 
-  const graph = (await qmp.execute('x-debug-query-block-graph')) as {
-    nodes: { id: number; name: string; type: string }[];
-    edges: { parent: number; child: number; name: string }[];
-  };
-  const name = (id: number) => graph.nodes.find((n) => n.id === id)!;
-  out.push({
-    edges: normalise(
-      graph.edges
-        .map((e) => `${name(e.parent).type}:${name(e.parent).name} -${e.name}-> ${name(e.child).name}`)
-        .sort(),
-      dir,
-    ),
-  });
+  out.push({ edges: await graphEdges(qmp, dir) });
   const nodes = (await qmp.execute('query-named-block-nodes', { flat: true })) as Record<string, unknown>[];
   out.push({
     nodes: normalise(
@@ -187,50 +157,15 @@ describe.runIf(hasPeer('qemu-storage-daemon', 'qemu-img', 'qemu-io'))(
   'backing-chain commands, against qemu-storage-daemon',
   () => {
     it('same answers, errors, events and graph; the chains read alike afterwards', async () => {
-      const dir = makeTempDir();
-      const seed = dir.file('seed');
-      mkdirSync(seed);
-      await qemuImg(['create', '-q', '-f', 'qcow2', join(seed, 'base.qcow2'), '8M']);
-      await qemuIo([join(seed, 'base.qcow2')], ['write -P 1 0 2M']);
-      await qemuImg([
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-b',
-        'base.qcow2',
-        '-F',
-        'qcow2',
-        join(seed, 'top.qcow2'),
-      ]);
-      await qemuImg(['create', '-q', '-f', 'qcow2', join(seed, 'ov.qcow2'), '8M']);
-      await qemuImg([
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-b',
-        'base.qcow2',
-        '-F',
-        'qcow2',
-        join(seed, 'ovb.qcow2'),
-      ]);
-      await qemuImg(['create', '-q', '-f', 'raw', join(seed, 'raw.img'), '1M']);
-      const copy = (name: string) => {
-        const d = dir.file(name);
-        mkdirSync(d);
-        for (const img of ['base.qcow2', 'top.qcow2', 'ov.qcow2', 'ovb.qcow2', 'raw.img'])
-          copyFileSync(join(seed, img), join(d, img));
-        return d;
-      };
-      const theirsDir = copy('qsd');
-      const oursDir = copy('ours');
-      const qsd = await startQsd(dir.file('qsd.sock'));
-      const theirs = await script(qsd.qmp, theirsDir);
-      await qsd.stop();
-      const ours = await startDaemon(dir.file('ours.sock'));
-      const mine = await script(ours.qmp, oursDir);
-      expect(await ours.stop()).toBe(0);
+      const { dir, seed, img } = seedDir();
+      await qcow2(img('base.qcow2'), '8M');
+      await qemuIo([img('base.qcow2')], ['write -P 1 0 2M']);
+      await qcow2(img('top.qcow2'), undefined, 'base.qcow2');
+      await qcow2(img('ov.qcow2'), '8M');
+      await qcow2(img('ovb.qcow2'), undefined, 'base.qcow2');
+      await qemuImg(['create', '-q', '-f', 'raw', img('raw.img'), '1M']);
+      const images = ['base.qcow2', 'top.qcow2', 'ov.qcow2', 'ovb.qcow2', 'raw.img'];
+      const { theirs, mine, theirsDir, oursDir } = await sideBySide(dir, seed, images, script);
       expect(mine).toEqual(theirs);
       for (const d of [theirsDir, oursDir]) {
         await qemuImg(['check', join(d, 's1.qcow2')]);

@@ -3,45 +3,21 @@
  * events and graph, and a top image that afterwards reads, maps and names its backing file as
  * QEMU's does (partial stream onto a base node, then the whole chain).
  */
-import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { type QmpClient, QmpError } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import type { QmpClient } from '@blockrep/qmp';
+import { hasPeer, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
-import { killAll, startDaemon } from './daemon';
-import { startQsd } from './qsd';
+import { killAll } from './daemon';
+import { graphEdges, normalise, qcow2, recorder, seedDir, sideBySide } from './qmp-diff';
 
 afterEach(() => killAll());
-
-function normalise(v: unknown, dir: string): unknown {
-  return JSON.parse(
-    JSON.stringify(v)
-      .split(dir)
-      .join('D')
-      .replace(/#block\d+/g, '#block'),
-  );
-}
 
 async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   const f = (n: string) => join(dir, n);
   const out: unknown[] = [];
-  const run = async (cmd: string, args: Record<string, unknown> = {}) => {
-    try {
-      out.push({ cmd, ok: normalise(await qmp.execute(cmd, args), dir) });
-      return true;
-    } catch (e) {
-      if (!(e instanceof QmpError)) throw e;
-      out.push({ cmd, args: normalise(args, dir), err: `${e.errorClass}: ${normalise(e.desc, dir)}` });
-      return false;
-    }
-  };
+  const run = recorder(qmp, dir, out);
   const state = async (label: string) => {
     const nodes = (await qmp.execute('query-named-block-nodes', { flat: true })) as Record<string, unknown>[];
-    const graph = (await qmp.execute('x-debug-query-block-graph')) as {
-      nodes: { id: number; name: string; type: string }[];
-      edges: { parent: number; child: number; name: string }[];
-    };
-    const name = (id: number) => graph.nodes.find((n) => n.id === id)!;
     out.push({
       label,
       nodes: normalise(
@@ -50,12 +26,7 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
           .map((n) => ({ name: n['node-name'], ro: n.ro, backing: n.backing_file ?? null })),
         dir,
       ),
-      edges: normalise(
-        graph.edges
-          .map((e) => `${name(e.parent).type}:${name(e.parent).name} -${e.name}-> ${name(e.child).name}`)
-          .sort(),
-        dir,
-      ),
+      edges: await graphEdges(qmp, dir),
     });
   };
   const jobEvents = async () => {
@@ -108,30 +79,15 @@ describe.runIf(hasPeer('qemu-storage-daemon', 'qemu-img', 'qemu-io'))(
   'block-stream, against qemu-storage-daemon',
   () => {
     it('same errors, events and graph; the streamed images read and map alike', async () => {
-      const dir = makeTempDir();
-      const seed = dir.file('seed');
-      mkdirSync(seed);
-      const img = (n: string) => join(seed, n);
-      await qemuImg(['create', '-q', '-f', 'qcow2', img('base.qcow2'), '8M']);
+      const { dir, seed, img } = seedDir();
+      await qcow2(img('base.qcow2'), '8M');
       await qemuIo([img('base.qcow2')], ['write -P 1 0 3M', 'write -P 5 6M 512k']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', img('mid.qcow2')]);
+      await qcow2(img('mid.qcow2'), undefined, 'base.qcow2');
       await qemuIo([img('mid.qcow2')], ['write -P 2 1M 3M', 'write -z 6M 64k']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', img('top.qcow2')]);
+      await qcow2(img('top.qcow2'), undefined, 'mid.qcow2');
       await qemuIo([img('top.qcow2')], ['write -P 3 2560k 1M']);
-      const copy = (name: string) => {
-        const d = dir.file(name);
-        mkdirSync(d);
-        for (const i of ['base.qcow2', 'mid.qcow2', 'top.qcow2']) copyFileSync(img(i), join(d, i));
-        return d;
-      };
-      const theirsDir = copy('qsd');
-      const oursDir = copy('ours');
-      const qsd = await startQsd(dir.file('qsd.sock'));
-      const theirs = await script(qsd.qmp, theirsDir);
-      await qsd.stop();
-      const ours = await startDaemon(dir.file('ours.sock'));
-      const mine = await script(ours.qmp, oursDir);
-      expect(await ours.stop()).toBe(0);
+      const images = ['base.qcow2', 'mid.qcow2', 'top.qcow2'];
+      const { theirs, mine, theirsDir, oursDir } = await sideBySide(dir, seed, images, script);
       expect(mine).toEqual(theirs);
       // The seed chain's view, now held by top alone.
       await qemuImg(['compare', img('top.qcow2'), join(oursDir, 'top.qcow2')]);

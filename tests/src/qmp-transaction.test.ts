@@ -3,38 +3,21 @@
  * transactions (failing ones undone, aborted ones undone, mixed ones with jobs) on copies of one
  * chain give the same answers, errors, job events, bitmaps, snapshots and graph.
  */
-import { copyFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { type QmpClient, QmpError } from '@blockrep/qmp';
-import { hasPeer, makeTempDir, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
+import type { QmpClient } from '@blockrep/qmp';
+import { hasPeer, qemuImg, qemuImgJson, qemuIo } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
-import { killAll, startDaemon } from './daemon';
-import { startQsd } from './qsd';
+import { killAll } from './daemon';
+import { graphEdges, normalise, qcow2, recorder, seedDir, sideBySide } from './qmp-diff';
 
 afterEach(() => killAll());
-
-function normalise(v: unknown, dir: string): unknown {
-  return JSON.parse(
-    JSON.stringify(v)
-      .split(dir)
-      .join('D')
-      .replace(/#block\d+/g, '#block'),
-  );
-}
 
 const JOB_EVENTS = ['JOB_STATUS_CHANGE', 'BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED', 'BLOCK_JOB_ERROR'];
 
 async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
   const f = (n: string) => join(dir, n);
   const out: unknown[] = [];
-  const run = async (cmd: string, args: Record<string, unknown> = {}) => {
-    try {
-      out.push({ cmd, ok: normalise(await qmp.execute(cmd, args), dir) });
-    } catch (e) {
-      if (!(e instanceof QmpError)) throw e;
-      out.push({ cmd, err: `${e.errorClass}: ${normalise(e.desc, dir)}` });
-    }
-  };
+  const run = recorder(qmp, dir, out, false);
   const tx = (actions: [string, Record<string, unknown>][], properties?: Record<string, unknown>) =>
     run('transaction', {
       actions: actions.map(([type, data]) => ({ type, data })),
@@ -42,11 +25,6 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
     });
   const state = async (label: string) => {
     const nodes = (await qmp.execute('query-named-block-nodes', { flat: true })) as Record<string, unknown>[];
-    const graph = (await qmp.execute('x-debug-query-block-graph')) as {
-      nodes: { id: number; name: string; type: string }[];
-      edges: { parent: number; child: number; name: string }[];
-    };
-    const name = (id: number) => graph.nodes.find((n) => n.id === id)!;
     out.push({
       label,
       bitmaps: nodes
@@ -59,12 +37,7 @@ async function script(qmp: QmpClient, dir: string): Promise<unknown[]> {
             b.recording,
           ]),
         })),
-      edges: normalise(
-        graph.edges
-          .map((e) => `${name(e.parent).type}:${name(e.parent).name} -${e.name}-> ${name(e.child).name}`)
-          .sort(),
-        dir,
-      ),
+      edges: await graphEdges(qmp, dir),
       jobs: await qmp.execute('query-jobs'),
     });
   };
@@ -192,39 +165,14 @@ describe.runIf(hasPeer('qemu-storage-daemon', 'qemu-img', 'qemu-io'))(
   'transaction, against qemu-storage-daemon',
   () => {
     it('same answers, undo, job events and results', async () => {
-      const dir = makeTempDir();
-      const seed = dir.file('seed');
-      mkdirSync(seed);
-      await qemuImg(['create', '-q', '-f', 'qcow2', join(seed, 'base.qcow2'), '8M']);
-      await qemuIo([join(seed, 'base.qcow2')], ['write -P 1 0 2M']);
-      await qemuImg([
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-b',
-        'base.qcow2',
-        '-F',
-        'qcow2',
-        join(seed, 'top.qcow2'),
-      ]);
-      await qemuIo([join(seed, 'top.qcow2')], ['write -P 2 1M 2M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', join(seed, 'tgt.qcow2'), '8M']);
-      const copy = (name: string) => {
-        const d = dir.file(name);
-        mkdirSync(d);
-        for (const img of ['base.qcow2', 'top.qcow2', 'tgt.qcow2'])
-          copyFileSync(join(seed, img), join(d, img));
-        return d;
-      };
-      const theirsDir = copy('qsd');
-      const oursDir = copy('ours');
-      const qsd = await startQsd(dir.file('qsd.sock'));
-      const theirs = await script(qsd.qmp, theirsDir);
-      await qsd.stop();
-      const ours = await startDaemon(dir.file('ours.sock'));
-      const mine = await script(ours.qmp, oursDir);
-      expect(await ours.stop()).toBe(0);
+      const { dir, seed, img } = seedDir();
+      await qcow2(img('base.qcow2'), '8M');
+      await qemuIo([img('base.qcow2')], ['write -P 1 0 2M']);
+      await qcow2(img('top.qcow2'), undefined, 'base.qcow2');
+      await qemuIo([img('top.qcow2')], ['write -P 2 1M 2M']);
+      await qcow2(img('tgt.qcow2'), '8M');
+      const images = ['base.qcow2', 'top.qcow2', 'tgt.qcow2'];
+      const { theirs, mine, theirsDir, oursDir } = await sideBySide(dir, seed, images, script);
       expect(mine).toEqual(theirs);
       const snapshots = async (d: string) =>
         ((await qemuImgJson(['info', join(d, 'top.qcow2')])).snapshots ?? []).map(
@@ -250,20 +198,13 @@ describe.runIf(hasPeer('qemu-storage-daemon', 'qemu-img', 'qemu-io'))(
 async function grouped(qmp: QmpClient, dir: string): Promise<unknown[]> {
   const f = (n: string) => join(dir, n);
   const out: unknown[] = [];
-  const run = async (cmd: string, args: Record<string, unknown> = {}) => {
-    try {
-      out.push({ cmd, ok: await qmp.execute(cmd, args) });
-    } catch (e) {
-      if (!(e instanceof QmpError)) throw e;
-      out.push({ cmd, err: `${e.errorClass}: ${normalise(e.desc, dir)}` });
-    }
-  };
-  const qcow2 = (name: string, file: string) =>
+  const run = recorder(qmp, dir, out, false);
+  const addQcow2 = (name: string, file: string) =>
     run('blockdev-add', { driver: 'qcow2', 'node-name': name, file: { driver: 'file', filename: f(file) } });
-  await qcow2('a', 'top.qcow2');
-  await qcow2('b', 'b.qcow2');
-  await qcow2('ta', 'tgt.qcow2');
-  await qcow2('tb', 'tb.qcow2');
+  await addQcow2('a', 'top.qcow2');
+  await addQcow2('b', 'b.qcow2');
+  await addQcow2('ta', 'tgt.qcow2');
+  await addQcow2('tb', 'tb.qcow2');
   // Data writes of this qcow2 target fail (blkdebug under the format, as QEMU's tests place it).
   await run('blockdev-add', {
     driver: 'qcow2',
@@ -361,28 +302,14 @@ describe.runIf(hasPeer('qemu-storage-daemon', 'qemu-img', 'qemu-io'))(
   'transaction completion-mode=grouped, against qemu-storage-daemon',
   () => {
     it('jobs wait for each other, finalize together, and one failing cancels the other', async () => {
-      const dir = makeTempDir();
-      const prep = (name: string) => {
-        const d = dir.file(name);
-        mkdirSync(d);
-        return d;
-      };
-      const theirsDir = prep('qsd');
-      const oursDir = prep('ours');
-      for (const d of [theirsDir, oursDir]) {
-        await qemuImg(['create', '-q', '-f', 'qcow2', join(d, 'top.qcow2'), '8M']);
-        await qemuIo([join(d, 'top.qcow2')], ['write -P 2 1M 2M']);
-        await qemuImg(['create', '-q', '-f', 'qcow2', join(d, 'b.qcow2'), '8M']);
-        await qemuIo([join(d, 'b.qcow2')], ['write -P 3 0 1M']);
-        for (const t of ['tgt.qcow2', 'tb.qcow2', 'bad.qcow2'])
-          await qemuImg(['create', '-q', '-f', 'qcow2', join(d, t), '8M']);
-      }
-      const qsd = await startQsd(dir.file('qsd.sock'));
-      const theirs = await grouped(qsd.qmp, theirsDir);
-      await qsd.stop();
-      const ours = await startDaemon(dir.file('ours.sock'));
-      const mine = await grouped(ours.qmp, oursDir);
-      expect(await ours.stop()).toBe(0);
+      const { dir, seed, img } = seedDir();
+      await qcow2(img('top.qcow2'), '8M');
+      await qemuIo([img('top.qcow2')], ['write -P 2 1M 2M']);
+      await qcow2(img('b.qcow2'), '8M');
+      await qemuIo([img('b.qcow2')], ['write -P 3 0 1M']);
+      for (const t of ['tgt.qcow2', 'tb.qcow2', 'bad.qcow2']) await qcow2(img(t), '8M');
+      const images = ['top.qcow2', 'b.qcow2', 'tgt.qcow2', 'tb.qcow2', 'bad.qcow2'];
+      const { theirs, mine, oursDir } = await sideBySide(dir, seed, images, grouped);
       expect(mine).toEqual(theirs);
       expect(
         (await qemuImg(['compare', join(oursDir, 'top.qcow2'), join(oursDir, 'tgt.qcow2')])).stdout,
