@@ -105,3 +105,30 @@ export async function failingPair(e: ReturnType<typeof env>, where: 'source' | '
     target: graph.findNode(where === 'source' ? 't0' : 'dbg'),
   };
 }
+
+/** qcow2 mid (over base.raw, node 'base') and qcow2 top over it. */
+export async function overlays({ dir, graph }: ReturnType<typeof env>) {
+  await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
+    path: dir.file('base.raw'),
+    node: 'base',
+    fmt: 'raw',
+  });
+  await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
+    path: dir.file('mid.qcow2'),
+    node: 'mid',
+    fmt: 'qcow2',
+  });
+}
+
+/** raw base (random data of the seed), qcow2 mid over it with two writes, qcow2 top over mid. */
+export async function chain3(seed = 11) {
+  const e = env();
+  const { dir, graph } = e;
+  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, seed));
+  await overlays(e);
+  const w = writer(graph, 'mid');
+  await w.write(0, Buffer.alloc(65536, 0x11));
+  await w.write(SIZE - 4096, Buffer.alloc(4096, 0x12));
+  await w.detach();
+  return e;
+}

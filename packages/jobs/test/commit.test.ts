@@ -5,8 +5,9 @@ import { qemuImg, qemuImgJson } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { startCommit } from '../src/index';
 import {
+  chain3,
   env,
-  qcow2Node,
+  overlays,
   randomData,
   randomWrites,
   rawNode,
@@ -15,32 +16,6 @@ import {
   writer,
 } from './backup-commit-helpers';
 import { waitStatus } from './helpers';
-
-/** qcow2 mid (over base.raw, node 'base') and qcow2 top over it. */
-async function overlays({ dir, graph }: ReturnType<typeof env>) {
-  await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
-    path: dir.file('base.raw'),
-    node: 'base',
-    fmt: 'raw',
-  });
-  await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
-    path: dir.file('mid.qcow2'),
-    node: 'mid',
-    fmt: 'qcow2',
-  });
-}
-
-async function chain3() {
-  const e = env();
-  const { dir, graph } = e;
-  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 11));
-  await overlays(e);
-  const w = writer(graph, 'mid');
-  await w.write(0, Buffer.alloc(65536, 0x11));
-  await w.write(SIZE - 4096, Buffer.alloc(4096, 0x12));
-  await w.detach();
-  return e;
-}
 
 describe('commit', () => {
   it('intermediate: base reads as mid did, and top now backs onto base', async () => {

@@ -1,28 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { startStream } from '../src/index';
-import { env, qcow2Node, randomData, rawNode, readAll, SIZE, writer } from './backup-commit-helpers';
+import { chain3 as chain, readAll, SIZE, writer } from './backup-commit-helpers';
 
-/** raw base (random data), qcow2 mid over it with a few writes, qcow2 top over mid. */
-async function chain3() {
-  const e = env();
-  const { dir, graph } = e;
-  await rawNode(graph, dir.file('base.raw'), 'base', randomData(SIZE, 21));
-  await qcow2Node(graph, dir.file('mid.qcow2'), 'mid', {
-    path: dir.file('base.raw'),
-    node: 'base',
-    fmt: 'raw',
-  });
-  await qcow2Node(graph, dir.file('top.qcow2'), 'top', {
-    path: dir.file('mid.qcow2'),
-    node: 'mid',
-    fmt: 'qcow2',
-  });
-  const w = writer(graph, 'mid');
-  await w.write(0, Buffer.alloc(65536, 0x11));
-  await w.write(SIZE - 4096, Buffer.alloc(4096, 0x12));
-  await w.detach();
-  return e;
-}
+const chain3 = () => chain(21);
 
 describe('stream', () => {
   it('top reads as before on its own, while a guest writes into it all along', async () => {
