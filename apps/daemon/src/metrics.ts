@@ -1,14 +1,48 @@
 import { createServer, type Server } from 'node:http';
 import {
-  type BlockBackend,
   type BlockNode,
   IO_OPS,
-  type IoOp,
+  type IoLatency,
   type IoStats,
-  setIoObserver,
+  LATENCY_BUCKETS,
+  setIoTiming,
 } from '@blockrep/block';
 import type { BlockrepDaemon } from '@blockrep/qmp';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+type Labels = Record<string, string>;
+
+/**
+ * A histogram whose buckets the block layer fills (IoLatency): registered with prom-client as a
+ * metric that reads them when scraped, so that no request pays for prom-client's bookkeeping.
+ */
+function latencyHistogram(
+  registry: Registry,
+  name: string,
+  help: string,
+  series: () => Iterable<[Labels, IoLatency]>,
+): void {
+  registry.registerMetric({
+    name,
+    help,
+    type: 'histogram',
+    aggregator: 'sum',
+    get: async () => {
+      const values: { metricName: string; labels: Labels; value: number }[] = [];
+      for (const [labels, l] of series()) {
+        let total = 0;
+        for (let i = 0; i <= LATENCY_BUCKETS.length; i++) {
+          total += l.counts[i]!;
+          const le = i < LATENCY_BUCKETS.length ? String(LATENCY_BUCKETS[i]) : '+Inf';
+          values.push({ metricName: `${name}_bucket`, labels: { le, ...labels }, value: total });
+        }
+        values.push({ metricName: `${name}_sum`, labels, value: l.sum });
+        values.push({ metricName: `${name}_count`, labels, value: total });
+      }
+      return { name, help, type: 'histogram', aggregator: 'sum', values };
+    },
+  } as unknown as Parameters<Registry['registerMetric']>[0]);
+}
 
 /**
  * blockrepd's Prometheus endpoint (`--metrics ADDR:PORT`, GET /metrics): I/O counters and latency
@@ -16,11 +50,6 @@ import { Counter, Gauge, Histogram, Registry } from 'prom-client';
  * pair. Counters are read from the block layer's own accounting when scraped; latencies are
  * observed as requests end, only while the endpoint exists.
  */
-
-/** Latency buckets, seconds: 50 µs to 5 s. */
-const LATENCY_BUCKETS = [
-  0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-];
 
 export interface MetricsServer {
   address: { host: string; port: number };
@@ -57,13 +86,6 @@ export async function startMetrics(
       labelNames: [label, 'op'],
       registers: [registry],
     });
-    const latency = new Histogram({
-      name: `${prefix}_io_duration_seconds`,
-      help: `Time from request to completion per ${what} and operation`,
-      labelNames: [label, 'op'],
-      buckets: LATENCY_BUCKETS,
-      registers: [registry],
-    });
     const fill = (name: string, s: IoStats) => {
       for (const op of IO_OPS) {
         ops.inc({ [label]: name, op }, s.ops[op]);
@@ -71,7 +93,7 @@ export async function startMetrics(
         failed.inc({ [label]: name, op }, s.failed[op]);
       }
     };
-    return { ops, bytes, failed, latency, fill };
+    return { ops, bytes, failed, fill };
   };
   const nodes = perTarget('blockrep_node', 'node', 'node');
   const exportsM = perTarget('blockrep_export', 'export', 'NBD export');
@@ -111,13 +133,6 @@ export async function startMetrics(
     labelNames: ['node'],
     registers: [registry],
   });
-  const forwardLatency = new Histogram({
-    name: 'blockrep_replication_forward_duration_seconds',
-    help: 'Time a forwarded write takes to reach the peer (write requests of NBD client nodes)',
-    labelNames: ['node'],
-    buckets: LATENCY_BUCKETS,
-    registers: [registry],
-  });
   const coloStage = new Gauge({
     name: 'blockrep_colo_stage',
     help: '1 for the COLO pair stage and role of this host',
@@ -150,35 +165,42 @@ export async function startMetrics(
     registers: [registry],
   });
 
-  // Latencies as requests end: per node, per export backend, and forwarded writes. Each target's
-  // labelled histogram children are looked up once (hashing the labels per request costs).
-  type Observe = { observe(v: number): void };
-  const children = new WeakMap<object, Partial<Record<IoOp, Observe[]>>>();
-  const observers = (target: BlockNode | BlockBackend, op: IoOp): Observe[] => {
-    let byOp = children.get(target);
-    if (!byOp) {
-      byOp = {};
-      children.set(target, byOp);
+  // Latencies: the block layer times every request while the endpoint exists.
+  setIoTiming(true);
+  const perOp = function* (label: string, name: string, stats: IoStats): Iterable<[Labels, IoLatency]> {
+    for (const op of IO_OPS) {
+      const l = stats.latency[op];
+      if (l) yield [{ [label]: name, op }, l];
     }
-    let list = byOp[op];
-    if (!list) {
-      list = [];
-      if (target.kind === 'backend') {
-        if (target.exportName !== undefined)
-          list.push(exportsM.latency.labels({ export: target.exportName, op }));
-      } else {
-        const node = target as BlockNode;
-        list.push(nodes.latency.labels({ node: node.nodeName, op }));
-        if (op === 'write' && node.driver.name === 'nbd')
-          list.push(forwardLatency.labels({ node: node.nodeName }));
-      }
-      byOp[op] = list;
-    }
-    return list;
   };
-  setIoObserver((target, op, _bytes, seconds) => {
-    for (const o of observers(target, op)) o.observe(seconds);
-  });
+  latencyHistogram(
+    registry,
+    'blockrep_node_io_duration_seconds',
+    'Time from request to completion per node and operation',
+    function* () {
+      for (const n of daemon.graph.allNodes()) yield* perOp('node', n.nodeName, n.ioStats);
+    },
+  );
+  latencyHistogram(
+    registry,
+    'blockrep_export_io_duration_seconds',
+    'Time from request to completion per NBD export and operation',
+    function* () {
+      for (const e of daemon.nbd.server?.listExports() ?? [])
+        yield* perOp('export', e.name, e.backend.ioStats);
+    },
+  );
+  latencyHistogram(
+    registry,
+    'blockrep_replication_forward_duration_seconds',
+    'Time a forwarded write takes to reach the peer (write requests of NBD client nodes)',
+    function* () {
+      for (const n of daemon.graph.allNodes() as BlockNode[]) {
+        const l = n.driver.name === 'nbd' ? n.ioStats.latency.write : undefined;
+        if (l) yield [{ node: n.nodeName }, l];
+      }
+    },
+  );
   let hooked: unknown = null;
   const watchColo = () => {
     const colo = daemon.colo.service;
@@ -255,7 +277,7 @@ export async function startMetrics(
     registry,
     watchColo,
     close: async () => {
-      setIoObserver(null);
+      setIoTiming(false);
       await new Promise<void>((r) => server.close(() => r()));
     },
   };

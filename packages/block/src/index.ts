@@ -4,13 +4,7 @@ import { nullDriver } from './drivers/null/null';
 import { rawDriver } from './drivers/raw/raw';
 import { BlockGraph } from './graph';
 
-export {
-  IO_OPS,
-  type IoObserver,
-  type IoOp,
-  IoStats,
-  setIoObserver,
-} from './accounting';
+export { IO_OPS, IoLatency, type IoOp, IoStats, LATENCY_BUCKETS, setIoTiming } from './accounting';
 export { type BackendDevOps, type BackendOptions, BlockBackend } from './backend';
 export {
   BlockOp,
