@@ -9,7 +9,7 @@ import {
 } from '@blockrep/qmp';
 import type { DaemonArgs } from './args';
 import type { Logger } from './log';
-import { type MetricsServer, startMetrics } from './metrics';
+import type { MetricsServer } from './metrics';
 import { attachLogging } from './observe';
 
 /** An on/off option of the command line, as the block layer's option parser reads it. */
@@ -41,6 +41,8 @@ export async function setupDaemon(args: DaemonArgs, log: Logger, onQuit: () => v
   let metrics: MetricsServer | null = null;
   if (args.metrics) {
     try {
+      // prom-client is loaded only when asked for (it costs a daemon without --metrics memory).
+      const { startMetrics } = await import('./metrics');
       metrics = await startMetrics(daemon, args.metrics.host, args.metrics.port);
     } catch (e) {
       throw new BlockError(`--metrics ${args.metrics.host}:${args.metrics.port}: ${(e as Error).message}`);
