@@ -46,7 +46,7 @@ export class NbdTlsCreds {
 
   /** Options for tls.TLSSocket on the server side of a STARTTLS upgrade. */
   serverOptions(): tls.TLSSocketOptions {
-    if (this.endpoint !== 'server') throw new BlockError('Expecting TLS credentials with a server endpoint');
+    if (this.endpoint !== 'server') throw new BlockError('Expected TLS credentials for a server endpoint');
     return {
       isServer: true,
       ca: this.ca,
@@ -60,7 +60,7 @@ export class NbdTlsCreds {
 
   /** Options for tls.connect on the client side; the server's certificate must name `hostname`. */
   clientOptions(hostname: string): tls.ConnectionOptions {
-    if (this.endpoint !== 'client') throw new BlockError('Expecting TLS credentials with a client endpoint');
+    if (this.endpoint !== 'client') throw new BlockError('Expected TLS credentials for a client endpoint');
     return {
       ca: this.ca,
       cert: this.cert,

@@ -227,5 +227,22 @@ describe('nbd client driver', () => {
         'tls-hostname': 'elsewhere.example',
       }),
     ).rejects.toThrow(/TLS handshake failed/);
+    // Credentials of the wrong end, with QEMU's text, on either side.
+    await expect(
+      srv.server.listen(
+        { type: 'inet', host: '127.0.0.1', port: 0 },
+        { tlsCreds: new NbdTlsCreds({ endpoint: 'client', dir: pki }) },
+      ),
+    ).rejects.toThrow(/^Expected TLS credentials for a server endpoint$/);
+    registerTlsCreds(new NbdTlsCreds({ id: 'tls-srv', endpoint: 'server', dir: pki }));
+    onCleanup(() => unregisterTlsCreds('tls-srv'));
+    await expect(
+      g.open({
+        driver: 'nbd',
+        server: { type: 'inet', host: '127.0.0.1', port },
+        export: 'disk',
+        'tls-creds': 'tls-srv',
+      }),
+    ).rejects.toThrow(/Expected TLS credentials for a client endpoint/);
   });
 });

@@ -58,7 +58,7 @@ export class NbdServer extends EventEmitter {
    */
   async listen(addr: NbdSocketAddress, opts: NbdListenOptions = {}): Promise<NbdSocketAddress> {
     if (opts.tlsCreds && opts.tlsCreds.endpoint !== 'server') {
-      throw new BlockError('Expecting TLS credentials with a server endpoint');
+      throw new BlockError('Expected TLS credentials for a server endpoint');
     }
     const ctx = {
       findExport: (name: string) => this.findExport(name),
