@@ -140,6 +140,10 @@ function steps(dir: string, pki: string, nbdSock: string): Step[] {
     get(obj('tlsc'), 'priority'),
     get(obj('tlsc'), 'sanity-check'),
     get(obj('tlsc'), 'loaded'),
+    // Credentials of the wrong end, an object that is no credentials, and none at all.
+    ['nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } }, 'tls-creds': 'tlsc' }],
+    ['nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } }, 'tls-creds': 's0' }],
+    ['nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } }, 'tls-creds': 'nope' }],
     ['nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } }, 'tls-creds': 'tls0' }],
     // QEMU lets credentials in use go: the server keeps its reference.
     ['object-del', { id: 'tls0' }],

@@ -31,6 +31,7 @@ export {
   lookupTlsCreds,
   NbdTlsCreds,
   registerTlsCreds,
+  setTlsObjectLookup,
   type TlsCredsOptions,
   unregisterTlsCreds,
 } from './tls';

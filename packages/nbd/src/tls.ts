@@ -84,8 +84,18 @@ export function unregisterTlsCreds(id: string): void {
   registry.delete(id);
 }
 
+/** Tells whether some other object (a QOM tree's) has the id: its lookup says "not TLS credentials". */
+let otherObject: ((id: string) => boolean) | null = null;
+
+export function setTlsObjectLookup(fn: ((id: string) => boolean) | null): void {
+  otherObject = fn;
+}
+
 export function lookupTlsCreds(id: string): NbdTlsCreds {
   const c = registry.get(id);
-  if (!c) throw new BlockError(`No TLS credentials with id '${id}'`);
+  if (!c) {
+    if (otherObject?.(id)) throw new BlockError(`Object with id '${id}' is not TLS credentials`);
+    throw new BlockError(`No TLS credentials with id '${id}'`);
+  }
   return c;
 }

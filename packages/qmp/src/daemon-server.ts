@@ -2,7 +2,7 @@ import { BlockError, type BlockGraph, createGraph } from '@blockrep/block';
 import { type ColoConfig, ColoService } from '@blockrep/colo';
 import { filterDrivers } from '@blockrep/filters';
 import { JobManager } from '@blockrep/jobs';
-import { nbdDriver } from '@blockrep/nbd';
+import { nbdDriver, setTlsObjectLookup } from '@blockrep/nbd';
 import { qcow2Driver } from '@blockrep/qcow2';
 import { ReplicationManager } from '@blockrep/replication';
 import { createBlockQmpServer } from './block-server';
@@ -63,6 +63,8 @@ export function createBlockrepDaemon(opts: Omit<QmpServerOptions, 'registry'> = 
   const chardevs = new ChardevRegistry();
   registerChardevCommands(server.registry, chardevs);
   const objects = registerQomCommands(server.registry);
+  // TLS credential lookups tell an object of another type from none at all, as QEMU does.
+  setTlsObjectLookup((id) => objects.root.children.get('objects')?.children.has(id) ?? false);
   registerIothreadCommand(server.registry, graph, objects);
   // Only the events the schema declares reach the monitors (query-qmp-schema stays true).
   const declared = new Set(server.registry.events().map((e) => e.name));
