@@ -8,7 +8,7 @@
 //   node native/build.mjs --all      the host's, and the cross builds that can be made here
 //   node native/build.mjs --require  fail (exit 1) unless the host's build was made
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 
 const here = dirname(new URL(import.meta.url).pathname);
@@ -31,6 +31,9 @@ function build(arch, cc) {
   const dir = join(root, 'prebuilds', `${process.platform}-${arch}`);
   mkdirSync(dir, { recursive: true });
   const out = join(dir, 'node.napi.node');
+  // Compiled beside it and renamed into place: a process loading the addon meanwhile (tests, a
+  // pack while others run) sees the old file or the new one, never a half-written one.
+  const tmp = `${out}.${process.pid}.tmp`;
   const r = spawnSync(
     cc,
     [
@@ -41,15 +44,17 @@ function build(arch, cc) {
       '-DNODE_GYP_MODULE_NAME=sparse',
       `-I${include}`,
       '-o',
-      out,
+      tmp,
       join(here, 'sparse.c'),
     ],
     { stdio: 'inherit' },
   );
   if (r.status !== 0) {
+    rmSync(tmp, { force: true });
     console.warn(`blockrep native addon: the ${arch} build failed (${cc})`);
     return false;
   }
+  renameSync(tmp, out);
   console.log(`blockrep native addon: ${out}`);
   return true;
 }
