@@ -1,9 +1,7 @@
 import { closeSync, copyFileSync, openSync, readSync, writeSync } from 'node:fs';
-import { findDirtyBitmap } from '@blockrep/block';
 import { hasPeer, makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
-import { imageGraph, openImage } from '../src/image';
-import { blockrep, qemuImg, qemuImgJson, qemuIo, sameAsQemuImg } from './helpers';
+import { bitmapExtents, blockrep, qemuImg, qemuImgJson, qemuIo, sameAsQemuImg } from './helpers';
 
 /*
  * convert's options beyond the basics (--target-image-opts, --target-is-zero, --bitmaps,
@@ -205,15 +203,7 @@ describe.runIf(qemu)('convert options, against qemu-img convert', () => {
     const raw = dir.file('r.raw');
     await qemuImg(['create', '-q', '-f', 'raw', raw, '4M']);
 
-    const bits = async (f: string, name: string) => {
-      const g = imageGraph();
-      try {
-        const node = await openImage(g, f);
-        return [...findDirtyBitmap(node, name)!.dirtyExtents(0, node.length)];
-      } finally {
-        await g.closeAll();
-      }
-    };
+    const bits = bitmapExtents;
     const fmt = async (f: string) => (await qemuImgJson(['info', f]))['format-specific'];
     for (const [i, [extra, source]] of (
       [

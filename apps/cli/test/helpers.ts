@@ -95,3 +95,16 @@ export async function makeChain() {
   await qemuIo(['-f', 'qcow2', top], ['write -P 6 100k 8k', 'write -z 7M 512k', 'write -P 7 6M 4k']);
   return { dir, base, mid, top };
 }
+
+/** The dirty extents of a bitmap of an image, as blockrep reads them back. */
+export async function bitmapExtents(file: string, name: string): Promise<[number, number][]> {
+  const { findDirtyBitmap } = await import('@blockrep/block');
+  const { imageGraph, openImage } = await import('../src/image');
+  const g = imageGraph();
+  try {
+    const node = await openImage(g, file);
+    return [...findDirtyBitmap(node, name)!.dirtyExtents(0, node.length)];
+  } finally {
+    await g.closeAll();
+  }
+}
