@@ -83,6 +83,8 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f(`${who}-lazy.qcow2`), '4M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=8', f(`${who}-rc8.qcow2`), '4M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', f(`${who}-v2.qcow2`), '4M']);
+      await qemuImg(['create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=8', f(`${who}-rc8b.qcow2`), '4M']);
+      await qemuIo([f(`${who}-rc8b.qcow2`)], ['write -P 8 0 1M', 'write -z 1M 64k']);
       await qemuImg(['create', '-q', '-f', 'qcow2', f(`${who}-snap.qcow2`), '4M']);
       await qemuIo([f(`${who}-snap.qcow2`)], ['write -P 5 0 1M']);
       await qemuImg(['snapshot', '-c', 's', f(`${who}-snap.qcow2`)]);
@@ -105,6 +107,8 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
       ['-o', 'refcount_bits=4', 'snap'],
       ['-o', 'refcount_bits=8', 'top'],
       ['-o', 'compat=0.10,refcount_bits=8', 'v2'],
+      // Both at once: the width first, then the downgrade (as qemu-img orders them).
+      ['-o', 'compat=0.10,refcount_bits=16', 'rc8b'],
     ];
     for (const args of lines) {
       const img = (who: string) => f(`${who}-${args[2]}.qcow2`);
@@ -113,7 +117,7 @@ describe.runIf(qemu)('amend compat=0.10 / compat=1.1, against qemu-img amend', (
         swap: [[dir.file('q-'), dir.file('b-')]],
       });
     }
-    for (const name of ['top', 'lone', 'lazy', 'v2', 'rc8', 'snap']) {
+    for (const name of ['top', 'lone', 'lazy', 'v2', 'rc8', 'snap', 'rc8b']) {
       const q = f(`q-${name}.qcow2`);
       const b = f(`b-${name}.qcow2`);
       await qemuImg(['check', b]);

@@ -41,13 +41,15 @@ export async function amendCommand(args: string[]): Promise<number> {
   const o = parseOptionList(texts);
   const g = imageGraph();
   try {
-    const node = await openImage(g, file, {
-      format: optString(p, '-f'),
-      readOnly: false,
-      backing: null,
-      imageOpts: p.opts.has('--image-opts'),
-    });
-    const img = qcow2Of(node);
+    const open = () =>
+      openImage(g, file, {
+        format: optString(p, '-f'),
+        readOnly: false,
+        backing: null,
+        imageOpts: p.opts.has('--image-opts'),
+      });
+    let node = await open();
+    let img = qcow2Of(node);
     if (!img) throw new CliFailure(`Format driver '${node.driver.name}' does not support option amendment`);
     for (const k of o.keys()) {
       if (CREATION_ONLY.includes(k))
@@ -69,12 +71,6 @@ export async function amendCommand(args: string[]): Promise<number> {
         throw new CliFailure(`Unknown compatibility level ${compat}`);
       if (toV3 === img.v3) toV3 = undefined;
     }
-    if (toV3 === false && img.refcounts.bits !== 16)
-      throw new CliFailure('compat=0.10 requires refcount_bits=16');
-    if (toV3 === false && lazy)
-      throw new CliFailure(
-        'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
-      );
     const bits = o.get('refcount_bits');
     let newBits: number | undefined;
     if (bits !== undefined) {
@@ -83,8 +79,15 @@ export async function amendCommand(args: string[]): Promise<number> {
         throw new CliFailure('Refcount width must be a power of two and may not exceed 64 bits');
       if (n !== img.refcounts.bits) newBits = n;
     }
+    // A downgrade keeps the width unless refcount_bits says otherwise (then the check below speaks).
+    if (toV3 === false && bits === undefined && img.refcounts.bits !== 16)
+      throw new CliFailure('compat=0.10 requires refcount_bits=16');
+    if (toV3 === false && lazy)
+      throw new CliFailure(
+        'Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)',
+      );
     const v3After = toV3 ?? img.v3;
-    if (newBits !== undefined && !v3After)
+    if (newBits !== undefined && newBits !== 16 && !v3After)
       throw new CliFailure(
         'Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)',
       );
@@ -99,6 +102,15 @@ export async function amendCommand(args: string[]): Promise<number> {
       throw new CliFailure('data-file can only be set for images that use an external data file');
     // As QEMU orders it: an upgrade before the other changes, a downgrade after them.
     if (toV3 === true) await upgradeToV3(img);
+    if (newBits !== undefined) {
+      // New refcount structures are written with the image closed (nothing else holds it
+      // meanwhile); then the image is opened again for the rest.
+      const path = img.storage.filename;
+      await g.closeAll();
+      await changeRefcountWidthAt(path, newBits);
+      node = await open();
+      img = qcow2Of(node)!;
+    }
     if (lazy !== undefined) await img.setLazyRefcounts(lazy);
     if (size !== undefined && size !== node.length) {
       const blk = attachBackend(g, node, true);
@@ -106,12 +118,6 @@ export async function amendCommand(args: string[]): Promise<number> {
       await blk.flush();
     }
     if (toV3 === false) await downgradeToV2(img);
-    const path = img.storage.filename;
-    if (newBits !== undefined) {
-      // New refcount structures are written with the image closed (nothing else holds it meanwhile).
-      await g.closeAll();
-      await changeRefcountWidthAt(path, newBits);
-    }
   } catch (e) {
     if (e instanceof CliFailure) throw e;
     throw new CliFailure((e as Error).message);
