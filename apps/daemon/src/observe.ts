@@ -20,7 +20,9 @@ export function attachLogging(daemon: BlockrepDaemon, log: Logger): void {
       log.debug('NBD client chose an export', { peer: e.peer, export: e.export });
     else log.info('NBD client disconnected', { peer: e.peer, ...(e.export ? { export: e.export } : {}) });
   };
-  daemon.qmp.on('qmp-event', (m: { event: string; data?: Record<string, unknown> }) => {
+  // What the monitors get: floods (a dead quorum child's QUORUM_REPORT_BAD per read) come
+  // rate-limited as QEMU limits them, so the log does not drown in them.
+  daemon.qmp.on('qmp-event-delivered', (m: { event: string; data?: Record<string, unknown> }) => {
     const [level, msg] = describe(m.event, m.data ?? {});
     log.log(level, msg, { event: m.event, ...(m.data ?? {}) });
   });

@@ -191,9 +191,10 @@ interface Throttled {
 }
 
 /**
- * Events besides the monitors': `'qmp-event'` (every event sent, unthrottled) and `'command'`
- * ({ name, ms, error? }) after each command (the daemon logs them; arguments are not included, as
- * they may carry secrets).
+ * Events besides the monitors': `'qmp-event'` (every event emitted, unthrottled),
+ * `'qmp-event-delivered'` (what the monitors get: rate-limited as QEMU's monitor limits floods,
+ * which the daemon's log follows) and `'command'` ({ name, ms, error? }) after each command
+ * (arguments are not included, as they may carry secrets).
  */
 export class QmpServer extends EventEmitter {
   readonly registry: CommandRegistry;
@@ -284,6 +285,7 @@ export class QmpServer extends EventEmitter {
 
   private deliver(msg: Record<string, unknown>): void {
     for (const m of this.monitors) if (m.mode === 'command') m.send(msg);
+    this.emit('qmp-event-delivered', msg);
   }
 
   /**

@@ -324,6 +324,9 @@ describe('event rate limits', () => {
       if (e.event === 'QUORUM_REPORT_BAD') got.push(`${e.data!['node-name']}:${e.data!['sector-num']}`);
       else got.push(e.event);
     });
+    // The server's own listeners see what the monitors see (the daemon's log follows it).
+    const delivered: string[] = [];
+    server.on('qmp-event-delivered', (e: { event: string }) => delivered.push(e.event));
     const bad = (node: string, n: number) =>
       server.emitEvent('QUORUM_REPORT_BAD', {
         type: 'read',
@@ -337,6 +340,12 @@ describe('event rate limits', () => {
     server.emitEvent('JOB_STATUS_CHANGE', { id: 'j', status: 'created' }); // not limited
     await waitFor(() => got.length >= 4, { what: "node a's held-back event" });
     expect(got).toEqual(['a:0', 'b:0', 'JOB_STATUS_CHANGE', 'a:4']);
+    expect(delivered).toEqual([
+      'QUORUM_REPORT_BAD',
+      'QUORUM_REPORT_BAD',
+      'JOB_STATUS_CHANGE',
+      'QUORUM_REPORT_BAD',
+    ]);
     expect(Date.now() - t0).toBeGreaterThanOrEqual(990);
     c.close();
     await server.close();
