@@ -1,12 +1,5 @@
 import { createServer, type Server } from 'node:http';
-import {
-  type BlockNode,
-  IO_OPS,
-  type IoLatency,
-  type IoStats,
-  LATENCY_BUCKETS,
-  setIoTiming,
-} from '@blockrep/block';
+import { IO_OPS, type IoLatency, type IoStats, LATENCY_BUCKETS, setIoTiming } from '@blockrep/block';
 import type { BlockrepDaemon } from '@blockrep/qmp';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 
@@ -195,7 +188,7 @@ export async function startMetrics(
     'blockrep_replication_forward_duration_seconds',
     'Time a forwarded write takes to reach the peer (write requests of NBD client nodes)',
     function* () {
-      for (const n of daemon.graph.allNodes() as BlockNode[]) {
+      for (const n of daemon.graph.allNodes()) {
         const l = n.driver.name === 'nbd' ? n.ioStats.latency.write : undefined;
         if (l) yield [{ node: n.nodeName }, l];
       }

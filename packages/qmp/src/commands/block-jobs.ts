@@ -10,7 +10,7 @@ import {
 } from '@blockrep/jobs';
 import type { CommandRegistry } from '../registry';
 import { opt, req, t } from '../schema';
-import { NewImageMode, type PreparedAction, runAlone } from './chain';
+import { chainContains, NewImageMode, type PreparedAction, runAlone } from './chain';
 import { createTargetImage, fsError, openByFilename } from './new-image';
 
 export const MirrorSyncMode = t.enum('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
@@ -68,12 +68,6 @@ interface StreamArgs {
   'on-error'?: (typeof ON_ERROR_VALUES)[number];
   'auto-finalize'?: boolean;
   'auto-dismiss'?: boolean;
-}
-
-/** Whether node is top or below it in its chain (QEMU's bdrv_chain_contains). */
-function inChain(top: BlockNode, node: BlockNode): boolean {
-  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) if (n === node) return true;
-  return false;
 }
 
 /** A node of top's chain by file name (block-commit's deprecated top/base). */
@@ -379,14 +373,14 @@ export function registerBlockJobCommands(r: CommandRegistry, graph: BlockGraph, 
       }
       if (a['base-node'] !== undefined) {
         base = graph.lookupBs(undefined, a['base-node']);
-        if (base === top || !inChain(top, base))
+        if (base === top || !chainContains(top, base))
           throw new BlockError(`Node '${a['base-node']}' is not a backing image of '${a.device}'`);
       }
       if (a.bottom !== undefined) {
         const bottom = graph.lookupBs(undefined, a.bottom);
         if (bottom.driver.isFilter)
           throw new BlockError(`Node '${a.bottom}' is a filter, use a non-filter node as 'bottom'`);
-        if (!inChain(top, bottom))
+        if (!chainContains(top, bottom))
           throw new BlockError(`Node '${a.bottom}' is not in a chain starting from '${a.device}'`);
         base = bottom.filteredOrCow?.node ?? null;
       }

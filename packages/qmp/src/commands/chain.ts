@@ -119,13 +119,11 @@ export async function prepareExternalSnapshot(
     } else {
       overlay = graph.lookupBs(a.args.overlay, a.args.overlay);
     }
-    if (overlay.parents.length > 0 || overlay.hasBackend())
-      throw new BlockError('The overlay is already in use');
+    if (overlay.parents.length > 0) throw new BlockError('The overlay is already in use');
     const overlayBlocked = opBlocked(overlay, BlockOp.EXTERNAL_SNAPSHOT);
     if (overlayBlocked) throw overlayBlocked;
     if (overlay.backing) throw new BlockError('The overlay already has a backing image');
     if (!overlay.driver.supportsBacking) throw new BlockError('The overlay does not support backing images');
-    graph.checkNoCycle(overlay, old);
     backing = graph.attachChild(overlay, old, 'backing', ChildRole.COW);
     await graph.replaceNode(old, overlay, [backing]);
   } catch (e) {
@@ -149,6 +147,12 @@ export async function prepareExternalSnapshot(
       }
     },
   };
+}
+
+/** Whether node is top or below it in its backing chain (QEMU's bdrv_chain_contains). */
+export function chainContains(top: BlockNode, node: BlockNode): boolean {
+  for (let n: BlockNode | null = top; n; n = n.filteredOrCow?.node ?? null) if (n === node) return true;
+  return false;
 }
 
 /** Runs one prepared action to its end (a command outside a transaction). */
@@ -210,10 +214,8 @@ export function registerChainCommands(r: CommandRegistry, graph: BlockGraph): vo
         throw new BlockError('not allowing backing file change on an image without a backing file');
       const blocked = opBlocked(top, BlockOp.CHANGE);
       if (blocked) throw blocked;
-      let inChain = false;
-      for (let n: BlockNode | null = top; n && !inChain; n = n.filteredOrCow?.node ?? null)
-        inChain = n === image;
-      if (!inChain) throw new BlockError(`'${a.device}' and image file are not in the same chain`);
+      if (!chainContains(top, image))
+        throw new BlockError(`'${a.device}' and image file are not in the same chain`);
       const change = image.driver.changeBackingFile;
       if (!change) {
         throw new BlockError(
