@@ -1,5 +1,13 @@
 import { execFileSync } from 'node:child_process';
-import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  renameSync,
+  writeFileSync,
+} from 'node:fs';
 import { makeTempDir, waitFor } from '@blockrep/test-kit';
 import { describe, expect, it, vi } from 'vitest';
 import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
@@ -246,6 +254,75 @@ describe('zero writes and discards after a write still in the thread pool', () =
       const back = await blk.read(0, 8 << 20);
       expect(iovIsZero([back]), `round ${round}`).toBe(true);
     }
+    await g.closeAll();
+  });
+});
+
+/** This process's descriptors open on `file`, with their open flags (octal, from fdinfo). */
+function descriptorsOf(file: string): number[] {
+  const out: number[] = [];
+  for (const fd of readdirSync('/proc/self/fd')) {
+    let target = '';
+    try {
+      target = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    if (target !== file && target !== `${file} (deleted)`) continue;
+    const flags = /flags:\s+(\d+)/.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!;
+    out.push(Number.parseInt(flags, 8));
+  }
+  return out;
+}
+
+const O_DSYNC = 0o10000;
+
+describe('FUA writes', () => {
+  it('go through an O_DSYNC descriptor instead of a flush of the whole file, and it closes with the node', async () => {
+    const dir = makeTempDir();
+    const f = dir.file('fua.img');
+    writeFileSync(f, Buffer.alloc(1 << 20));
+    const { g, blk, node } = await backend(f);
+    let flushes = 0;
+    const orig = node.driver.flushToDisk!;
+    node.driver = { ...node.driver, flushToDisk: (n) => (flushes++, orig(n)) };
+    expect(descriptorsOf(f).filter((fl) => fl & O_DSYNC)).toEqual([]);
+    await blk.write(4096, pattern(65536, 3), ReqFlags.FUA);
+    expect(flushes).toBe(0);
+    expect(descriptorsOf(f).filter((fl) => fl & O_DSYNC)).toHaveLength(1);
+    expect(
+      readFileSync(f)
+        .subarray(4096, 4096 + 65536)
+        .equals(pattern(65536, 3)),
+    ).toBe(true);
+    // A plain write after it lands after it (same range, issue order) and stays in the page cache.
+    await Promise.all([blk.write(0, pattern(8192, 4), ReqFlags.FUA), blk.write(4096, pattern(4096, 5))]);
+    const now = readFileSync(f);
+    expect(now.subarray(0, 4096).equals(pattern(8192, 4).subarray(0, 4096))).toBe(true);
+    expect(now.subarray(4096, 8192).equals(pattern(4096, 5))).toBe(true);
+    await blk.detach();
+    await g.closeAll();
+    expect(descriptorsOf(f)).toEqual([]);
+  });
+
+  it('reach the same file after it was renamed, and a reopen drops the descriptor', async () => {
+    const dir = makeTempDir();
+    const f = dir.file('a.img');
+    writeFileSync(f, Buffer.alloc(65536));
+    const { g, blk, node } = await backend(f);
+    await blk.write(0, pattern(4096, 1), ReqFlags.FUA);
+    renameSync(f, dir.file('b.img'));
+    await blk.write(4096, pattern(4096, 2), ReqFlags.FUA);
+    const b = readFileSync(dir.file('b.img'));
+    expect(b.subarray(0, 8192).equals(Buffer.concat([pattern(4096, 1), pattern(4096, 2)]))).toBe(true);
+    await blk.detach();
+    // A reopen opens the file by its name again, as QEMU's does.
+    renameSync(dir.file('b.img'), f);
+    expect(descriptorsOf(f).filter((fl) => fl & O_DSYNC)).toHaveLength(1);
+    await g.reopenMultiple([{ node, readOnly: true }]);
+    await waitFor(() => descriptorsOf(f).every((fl) => !(fl & O_DSYNC)), {
+      what: 'the O_DSYNC descriptor to close',
+    });
     await g.closeAll();
   });
 });

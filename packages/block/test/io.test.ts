@@ -100,7 +100,7 @@ describe('read and write', () => {
     );
   });
 
-  it('emulates FUA with a flush', async () => {
+  it('emulates FUA with a flush where the driver has none', async () => {
     const f = makeTempDir().file('d.img');
     writeFileSync(f, Buffer.alloc(65536));
     const g = createGraph();
@@ -111,6 +111,7 @@ describe('read and write', () => {
     const orig = n.driver.flushToDisk!;
     n.driver = {
       ...n.driver,
+      supportedWriteFlags: 0,
       flushToDisk: async (x) => {
         flushed++;
         await orig(x);

@@ -270,15 +270,22 @@ export class Qcow2Image {
   }
 
   /**
-   * Makes the refcount increases made so far durable (written back, then flushed) before
-   * metadata that relies on them is written.
+   * Makes the refcount increases made so far durable before metadata that relies on them is
+   * written: the dirty blocks written with FUA, and the file flushed only when blocks written
+   * back earlier without it may not be on disk yet. A flush would also write out all the data
+   * written so far (measured: a mirror into a fresh 1 GiB image ran at 750 MiB/s with a flush at
+   * its second L2 table, 1170-1320 without any).
    */
   syncRefcounts(): Promise<void> {
     return this.syncLock.run(async () => {
       const g = this.refcounts.gen;
       if (g === this.syncedGen) return;
-      await this.refcounts.writeBack();
-      await this.storage.flush();
+      const unsynced = this.refcounts.unsynced;
+      await this.refcounts.writeBack(true);
+      if (unsynced) {
+        await this.storage.flush();
+        this.refcounts.unsynced -= unsynced;
+      }
       if (g > this.syncedGen) this.syncedGen = g;
     });
   }

@@ -253,12 +253,20 @@ export class Qcow2Refcounts {
    * Writes every changed part of the refcount blocks (rounded out to 512-byte sectors), from a
    * copy taken now: changes made while the writes run wait for the next write-back.
    */
-  writeBack(): Promise<void> {
-    return this.writes.run(() => this.writeBackLocked());
+  /**
+   * Writes the dirty refcount blocks. `fua`: each durable when this resolves; otherwise they
+   * count in `unsynced` until a sync covers them (`Qcow2Image.syncRefcounts`).
+   */
+  writeBack(fua = false): Promise<void> {
+    return this.writes.run(() => this.writeBackLocked(fua));
   }
 
-  private async writeBackLocked(): Promise<void> {
+  /** Blocks written back without FUA since the last sync (a sync must flush the file for them). */
+  unsynced = 0;
+
+  private async writeBackLocked(fua: boolean): Promise<void> {
     if (!this.dirty.size) return;
+    if (!fua) this.unsynced += this.dirty.size;
     const work: { bi: number; range: [number, number]; off: number; data: Buffer }[] = [];
     for (const [bi, range] of this.dirty) {
       const b = this.blocks.get(bi)!;
@@ -268,7 +276,7 @@ export class Qcow2Refcounts {
       work.push({ bi, range, off, data: Buffer.from(b.subarray(start, end)) });
     }
     this.dirty.clear();
-    const results = await Promise.allSettled(work.map((w) => this.storage.write(w.off, w.data)));
+    const results = await Promise.allSettled(work.map((w) => this.storage.write(w.off, w.data, fua)));
     const failed = results.findIndex((r) => r.status === 'rejected');
     if (failed < 0) return;
     // Still to be written: the next write-back tries again.

@@ -1,5 +1,5 @@
 import * as fsp from 'node:fs/promises';
-import { type BlockChild, BlockError, type IoVec, iovLength } from '@blockrep/block';
+import { type BlockChild, BlockError, type IoVec, iovLength, ReqFlags } from '@blockrep/block';
 
 /**
  * What the qcow2 code needs from the file holding the image: positioned reads and writes, flush,
@@ -7,7 +7,11 @@ import { type BlockChild, BlockError, type IoVec, iovLength } from '@blockrep/bl
  */
 export interface Qcow2Storage {
   readv(offset: number, bytes: number, iov: IoVec): Promise<void>;
-  write(offset: number, data: Buffer | IoVec): Promise<void>;
+  /**
+   * `fua`: the data is durable when the promise resolves (metadata that later writes depend on),
+   * without flushing everything else written to the file.
+   */
+  write(offset: number, data: Buffer | IoVec, fua?: boolean): Promise<void>;
   flush(): Promise<void>;
   length(): Promise<number>;
   truncate(length: number): Promise<void>;
@@ -48,9 +52,9 @@ export function childStorage(child: BlockChild): Qcow2Storage {
       if (outOfReach(offset, bytes, false)) zeroFill(iov);
       else await child.readv(offset, bytes, iov);
     },
-    write: async (offset, data) => {
+    write: async (offset, data, fua) => {
       outOfReach(offset, iovLength(Buffer.isBuffer(data) ? [data] : data), true);
-      await child.write(offset, data);
+      await child.write(offset, data, fua ? ReqFlags.FUA : 0);
     },
     flush: () => child.flush(),
     length: async () => child.getLength(),
@@ -87,7 +91,7 @@ export class FileStorage implements Qcow2Storage {
     }
   }
 
-  async write(offset: number, data: Buffer | IoVec): Promise<void> {
+  async write(offset: number, data: Buffer | IoVec, fua = false): Promise<void> {
     const iov = Buffer.isBuffer(data) ? [data] : data;
     outOfReach(offset, iovLength(iov), true);
     let pos = offset;
@@ -96,6 +100,7 @@ export class FileStorage implements Qcow2Storage {
       while (n < b.length) n += (await this.fh.write(b, n, b.length - n, pos + n)).bytesWritten;
       pos += b.length;
     }
+    if (fua) await this.fh.datasync();
   }
 
   flush(): Promise<void> {

@@ -17,7 +17,8 @@ import { createQcow2Image, type Qcow2Image, qcow2Driver } from '../src/index';
 
 /*
  * Metadata write ordering, checked as it happens: a filter between qcow2 and its file keeps a
- * shadow of what is durable (writes completed before a flush began, applied when the flush ends).
+ * shadow of what is durable (writes completed before a flush began, applied when the flush ends;
+ * a FUA write when it completes).
  * Whenever qcow2 issues a write of an L2 table or of the L1 table, every cluster it references
  * must already have a refcount of at least 1 in the durable shadow; so no crash, a power loss
  * included, can leave a reference to a cluster counted as free.
@@ -67,7 +68,18 @@ const recorderDriver: BlockDriver = {
     const data = Buffer.from(iovToBuffer(iov));
     r.onWrite?.(offset, data);
     await file(node).write(offset, iov, flags);
-    r.completed.push({ seq: ++r.seq, off: offset, data });
+    if (!(flags & ReqFlags.FUA)) {
+      r.completed.push({ seq: ++r.seq, off: offset, data });
+      return;
+    }
+    // FUA: durable now, this write alone. Earlier writes of the range are superseded in the page
+    // cache, so a later flush makes this data durable there, not theirs.
+    for (const w of r.completed) {
+      const from = Math.max(w.off, offset);
+      const to = Math.min(w.off + w.data.length, offset + data.length);
+      if (from < to) data.copy(w.data, from - w.off, from - offset, to - offset);
+    }
+    apply(r, offset, data);
   },
   // A flush makes durable every write that completed before it began, whatever other flushes
   // run meanwhile; those writes reach the shadow in the order they completed.

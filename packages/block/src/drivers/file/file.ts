@@ -1,5 +1,5 @@
 import * as fs from 'node:fs';
-import type { BlockDriver, BlockStatus, ReopenState } from '../../driver';
+import { type BlockDriver, type BlockStatus, type ReopenState, ReqFlags } from '../../driver';
 import { BlockError, toBlockError } from '../../errors';
 import type { IoVec } from '../../iov';
 import type { BlockNode } from '../../node';
@@ -38,6 +38,8 @@ interface FileState {
   counts: { inline: number; pool: number };
   /** QEMU's image locks on the file (null with locking=off or without the addon). */
   locks: ImageLocks | null;
+  /** A second descriptor of the file opened with O_DSYNC, for FUA writes (opened at the first). */
+  dsync: Promise<number> | null;
 }
 
 /*
@@ -148,6 +150,30 @@ const fsClose = (fd: number) => new Promise<void>((res, rej) => fs.close(fd, (e)
 const fsStat = (fd: number) =>
   new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
 
+/**
+ * The file's O_DSYNC descriptor, opened at the first FUA write through /proc/self/fd (the same
+ * file even if it was renamed or unlinked since), with the access mode of the main descriptor.
+ * Only the open file description differs: image locks (OFD locks) stay with the main one.
+ */
+function dsyncFd(s: FileState): Promise<number> {
+  if (!s.dsync) {
+    const p = fsOpen(`/proc/self/fd/${s.fd}`, fs.constants.O_RDWR | fs.constants.O_DSYNC).catch((e) => {
+      if (s.dsync === p) s.dsync = null;
+      throw toBlockError(e);
+    });
+    s.dsync = p;
+  }
+  return s.dsync;
+}
+
+async function closeDsync(s: FileState): Promise<void> {
+  const p = s.dsync;
+  s.dsync = null;
+  if (!p) return;
+  const fd = await p.catch(() => -1);
+  if (fd >= 0) await fsClose(fd).catch(() => {});
+}
+
 /** Drops the first n bytes of a vector (after a short read or write). */
 function advance(iov: IoVec, n: number): IoVec {
   let i = 0;
@@ -218,7 +244,7 @@ export const fileDriver: BlockDriver = {
     'drop-cache': opt.bool('Drop the page cache on reopen (accepted for compatibility)'),
     'x-check-cache-dropped': opt.bool('Debug option (accepted for compatibility)'),
   },
-  supportedWriteFlags: 0,
+  supportedWriteFlags: ReqFlags.FUA,
 
   async open(node, opts) {
     const filename = opts.filename as string;
@@ -249,6 +275,7 @@ export const fileDriver: BlockDriver = {
       pending: [],
       counts: { inline: 0, pool: 0 },
       locks,
+      dsync: null,
     } satisfies FileState;
   },
 
@@ -257,6 +284,7 @@ export const fileDriver: BlockDriver = {
     if (s && s.fd >= 0) {
       const fd = s.fd;
       s.fd = -1;
+      await closeDsync(s);
       await fsClose(fd);
     }
   },
@@ -303,9 +331,12 @@ export const fileDriver: BlockDriver = {
     }
   },
 
-  async write(node, offset, bytes, iov) {
+  async write(node, offset, bytes, iov, flags) {
     const s = st(node);
-    const fd = s.fd;
+    // FUA: through the O_DSYNC descriptor, which makes this range durable when the write returns
+    // (the kernel writes back this range alone and flushes the disk's cache), where QEMU's
+    // emulation (write, then fdatasync) writes out every dirty page of the file first.
+    const fua = (flags & ReqFlags.FUA) !== 0;
     let pos = offset;
     let rest = iov;
     let left = bytes;
@@ -316,6 +347,7 @@ export const fileDriver: BlockDriver = {
     const before = pendingOver(s, offset, end);
     const small = bytes <= INLINE_MAX;
     if (
+      !fua &&
       before.length === 0 &&
       s.inlineWrites &&
       small &&
@@ -323,7 +355,7 @@ export const fileDriver: BlockDriver = {
       writeGate.open(performance.now())
     ) {
       s.counts.inline++;
-      const n = writeInline(fd, rest, pos);
+      const n = writeInline(s.fd, rest, pos);
       if (n === left) return;
       pos += n;
       left -= n;
@@ -331,6 +363,7 @@ export const fileDriver: BlockDriver = {
     }
     const finished = registerPending(s, offset, end);
     try {
+      const fd = fua ? await dsyncFd(s) : s.fd;
       for (const w of before) await w.done;
       s.counts.pool++;
       if (!small) s.bigPoolWrites++;
@@ -450,6 +483,8 @@ export const fileDriver: BlockDriver = {
     s.fd = state.opaque as number;
     s.locks?.moveTo(s.fd);
     fs.close(old, () => {});
+    // Opened again from the new descriptor at the next FUA write (with its access mode).
+    void closeDsync(s);
   },
 
   async reopenAbort(state: ReopenState) {
