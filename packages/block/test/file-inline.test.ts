@@ -285,7 +285,13 @@ describe('FUA writes', () => {
     const { g, blk, node } = await backend(f);
     let flushes = 0;
     const orig = node.driver.flushToDisk!;
-    node.driver = { ...node.driver, flushToDisk: (n) => (flushes++, orig(n)) };
+    node.driver = {
+      ...node.driver,
+      flushToDisk: (n) => {
+        flushes++;
+        return orig(n);
+      },
+    };
     expect(descriptorsOf(f).filter((fl) => fl & O_DSYNC)).toEqual([]);
     await blk.write(4096, pattern(65536, 3), ReqFlags.FUA);
     expect(flushes).toBe(0);
