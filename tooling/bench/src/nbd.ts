@@ -4,7 +4,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { freePort, tcpAccepts } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
-import { BENCH_ENV, makeTempDirPlain, medianOfSides, runPeer } from './util';
+import { BENCH_ENV, fioWarmUp, makeTempDirPlain, medianOfSides, runPeer } from './util';
 
 /*
  * fio's nbd engine (libnbd, one connection) against the shipped servers, each on its own copy of
@@ -16,7 +16,8 @@ import { BENCH_ENV, makeTempDirPlain, medianOfSides, runPeer } from './util';
  * buffer per large request; this VM's page faults would be measured otherwise); one column shows
  * qemu-storage-daemon with glibc's default allocator for reference. Unix sockets first (no
  * TCP_NODELAY question: QEMU 7.2 does not set it); TCP as a second column. Each figure is the
- * median of three runs, the order of the servers reversed every other round, `sync` before each.
+ * median of three runs, the order of the servers reversed every other round, `sync` before each,
+ * after one uncounted second of each workload on every server (`fioWarmUp`).
  */
 
 export const SIZE = '256M';
@@ -164,6 +165,7 @@ async function measure(servers: Server[], format: string, image: string, dir: st
   const running = new Map<Server, Running>();
   try {
     for (const s of servers) running.set(s, await start(s, format, image, dir, tcp));
+    for (const s of servers) await fioWarmUp(running.get(s)!.uri, WORKLOADS, SIZE);
     const out = new Map<string, Record<Server, number>>();
     for (const w of WORKLOADS)
       out.set(w.name, await medianOfSides(servers, (s) => fio(running.get(s)!.uri, w)));

@@ -2,7 +2,7 @@ import { rmSync } from 'node:fs';
 import type { QmpClient } from '@blockrep/qmp';
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
 import type { BenchRow } from './types';
-import { makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, startQmpDaemon } from './util';
+import { fioWarmUp, makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, startQmpDaemon } from './util';
 
 /*
  * COLO block replication, blockrepd beside QEMU's own: the same headless pair on each side (the
@@ -12,10 +12,11 @@ import { makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, startQmpDaem
  * driver but no command that starts it). fio's nbd engine writes through the primary's guest
  * export: 1 MiB sequential at depth 8 and 4 KiB random at depth 16, the median of three runs with
  * the order alternated, each side also with replication off (a primary without the replication
- * child). Then the secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side (ours
- * rewrites the emptied images' tables and leaves the freed clusters at the file's end until close;
- * QEMU truncates the file at once, which is most of its time for 256 MiB), and our failover
- * (active commit) of 256 MiB (QEMU's runs as an internal job, not timed from outside).
+ * child), after one uncounted second of each workload on every primary (`fioWarmUp`). Then the
+ * secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side (ours rewrites the
+ * emptied images' tables and leaves the freed clusters at the file's end until close; QEMU
+ * truncates the file at once, which is most of its time for 256 MiB), and our failover (active
+ * commit) of 256 MiB (QEMU's runs as an internal job, not timed from outside).
  */
 
 type Kind = 'blockrepd' | 'qemu-system';
@@ -171,6 +172,15 @@ export async function run(): Promise<BenchRow[]> {
       uri[`${side}-off`] = solo.uri;
     }
     const rows: BenchRow[] = [];
+    for (const u of Object.values(uri))
+      await fioWarmUp(
+        u,
+        [
+          { rw: 'write', bs: '1M', depth: 8 },
+          { rw: 'randwrite', bs: '4k', depth: 16 },
+        ],
+        '512M',
+      );
     for (const [name, bs, depth, unit] of [
       ['colo primary 1M seq write qd8', '1M', 8, 'MiB/s'],
       ['colo primary 4k rand write qd16', '4k', 16, 'IOPS'],
