@@ -169,4 +169,45 @@ describe('qcow2 metadata write ordering', () => {
     expect(tableWrites).toBeGreaterThan(10);
     expect(violations).toEqual([]);
   });
+
+  it('allocating L2 tables and refcounts does not flush the file: a sequential writer never waits for its own data to be written out', async () => {
+    const d = makeTempDir();
+    const path = d.file('seq.qcow2');
+    const cs = 65536;
+    // 64 KiB clusters: 8192 entries per L2 table, so 1 GiB spans two tables.
+    await createQcow2Image(path, { size: 1 << 30, clusterSize: cs });
+    const g = createGraph([qcow2Driver, recorderDriver]);
+    const node = await g.open({
+      driver: 'qcow2',
+      file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
+    });
+    const filter = node.file!.node;
+    let flushes = 0;
+    let fua = 0;
+    const drv = filter.driver;
+    filter.driver = {
+      ...drv,
+      flush: (n) => {
+        flushes++;
+        return drv.flush!(n);
+      },
+      write: (n, o, b, iov, flags) => {
+        if (flags & ReqFlags.FUA) fua++;
+        return drv.write!(n, o, b, iov, flags);
+      },
+    };
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+    blk.attach(node);
+    const data = Buffer.alloc(1 << 20, 0x6b);
+    // Across the first table's end (512 MiB) and into the second.
+    for (let off = 510 << 20; off < 516 << 20; off += 1 << 20) await blk.write(off, data);
+    const img = node.opaque as Qcow2Image;
+    expect(img.l2Offset(0)).toBeGreaterThan(0);
+    expect(img.l2Offset(1)).toBeGreaterThan(0);
+    expect(flushes).toBe(0);
+    // The new tables and their refcounts went out with FUA instead.
+    expect(fua).toBeGreaterThanOrEqual(4);
+    await blk.detach();
+    await g.close(node);
+  });
 });
