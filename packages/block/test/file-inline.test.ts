@@ -8,6 +8,7 @@ import {
   renameSync,
   writeFileSync,
 } from 'node:fs';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { makeTempDir, waitFor } from '@blockrep/test-kit';
 import { describe, expect, it, vi } from 'vitest';
 import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
@@ -329,6 +330,40 @@ describe('FUA writes', () => {
     await waitFor(() => descriptorsOf(f).every((fl) => !(fl & O_DSYNC)), {
       what: 'the O_DSYNC descriptor to close',
     });
+    await g.closeAll();
+  });
+
+  it('fall back to a write and an fdatasync where the O_DSYNC descriptor cannot be opened', async () => {
+    const f = makeTempDir().file('noproc.img');
+    writeFileSync(f, Buffer.alloc(65536));
+    const { g, blk } = await backend(f);
+    const syncs: number[] = [];
+    // The CommonJS object behind node:fs: what is set on it reaches the driver's import of it.
+    const fs = createRequire(import.meta.url)('node:fs') as typeof import('node:fs');
+    const open = fs.open;
+    const fdatasync = fs.fdatasync;
+    // As without /proc: the reopen through /proc/self/fd fails.
+    (fs as { open: unknown }).open = (path: string, ...rest: unknown[]) =>
+      (open as (...a: unknown[]) => void)(
+        String(path).startsWith('/proc/self/fd/') ? '/nonexistent/x' : path,
+        ...rest,
+      );
+    (fs as { fdatasync: unknown }).fdatasync = (fd: number, cb: (e: Error | null) => void) => {
+      syncs.push(fd);
+      fdatasync(fd, cb);
+    };
+    syncBuiltinESMExports();
+    try {
+      await blk.write(0, pattern(4096, 9), ReqFlags.FUA);
+      expect(syncs).toHaveLength(1);
+      expect(descriptorsOf(f).filter((fl) => fl & O_DSYNC)).toEqual([]);
+      expect(readFileSync(f).subarray(0, 4096).equals(pattern(4096, 9))).toBe(true);
+    } finally {
+      (fs as { open: unknown }).open = open;
+      (fs as { fdatasync: unknown }).fdatasync = fdatasync;
+      syncBuiltinESMExports();
+    }
+    await blk.detach();
     await g.closeAll();
   });
 });

@@ -38,8 +38,11 @@ interface FileState {
   counts: { inline: number; pool: number };
   /** QEMU's image locks on the file (null with locking=off or without the addon). */
   locks: ImageLocks | null;
-  /** A second descriptor of the file opened with O_DSYNC, for FUA writes (opened at the first). */
-  dsync: Promise<number> | null;
+  /**
+   * A second descriptor of the file opened with O_DSYNC, for FUA writes (opened at the first);
+   * null inside when it cannot be opened (no /proc): FUA is then a write and an fdatasync.
+   */
+  dsync: Promise<number | null> | null;
 }
 
 /*
@@ -144,6 +147,8 @@ const fsWrite = (fd: number, buf: Buffer, pos: number) =>
   new Promise<number>((res, rej) => fs.write(fd, buf, 0, buf.length, pos, (e, n) => (e ? rej(e) : res(n))));
 const fsWritev = (fd: number, bufs: Buffer[], pos: number) =>
   new Promise<number>((res, rej) => fs.writev(fd, bufs, pos, (e, n) => (e ? rej(e) : res(n))));
+const fsFdatasync = (fd: number) =>
+  new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
 const fsOpen = (path: string, flags: number) =>
   new Promise<number>((res, rej) => fs.open(path, flags, (e, fd) => (e ? rej(e) : res(fd))));
 const fsClose = (fd: number) => new Promise<void>((res, rej) => fs.close(fd, (e) => (e ? rej(e) : res())));
@@ -155,14 +160,8 @@ const fsStat = (fd: number) =>
  * file even if it was renamed or unlinked since), with the access mode of the main descriptor.
  * Only the open file description differs: image locks (OFD locks) stay with the main one.
  */
-function dsyncFd(s: FileState): Promise<number> {
-  if (!s.dsync) {
-    const p = fsOpen(`/proc/self/fd/${s.fd}`, fs.constants.O_RDWR | fs.constants.O_DSYNC).catch((e) => {
-      if (s.dsync === p) s.dsync = null;
-      throw toBlockError(e);
-    });
-    s.dsync = p;
-  }
+function dsyncFd(s: FileState): Promise<number | null> {
+  s.dsync ??= fsOpen(`/proc/self/fd/${s.fd}`, fs.constants.O_RDWR | fs.constants.O_DSYNC).catch(() => null);
   return s.dsync;
 }
 
@@ -170,8 +169,8 @@ async function closeDsync(s: FileState): Promise<void> {
   const p = s.dsync;
   s.dsync = null;
   if (!p) return;
-  const fd = await p.catch(() => -1);
-  if (fd >= 0) await fsClose(fd).catch(() => {});
+  const fd = await p;
+  if (fd !== null) await fsClose(fd).catch(() => {});
 }
 
 /** Drops the first n bytes of a vector (after a short read or write). */
@@ -363,7 +362,8 @@ export const fileDriver: BlockDriver = {
     }
     const finished = registerPending(s, offset, end);
     try {
-      const fd = fua ? await dsyncFd(s) : s.fd;
+      const dsync = fua ? await dsyncFd(s) : null;
+      const fd = dsync ?? s.fd;
       for (const w of before) await w.done;
       s.counts.pool++;
       if (!small) s.bigPoolWrites++;
@@ -377,6 +377,7 @@ export const fileDriver: BlockDriver = {
       } finally {
         if (!small) s.bigPoolWrites--;
       }
+      if (fua && dsync === null) await fsFdatasync(fd);
     } finally {
       finished();
     }
@@ -423,8 +424,7 @@ export const fileDriver: BlockDriver = {
   },
 
   async flushToDisk(node) {
-    const fd = st(node).fd;
-    await new Promise<void>((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+    await fsFdatasync(st(node).fd);
   },
 
   async blockStatus(node, offset, bytes): Promise<BlockStatus> {
