@@ -205,28 +205,18 @@ describe('nbd client driver', () => {
     registerTlsCreds(new NbdTlsCreds({ id: 'tls-test', endpoint: 'client', dir: pki }));
     onCleanup(() => unregisterTlsCreds('tls-test'));
     const g = newGraph();
-    await expect(
-      g.open({ driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port }, export: 'disk' }),
-    ).rejects.toThrow(/requires TLS/);
-    const node = await g.open({
-      driver: 'nbd',
-      server: { type: 'inet', host: '127.0.0.1', port },
-      export: 'disk',
-      'tls-creds': 'tls-test',
-    });
+    /** The export on this server, with these TLS options. */
+    const openTls = (tls: Record<string, string>) =>
+      g.open({ driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port }, export: 'disk', ...tls });
+    await expect(openTls({})).rejects.toThrow(/requires TLS/);
+    const node = await openTls({ 'tls-creds': 'tls-test' });
     const blk = openBackend(g, node);
     await blk.write(0, patternBuffer(65536, 0x3c));
     expect((await blk.read(0, 65536)).equals(patternBuffer(65536, 0x3c))).toBe(true);
     // The certificate names 127.0.0.1 and localhost, not this.
-    await expect(
-      g.open({
-        driver: 'nbd',
-        server: { type: 'inet', host: '127.0.0.1', port },
-        export: 'disk',
-        'tls-creds': 'tls-test',
-        'tls-hostname': 'elsewhere.example',
-      }),
-    ).rejects.toThrow(/TLS handshake failed/);
+    await expect(openTls({ 'tls-creds': 'tls-test', 'tls-hostname': 'elsewhere.example' })).rejects.toThrow(
+      /TLS handshake failed/,
+    );
     // Credentials of the wrong end, with QEMU's text, on either side.
     await expect(
       srv.server.listen(
@@ -236,13 +226,8 @@ describe('nbd client driver', () => {
     ).rejects.toThrow(/^Expected TLS credentials for a server endpoint$/);
     registerTlsCreds(new NbdTlsCreds({ id: 'tls-srv', endpoint: 'server', dir: pki }));
     onCleanup(() => unregisterTlsCreds('tls-srv'));
-    await expect(
-      g.open({
-        driver: 'nbd',
-        server: { type: 'inet', host: '127.0.0.1', port },
-        export: 'disk',
-        'tls-creds': 'tls-srv',
-      }),
-    ).rejects.toThrow(/Expected TLS credentials for a client endpoint/);
+    await expect(openTls({ 'tls-creds': 'tls-srv' })).rejects.toThrow(
+      /Expected TLS credentials for a client endpoint/,
+    );
   });
 });

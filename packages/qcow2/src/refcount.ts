@@ -251,11 +251,9 @@ export class Qcow2Refcounts {
 
   /**
    * Writes every changed part of the refcount blocks (rounded out to 512-byte sectors), from a
-   * copy taken now: changes made while the writes run wait for the next write-back.
-   */
-  /**
-   * Writes the dirty refcount blocks. `fua`: each durable when this resolves; otherwise they
-   * count in `unsynced` until a sync covers them (`Qcow2Image.syncRefcounts`).
+   * copy taken now: changes made while the writes run wait for the next write-back. `fua`: each
+   * durable when this resolves; otherwise they count in `unsynced` until a sync covers them
+   * (`Qcow2Image.syncRefcounts`).
    */
   writeBack(fua = false): Promise<void> {
     return this.writes.run(() => this.writeBackLocked(fua));
