@@ -98,16 +98,20 @@ const backup: Job = async (qmp, id, p) => {
   await qmp.execute('blockdev-backup', { 'job-id': id, device: `${p}src`, target: `${p}tgt`, sync: 'full' });
 };
 
-const mirror: Job = async (qmp, id, p) => {
-  await qmp.execute('blockdev-mirror', { 'job-id': id, device: `${p}src`, target: `${p}tgt`, sync: 'full' });
+/** Mirror and active commit end the same way: READY, then job-complete. */
+async function completeWhenReady(qmp: QmpClient, id: string): Promise<void> {
   await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === id, 600_000);
   await qmp.execute('job-complete', { id });
+}
+
+const mirror: Job = async (qmp, id, p) => {
+  await qmp.execute('blockdev-mirror', { 'job-id': id, device: `${p}src`, target: `${p}tgt`, sync: 'full' });
+  await completeWhenReady(qmp, id);
 };
 
 const commit: Job = async (qmp, id, p) => {
   await qmp.execute('block-commit', { 'job-id': id, device: `${p}top` });
-  await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data?.device === id, 600_000);
-  await qmp.execute('job-complete', { id });
+  await completeWhenReady(qmp, id);
 };
 
 export async function run(): Promise<BenchRow[]> {

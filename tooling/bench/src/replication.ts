@@ -23,6 +23,14 @@ type Kind = 'blockrepd' | 'qemu-system';
 
 const SIZE = 1 << 30;
 const RUNTIME = 3;
+/** The range fio writes through the primary's guest export. */
+const FIO_SIZE = '512M';
+
+/** The primary's workloads, each measured (and warmed up) with replication on and off. */
+const WORKLOADS = [
+  { name: 'colo primary 1M seq write qd8', rw: 'write', bs: '1M', depth: 8, unit: 'MiB/s' },
+  { name: 'colo primary 4k rand write qd16', rw: 'randwrite', bs: '4k', depth: 16, unit: 'IOPS' },
+] as const;
 
 async function fio(uri: string, rw: string, bs: string, depth: number): Promise<number> {
   const r = await runPeer('fio', [
@@ -32,7 +40,7 @@ async function fio(uri: string, rw: string, bs: string, depth: number): Promise<
     `--rw=${rw}`,
     `--bs=${bs}`,
     `--iodepth=${depth}`,
-    '--size=512M',
+    `--size=${FIO_SIZE}`,
     `--runtime=${RUNTIME}`,
     '--ramp_time=1',
     '--time_based',
@@ -172,20 +180,8 @@ export async function run(): Promise<BenchRow[]> {
       uri[`${side}-off`] = solo.uri;
     }
     const rows: BenchRow[] = [];
-    for (const u of Object.values(uri))
-      await fioWarmUp(
-        u,
-        [
-          { rw: 'write', bs: '1M', depth: 8 },
-          { rw: 'randwrite', bs: '4k', depth: 16 },
-        ],
-        '512M',
-      );
-    for (const [name, bs, depth, unit] of [
-      ['colo primary 1M seq write qd8', '1M', 8, 'MiB/s'],
-      ['colo primary 4k rand write qd16', '4k', 16, 'IOPS'],
-    ] as const) {
-      const rw = bs === '4k' ? 'randwrite' : 'write';
+    for (const u of Object.values(uri)) await fioWarmUp(u, WORKLOADS, FIO_SIZE);
+    for (const { name, rw, bs, depth, unit } of WORKLOADS) {
       const m = await medianOfSides(['ours-on', 'qemu-on', 'ours-off', 'qemu-off'] as const, (s) =>
         fio(uri[s], rw, bs, depth),
       );
