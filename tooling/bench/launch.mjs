@@ -7,7 +7,7 @@ import { availableParallelism } from 'node:os';
 
 const env = {
   ...process.env,
-  UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? String(Math.max(2, availableParallelism())),
+  UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? String(Math.max(4, 2 * availableParallelism())),
   GLIBC_TUNABLES: 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824',
 };
 const r = spawnSync('tsx', ['--conditions=source', 'src/main.ts', ...process.argv.slice(2)], {

@@ -34,7 +34,7 @@ function exited(proc: ChildProcess): Promise<number | null> {
 }
 
 describe('blockrepd process', () => {
-  it('sizes the thread pool at one thread per CPU (at least 2) unless UV_THREADPOOL_SIZE says otherwise', async () => {
+  it('sizes the thread pool at two threads per CPU (at least 4) unless UV_THREADPOOL_SIZE says otherwise', async () => {
     const img = makeTempDir().file('disk.raw');
     writeFileSync(img, Buffer.alloc(1 << 20));
     /** The daemon's threads once it opened a file (libuv starts its whole pool at the first). */
@@ -49,7 +49,7 @@ describe('blockrepd process', () => {
       await exited(proc);
       return n;
     };
-    const perCpu = Math.max(2, availableParallelism());
+    const perCpu = Math.max(4, 2 * availableParallelism());
     const byDefault = await threads(undefined);
     expect(byDefault).toBe(await threads(String(perCpu)));
     // The count does show the pool: three more threads asked for, three more running.
