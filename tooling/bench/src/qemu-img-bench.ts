@@ -79,17 +79,27 @@ export async function oursImgBench(
 }
 
 /**
- * Runs each side once uncounted (a warm-up: a daemon runs with its code compiled by the JIT, so
- * our first run of a workload, interpreted at first, would measure start-up rather than
- * throughput), then the median of three runs per side with the order alternated and `sync`
- * before each (so neither side pays for the page cache the other left dirty). `run` gets the
- * side and the run's number (-1 for the warm-up).
+ * Uncounted runs of each side before the measured ones. A daemon runs with its hot paths compiled
+ * by the JIT; our first runs of a workload measure V8's compiler instead (on 2 CPUs its threads
+ * take CPU from the I/O). Measured, 512 allocating 1 MiB qcow2 writes in a row, user CPU of the
+ * whole process per run: 243, 153, 99, 90, 58, 53 ms (`process.resourceUsage`; system CPU stayed
+ * at 214-314 ms, and qemu-img's user CPU for the same run is ~10 ms). After three the figure is
+ * within noise of the later ones. qemu-img gets the same runs.
+ */
+export const WARM_UP_RUNS = 3;
+
+/**
+ * Runs each side WARM_UP_RUNS times uncounted (above), then the median of three runs per side
+ * with the order alternated and `sync` before each (so neither side pays for the page cache the
+ * other left dirty). `run` gets the side and the run's number (-1 for the warm-ups).
  */
 export async function warmMedian(
   run: (side: 'ours' | 'qemu', i: number) => Promise<number>,
 ): Promise<{ qemu: number; ours: number }> {
-  await run('qemu', -1);
-  await run('ours', -1);
+  for (let w = 0; w < WARM_UP_RUNS; w++) {
+    await run('qemu', -1);
+    await run('ours', -1);
+  }
   let i = 0;
   return medianAlternating((side) => run(side, i++));
 }
