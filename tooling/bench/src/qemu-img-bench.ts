@@ -83,8 +83,8 @@ export async function oursImgBench(
  * by the JIT; our first runs of a workload measure V8's compiler instead (on 2 CPUs its threads
  * take CPU from the I/O). Measured, 512 allocating 1 MiB qcow2 writes in a row, user CPU of the
  * whole process per run: 243, 153, 99, 90, 58, 53 ms (`process.resourceUsage`; system CPU stayed
- * at 214-314 ms, and qemu-img's user CPU for the same run is ~10 ms). After three the figure is
- * within noise of the later ones. qemu-img gets the same runs.
+ * at 214-314 ms, and qemu-img's user CPU for the same run is ~10 ms). It still falls a little
+ * after three (90, then 58); three keep the module's run time short. qemu-img gets the same runs.
  */
 export const WARM_UP_RUNS = 3;
 
