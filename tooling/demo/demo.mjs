@@ -110,5 +110,7 @@ try {
   );
 } finally {
   if (daemon.exitCode === null) daemon.kill('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
+  // A daemon of the pair demos may still be writing into dir as it exits: retry rather than let
+  // ENOTEMPTY replace the error that brought us here.
+  rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
 }
