@@ -56,6 +56,8 @@ export interface ReplicationState {
   error: Errno | 0;
   /** The backup job's cleanup, running once the job ended. */
   backupCleanup: Promise<void>;
+  /** stop() is cancelling the backup job: its end records EIO, as QEMU's does, but quietly. */
+  stopping: boolean;
 }
 
 /** What query-replication shows of one node. */
@@ -252,7 +254,12 @@ export class ReplicationManager {
 
   private backupCompleted(s: ReplicationState): void {
     // The backup job ends only when replication stops it for a failover; otherwise it broke.
-    if (s.stage !== 'failover') this.recordError(s, 'EIO');
+    // QEMU records EIO even when its own stop cancels the job first; so do we, but without a
+    // REPLICATION_ERROR event: every failover would log an error that the failover then clears.
+    if (s.stage !== 'failover') {
+      if (s.stopping) s.error = 'EIO';
+      else this.recordError(s, 'EIO');
+    }
     s.backupCleanup = this.backupCleanup(s);
   }
 
@@ -274,9 +281,14 @@ export class ReplicationManager {
   private async cancelBackup(s: ReplicationState): Promise<void> {
     const job = s.backupJob;
     if (!job) return;
-    await job.cancel(true);
-    await job.whenConcluded();
-    await s.backupCleanup;
+    s.stopping = true;
+    try {
+      await job.cancel(true);
+      await job.whenConcluded();
+      await s.backupCleanup;
+    } finally {
+      s.stopping = false;
+    }
   }
 
   private async secondaryCheckpoint(s: ReplicationState): Promise<void> {
@@ -451,6 +463,7 @@ function makeDriver(mgr: ReplicationManager): BlockDriver {
         origSecondaryReadOnly: false,
         error: 0,
         backupCleanup: Promise.resolve(),
+        stopping: false,
       };
       node.opaque = s;
       mgr.register(s);

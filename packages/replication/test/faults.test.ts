@@ -107,6 +107,8 @@ describe('replication faults', () => {
     })();
     await expect(env.repl.stopAll(false)).rejects.toThrow('Backup job was cancelled unexpectedly');
     expect(state.stage).toBe('done');
+    // The error is the caller's to report; the cancel itself raises no event.
+    expect(env.events.filter(([n]) => n === 'REPLICATION_ERROR')).toEqual([]);
     await expect(env.repl.stopAll(false)).resolves.toBeUndefined();
   });
 });

@@ -111,6 +111,9 @@ describe('replication/secondary', () => {
     await expectPattern(topBlk, 0x11, IMG_SIZE / 2, IMG_SIZE / 2, 0, IMG_SIZE);
     // The chain collapsed: the replication node now sits right on the secondary disk.
     expect(s.node.file!.node).toBe(localBlk.node);
+    // Its own cancel of the backup job is no replication error: no event, nothing left recorded.
+    expect(env.events.filter(([n]) => n === 'REPLICATION_ERROR')).toEqual([]);
+    expect(env.repl.query()[0]!.error).toBeUndefined();
   });
 
   it('continuous_replication: after failover, start/checkpoint/stop are ignored', async () => {

@@ -163,7 +163,10 @@ export function registerReplicationCommands(
     r.registerEvent({
       name,
       data: t.object(`q_obj_${name}-arg`, ReplicationInfo.members),
-      doc: `Replication ${name === 'REPLICATION_ERROR' ? 'recorded an error' : 'changed stage'}.`,
+      doc:
+        name === 'REPLICATION_ERROR'
+          ? 'Replication recorded an error (not for the cancel of its own backup job when stopped).'
+          : 'Replication changed stage.',
       examples: [
         name === 'REPLICATION_ERROR'
           ? {
