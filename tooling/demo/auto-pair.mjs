@@ -7,6 +7,19 @@ import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
+/** Sends `signal` and resolves when the process has exited (SIGKILL after 30 s). */
+export function stopProcess(proc, signal) {
+  if (proc.exitCode !== null || proc.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 30_000);
+    proc.once('exit', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    proc.kill(signal);
+  });
+}
+
 export async function autoPairDemo({ dir, run, blockrepd, blockrep, QmpClient }) {
   const file = (n) => join(dir, `auto-${n}`);
   const daemons = [];
@@ -110,6 +123,7 @@ export async function autoPairDemo({ dir, run, blockrepd, blockrep, QmpClient })
     colo('a', 'status');
   } finally {
     for (const c of Object.values(qmp)) await c.close().catch(() => {});
-    for (const d of daemons) if (d.exitCode === null && d.signalCode === null) d.kill('SIGTERM');
+    // Wait for them: an exiting daemon still writes its state and lease files into dir.
+    await Promise.all(daemons.map((d) => stopProcess(d, 'SIGTERM')));
   }
 }

@@ -6,6 +6,7 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { coloPrimaryChildOptions, coloQuorumOptions, coloSecondaryOptions } from '@blockrep/replication';
+import { stopProcess } from './auto-pair.mjs';
 
 const SIZE = '64M';
 
@@ -153,6 +154,6 @@ export async function coloDemo({ dir, run, blockrepd, QmpClient }) {
     // run() throws on a non-zero exit: compare exits 1 when the images differ.
     run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', file('sec-disk.qcow2'), expected]);
   } finally {
-    for (const d of daemons) if (d.exitCode === null && d.signalCode === null) d.kill('SIGKILL');
+    await Promise.all(daemons.map((d) => stopProcess(d, 'SIGKILL')));
   }
 }

@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { autoPairDemo } from './auto-pair.mjs';
+import { autoPairDemo, stopProcess } from './auto-pair.mjs';
 import { coloDemo } from './colo.mjs';
 
 const require = createRequire(import.meta.url);
@@ -109,8 +109,7 @@ try {
       ' a self-running pair failed over on its own when its primary was killed, re-protected, and failed back.',
   );
 } finally {
-  if (daemon.exitCode === null) daemon.kill('SIGKILL');
-  // A daemon of the pair demos may still be writing into dir as it exits: retry rather than let
-  // ENOTEMPTY replace the error that brought us here.
-  rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
+  await stopProcess(daemon, 'SIGKILL');
+  // Each act waits for its daemons to exit, so nothing writes into dir any more.
+  rmSync(dir, { recursive: true, force: true });
 }
