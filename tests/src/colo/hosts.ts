@@ -121,9 +121,26 @@ export async function status(h: ColoHost): Promise<ColoStatus> {
   return (await h.d!.qmp.execute('query-colo')) as ColoStatus;
 }
 
+/**
+ * What each daemon of this test was doing: its last log lines. A timeout's error carries it,
+ * because CI shows only the tail of the output (the failure summary), not the dumped logs.
+ */
+function lastLogLines(lines = 12): string {
+  return started
+    .map(({ name, d }) => {
+      const tail = d.log().trimEnd().split('\n').slice(-lines).join('\n');
+      return `---- ${name}, last ${lines} log lines ----\n${tail}`;
+    })
+    .join('\n');
+}
+
 /** Waits for this host's COLO_ROLE_CHANGE to `role`. */
-export function roleChange(h: ColoHost, role: string, timeout = 60_000): Promise<QmpEvent> {
-  return h.d!.qmp.waitEvent('COLO_ROLE_CHANGE', (e) => e.data?.role === role, timeout);
+export async function roleChange(h: ColoHost, role: string, timeout = 60_000): Promise<QmpEvent> {
+  try {
+    return await h.d!.qmp.waitEvent('COLO_ROLE_CHANGE', (e) => e.data?.role === role, timeout);
+  } catch (e) {
+    throw new Error(`${h.name}: ${(e as Error).message} (role ${role})\n${lastLogLines()}`);
+  }
 }
 
 /** Waits until query-colo says the host has the role (and stage, if given). */
@@ -142,7 +159,7 @@ export async function waitRole(
     {
       timeoutMs: timeout,
       intervalMs: 50,
-      what: () => `${h.name} to be ${role}/${stage} (have ${JSON.stringify(last)})`,
+      what: () => `${h.name} to be ${role}/${stage} (have ${JSON.stringify(last)})\n${lastLogLines()}`,
     },
   );
   return got!;
