@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Runs the benchmarks with the thread pool size blockrepd uses (one thread per CPU, at least 2),
+// Runs the benchmarks with the thread pool size blockrepd uses (two threads per CPU, at least 4),
 // so the in-process figures measure what the daemon does, and under the allocator setting every
 // side runs with (src/util.ts, BENCH_ENV: our in-process side inherits it from here).
 import { spawnSync } from 'node:child_process';
