@@ -95,11 +95,23 @@ export async function startHost(h: ColoHost, prefix: string[] = [], extra: strin
   return h.d;
 }
 
-/** For afterEach: a failed test prints the logs of the daemons it started (what CI shows). */
+/** The logs of the daemons this test started, each whole or its last `lines` lines. */
+function daemonLogs(lines = Number.POSITIVE_INFINITY): string {
+  return started
+    .map(({ name, d }) => {
+      const log = d.log().trimEnd();
+      if (!Number.isFinite(lines)) return `---- blockrepd ${name} ----\n${log}\n`;
+      return `---- blockrepd ${name}, last ${lines} log lines ----\n${log.split('\n').slice(-lines).join('\n')}\n`;
+    })
+    .join('');
+}
+
+/**
+ * For afterEach: a failed test prints the logs of the daemons it started. CI shows only the tail
+ * of the output, so a timeout's error carries the last lines too (roleChange, waitRole).
+ */
 export function dumpLogsIfFailed(ctx: { task: { result?: { state?: string } } }): void {
-  if (ctx.task.result?.state === 'fail') {
-    for (const { name, d } of started) process.stderr.write(`---- blockrepd ${name} ----\n${d.log()}\n`);
-  }
+  if (ctx.task.result?.state === 'fail') process.stderr.write(daemonLogs());
   started.length = 0;
 }
 
@@ -121,25 +133,12 @@ export async function status(h: ColoHost): Promise<ColoStatus> {
   return (await h.d!.qmp.execute('query-colo')) as ColoStatus;
 }
 
-/**
- * What each daemon of this test was doing: its last log lines. A timeout's error carries it,
- * because CI shows only the tail of the output (the failure summary), not the dumped logs.
- */
-function lastLogLines(lines = 12): string {
-  return started
-    .map(({ name, d }) => {
-      const tail = d.log().trimEnd().split('\n').slice(-lines).join('\n');
-      return `---- ${name}, last ${lines} log lines ----\n${tail}`;
-    })
-    .join('\n');
-}
-
 /** Waits for this host's COLO_ROLE_CHANGE to `role`. */
 export async function roleChange(h: ColoHost, role: string, timeout = 60_000): Promise<QmpEvent> {
   try {
     return await h.d!.qmp.waitEvent('COLO_ROLE_CHANGE', (e) => e.data?.role === role, timeout);
   } catch (e) {
-    throw new Error(`${h.name}: ${(e as Error).message} (role ${role})\n${lastLogLines()}`);
+    throw new Error(`${h.name}: ${(e as Error).message} (role ${role})\n${daemonLogs(12)}`);
   }
 }
 
@@ -159,7 +158,7 @@ export async function waitRole(
     {
       timeoutMs: timeout,
       intervalMs: 50,
-      what: () => `${h.name} to be ${role}/${stage} (have ${JSON.stringify(last)})\n${lastLogLines()}`,
+      what: () => `${h.name} to be ${role}/${stage} (have ${JSON.stringify(last)})\n${daemonLogs(12)}`,
     },
   );
   return got!;
