@@ -386,18 +386,25 @@ export class Qcow2Refcounts {
     return this.mutex.run(() => this.update(Math.floor(hostOffset / this.cs), clusters, -1));
   }
 
-  /** Forgets every cached block and pending change (after makeEmpty rewrote them on disk). */
-  reset(table: Buffer, fileLength: number): void {
-    this.table = table;
+  /**
+   * Takes makeEmpty's new contents of every refcount block, in memory: each block is dirty and
+   * reaches the disk with the next write-back, before any L2 table that references a cluster
+   * counted since (as any other change). The counts only fall (until then the disk counts the
+   * dropped clusters too: a crash leaks them, nothing worse). The cluster compressed data was
+   * packed into is forgotten (its count may now be zero, and it may be handed out whole).
+   */
+  replaceAll(blocks: Map<number, Buffer>, fileLength: number): void {
     this.blocks.clear();
+    this.loading.clear();
     this.dirty.clear();
-    this.blockOffsets.clear();
-    for (let i = 0; i < this.tableEntries; i++) {
-      const off = reftableEntryOffset(table, i);
-      if (off) this.blockOffsets.add(off);
+    for (const [bi, b] of blocks) {
+      this.blocks.set(bi, b);
+      this.markDirty(bi, 0, this.perBlock);
     }
     this.hint = 0;
     this.highWater = Math.ceil(fileLength / this.cs);
+    this.packing = -1;
+    this.gen++;
   }
 
   /** Whether a host range overlaps the refcount table or a refcount block. */

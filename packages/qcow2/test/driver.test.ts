@@ -157,6 +157,25 @@ describe('qcow2 driver', () => {
     await g.closeAll();
   });
 
+  it('a compressed write after makeEmpty never packs into the cluster the last one used (it may hold other data now)', async () => {
+    const d = makeTempDir();
+    const f = d.file('p.qcow2');
+    await createQcow2Image(f, { size: 1 << 20 });
+    const { blk, close } = await openQcow2(f);
+    // A compressed cluster leaves room in its host cluster for the next one.
+    await blk.write(0, Buffer.alloc(65536, 0x41), ReqFlags.WRITE_COMPRESSED);
+    await blk.makeEmpty();
+    // An L2 table and a data cluster: the two lowest free clusters, the packed one among them.
+    const plain = Buffer.alloc(65536, 0x42);
+    await blk.write(65536, plain);
+    await blk.write(2 * 65536, Buffer.alloc(65536, 0x43), ReqFlags.WRITE_COMPRESSED);
+    expect((await blk.read(65536, 65536)).equals(plain)).toBe(true);
+    await close();
+    await clean(f);
+    const io = await qemuIo(['-f', 'qcow2', f], ['read -P 0x42 64k 64k', 'read -P 0x43 128k 64k']);
+    expect(io.stdout).not.toContain('verification failed');
+  });
+
   it('discard=unmap punches freed clusters out of the file, never ones a snapshot still uses', async () => {
     const d = makeTempDir();
     const f = d.file('p.qcow2');

@@ -210,4 +210,65 @@ describe('qcow2 metadata write ordering', () => {
     await blk.detach();
     await g.close(node);
   });
+  it('makeEmpty: the empty L1 table is durable before a lowered refcount reaches the file, and nothing is flushed', async () => {
+    const d = makeTempDir();
+    const path = d.file('e.qcow2');
+    const cs = 65536;
+    await createQcow2Image(path, { size: 64 << 20, clusterSize: cs });
+    const g = createGraph([qcow2Driver, recorderDriver]);
+    const node = await g.open({
+      driver: 'qcow2',
+      file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
+    });
+    const r = rec(node.file!.node);
+    const img = node.opaque as Qcow2Image;
+    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+    blk.attach(node);
+    await blk.write(0, Buffer.alloc(8 << 20, 0x5a));
+    await blk.flush();
+    // Every cluster the durable L1 and L2 tables reference, by the shadow.
+    const durableRefs = () => {
+      const l1 = r.shadow.subarray(img.l1Offset, img.l1Offset + img.header.l1Size * 8);
+      const out = new Set<number>();
+      for (const t of referenced(l1, cs)) {
+        out.add(t);
+        for (const c of referenced(r.shadow.subarray(t * cs, (t + 1) * cs), cs)) out.add(c);
+      }
+      return out;
+    };
+    expect(durableRefs().size).toBeGreaterThan(100);
+    const violations: string[] = [];
+    let refblockWrites = 0;
+    r.onWrite = (off, data) => {
+      if (!img.refcounts.blockOffsets.has(off - (off % cs))) return;
+      refblockWrites++;
+      const first = ((off % cs) / 2) | 0;
+      for (const c of durableRefs()) {
+        const k = c - first;
+        if (k >= 0 && k * 2 < data.length && data.readUInt16BE(k * 2) < 1) violations.push(`cluster ${c}`);
+      }
+    };
+    const filter = node.file!.node;
+    const drv = filter.driver;
+    let flushes = 0;
+    filter.driver = {
+      ...drv,
+      flush: (n) => {
+        flushes++;
+        return drv.flush!(n);
+      },
+    };
+    await blk.makeEmpty();
+    expect(flushes).toBe(0);
+    expect(durableRefs().size).toBe(0);
+    // The lowered counts go out with the next write-back, and the image is clean after it.
+    await blk.write(1 << 20, Buffer.alloc(65536, 0x6b));
+    await blk.flush();
+    expect(refblockWrites).toBeGreaterThan(0);
+    expect(violations).toEqual([]);
+    await blk.detach();
+    await g.close(node);
+    const { execFileSync } = await import('node:child_process');
+    expect(execFileSync('qemu-img', ['check', path]).toString()).toContain('No errors were found');
+  });
 });
