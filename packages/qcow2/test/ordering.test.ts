@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import {
   BlockBackend,
@@ -116,6 +117,42 @@ function referenced(table: Buffer, cs: number): number[] {
   return out;
 }
 
+/** A qcow2 node over the recording filter over the file, with a BlockBackend attached. */
+async function openRecorded(path: string, extra: Record<string, unknown> = {}) {
+  const g = createGraph([qcow2Driver, recorderDriver]);
+  const node = await g.open({
+    driver: 'qcow2',
+    file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
+    ...extra,
+  });
+  const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+  blk.attach(node);
+  const close = async () => {
+    await blk.detach();
+    await g.close(node);
+  };
+  return { node, blk, close, r: rec(node.file!.node), img: node.opaque as Qcow2Image };
+}
+
+/** Counts the flushes and FUA writes the qcow2 node sends to its file from now on. */
+function countSyncs(node: { file: BlockChild | null }): { flushes: number; fua: number } {
+  const filter = file(node).node;
+  const drv = filter.driver;
+  const c = { flushes: 0, fua: 0 };
+  filter.driver = {
+    ...drv,
+    flush: (n) => {
+      c.flushes++;
+      return drv.flush!(n);
+    },
+    write: (n, o, b, iov, flags) => {
+      if (flags & ReqFlags.FUA) c.fua++;
+      return drv.write!(n, o, b, iov, flags);
+    },
+  };
+  return c;
+}
+
 describe('qcow2 metadata write ordering', () => {
   it('an L1 or L2 table never reaches the file before the refcounts of what it references are durable', async () => {
     const d = makeTempDir();
@@ -123,14 +160,7 @@ describe('qcow2 metadata write ordering', () => {
     const cs = 65536;
     const size = 256 << 20;
     await createQcow2Image(path, { size, clusterSize: cs });
-    const g = createGraph([qcow2Driver, recorderDriver]);
-    const node = await g.open({
-      driver: 'qcow2',
-      file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
-      'l2-cache-size': 2 * cs,
-    });
-    const r = rec(node.file!.node);
-    const img = node.opaque as Qcow2Image;
+    const { blk, close, r, img } = await openRecorded(path, { 'l2-cache-size': 2 * cs });
     const violations: string[] = [];
     let tableWrites = 0;
     r.onWrite = (off, data) => {
@@ -143,8 +173,6 @@ describe('qcow2 metadata write ordering', () => {
           violations.push(`${isL1 ? 'L1' : 'L2'} at ${off} -> cluster ${c}`);
       }
     };
-    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
-    blk.attach(node);
     // Writers across several L2 tables (a small cache: tables are evicted and written back
     // while others allocate), flushes in between, zero writes that free clusters.
     const data = Buffer.alloc(64 << 10, 0x5a);
@@ -164,8 +192,7 @@ describe('qcow2 metadata write ordering', () => {
     };
     await Promise.all([0, 1, 2, 3, 4, 5, 6, 7].map(worker));
     await blk.flush();
-    await blk.detach();
-    await g.close(node);
+    await close();
     expect(tableWrites).toBeGreaterThan(10);
     expect(violations).toEqual([]);
   });
@@ -176,54 +203,25 @@ describe('qcow2 metadata write ordering', () => {
     const cs = 65536;
     // 64 KiB clusters: 8192 entries per L2 table, so 1 GiB spans two tables.
     await createQcow2Image(path, { size: 1 << 30, clusterSize: cs });
-    const g = createGraph([qcow2Driver, recorderDriver]);
-    const node = await g.open({
-      driver: 'qcow2',
-      file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
-    });
-    const filter = node.file!.node;
-    let flushes = 0;
-    let fua = 0;
-    const drv = filter.driver;
-    filter.driver = {
-      ...drv,
-      flush: (n) => {
-        flushes++;
-        return drv.flush!(n);
-      },
-      write: (n, o, b, iov, flags) => {
-        if (flags & ReqFlags.FUA) fua++;
-        return drv.write!(n, o, b, iov, flags);
-      },
-    };
-    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
-    blk.attach(node);
+    const { node, blk, close, img } = await openRecorded(path);
+    const syncs = countSyncs(node);
     const data = Buffer.alloc(1 << 20, 0x6b);
     // Across the first table's end (512 MiB) and into the second.
     for (let off = 510 << 20; off < 516 << 20; off += 1 << 20) await blk.write(off, data);
-    const img = node.opaque as Qcow2Image;
     expect(img.l2Offset(0)).toBeGreaterThan(0);
     expect(img.l2Offset(1)).toBeGreaterThan(0);
-    expect(flushes).toBe(0);
+    expect(syncs.flushes).toBe(0);
     // The new tables and their refcounts went out with FUA instead.
-    expect(fua).toBeGreaterThanOrEqual(4);
-    await blk.detach();
-    await g.close(node);
+    expect(syncs.fua).toBeGreaterThanOrEqual(4);
+    await close();
   });
+
   it('makeEmpty: the empty L1 table is durable before a lowered refcount reaches the file, and nothing is flushed', async () => {
     const d = makeTempDir();
     const path = d.file('e.qcow2');
     const cs = 65536;
     await createQcow2Image(path, { size: 64 << 20, clusterSize: cs });
-    const g = createGraph([qcow2Driver, recorderDriver]);
-    const node = await g.open({
-      driver: 'qcow2',
-      file: { driver: 'ordering-recorder', file: { driver: 'file', filename: path } },
-    });
-    const r = rec(node.file!.node);
-    const img = node.opaque as Qcow2Image;
-    const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
-    blk.attach(node);
+    const { node, blk, close, r, img } = await openRecorded(path);
     await blk.write(0, Buffer.alloc(8 << 20, 0x5a));
     await blk.flush();
     // Every cluster the durable L1 and L2 tables reference, by the shadow.
@@ -248,27 +246,16 @@ describe('qcow2 metadata write ordering', () => {
         if (k >= 0 && k * 2 < data.length && data.readUInt16BE(k * 2) < 1) violations.push(`cluster ${c}`);
       }
     };
-    const filter = node.file!.node;
-    const drv = filter.driver;
-    let flushes = 0;
-    filter.driver = {
-      ...drv,
-      flush: (n) => {
-        flushes++;
-        return drv.flush!(n);
-      },
-    };
+    const syncs = countSyncs(node);
     await blk.makeEmpty();
-    expect(flushes).toBe(0);
+    expect(syncs.flushes).toBe(0);
     expect(durableRefs().size).toBe(0);
     // The lowered counts go out with the next write-back, and the image is clean after it.
     await blk.write(1 << 20, Buffer.alloc(65536, 0x6b));
     await blk.flush();
     expect(refblockWrites).toBeGreaterThan(0);
     expect(violations).toEqual([]);
-    await blk.detach();
-    await g.close(node);
-    const { execFileSync } = await import('node:child_process');
+    await close();
     expect(execFileSync('qemu-img', ['check', path]).toString()).toContain('No errors were found');
   });
 });
