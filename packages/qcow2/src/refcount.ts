@@ -173,11 +173,14 @@ export class Qcow2Refcounts {
           `Refblock offset 0x${off.toString(16)} unaligned (reftable index: 0x${i.toString(16)})`,
         );
       }
-      p = readBuf(this.storage, off, this.cs).then((buf) => {
+      const load: Promise<Buffer | null> = readBuf(this.storage, off, this.cs).then((buf) => {
+        // Superseded meanwhile (makeEmpty's replaceAll): the block in memory is the current one.
+        if (this.loading.get(i) !== load) return this.blocks.get(i) ?? null;
         this.blocks.set(i, buf);
         this.loading.delete(i);
         return buf;
       });
+      p = load;
       this.loading.set(i, p);
     }
     return p;
