@@ -138,13 +138,11 @@ export async function run(): Promise<BenchRow[]> {
     rmSync(shared, { force: true });
     // QEMU has no standalone make_empty to time, so the anchor of both rows is our own 1 MiB
     // figure: a ratio near 1 on the 1 GiB row means the time does not grow with the data. Both are
-    // the median of three runs, taken in turns (the minimum of one against a single run of the
-    // other read 0.65-0.68 where the medians agree).
-    const empties = await medianOfSides(['small', 'large'] as const, (k) =>
+    // the median of three runs taken in turns (the minimum of three 1 MiB runs against a single
+    // 1 GiB run biased the row down).
+    const { small, large } = await medianOfSides(['small', 'large'] as const, (k) =>
       makeEmptyTime(`${dir}/e-${k}.qcow2`, k === 'small' ? 1 << 20 : 1 << 30),
     );
-    const small = empties.small;
-    const large = empties.large;
     rows.push({
       name: 'qcow2 makeEmpty 1 MiB data (anchor: 1 MiB)',
       ours: 1 / small,
