@@ -61,5 +61,11 @@ export function ioDone(
   s.ops[op]++;
   s.bytes[op] += bytes;
   if (failed) s.failed[op]++;
-  if (t0) (s.latency[op] ??= new IoLatency()).add((performance.now() - t0) / 1000);
+  if (!t0) return;
+  let lat = s.latency[op];
+  if (!lat) {
+    lat = new IoLatency();
+    s.latency[op] = lat;
+  }
+  lat.add((performance.now() - t0) / 1000);
 }
