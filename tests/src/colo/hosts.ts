@@ -99,9 +99,10 @@ export async function startHost(h: ColoHost, prefix: string[] = [], extra: strin
 function daemonLogs(lines = Number.POSITIVE_INFINITY): string {
   return started
     .map(({ name, d }) => {
-      const log = d.log().trimEnd();
-      if (!Number.isFinite(lines)) return `---- blockrepd ${name} ----\n${log}\n`;
-      return `---- blockrepd ${name}, last ${lines} log lines ----\n${log.split('\n').slice(-lines).join('\n')}\n`;
+      // slice(-Infinity) keeps every line.
+      const tail = d.log().trimEnd().split('\n').slice(-lines).join('\n');
+      const which = Number.isFinite(lines) ? `, last ${lines} log lines` : '';
+      return `---- blockrepd ${name}${which} ----\n${tail}\n`;
     })
     .join('');
 }
