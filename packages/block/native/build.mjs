@@ -46,6 +46,8 @@ function build(arch, cc) {
       '-o',
       tmp,
       join(here, 'sparse.c'),
+      join(here, 'writer.c'),
+      '-lpthread',
     ],
     { stdio: 'inherit' },
   );

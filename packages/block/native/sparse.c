@@ -1,6 +1,7 @@
 /* File system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE, preadv2
  * with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk), and
- * open-file-description byte locks (the image locking protocol QEMU uses).
+ * open-file-description byte locks (the image locking protocol QEMU uses). writer.c adds a
+ * writer thread per image file for large writes.
  * Each returns the result or -errno; the JS side maps errors and falls back when absent. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -119,8 +120,11 @@ static napi_value js_ofd_held(napi_env env, napi_callback_info info) {
   return ret_i64(env, fl.l_type == F_UNLCK ? 0 : 1);
 }
 
+void writer_init(napi_env env, napi_value exports);
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
+  writer_init(env, exports);
   napi_create_function(env, "ofdLock", NAPI_AUTO_LENGTH, js_ofd_lock, NULL, &fn);
   napi_set_named_property(env, exports, "ofdLock", fn);
   napi_create_function(env, "ofdHeld", NAPI_AUTO_LENGTH, js_ofd_held, NULL, &fn);

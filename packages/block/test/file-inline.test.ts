@@ -188,7 +188,7 @@ describe('with BLOCKREP_INLINE_WRITES=0', () => {
     writeFileSync(f, Buffer.alloc(1 << 20));
     const { g, blk, node } = await backend(f);
     await Promise.all(Array.from({ length: 8 }, (_, i) => blk.write(i * 4096, Buffer.alloc(4096, i))));
-    expect(fileWriteCounts(node)).toEqual({ inline: 0, pool: 8 });
+    expect(fileWriteCounts(node)).toEqual({ inline: 0, pool: 8, thread: 0 });
     expect((await blk.read(4096, 4096))[0]).toBe(1);
     await g.closeAll();
   });

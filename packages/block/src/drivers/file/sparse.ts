@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import { createRequire } from 'node:module';
+import * as util from 'node:util';
 import { ReqFlags } from '../../driver';
 import { BlockError } from '../../errors';
 
@@ -7,6 +8,9 @@ interface SparseAddon {
   fallocate(fd: number, mode: number, offset: number, len: number): number;
   lseek(fd: number, offset: number, whence: number): number;
   preadv2(fd: number, bufs: Buffer | Buffer[], offset: number, flags: number): number;
+  writerOpen?(): object | null;
+  writerPwritev?(handle: object, fd: number, bufs: Buffer | Buffer[], offset: number): Promise<number>;
+  writerClose?(handle: object): void;
   RWF_NOWAIT: number;
   ofdLock(fd: number, start: number, len: number, shared: number): number;
   ofdHeld(fd: number, start: number, len: number): number;
@@ -68,6 +72,44 @@ function check(r: number, what: string): void {
 
 const fstatSize = (fd: number) =>
   new Promise<fs.Stats>((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
+
+/**
+ * A thread of its own that makes one file's large writes one after another (native/writer.c says
+ * why). write() resolves with the whole length or throws the write's errno, as fs.write would.
+ */
+export interface FileWriter {
+  write(fd: number, bufs: Buffer | Buffer[], offset: number): Promise<void>;
+  /** Stops the thread once the writes queued so far are done (later writes fail with EBADF). */
+  close(): void;
+}
+
+/** A Node-style error for a write's -errno r (as fs.write rejects), which toBlockError maps. */
+function writeError(r: number): NodeJS.ErrnoException {
+  const [code, text] = util.getSystemErrorMap().get(r) ?? ['EIO', 'i/o error'];
+  const e: NodeJS.ErrnoException = new Error(`${code}: ${text}, write`);
+  e.code = code;
+  e.errno = r;
+  e.syscall = 'write';
+  return e;
+}
+
+/**
+ * A writer thread for one file, or null without the addon (or when BLOCKREP_WRITER_THREAD=0 in
+ * the environment, for comparisons): the caller then writes through the thread pool.
+ */
+export function openWriter(): FileWriter | null {
+  if (!addon?.writerOpen || process.env.BLOCKREP_WRITER_THREAD === '0') return null;
+  const handle = addon.writerOpen();
+  if (!handle) return null;
+  const a = addon as Required<SparseAddon>;
+  return {
+    async write(fd, bufs, offset) {
+      const r = await a.writerPwritev(handle, fd, bufs, offset);
+      if (r < 0) throw writeError(r);
+    },
+    close: () => a.writerClose(handle),
+  };
+}
 
 /**
  * Sparse-file operations: hole punching and zero ranges through fallocate(2), extents through
