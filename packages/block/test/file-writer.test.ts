@@ -1,9 +1,9 @@
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { makeTempDir } from '@blockrep/test-kit';
+import { makeTempDir, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
-import { fileWriteCounts } from '../src/drivers/file/file';
+import { fileDriver, fileWriteCounts } from '../src/drivers/file/file';
 import { openWriter, sparse } from '../src/drivers/file/sparse';
 import { BlockBackend, createGraph, Perm } from '../src/index';
 
@@ -76,6 +76,27 @@ describe('the writer thread', () => {
     expect(fileWriteCounts(node)).toMatchObject({ pool: 4, thread: 0 });
     await g.closeAll();
     expect(readFileSync(f).every((x) => x === 9)).toBe(true);
+  });
+
+  it('closing the file waits for the writes still queued for it (the descriptor stays theirs)', async () => {
+    const f = makeTempDir().file('close.img');
+    writeFileSync(f, Buffer.alloc(64 << 20));
+    const { g, blk, node } = await backend(f);
+    // Eight 8 MiB writes queue for the thread; the driver's close comes while most still wait.
+    const writes = Array.from({ length: 8 }, (_, i) =>
+      blk.write(i * (8 << 20), Buffer.alloc(8 << 20, 0x40 + i)),
+    );
+    await waitFor(() => fileWriteCounts(node).thread === 8, { what: 'the writes queued for the thread' });
+    await fileDriver.close!(node);
+    await Promise.all(writes);
+    const disk = readFileSync(f);
+    for (let i = 0; i < 8; i++) {
+      expect(
+        disk.subarray(i * (8 << 20), (i + 1) * (8 << 20)).every((x) => x === 0x40 + i),
+        `write ${i}`,
+      ).toBe(true);
+    }
+    await g.closeAll().catch(() => {});
   });
 
   it("reports a write's errno as fs does (ENOSPC from /dev/full), and EBADF after close", async () => {

@@ -296,6 +296,9 @@ export const fileDriver: BlockDriver = {
   async close(node) {
     const s = st(node);
     if (s && s.fd >= 0) {
+      // Nodes close drained; still, a write queued for the writer thread or the pool must not
+      // find its descriptor number closed (or reused by another file).
+      while (s.pending.length) await s.pending[0]!.done;
       const fd = s.fd;
       s.fd = -1;
       s.writer?.close();
