@@ -10,7 +10,12 @@
  *
  * writerOpen() -> handle; writerPwritev(handle, fd, buffers, offset) -> Promise of the bytes
  * written (all of them) or -errno; writerClose(handle) stops the thread once its queue is empty.
- * The buffers are kept alive until the write is done. */
+ * The buffers (a Buffer, or an array the caller leaves unchanged) are kept alive until the write
+ * is done. The fd must stay open until then.
+ *
+ * process.exit() does not wait for queued writes (the thread dies with the process); they were
+ * not acknowledged, so they are lost as in a crash. A worker that ends waits for the write in
+ * progress only. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <node_api.h>
@@ -80,7 +85,12 @@ static int64_t write_all(wreq_t *r) {
   struct iovec *p = r->iov;
   int left = r->n;
   int64_t off = r->offset, done = 0;
-  while (left > 0) {
+  for (;;) {
+    while (left > 0 && p->iov_len == 0) {
+      p++;
+      left--;
+    }
+    if (left == 0) break;
     ssize_t k = pwritev(r->fd, p, left, off);
     if (k < 0) {
       if (errno == EINTR) continue;
@@ -115,15 +125,23 @@ static void *writer_main(void *arg) {
     pthread_mutex_unlock(&w->mu);
     r->result = write_all(r);
     pthread_mutex_lock(&w->mu);
-    /* The queue is unbounded, so this never blocks; after the teardown the result has nowhere
-     * to go (the process is leaving). */
-    if (!w->env_gone) napi_call_threadsafe_function(w->tsfn, r, napi_tsfn_nonblocking);
+    /* The queue is unbounded, so this never blocks. After the teardown (or if the function is
+     * closing) the result has nowhere to go: the environment is leaving. */
+    if (w->env_gone || napi_call_threadsafe_function(w->tsfn, r, napi_tsfn_nonblocking) != napi_ok) free(r);
     w->busy = 0;
     pthread_cond_broadcast(&w->cv);
   }
-  int gone = w->env_gone;
+  /* Requests left behind by a teardown (their promises go with the environment). */
+  while (w->head) {
+    wreq_t *r = w->head;
+    w->head = r->next;
+    free(r);
+  }
+  w->tail = NULL;
+  /* Released under the lock: the teardown hook, which takes it, runs before the function's own
+   * teardown frees it, so the function is still there here (or env_gone says not to touch it). */
+  if (!w->env_gone) napi_release_threadsafe_function(w->tsfn, napi_tsfn_release);
   pthread_mutex_unlock(&w->mu);
-  if (!gone) napi_release_threadsafe_function(w->tsfn, napi_tsfn_release);
   writer_unref(w);
   return NULL;
 }
@@ -152,8 +170,14 @@ static void writer_finalize(napi_env env, void *data, void *hint) {
   writer_unref(w);
 }
 
+/* The JS handle was collected: no more writes can come, so the thread ends after the queue. */
 static void writer_handle_gone(napi_env env, void *data, void *hint) {
-  writer_unref(data);
+  writer_t *w = data;
+  pthread_mutex_lock(&w->mu);
+  w->closing = 1;
+  pthread_cond_broadcast(&w->cv);
+  pthread_mutex_unlock(&w->mu);
+  writer_unref(w);
 }
 
 static napi_value js_writer_open(napi_env env, napi_callback_info info) {

@@ -110,10 +110,12 @@ describe('the writer thread', () => {
       await expect(w.write(123456, [Buffer.alloc(10), Buffer.alloc(10)], 0)).rejects.toMatchObject({
         code: 'EBADF',
       });
-      w.close();
       const f = makeTempDir().file('after-close.img');
       writeFileSync(f, Buffer.alloc(4096));
       const ok = openSync(f, 'r+');
+      // Nothing to write is no error.
+      await expect(w.write(ok, [Buffer.alloc(0), Buffer.alloc(0)], 0)).resolves.toBeUndefined();
+      w.close();
       await expect(w.write(ok, Buffer.alloc(4096, 1), 0)).rejects.toMatchObject({ code: 'EBADF' });
       closeSync(ok);
       expect(readFileSync(f).every((x) => x === 0)).toBe(true);
@@ -124,8 +126,8 @@ describe('the writer thread', () => {
 });
 
 /** Runs a script in a fresh node with the addon's path as ADDON; its exit status and output. */
-function runNode(script: string, extraEnv: Record<string, string> = {}) {
-  const r = spawnSync(process.execPath, ['-e', script], {
+function runNode(script: string, extraEnv: Record<string, string> = {}, flags: string[] = []) {
+  const r = spawnSync(process.execPath, [...flags, '-e', script], {
     env: { ...process.env, ADDON: addonPath, ...extraEnv },
     encoding: 'utf8',
     timeout: 120_000,
@@ -149,6 +151,28 @@ describe('the writer thread and the life of the process', () => {
     const disk = readFileSync(f);
     expect(disk.length).toBe(8 << 20);
     expect(disk.every((x) => x === 0x3c)).toBe(true);
+  });
+
+  it('a writer whose handle is collected without a close ends its thread', () => {
+    const r = runNode(
+      `const a = require(process.env.ADDON); const fs = require('fs');
+       const threads = () => fs.readdirSync('/proc/self/task').length;
+       const base = threads();
+       (() => { for (let i = 0; i < 16; i++) a.writerOpen(); })();
+       const opened = threads();
+       const t0 = Date.now();
+       const poll = () => {
+         global.gc();
+         if (threads() === base) return console.log('ended', opened - base);
+         if (Date.now() - t0 > 60000) return console.log('still running', threads() - base);
+         setTimeout(poll, 20);
+       };
+       poll();`,
+      {},
+      ['--expose-gc'],
+    );
+    expect(r.status, r.out).toBe(0);
+    expect(r.out).toContain('ended 16');
   });
 
   it('exiting, or ending a worker, with writes queued does not crash the process', () => {

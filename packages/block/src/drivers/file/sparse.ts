@@ -104,7 +104,8 @@ export function openWriter(): FileWriter | null {
   const a = addon as Required<SparseAddon>;
   return {
     async write(fd, bufs, offset) {
-      const r = await a.writerPwritev(handle, fd, bufs, offset);
+      // (The thread keeps the array it is given alive: a copy, which no caller can change.)
+      const r = await a.writerPwritev(handle, fd, Array.isArray(bufs) ? bufs.slice() : bufs, offset);
       if (r < 0) throw writeError(r);
     },
     close: () => a.writerClose(handle),
