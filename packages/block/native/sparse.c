@@ -11,7 +11,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define MAX_IOV 64
+#include "iov.h"
 
 static int64_t arg_i64(napi_env env, napi_value v) {
   int64_t r = 0;
@@ -45,8 +45,9 @@ static napi_value js_lseek(napi_env env, napi_callback_info info) {
   return ret_i64(env, r < 0 ? -errno : (int64_t)r);
 }
 
-/* Fills iov from a Buffer or an array of Buffers; returns the count, or -1 when it cannot. */
-static int to_iov(napi_env env, napi_value v, struct iovec *iov) {
+/* Fills iov (room for MAX_IOV) from a Buffer or an array of Buffers; returns the count, or -1
+ * when it cannot. Shared with writer.c. */
+int buffers_to_iov(napi_env env, napi_value v, struct iovec *iov) {
   bool is_array = false;
   napi_is_array(env, v, &is_array);
   if (!is_array) {
@@ -79,7 +80,7 @@ static napi_value js_preadv2(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc < 4) return ret_i64(env, -EINVAL);
   struct iovec iov[MAX_IOV];
-  int n = to_iov(env, argv[1], iov);
+  int n = buffers_to_iov(env, argv[1], iov);
   if (n < 0) return ret_i64(env, -EINVAL);
   ssize_t r = preadv2((int)arg_i64(env, argv[0]), iov, n, arg_i64(env, argv[2]), (int)arg_i64(env, argv[3]));
   return ret_i64(env, r < 0 ? -errno : (int64_t)r);

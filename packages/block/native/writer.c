@@ -24,13 +24,13 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define WRITER_IOV 64
+#include "iov.h"
 
 typedef struct wreq {
   struct wreq *next;
   int fd;
   int n;
-  struct iovec iov[WRITER_IOV];
+  struct iovec iov[MAX_IOV];
   int64_t offset;
   int64_t result;
   napi_deferred deferred;
@@ -170,14 +170,18 @@ static void writer_finalize(napi_env env, void *data, void *hint) {
   writer_unref(w);
 }
 
-/* The JS handle was collected: no more writes can come, so the thread ends after the queue. */
-static void writer_handle_gone(napi_env env, void *data, void *hint) {
-  writer_t *w = data;
+/* No more writes come: the thread ends once its queue is empty. */
+static void writer_stop(writer_t *w) {
   pthread_mutex_lock(&w->mu);
   w->closing = 1;
   pthread_cond_broadcast(&w->cv);
   pthread_mutex_unlock(&w->mu);
-  writer_unref(w);
+}
+
+/* The JS handle was collected (no more writes can come). */
+static void writer_handle_gone(napi_env env, void *data, void *hint) {
+  writer_stop(data);
+  writer_unref(data);
 }
 
 static napi_value js_writer_open(napi_env env, napi_callback_info info) {
@@ -216,32 +220,6 @@ static napi_value js_writer_open(napi_env env, napi_callback_info info) {
   return ext;
 }
 
-static int writer_iov(napi_env env, napi_value v, struct iovec *iov) {
-  bool is_array = false;
-  napi_is_array(env, v, &is_array);
-  if (!is_array) {
-    void *data;
-    size_t len;
-    if (napi_get_buffer_info(env, v, &data, &len) != napi_ok) return -1;
-    iov[0].iov_base = data;
-    iov[0].iov_len = len;
-    return 1;
-  }
-  uint32_t n = 0;
-  napi_get_array_length(env, v, &n);
-  if (n == 0 || n > WRITER_IOV) return -1;
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value el;
-    void *data;
-    size_t len;
-    napi_get_element(env, v, i, &el);
-    if (napi_get_buffer_info(env, el, &data, &len) != napi_ok) return -1;
-    iov[i].iov_base = data;
-    iov[i].iov_len = len;
-  }
-  return (int)n;
-}
-
 static napi_value settled(napi_env env, int64_t value) {
   napi_deferred d;
   napi_value promise, v;
@@ -251,20 +229,27 @@ static napi_value settled(napi_env env, int64_t value) {
   return promise;
 }
 
-static napi_value js_writer_pwritev(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+/* The call's arguments (want of them, the first a writer handle) and its writer; NULL when they
+ * are not that. */
+static writer_t *writer_args(napi_env env, napi_callback_info info, napi_value *argv, size_t want) {
+  size_t argc = want;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   writer_t *w = NULL;
-  if (argc < 4 || napi_get_value_external(env, argv[0], (void **)&w) != napi_ok || !w || w->closing)
-    return settled(env, -EBADF);
+  if (argc < want || napi_get_value_external(env, argv[0], (void **)&w) != napi_ok) return NULL;
+  return w;
+}
+
+static napi_value js_writer_pwritev(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  writer_t *w = writer_args(env, info, argv, 4);
+  if (!w || w->closing) return settled(env, -EBADF);
   wreq_t *r = malloc(sizeof *r);
   if (!r) return settled(env, -ENOMEM);
   r->next = NULL;
   int32_t fd = -1;
   napi_get_value_int32(env, argv[1], &fd);
   r->fd = fd;
-  r->n = writer_iov(env, argv[2], r->iov);
+  r->n = buffers_to_iov(env, argv[2], r->iov);
   r->offset = 0;
   napi_get_value_int64(env, argv[3], &r->offset);
   if (r->n < 0 || r->offset < 0) {
@@ -285,15 +270,9 @@ static napi_value js_writer_pwritev(napi_env env, napi_callback_info info) {
 }
 
 static napi_value js_writer_close(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  writer_t *w = NULL;
-  if (argc < 1 || napi_get_value_external(env, argv[0], (void **)&w) != napi_ok || !w) return NULL;
-  pthread_mutex_lock(&w->mu);
-  w->closing = 1;
-  pthread_cond_broadcast(&w->cv);
-  pthread_mutex_unlock(&w->mu);
+  writer_t *w = writer_args(env, info, argv, 1);
+  if (w) writer_stop(w);
   return NULL;
 }
 
