@@ -547,15 +547,24 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
       else if (inner) st = { ...st, bytes: Math.min(st.bytes, inner.bytes), zero: inner.zero };
     }
   }
-  if (st.data || st.zero) st.allocated = true;
-  else if (!st.allocated && drv.supportsBacking) {
+  let zero = st.zero;
+  const allocated = st.data || st.zero || st.allocated;
+  if (!allocated && drv.supportsBacking) {
     const b = node.backing;
-    if (!b || offset >= b.node.length) st.zero = true;
+    if (!b || offset >= b.node.length) zero = true;
   }
-  if (offset + st.bytes >= len) st.eof = true;
-  delete st.recurse;
-  delete st.recurseZero;
-  return st;
+  // A new object of one shape, without the driver's recurse hints (deleting them instead turned
+  // the answer into a dictionary-mode object, which every later spread paid for: measured, 5% of
+  // the NBD server's CPU in 4 KiB reads, which ask for the status of each one).
+  return {
+    bytes: st.bytes,
+    data: st.data,
+    zero,
+    allocated,
+    offset: st.offset,
+    file: st.file,
+    eof: offset + st.bytes >= len ? true : st.eof,
+  };
 }
 
 /**
@@ -600,7 +609,18 @@ export async function blockStatusAbove(
   for (let p: BlockNode | null = top; p && p !== base; p = p.filteredOrCow?.node ?? null) {
     if (offset >= p.length) return { bytes: n, data: false, zero: true, allocated: false, depth };
     const st = await blockStatus(p, offset, n);
-    if (st.allocated || st.zero) return { ...st, bytes: Math.min(st.bytes, n), depth };
+    if (st.allocated || st.zero) {
+      return {
+        bytes: Math.min(st.bytes, n),
+        data: st.data,
+        zero: st.zero,
+        allocated: st.allocated,
+        offset: st.offset,
+        file: st.file,
+        eof: st.eof,
+        depth,
+      };
+    }
     n = Math.min(n, st.bytes);
     depth++;
   }
