@@ -1,8 +1,17 @@
 import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { setFlagsFromString } from 'node:v8';
 import { makeTempDir } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
 import { sparse } from '../src/drivers/file/sparse';
-import { BlockBackend, blockStatus, createGraph, isAllocatedAbove, PERM_ALL, Perm } from '../src/index';
+import {
+  BlockBackend,
+  blockStatus,
+  blockStatusAbove,
+  createGraph,
+  isAllocatedAbove,
+  PERM_ALL,
+  Perm,
+} from '../src/index';
 import { testGraph } from './helpers';
 
 describe('file block status', () => {
@@ -95,5 +104,30 @@ describe('status at the end of a file', () => {
     const g = createGraph();
     const n = await g.open({ driver: 'raw', file: { driver: 'file', filename: f } });
     expect(await blockStatus(n, 512 << 10, 512 << 10)).toMatchObject({ data: true, zero: false, eof: true });
+  });
+});
+
+describe('block status answers', () => {
+  // The NBD server asks for the status of every read: an answer in V8's dictionary mode (made by
+  // deleting properties) slowed each later use of it (measured, 4 KiB reads over NBD 0.85 -> 1.41
+  // of qemu-storage-daemon once it was not). This worker may use V8's natives syntax to check.
+  setFlagsFromString('--allow-natives-syntax');
+  const fastProperties = new Function('o', 'return %HasFastProperties(o)') as (o: object) => boolean;
+
+  it('are plain objects with fast properties and no driver hints, through raw to the file', async () => {
+    const f = makeTempDir().file('fast.img');
+    const fd = openSync(f, 'w');
+    writeSync(fd, Buffer.alloc(65536, 1), 0, 65536, 0);
+    ftruncateSync(fd, 1 << 20);
+    closeSync(fd);
+    const g = createGraph();
+    const n = await g.open({ driver: 'raw', file: { driver: 'file', filename: f } });
+    for (const st of [await blockStatus(n, 0, 4096), await blockStatusAbove(n, null, 0, 4096)]) {
+      expect(st).toMatchObject({ data: true, allocated: true });
+      expect(st).not.toHaveProperty('recurse');
+      expect(st).not.toHaveProperty('recurseZero');
+      expect(fastProperties(st)).toBe(true);
+    }
+    await g.closeAll();
   });
 });
