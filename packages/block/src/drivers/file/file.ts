@@ -140,7 +140,7 @@ function writerOf(s: FileState): FileWriter | null {
   return s.writer;
 }
 
-/** How many writes of a file node ran inline and through the thread pool. */
+/** How many writes of a file node ran inline, through the thread pool and in its writer thread. */
 export function fileWriteCounts(node: BlockNode): { inline: number; pool: number; thread: number } {
   return { ...st(node).counts };
 }
