@@ -13,9 +13,8 @@ import { makeTempDir, waitFor } from '@blockrep/test-kit';
 import { describe, expect, it, vi } from 'vitest';
 import { fileWriteCounts, InlineWriteGate, writeGate } from '../src/drivers/file/file';
 import { sparse } from '../src/drivers/file/sparse';
-import { BlockBackend, createGraph, iovIsZero, Perm, ReqFlags } from '../src/index';
-
-const RW = Perm.CONSISTENT_READ | Perm.WRITE;
+import { iovIsZero, ReqFlags } from '../src/index';
+import { fileBackend } from './helpers';
 
 // BLOCKREP_INLINE_WRITES=0 (read when a file node opens) sends every write to the thread pool;
 // the last block uses it to test that path.
@@ -24,14 +23,6 @@ function pattern(len: number, seed: number): Buffer {
   const b = Buffer.alloc(len);
   for (let i = 0; i < len; i++) b[i] = (i * 7 + seed) & 0xff;
   return b;
-}
-
-async function backend(filename: string, aio?: string, extra: Record<string, unknown> = {}) {
-  const g = createGraph();
-  const n = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}), ...extra });
-  const blk = new BlockBackend(g, { perm: RW });
-  blk.attach(n);
-  return { g, blk, node: n };
 }
 
 /** Drops a file's clean pages from the page cache (python3's posix_fadvise). */
@@ -49,7 +40,7 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
   it('writes and reads small, vectored and large requests', async () => {
     const f = makeTempDir().file('d.img');
     writeFileSync(f, Buffer.alloc(4 << 20));
-    const { g, blk } = await backend(f, aio);
+    const { g, blk } = await fileBackend(f, aio);
     const small = pattern(4096, 1);
     const vec = [pattern(1000, 2), pattern(3096, 3), pattern(4096, 4)];
     const large = pattern(1 << 20, 5);
@@ -71,7 +62,7 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
   it('small writes alongside large ones in the thread pool all land', async () => {
     const f = makeTempDir().file('mix.img');
     writeFileSync(f, Buffer.alloc(8 << 20));
-    const { g, blk } = await backend(f, aio);
+    const { g, blk } = await fileBackend(f, aio);
     const large = Array.from({ length: 4 }, (_, i) => pattern(1 << 20, 20 + i));
     const small = Array.from({ length: 64 }, (_, i) => pattern(4096, 40 + i));
     await Promise.all([
@@ -92,7 +83,7 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
   it('reads zeroes past the end of a file whose length is not sector aligned', async () => {
     const f = makeTempDir().file('short.img');
     writeFileSync(f, pattern(6000, 9));
-    const { g, blk } = await backend(f, aio);
+    const { g, blk } = await fileBackend(f, aio);
     const got = Buffer.alloc(2048, 0xff);
     await blk.readv(4096, [got]);
     expect(got.subarray(0, 1904).equals(pattern(6000, 9).subarray(4096))).toBe(true);
@@ -105,7 +96,7 @@ describe.each([{ aio: undefined }, { aio: 'threads' }])('file I/O with aio=$aio'
     const data = pattern(256 << 10, 11);
     writeFileSync(f, data);
     dropCache(f);
-    const { g, blk } = await backend(f, aio);
+    const { g, blk } = await fileBackend(f, aio);
     for (let off = 0; off < data.length; off += 16384) {
       expect((await blk.read(off, 16384)).equals(data.subarray(off, off + 16384))).toBe(true);
     }
@@ -148,7 +139,7 @@ describe('inline writes after a back-off', () => {
   it('go inline again once it ends, though small writes are still in the thread pool', async () => {
     const f = makeTempDir().file('backoff.img');
     writeFileSync(f, Buffer.alloc(8 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     // The gate's clock (performance.now) is faked: the back-off ends when the test moves it on,
     // however slow the machine, and no write is slow on it (which would start another back-off).
     vi.useFakeTimers({ toFake: ['performance'] });
@@ -186,7 +177,7 @@ describe('with BLOCKREP_INLINE_WRITES=0', () => {
     process.env.BLOCKREP_INLINE_WRITES = '0';
     const f = makeTempDir().file('default.img');
     writeFileSync(f, Buffer.alloc(1 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     await Promise.all(Array.from({ length: 8 }, (_, i) => blk.write(i * 4096, Buffer.alloc(4096, i))));
     expect(fileWriteCounts(node)).toEqual({ inline: 0, pool: 8, thread: 0 });
     expect((await blk.read(4096, 4096))[0]).toBe(1);
@@ -197,7 +188,7 @@ describe('with BLOCKREP_INLINE_WRITES=0', () => {
     process.env.BLOCKREP_INLINE_WRITES = '0';
     const f = makeTempDir().file('order.img');
     writeFileSync(f, Buffer.alloc(4 << 20));
-    const { g, blk } = await backend(f);
+    const { g, blk } = await fileBackend(f);
     // Many writes to the same 64 KiB, all in flight at once: the last one issued must win.
     await Promise.all(Array.from({ length: 32 }, (_, i) => blk.write(0, Buffer.alloc(65536, i + 1))));
     expect((await blk.read(0, 65536)).every((x) => x === 32)).toBe(true);
@@ -216,7 +207,7 @@ describe('requests waiting for an earlier one keep their place', () => {
   it.each(['write', 'discard'] as const)('a write after a waiting %s lands after it', async (op) => {
     const f = makeTempDir().file(`chain-${op}.img`);
     writeFileSync(f, Buffer.alloc(16 << 20));
-    const { g, blk } = await backend(f, undefined, { discard: 'unmap' });
+    const { g, blk } = await fileBackend(f, undefined, { discard: 'unmap' });
     const M = 8 << 20;
     for (let round = 0; round < 4; round++) {
       const a = blk.write(0, Buffer.alloc(M, 0x10 + round));
@@ -244,7 +235,7 @@ describe('zero writes and discards after a write still in the thread pool', () =
   it.each(['writeZeroes', 'discard'] as const)('%s lands last, as issued', async (op) => {
     const f = makeTempDir().file(`${op}.img`);
     writeFileSync(f, Buffer.alloc(16 << 20));
-    const { g, blk } = await backend(f, undefined, { discard: 'unmap' });
+    const { g, blk } = await fileBackend(f, undefined, { discard: 'unmap' });
     for (let round = 0; round < 4; round++) {
       // 8 MiB go to the thread pool; the zeroing, issued while they are copied, must win.
       const big = blk.write(0, Buffer.alloc(8 << 20, round + 1));
@@ -283,7 +274,7 @@ describe('FUA writes', () => {
     const dir = makeTempDir();
     const f = dir.file('fua.img');
     writeFileSync(f, Buffer.alloc(1 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     let flushes = 0;
     const orig = node.driver.flushToDisk!;
     node.driver = {
@@ -316,7 +307,7 @@ describe('FUA writes', () => {
     const dir = makeTempDir();
     const f = dir.file('a.img');
     writeFileSync(f, Buffer.alloc(65536));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     await blk.write(0, pattern(4096, 1), ReqFlags.FUA);
     renameSync(f, dir.file('b.img'));
     await blk.write(4096, pattern(4096, 2), ReqFlags.FUA);
@@ -336,7 +327,7 @@ describe('FUA writes', () => {
   it('fall back to a write and an fdatasync where the O_DSYNC descriptor cannot be opened', async () => {
     const f = makeTempDir().file('noproc.img');
     writeFileSync(f, Buffer.alloc(65536));
-    const { g, blk } = await backend(f);
+    const { g, blk } = await fileBackend(f);
     const syncs: number[] = [];
     // The CommonJS object behind node:fs: what is set on it reaches the driver's import of it.
     const fs = createRequire(import.meta.url)('node:fs') as typeof import('node:fs');

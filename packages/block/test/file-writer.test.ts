@@ -5,7 +5,7 @@ import { makeTempDir, waitFor } from '@blockrep/test-kit';
 import { afterEach, describe, expect, it } from 'vitest';
 import { fileDriver, fileWriteCounts } from '../src/drivers/file/file';
 import { openWriter, sparse } from '../src/drivers/file/sparse';
-import { BlockBackend, createGraph, Perm } from '../src/index';
+import { fileBackend } from './helpers';
 
 // Large writes go to a writer thread of the file's own (native/writer.c); small ones stay inline
 // or in the thread pool, FUA writes in the pool (through the O_DSYNC descriptor). A full disk
@@ -14,14 +14,6 @@ import { BlockBackend, createGraph, Perm } from '../src/index';
 const addonPath = fileURLToPath(
   new URL(`../prebuilds/${process.platform}-${process.arch}/node.napi.node`, import.meta.url),
 );
-
-async function backend(filename: string) {
-  const g = createGraph();
-  const node = await g.open({ driver: 'file', filename });
-  const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
-  blk.attach(node);
-  return { g, blk, node };
-}
 
 afterEach(() => {
   delete process.env.BLOCKREP_WRITER_THREAD;
@@ -38,7 +30,7 @@ describe('the writer thread', () => {
   it('takes the large writes, in the order they were issued, and they land', async () => {
     const f = makeTempDir().file('big.img');
     writeFileSync(f, Buffer.alloc(16 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     // 16 distinct MiB, then 8 more writes of the same MiB at once: the last issued must win.
     await Promise.all(Array.from({ length: 16 }, (_, i) => blk.write(i << 20, Buffer.alloc(1 << 20, i + 1))));
     await Promise.all(
@@ -71,7 +63,7 @@ describe('the writer thread', () => {
     process.env.BLOCKREP_WRITER_THREAD = '0';
     const f = makeTempDir().file('pool.img');
     writeFileSync(f, Buffer.alloc(4 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     await Promise.all(Array.from({ length: 4 }, (_, i) => blk.write(i << 20, Buffer.alloc(1 << 20, 9))));
     expect(fileWriteCounts(node)).toMatchObject({ pool: 4, thread: 0 });
     await g.closeAll();
@@ -81,7 +73,7 @@ describe('the writer thread', () => {
   it('closing the file waits for the writes still queued for it (the descriptor stays theirs)', async () => {
     const f = makeTempDir().file('close.img');
     writeFileSync(f, Buffer.alloc(64 << 20));
-    const { g, blk, node } = await backend(f);
+    const { g, blk, node } = await fileBackend(f);
     // Eight 8 MiB writes queue for the thread; the driver's close comes while most still wait.
     const writes = Array.from({ length: 8 }, (_, i) =>
       blk.write(i * (8 << 20), Buffer.alloc(8 << 20, 0x40 + i)),

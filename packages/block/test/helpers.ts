@@ -1,4 +1,5 @@
 import {
+  BlockBackend,
   type BlockDriver,
   BlockError,
   type BlockNode,
@@ -7,7 +8,17 @@ import {
   type IoVec,
   iovSlice,
   opt,
+  Perm,
 } from '../src/index';
+
+/** A file node (aio and other options as given) under a read-write BlockBackend. */
+export async function fileBackend(filename: string, aio?: string, extra: Record<string, unknown> = {}) {
+  const g = createGraph();
+  const node = await g.open({ driver: 'file', filename, ...(aio ? { aio } : {}), ...extra });
+  const blk = new BlockBackend(g, { perm: Perm.CONSISTENT_READ | Perm.WRITE });
+  blk.attach(node);
+  return { g, blk, node };
+}
 
 /** An in-memory protocol driver for tests, with a configurable alignment and transfer limit. */
 export interface MemState {
