@@ -8,6 +8,7 @@ import {
   qemuImg,
   qemuIo,
   tcpAccepts,
+  unixAccepts,
   waitFor,
 } from '@blockrep/test-kit';
 import { describe, expect, it } from 'vitest';
@@ -83,9 +84,9 @@ describe('nbd client driver', () => {
     await qemuImg(['create', '-q', '-f', 'qcow2', img, '4M']);
     await qemuIo(['-f', 'qcow2', img], ['write -P 0x11 0 1M']);
     const sock = dir.file('nbd.sock');
-    const { existsSync } = await import('node:fs');
-    await startPeer('qemu-nbd', ['-f', 'qcow2', '-x', 'q', '-k', sock, '-t', '-e', '4', img], async () =>
-      existsSync(sock),
+    // Ready once it accepts: qemu-nbd creates the socket file before it listens on it.
+    await startPeer('qemu-nbd', ['-f', 'qcow2', '-x', 'q', '-k', sock, '-t', '-e', '4', img], () =>
+      unixAccepts(sock),
     );
     const g = newGraph();
     const node = await g.open({ driver: 'nbd', 'node-name': 'q', filename: `nbd+unix:///q?socket=${sock}` });

@@ -16,6 +16,6 @@ export {
   runPeer,
   waitForPidFile,
 } from './peers';
-export { freePort, tcpAccepts } from './ports';
+export { freePort, tcpAccepts, unixAccepts } from './ports';
 export { makeTempDir, type TempDir, withTempDir } from './temp';
 export { type WaitForOptions, waitFor } from './wait';
