@@ -1,13 +1,15 @@
-/* File system calls Node's fs module lacks: hole punching, zero ranges, SEEK_DATA/HOLE, preadv2
- * with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk), and
- * open-file-description byte locks (the image locking protocol QEMU uses). writer.c adds a
- * writer thread per image file for large writes.
+/* System calls Node lacks: hole punching, zero ranges, SEEK_DATA/HOLE, preadv2
+ * with flags (RWF_NOWAIT: read only what the page cache holds, never wait for the disk),
+ * open-file-description byte locks (the image locking protocol QEMU uses), and a socket's send
+ * buffer size (Node sets it only for UDP). writer.c adds a writer thread per image file for large
+ * writes.
  * Each returns the result or -errno; the JS side maps errors and falls back when absent. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <node_api.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -121,6 +123,23 @@ static napi_value js_ofd_held(napi_env env, napi_callback_info info) {
   return ret_i64(env, fl.l_type == F_UNLCK ? 0 : 1);
 }
 
+/* sndbuf(fd, bytes): sets a socket's send buffer to bytes (when bytes > 0; the kernel caps it at
+ * net.core.wmem_max and doubles it for its bookkeeping), and returns the size in effect, or
+ * -errno. */
+static napi_value js_sndbuf(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2) return ret_i64(env, -EINVAL);
+  int fd = (int)arg_i64(env, argv[0]);
+  int want = (int)arg_i64(env, argv[1]);
+  if (want > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want) < 0) return ret_i64(env, -errno);
+  int have = 0;
+  socklen_t len = sizeof have;
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &have, &len) < 0) return ret_i64(env, -errno);
+  return ret_i64(env, have);
+}
+
 void writer_init(napi_env env, napi_value exports);
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -136,6 +155,8 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_set_named_property(env, exports, "fallocate", fn);
   napi_create_function(env, "lseek", NAPI_AUTO_LENGTH, js_lseek, NULL, &fn);
   napi_set_named_property(env, exports, "lseek", fn);
+  napi_create_function(env, "sndbuf", NAPI_AUTO_LENGTH, js_sndbuf, NULL, &fn);
+  napi_set_named_property(env, exports, "sndbuf", fn);
   napi_value c;
   napi_create_int64(env, FALLOC_FL_KEEP_SIZE, &c);
   napi_set_named_property(env, exports, "FALLOC_FL_KEEP_SIZE", c);

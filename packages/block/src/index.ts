@@ -30,6 +30,8 @@ export {
 export { ImageLocks } from './drivers/file/locks';
 
 import { addonMissing, sparse } from './drivers/file/sparse';
+
+export { socketSendBuffer } from './drivers/file/sparse';
 /**
  * Whether the native addon (image locking, sparse files) loaded, and why not: without it the
  * file driver refuses to open images with locking on (see BLOCKREP_LOCKING in the README).

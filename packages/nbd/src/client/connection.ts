@@ -24,6 +24,7 @@ import {
   SIMPLE_REPLY_MAGIC,
   STRUCTURED_REPLY_MAGIC,
 } from '../protocol';
+import { widenUnixSendBuffer } from '../send-buffer';
 import type { NbdSocketAddress } from '../server/server';
 import type { NbdTlsCreds } from '../tls';
 
@@ -155,6 +156,7 @@ export class NbdClientConnection {
       );
     });
     socket.setNoDelay(true);
+    if (opts.server.type === 'unix') widenUnixSendBuffer(socket);
     const conn = new NbdClientConnection(socket);
     if (onread) {
       sink = conn.onStaticData;

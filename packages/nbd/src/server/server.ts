@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import { chmodSync, unlinkSync } from 'node:fs';
 import * as net from 'node:net';
 import { BlockError, type BlockGraph } from '@blockrep/block';
+import { widenUnixSendBuffer } from '../send-buffer';
 import type { NbdTlsCreds } from '../tls';
 import { NbdServerConnection } from './connection';
 import { NbdExport, type NbdExportInfo, type NbdExportOptions } from './export';
@@ -72,6 +73,7 @@ export class NbdServer extends EventEmitter {
     // Without TLS, each connection reads into recycled slabs (see withSlabReads).
     const slabs = !opts.tlsCreds;
     const server = net.createServer({ pauseOnConnect: slabs }, (accepted) => {
+      if (addr.type === 'unix') widenUnixSendBuffer(accepted);
       const recv = slabs ? new RecvBuffers() : null;
       const socket = recv ? withSlabReads(accepted, recv) : accepted;
       const peer =

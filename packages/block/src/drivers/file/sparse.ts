@@ -11,6 +11,7 @@ interface SparseAddon {
   writerOpen?(): object | null;
   writerPwritev?(handle: object, fd: number, bufs: Buffer | Buffer[], offset: number): Promise<number>;
   writerClose?(handle: object): void;
+  sndbuf?(fd: number, bytes: number): number;
   RWF_NOWAIT: number;
   ofdLock(fd: number, start: number, len: number, shared: number): number;
   ofdHeld(fd: number, start: number, len: number): number;
@@ -110,6 +111,17 @@ export function openWriter(): FileWriter | null {
     },
     close: () => a.writerClose(handle),
   };
+}
+
+/**
+ * Sets a socket's send buffer (SO_SNDBUF) to `bytes`, or only reads it with 0. Returns the size in
+ * effect (the kernel caps the request at net.core.wmem_max and doubles it for its own accounting),
+ * or null without the addon or when the descriptor is not a socket.
+ */
+export function socketSendBuffer(fd: number, bytes: number): number | null {
+  if (!addon?.sndbuf) return null;
+  const r = addon.sndbuf(fd, bytes);
+  return r < 0 ? null : r;
 }
 
 /**
