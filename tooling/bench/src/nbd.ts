@@ -1,8 +1,8 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { copyFileSync, existsSync, rmSync } from 'node:fs';
+import { copyFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { freePort, tcpAccepts } from '@blockrep/test-kit';
+import { freePort, tcpAccepts, unixAccepts } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
 import { BENCH_ENV, fioWarmUp, makeTempDirPlain, medianOfSides, runPeer } from './util';
 
@@ -75,7 +75,7 @@ export interface Running {
   stop(): Promise<void>;
 }
 
-/** Waits until a Unix socket exists or the TCP port accepts, or the server died. */
+/** Waits until the Unix socket or the TCP port accepts, or the server died. */
 async function listening(child: ChildProcess, check: () => Promise<boolean>, what: string): Promise<void> {
   for (let i = 0; i < 400; i++) {
     if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
@@ -137,7 +137,7 @@ export async function start(
             stdio: 'ignore',
             env: kind === 'qsd' ? BENCH_ENV : defaultEnv,
           });
-  await listening(child, tcp ? () => tcpAccepts(port) : async () => existsSync(sock), kind);
+  await listening(child, tcp ? () => tcpAccepts(port) : () => unixAccepts(sock), kind);
   return {
     uri: tcp ? `nbd://127.0.0.1:${port}/disk` : `nbd+unix:///disk?socket=${sock}`,
     pid: child.pid!,

@@ -89,9 +89,17 @@ export async function oursImgBench(
 export const WARM_UP_RUNS = 3;
 
 /**
- * Runs each side WARM_UP_RUNS times uncounted (above), then the median of three runs per side
- * with the order alternated and `sync` before each (so neither side pays for the page cache the
- * other left dirty). `run` gets the side and the run's number (-1 for the warm-ups).
+ * Counted runs per side of the in-process rows. A run takes well under a second, and on this kind
+ * of VM one side's runs of the same workload spread widely (qemu-img's 1 MiB writes, ten runs in a
+ * row: 1950-4414 MiB/s; ours 2287-2980), so a median of three moves by more than the difference
+ * measured; seven cost a few seconds more.
+ */
+export const IMG_BENCH_ROUNDS = 7;
+
+/**
+ * Runs each side WARM_UP_RUNS times uncounted (above), then the median of IMG_BENCH_ROUNDS runs
+ * per side with the order alternated and `sync` before each (so neither side pays for the page
+ * cache the other left dirty). `run` gets the side and the run's number (-1 for the warm-ups).
  */
 export async function warmMedian(
   run: (side: 'ours' | 'qemu', i: number) => Promise<number>,
@@ -101,7 +109,7 @@ export async function warmMedian(
     await run('ours', -1);
   }
   let i = 0;
-  return medianAlternating((side) => run(side, i++));
+  return medianAlternating((side) => run(side, i++), IMG_BENCH_ROUNDS);
 }
 
 /** A result row in MiB/s (1 MiB requests) or IOPS (smaller ones) from each side's seconds. */

@@ -3,7 +3,7 @@ import { mkdtempSync, openSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { runPeer } from '@blockrep/test-kit';
+import { runPeer, unixAccepts } from '@blockrep/test-kit';
 
 export { runPeer };
 
@@ -101,7 +101,6 @@ export function makeTempDirPlain(): string {
 }
 
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join as joinPath } from 'node:path';
 import { QmpClient } from '@blockrep/qmp';
@@ -168,7 +167,8 @@ export async function startQmpDaemon(
             ],
             { stdio: 'ignore', env: BENCH_ENV },
           );
-  for (let i = 0; i < 400 && !existsSync(qmpPath); i++) {
+  // Accepting, not only bound: the socket file exists a moment before its listen().
+  for (let i = 0; i < 400 && !(await unixAccepts(qmpPath)); i++) {
     if (proc.exitCode !== null) throw new Error(`${kind} exited early`);
     await new Promise((r) => setTimeout(r, 25));
   }
