@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { addDirtyBitmap, type BlockError } from '@blockrep/block';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { type MirrorOptions, startMirror } from '../src/index';
 import {
   env,
@@ -244,6 +244,69 @@ describe('mirror', () => {
       "Can't mirror node into itself",
     );
     expect(manager.query()).toEqual([]);
+  });
+});
+
+describe('mirror write-behind', () => {
+  /** A mirror of SIZE bytes of data, one 1 MiB copy at a time (bufSize), to READY; the flushes that reached the target's file by then. */
+  async function flushesBeforeReady(writeBehind: number): Promise<number> {
+    const { dir, graph, manager } = env();
+    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 8));
+    await rawNode(graph, dir.file('t.raw'), 't0');
+    const tfile = graph.findNode('t0').children[0]!.node;
+    const spy = vi.spyOn(tfile.driver, 'flushToDisk');
+    try {
+      const job = await startMirror(manager, {
+        id: 'wb',
+        source: graph.findNode('s0'),
+        target: graph.findNode('t0'),
+        sync: 'full',
+        bufSize: 1 << 20,
+        writeBehind,
+      });
+      await waitStatus(job, 'ready');
+      const n = spy.mock.calls.filter(([node]) => node === tfile).length;
+      await job.userCancel(false);
+      await job.whenConcluded();
+      expect(readFileSync(dir.file('t.raw')).equals(randomData(SIZE, 8))).toBe(true);
+      return n;
+    } finally {
+      spy.mockRestore();
+    }
+  }
+
+  it('before READY the target is flushed in the background as the copy goes (0: only the flush before READY, as QEMU)', async () => {
+    expect(await flushesBeforeReady(0)).toBe(1);
+    expect(await flushesBeforeReady(1 << 20)).toBeGreaterThanOrEqual(2);
+  });
+
+  it("a background flush's error is reported by the flush before READY, not lost (the kernel tells one fsync only)", async () => {
+    const { dir, graph, manager, events } = env();
+    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
+    await rawNode(graph, dir.file('t.raw'), 't0');
+    // The first flush fails: a background one, since each copy of 1 MiB starts one.
+    await graph.blockdevAdd({
+      driver: 'blkdebug',
+      'node-name': 'dbg',
+      image: 't0',
+      'inject-error': [{ event: 'flush_to_disk', once: true }],
+    });
+    const job = await startMirror(manager, {
+      id: 'wbe',
+      source: graph.findNode('s0'),
+      target: graph.findNode('dbg'),
+      sync: 'full',
+      bufSize: 1 << 20,
+      writeBehind: 1 << 20,
+    });
+    await Promise.race([job.whenConcluded(), waitStatus(job, 'ready')]);
+    expect(job.status).not.toBe('ready');
+    expect((job.err as BlockError).errno).toBe('EIO');
+    expect(events.find((x) => x.event === 'BLOCK_JOB_ERROR')?.data).toEqual({
+      device: 'wbe',
+      operation: 'write',
+      action: 'report',
+    });
   });
 });
 
