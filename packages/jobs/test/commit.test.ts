@@ -15,7 +15,7 @@ import {
   SIZE,
   writer,
 } from './backup-commit-helpers';
-import { waitStatus } from './helpers';
+import { countFlushes, waitStatus } from './helpers';
 
 describe('commit', () => {
   it('intermediate: base reads as mid did, and top now backs onto base', async () => {
@@ -90,6 +90,45 @@ describe('commit', () => {
       type: 'commit',
       device: 'a0',
     });
+  });
+
+  it('write-behind: base is flushed in the background while the data is committed (0: only the final flush)', async () => {
+    /** Flushes of base while SIZE bytes of data are committed from `top` (to READY for an active commit). */
+    const flushes = async (active: boolean, writeBehind: number) => {
+      const { graph, manager } = await chain3();
+      const top = active ? 'top' : 'mid';
+      const guest = writer(graph, top);
+      await guest.write(0, randomData(SIZE, 21));
+      if (!active) await guest.detach();
+      const count = countFlushes(graph.findNode('base'));
+      try {
+        const job = await startCommit(manager, {
+          id: 'wb',
+          top: graph.findNode(top),
+          base: graph.findNode('base'),
+          active,
+          writeBehind,
+        });
+        if (active) await waitStatus(job, 'ready');
+        else await job.whenConcluded();
+        const n = count.count();
+        if (active) {
+          job.userComplete();
+          await job.whenConcluded();
+        }
+        expect(job.err).toBeNull();
+        expect((await readAll(graph, 'base')).equals(randomData(SIZE, 21))).toBe(true);
+        return n;
+      } finally {
+        count.restore();
+      }
+    };
+    // Intermediate: the final flush alone, or background ones before it.
+    expect(await flushes(false, 0)).toBe(1);
+    expect(await flushes(false, 1 << 20)).toBeGreaterThanOrEqual(2);
+    // Active, at READY: none yet (the flush comes at completion), or background ones.
+    expect(await flushes(true, 0)).toBe(0);
+    expect(await flushes(true, 1 << 20)).toBeGreaterThanOrEqual(1);
   });
 
   it('active: a cancel after READY leaves the chain as it was', async () => {

@@ -1,4 +1,5 @@
 import { setTimeout as realDelay } from 'node:timers/promises';
+import { BlockBackend, type BlockNode } from '@blockrep/block';
 import { waitFor } from '@blockrep/test-kit';
 import { vi } from 'vitest';
 import { BlockJob, Job, type JobEvent, type JobManager, type JobOptions, type JobStatus } from '../src/index';
@@ -159,4 +160,19 @@ export async function withFrozenTimers<T>(fn: () => Promise<T>, timeoutMs = 30_0
 /** Resolves once a started job waits in a sleep, yield or pause (without timers: see above). */
 export async function untilIdle(job: Job): Promise<void> {
   while (!job.started || job.busy) await new Promise((r) => setImmediate(r));
+}
+
+/**
+ * Counts the flushes requested through any BlockBackend attached to `node` (a job's own backend
+ * included) from now until `restore()`.
+ */
+export function countFlushes(node: BlockNode): { count(): number; restore(): void } {
+  const flush = BlockBackend.prototype.flush;
+  let n = 0;
+  // Counted at the call: a job's backend is detached by the time it has ended.
+  const spy = vi.spyOn(BlockBackend.prototype, 'flush').mockImplementation(function (this: BlockBackend) {
+    if (this.node === node) n++;
+    return flush.call(this);
+  });
+  return { count: () => n, restore: () => spy.mockRestore() };
 }

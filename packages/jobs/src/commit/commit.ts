@@ -18,6 +18,7 @@ import type { OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions, setUpJob } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
+import { WriteBehind } from '../write-behind';
 
 export interface CommitOptions extends BlockJobOptions {
   /** The device (root of the chain) block-commit was given; op blockers are checked on it. */
@@ -33,6 +34,8 @@ export interface CommitOptions extends BlockJobOptions {
   autoComplete?: boolean;
   /** Called once when the job ends, with its error or null. */
   onComplete?: (err: Error | null) => void;
+  /** Bytes committed (before READY) between two flushes of base started in the background (default 64 MiB, 0: none; write-behind.ts). */
+  writeBehind?: number;
 }
 
 const CHUNK = 1 << 20;
@@ -80,6 +83,8 @@ abstract class CommitBase extends BlockJob {
   private readonly buffers = new BufferPool(CHUNK);
   private baseWasReadOnly = false;
   private blockedNodes: BlockNode[] = [];
+  /** Background flushes of base while the bulk of the data is copied (write-behind.ts). */
+  protected readonly behind: WriteBehind;
 
   constructor(manager: JobManager, opts: CommitOptions) {
     super(manager, opts);
@@ -87,6 +92,7 @@ abstract class CommitBase extends BlockJob {
     this.top = opts.top;
     this.base = opts.base;
     this.blocker = new Error(`block device is in use by block job: ${this.type}`);
+    this.behind = new WriteBehind(() => this.baseBlk.flush(), opts.writeBehind);
   }
 
   async setup(): Promise<void> {
@@ -132,6 +138,7 @@ abstract class CommitBase extends BlockJob {
       await this.topBlk.readv(offset, [buf]);
       isRead = false;
       await this.baseBlk.write(offset, buf);
+      if (!this.isReady) this.behind.wrote(bytes);
       return { offset, bytes, error: null, isRead };
     } catch (e) {
       return { offset, bytes, error: e, isRead };
@@ -164,6 +171,7 @@ abstract class CommitBase extends BlockJob {
   protected override async clean(): Promise<void> {
     for (const n of this.blockedNodes) unblockAllOps(n, this.blocker);
     this.blockedNodes = [];
+    await this.behind.idle();
     await this.releaseNodes();
     await this.restoreBase();
     this.opts.onComplete?.(this.err);
@@ -213,6 +221,7 @@ export class CommitJob extends CommitBase {
       }
     }
     await inflight.drain();
+    await this.behind.settle();
     await this.baseBlk.flush();
   }
 
@@ -314,6 +323,7 @@ export class ActiveCommitJob extends CommitBase {
         const r = await this.copy(off, n);
         if (r.error) throw r.error;
       }
+      await this.behind.settle();
       await this.baseBlk.flush();
       removeDirtyBitmap(this.top, dirty);
       this.dirty = null;

@@ -16,6 +16,7 @@ import type { OnError } from '../block-error-policy';
 import { BlockJob, type BlockJobOptions, setUpJob } from '../block-job';
 import { Inflight } from '../inflight';
 import type { JobManager } from '../manager';
+import { WriteBehind } from '../write-behind';
 import { type MirrorTopJob, mirrorTopDriver, setMirrorTopJob } from './mirror-top';
 
 export type MirrorSync = 'full' | 'top' | 'none';
@@ -50,7 +51,7 @@ export interface MirrorOptions extends BlockJobOptions {
   bitmap?: DirtyBitmap;
   /** Complete as soon as READY. */
   autoComplete?: boolean;
-  /** Bytes copied before READY between two flushes started in the background (default 64 MiB, 0: none); see WRITE_BEHIND_BYTES. */
+  /** Bytes copied before READY between two flushes started in the background (default 64 MiB, 0: none; write-behind.ts). */
   writeBehind?: number;
   /** Called once when the job ends, with its error or null. */
   onComplete?: (err: Error | null) => void;
@@ -61,15 +62,6 @@ const MAX_IN_FLIGHT = 16;
 /** The largest single copy, unless buf-size / MAX_IN_FLIGHT is larger. */
 const MAX_IO_BYTES = 1 << 20;
 export const MIRROR_DEFAULT_BUF_SIZE = 16 << 20;
-/**
- * Write-behind before READY (ours, not QEMU's): a flush of the target starts in the background each
- * time this much more has been copied, while the copying goes on. Otherwise the page cache holds
- * the whole copy (the kernel starts writing back only at 10% of memory) until the flush before
- * READY, which then writes it all while the job waits; this way the disk writes while the job
- * reads. A full mirror of 1 GiB between qcow2 images, from a cold page cache, three alternated
- * runs each: 556-588 MiB/s without, 594-625 with (16 MiB and 256 MiB were no better).
- */
-const WRITE_BEHIND_BYTES = 64 << 20;
 /** How often a busy job comes up for air, and how often a READY job looks for new dirt. */
 const SLICE_MS = 100;
 
@@ -145,10 +137,8 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
   /** The first error a 'report' policy turned into the job's failure (QEMU's s->ret). */
   private failure: Error | null = null;
   private shouldComplete = false;
-  /** Write-behind (WRITE_BEHIND_BYTES): bytes copied since the last flush began, the flush running, its error. */
-  private unflushed = 0;
-  private behind: Promise<void> | null = null;
-  private behindError: unknown = null;
+  /** Background flushes of the target before READY (write-behind.ts). */
+  private readonly behind: WriteBehind;
 
   constructor(manager: JobManager, opts: MirrorOptions) {
     super(manager, opts);
@@ -164,6 +154,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
     this.dirty = opts.bitmap ?? new DirtyBitmap(Math.max(this.source.length, 1), this.granularity);
     if (!opts.bitmap) this.dirty.clear();
     this.claims = new Claims(this.source.length, this.granularity);
+    this.behind = new WriteBehind(() => this.targetBlk.flush(), opts.writeBehind);
   }
 
   private get graph(): BlockGraph {
@@ -306,7 +297,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
       isRead = false;
       await this.targetBlk.write(offset, buf);
       this.progressUpdate(bytes);
-      this.writeBehind(bytes);
+      if (!this.isReady) this.behind.wrote(bytes);
     } catch (e) {
       this.dirty.set(offset, bytes);
       this.copyFailed(e, isRead);
@@ -328,25 +319,6 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
     } finally {
       if (copying) this.opDone(offset, bytes);
     }
-  }
-
-  /** Starts a background flush of the target once WRITE_BEHIND_BYTES more were copied (before READY). */
-  private writeBehind(bytes: number): void {
-    const every = this.opts.writeBehind ?? WRITE_BEHIND_BYTES;
-    if (this.isReady || every <= 0) return;
-    this.unflushed += bytes;
-    if (this.unflushed < every || this.behind) return;
-    this.unflushed = 0;
-    this.behind = this.targetBlk
-      .flush()
-      // Kept for the flush before READY: the kernel reports a writeback error to one fsync only,
-      // so a later flush could succeed over data that never reached the disk.
-      .catch((e: unknown) => {
-        this.behindError ??= e;
-      })
-      .finally(() => {
-        this.behind = null;
-      });
   }
 
   private opDone(offset: number, bytes: number): void {
@@ -484,7 +456,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
       lastPause = performance.now();
     }
     await this.inflight.drain();
-    await this.behind;
+    await this.behind.idle();
     if (this.failure) throw this.failure;
   }
 
@@ -494,10 +466,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
    */
   private async flushTarget(): Promise<boolean> {
     try {
-      await this.behind;
-      const e = this.behindError;
-      this.behindError = null;
-      if (e !== null) throw e;
+      await this.behind.settle();
       await this.targetBlk.flush();
       return true;
     } catch (e) {
@@ -541,6 +510,7 @@ export class MirrorJob extends BlockJob implements MirrorTopJob {
 
   protected override async clean(): Promise<void> {
     if (this.opts.bitmap) this.opts.bitmap.busy = false;
+    await this.behind.idle();
     await this.releaseNodes();
     const filter = this.filter;
     if (filter) {
