@@ -85,24 +85,31 @@ export async function randomWrites(blk: BlockBackend, n: number, seed: number): 
 }
 
 /**
- * A raw source full of data and an empty raw target, with a blkdebug node 'dbg' over the side
- * that fails once at 1 MiB (a read of the source or a write of the target). Returns the nodes a
- * job should use as source and target.
+ * A raw source 's0' full of data (the seed's), an empty raw target 't0', and a blkdebug node 'dbg'
+ * over one of them injecting the errors of `rules`.
+ */
+export async function blkdebugPair(
+  e: ReturnType<typeof env>,
+  seed: number,
+  over: 's0' | 't0',
+  rules: Record<string, unknown>[],
+): Promise<void> {
+  const { dir, graph } = e;
+  await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, seed));
+  await rawNode(graph, dir.file('t.raw'), 't0');
+  await graph.blockdevAdd({ driver: 'blkdebug', 'node-name': 'dbg', image: over, 'inject-error': rules });
+}
+
+/**
+ * blkdebugPair with 'dbg' over the side that fails once at 1 MiB (a read of the source or a write
+ * of the target). Returns the nodes a job should use as source and target.
  */
 export async function failingPair(e: ReturnType<typeof env>, where: 'source' | 'target') {
-  const { dir, graph } = e;
-  await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
-  await rawNode(graph, dir.file('t.raw'), 't0');
   const rule = { event: where === 'source' ? 'read_aio' : 'write_aio', sector: 2048, once: true };
-  await graph.blockdevAdd({
-    driver: 'blkdebug',
-    'node-name': 'dbg',
-    image: where === 'source' ? 's0' : 't0',
-    'inject-error': [rule],
-  });
+  await blkdebugPair(e, 9, where === 'source' ? 's0' : 't0', [rule]);
   return {
-    source: graph.findNode(where === 'source' ? 'dbg' : 's0'),
-    target: graph.findNode(where === 'source' ? 't0' : 'dbg'),
+    source: e.graph.findNode(where === 'source' ? 'dbg' : 's0'),
+    target: e.graph.findNode(where === 'source' ? 't0' : 'dbg'),
   };
 }
 

@@ -3,6 +3,7 @@ import { addDirtyBitmap, type BlockError } from '@blockrep/block';
 import { describe, expect, it } from 'vitest';
 import { type MirrorOptions, startMirror } from '../src/index';
 import {
+  blkdebugPair,
   env,
   failingPair,
   qcow2Node,
@@ -206,19 +207,13 @@ describe('mirror', () => {
   });
 
   it('bitmap: a failed resync leaves marked what the target still lacks', async () => {
-    const { dir, graph, manager } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 5));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const e = env();
+    const { graph, manager } = e;
     // The target fails every write from 1 MiB on.
-    await graph.blockdevAdd({
-      driver: 'blkdebug',
-      'node-name': 'dbg',
-      image: 't0',
-      'inject-error': [
-        { event: 'write_aio', sector: 2048 },
-        { event: 'write_aio', sector: 4096 },
-      ],
-    });
+    await blkdebugPair(e, 5, 't0', [
+      { event: 'write_aio', sector: 2048 },
+      { event: 'write_aio', sector: 4096 },
+    ]);
     const bm = addDirtyBitmap(graph.findNode('s0'), { name: 'missed', granularity: 65536 });
     const guest = writer(graph, 's0');
     await guest.write(0, Buffer.alloc(65536, 1));
@@ -279,16 +274,10 @@ describe('mirror write-behind', () => {
   });
 
   it("a background flush's error is reported by the flush before READY, not lost (the kernel tells one fsync only)", async () => {
-    const { dir, graph, manager, events } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 9));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const e = env();
+    const { graph, manager, events } = e;
     // The first flush fails: a background one, since each copy of 1 MiB starts one.
-    await graph.blockdevAdd({
-      driver: 'blkdebug',
-      'node-name': 'dbg',
-      image: 't0',
-      'inject-error': [{ event: 'flush_to_disk', once: true }],
-    });
+    await blkdebugPair(e, 9, 't0', [{ event: 'flush_to_disk', once: true }]);
     const job = await startMirror(manager, {
       id: 'wbe',
       source: graph.findNode('s0'),
