@@ -1,10 +1,10 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { copyFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { freePort, tcpAccepts, unixAccepts } from '@blockrep/test-kit';
 import type { BenchRow } from './types';
-import { BENCH_ENV, fioWarmUp, makeTempDirPlain, medianOfSides, runPeer } from './util';
+import { BENCH_ENV, fioWarmUp, listening, makeTempDirPlain, medianOfSides, runPeer } from './util';
 
 /*
  * fio's nbd engine (libnbd, one connection) against the shipped servers, each on its own copy of
@@ -73,16 +73,6 @@ export interface Running {
   /** The server's process id (its memory is read from /proc). */
   pid: number;
   stop(): Promise<void>;
-}
-
-/** Waits until the Unix socket or the TCP port accepts, or the server died. */
-async function listening(child: ChildProcess, check: () => Promise<boolean>, what: string): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`${what} did not start listening`);
 }
 
 /** A server of one kind on its own copy of the image, on a Unix socket or TCP. */

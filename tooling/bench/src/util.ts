@@ -105,6 +105,24 @@ import { createRequire } from 'node:module';
 import { dirname, join as joinPath } from 'node:path';
 import { QmpClient } from '@blockrep/qmp';
 
+/**
+ * Waits until `check` says the server accepts (its Unix socket or TCP port: accepting, not only
+ * bound, since the socket file exists a moment before its listen()), or fails once it has exited
+ * or after 10 s.
+ */
+export async function listening(
+  child: ChildProcess,
+  check: () => Promise<boolean>,
+  what: string,
+): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`${what} did not start listening`);
+}
+
 export interface QmpProcess {
   qmp: QmpClient;
   proc: ChildProcess;
@@ -167,11 +185,7 @@ export async function startQmpDaemon(
             ],
             { stdio: 'ignore', env: BENCH_ENV },
           );
-  // Accepting, not only bound: the socket file exists a moment before its listen().
-  for (let i = 0; i < 400 && !(await unixAccepts(qmpPath)); i++) {
-    if (proc.exitCode !== null) throw new Error(`${kind} exited early`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
+  await listening(proc, () => unixAccepts(qmpPath), kind);
   const qmp = await QmpClient.connect({ path: qmpPath });
   return {
     qmp,
