@@ -134,6 +134,16 @@ export class ColoPair {
     this.rejoined = role === 'fenced';
   }
 
+  /**
+   * The peer asked this side for a checkpoint: it replicates here now, whatever its last
+   * heartbeat said. The channel keeps order, so that heartbeat was sent before the request,
+   * perhaps before the peer's replication started; acted on, it would look like a primary that
+   * goes on without this side.
+   */
+  peerReplicatesHere(): void {
+    if (this.peer) this.peer = { ...this.peer, protects: this.name };
+  }
+
   /** A heartbeat from the peer. */
   peerHeard(state: PeerState): void {
     this.peer = state;

@@ -608,6 +608,7 @@ export class ColoService {
           await this.repl.checkpointAll();
           this.bitmap.clear();
           this.protecting = true;
+          this.pair.peerReplicatesHere();
           this.lastCheckpoint = { at: Date.now(), ms: performance.now() - t0 };
           this.checkpoints++;
           this.onCheckpoint?.(this.lastCheckpoint.ms);

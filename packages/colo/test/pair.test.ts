@@ -347,4 +347,39 @@ describe('COLO pair loop: what a secondary makes of a standalone primary', () =>
     expect(await pair.runCycle()).toBe('primary a goes on without this side: set up to be resynced');
     expect(actions).toEqual(['rejoin']);
   });
+
+  it('does not rejoin on the last heartbeat before the checkpoint that made it protect', async () => {
+    const dir = makeTempDir();
+    let t = 0;
+    let protecting = false;
+    const actions: string[] = [];
+    const pair = new ColoPair({
+      name: 'b',
+      role: 'secondary',
+      arbiter: new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL, now: () => t }),
+      actions: {
+        dropSecondary: async () => {},
+        promote: async () => {},
+        reprotect: async () => {},
+        checkpoint: async () => {},
+        rejoin: async () => void actions.push('rejoin'),
+      },
+      heartbeatTimeout: TIMEOUT,
+      now: () => t,
+      isProtecting: () => protecting,
+    });
+    // Sent while the primary resynced this side, before its replication child ran.
+    pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
+    expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
+    // Then its first checkpoint request, before any newer heartbeat.
+    protecting = true;
+    pair.peerReplicatesHere();
+    expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
+    expect(actions).toEqual([]);
+    // A heartbeat sent after that still counts: this primary dropped this side.
+    t += HEARTBEAT;
+    pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
+    expect(await pair.runCycle()).toBe('primary a goes on without this side: set up to be resynced');
+    expect(actions).toEqual(['rejoin']);
+  });
 });
