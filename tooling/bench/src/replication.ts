@@ -12,7 +12,8 @@ import { fioWarmUp, makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, s
  * driver but no command that starts it). fio's nbd engine writes through the primary's guest
  * export: 1 MiB sequential at depth 8 and 4 KiB random at depth 16, the median of three runs with
  * the order alternated, each side also with replication off (a primary without the replication
- * child), after one uncounted second of each workload on every primary (`fioWarmUp`). Then the
+ * child), after eight uncounted seconds of each workload on every primary (`fioWarmUp`,
+ * `WARM_UP_MS`). Then the
  * secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side (ours rewrites the
  * emptied images' tables and leaves the freed clusters at the file's end until close; QEMU
  * truncates the file at once, which is most of its time for 256 MiB), and our failover (active
@@ -25,6 +26,16 @@ const SIZE = 1 << 30;
 const RUNTIME = 3;
 /** The range fio writes through the primary's guest export. */
 const FIO_SIZE = '512M';
+
+/**
+ * Uncounted fio time per workload on every primary before the measured runs. A pair is two
+ * daemons whose hot paths run once per request, so V8 takes its time to optimise them: after one
+ * second, measured, Turbofan was 13% of our primary's CPU samples in the first counted run, 4% in
+ * the second and none from the fourth, and our primary spent 556-632 ms of user CPU per GiB in
+ * the first run against 213-240 in the fourth and later; after eight seconds, 295 in the first.
+ * QEMU's figures do not move with it.
+ */
+const WARM_UP_MS = 8000;
 
 /** The primary's workloads, each measured (and warmed up) with replication on and off. */
 const WORKLOADS = [
@@ -180,7 +191,7 @@ export async function run(): Promise<BenchRow[]> {
       uri[`${side}-off`] = solo.uri;
     }
     const rows: BenchRow[] = [];
-    for (const u of Object.values(uri)) await fioWarmUp(u, WORKLOADS, FIO_SIZE);
+    for (const u of Object.values(uri)) await fioWarmUp(u, WORKLOADS, FIO_SIZE, WARM_UP_MS);
     for (const { name, rw, bs, depth, unit } of WORKLOADS) {
       const m = await medianOfSides(['ours-on', 'qemu-on', 'ours-off', 'qemu-off'] as const, (s) =>
         fio(uri[s], rw, bs, depth),
