@@ -322,14 +322,15 @@ describe('COLO pair loop (fake clock)', () => {
 });
 
 describe('COLO pair loop: what a secondary makes of a standalone primary', () => {
-  it('rejoins only when the standalone primary does not replicate to it (a heartbeat from before the re-protect)', async () => {
+  /** Secondary b on a clock the test moves; its rejoins are recorded. */
+  function secondaryB(isProtecting?: () => boolean) {
     const dir = makeTempDir();
-    let t = 0;
+    const clock = { t: 0 };
     const actions: string[] = [];
     const pair = new ColoPair({
       name: 'b',
       role: 'secondary',
-      arbiter: new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL, now: () => t }),
+      arbiter: new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL, now: () => clock.t }),
       actions: {
         dropSecondary: async () => {},
         promote: async () => {},
@@ -338,36 +339,25 @@ describe('COLO pair loop: what a secondary makes of a standalone primary', () =>
         rejoin: async () => void actions.push('rejoin'),
       },
       heartbeatTimeout: TIMEOUT,
-      now: () => t,
+      now: () => clock.t,
+      isProtecting,
     });
+    return { pair, clock, actions };
+  }
+
+  it('rejoins only when the standalone primary does not replicate to it (a heartbeat from before the re-protect)', async () => {
+    const { pair, clock, actions } = secondaryB();
     pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false, protects: 'b' });
     expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
-    t += HEARTBEAT;
+    clock.t += HEARTBEAT;
     pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
     expect(await pair.runCycle()).toBe('primary a goes on without this side: set up to be resynced');
     expect(actions).toEqual(['rejoin']);
   });
 
   it('does not rejoin on the last heartbeat before the checkpoint that made it protect', async () => {
-    const dir = makeTempDir();
-    let t = 0;
     let protecting = false;
-    const actions: string[] = [];
-    const pair = new ColoPair({
-      name: 'b',
-      role: 'secondary',
-      arbiter: new LockFileArbiter({ path: dir.file('lease'), leaseTtl: TTL, now: () => t }),
-      actions: {
-        dropSecondary: async () => {},
-        promote: async () => {},
-        reprotect: async () => {},
-        checkpoint: async () => {},
-        rejoin: async () => void actions.push('rejoin'),
-      },
-      heartbeatTimeout: TIMEOUT,
-      now: () => t,
-      isProtecting: () => protecting,
-    });
+    const { pair, clock, actions } = secondaryB(() => protecting);
     // Sent while the primary resynced this side, before its replication child ran.
     pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
     expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
@@ -377,7 +367,7 @@ describe('COLO pair loop: what a secondary makes of a standalone primary', () =>
     expect(await pair.runCycle()).toBe('secondary following a (epoch 1)');
     expect(actions).toEqual([]);
     // A heartbeat sent after that still counts: this primary dropped this side.
-    t += HEARTBEAT;
+    clock.t += HEARTBEAT;
     pair.peerHeard({ name: 'a', role: 'standalone', epoch: 1, ready: false });
     expect(await pair.runCycle()).toBe('primary a goes on without this side: set up to be resynced');
     expect(actions).toEqual(['rejoin']);
