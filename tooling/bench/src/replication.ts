@@ -13,11 +13,10 @@ import { fioWarmUp, makeTempDirPlain, medianOfSides, type QmpProcess, runPeer, s
  * export: 1 MiB sequential at depth 8 and 4 KiB random at depth 16, the median of three runs with
  * the order alternated, each side also with replication off (a primary without the replication
  * child), after eight uncounted seconds of each workload on every primary (`fioWarmUp`,
- * `WARM_UP_MS`). Then the
- * secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side (ours rewrites the
- * emptied images' tables and leaves the freed clusters at the file's end until close; QEMU
- * truncates the file at once, which is most of its time for 256 MiB), and our failover (active
- * commit) of 256 MiB (QEMU's runs as an internal job, not timed from outside).
+ * `WARM_UP_MS`). Then the secondary's checkpoint after 1 MiB and 256 MiB were dirtied on each side
+ * (ours rewrites the emptied images' tables and leaves the freed clusters at the file's end until
+ * close; QEMU truncates the file at once, which is most of its time for 256 MiB), and our failover
+ * (active commit) of 256 MiB (QEMU's runs as an internal job, not timed from outside).
  */
 
 type Kind = 'blockrepd' | 'qemu-system';
