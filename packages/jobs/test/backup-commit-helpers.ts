@@ -84,20 +84,21 @@ export async function randomWrites(blk: BlockBackend, n: number, seed: number): 
   await Promise.all(ops);
 }
 
-/**
- * A raw source 's0' full of data (the seed's), an empty raw target 't0', and a blkdebug node 'dbg'
- * over one of them injecting the errors of `rules`.
- */
+/** A raw source 's0' full of data (the seed's) and an empty raw target 't0'. */
+export async function rawPair(e: ReturnType<typeof env>, seed: number): Promise<void> {
+  await rawNode(e.graph, e.dir.file('s.raw'), 's0', randomData(SIZE, seed));
+  await rawNode(e.graph, e.dir.file('t.raw'), 't0');
+}
+
+/** rawPair, and a blkdebug node 'dbg' over one of them injecting the errors of `rules`. */
 export async function blkdebugPair(
   e: ReturnType<typeof env>,
   seed: number,
   over: 's0' | 't0',
   rules: Record<string, unknown>[],
 ): Promise<void> {
-  const { dir, graph } = e;
-  await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, seed));
-  await rawNode(graph, dir.file('t.raw'), 't0');
-  await graph.blockdevAdd({ driver: 'blkdebug', 'node-name': 'dbg', image: over, 'inject-error': rules });
+  await rawPair(e, seed);
+  await e.graph.blockdevAdd({ driver: 'blkdebug', 'node-name': 'dbg', image: over, 'inject-error': rules });
 }
 
 /**

@@ -10,6 +10,7 @@ import {
   randomData,
   randomWrites,
   rawNode,
+  rawPair,
   readAll,
   SIZE,
   writer,
@@ -19,9 +20,8 @@ import { countFlushes, timeline, waitStatus } from './helpers';
 /** A raw source full of data with a guest writing to it, and an empty raw target. */
 async function pair(extra: Partial<MirrorOptions> = {}) {
   const e = env();
-  const { dir, graph, manager } = e;
-  await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 3));
-  await rawNode(graph, dir.file('t.raw'), 't0');
+  const { graph, manager } = e;
+  await rawPair(e, 3);
   const guest = writer(graph, 's0');
   const job = await startMirror(manager, {
     id: 'm0',
@@ -172,9 +172,8 @@ describe('mirror', () => {
 
   it('bitmap: copies the dirty areas of the named bitmap and nothing else', async () => {
     const e = env();
-    const { dir, graph, manager } = e;
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 4));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const { graph, manager } = e;
+    await rawPair(e, 4);
     const bm = addDirtyBitmap(graph.findNode('s0'), { name: 'missed', granularity: 65536 });
     const guest = writer(graph, 's0');
     await guest.write(65536 + 100, Buffer.alloc(1000, 0x41));
@@ -245,9 +244,9 @@ describe('mirror', () => {
 describe('mirror write-behind', () => {
   /** A mirror of SIZE bytes of data to READY; the flushes of the target by then. */
   async function flushesBeforeReady(writeBehind: number): Promise<number> {
-    const { dir, graph, manager } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 8));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const e = env();
+    const { dir, graph, manager } = e;
+    await rawPair(e, 8);
     const flushes = countFlushes(graph.findNode('t0'));
     try {
       const job = await startMirror(manager, {

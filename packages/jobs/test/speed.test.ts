@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { type Job, startBackup, startCommit, startMirror } from '../src/index';
-import { env, qcow2Node, randomData, rawNode, SIZE, writer } from './backup-commit-helpers';
+import { env, qcow2Node, randomData, rawNode, rawPair, SIZE, writer } from './backup-commit-helpers';
 import { waitStatus } from './helpers';
 
 /*
@@ -35,9 +35,9 @@ function expectAsSpeedImplies(s: number): void {
 
 describe('speed', () => {
   it('backup sync=full', async () => {
-    const { dir, graph, manager } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 1));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const e = env();
+    const { graph, manager } = e;
+    await rawPair(e, 1);
     const s = await timed(
       () =>
         startBackup(manager, {
@@ -53,9 +53,9 @@ describe('speed', () => {
   });
 
   it('mirror sync=full', async () => {
-    const { dir, graph, manager } = env();
-    await rawNode(graph, dir.file('s.raw'), 's0', randomData(SIZE, 2));
-    await rawNode(graph, dir.file('t.raw'), 't0');
+    const e = env();
+    const { graph, manager } = e;
+    await rawPair(e, 2);
     const s = await timed(
       () =>
         startMirror(manager, {
